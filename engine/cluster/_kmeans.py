@@ -1,0 +1,325 @@
+"""KMeans: a scikit-learn compatible Lloyd k-means on FAISS or torch, with weights and restarts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
+from sklearn.metrics.pairwise import euclidean_distances
+from sklearn.utils.validation import check_is_fitted
+
+from engine.cluster._stats import (
+    PartialStats,
+    _assign,
+    _kmeans_plusplus,
+    as_float32_matrix,
+    as_weights,
+    check_enough_weight,
+    check_n_clusters,
+    resolve_backend,
+    stats_from_assignment,
+)
+from engine.errors import CheckpointError, ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+INITS = ("k-means++", "random")
+_SAVE_FORMAT = "engine.cluster.KMeans/1"
+
+
+class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
+    """Lloyd k-means minimising the weighted sum of squared distances (the inertia).
+
+    Parameters
+    ----------
+    n_clusters : number of centroids k, >= 1 and <= the number of rows.
+    init : "k-means++" (greedy, as scikit-learn), "random" (k distinct rows drawn with probability
+        proportional to sample_weight) or an array (k, n_features) of initial centroids; with an array
+        only one run is made.
+    n_init : number of runs from different seeds; the run with the lowest inertia is kept.
+    max_iter : at most this many Lloyd iterations (assign, then move each centroid to its mean) per run.
+    tol : a run stops after iteration t when the relative decrease of the objective,
+        (objective[t-1] - objective[t]) / objective[t-1], is below tol, where objective[t] is the
+        weighted SSE of the assignment made at iteration t. tol=0 runs exactly max_iter iterations.
+    seed : seed of the run seeds (numpy SeedSequence(seed).spawn(n_init)); same seed, same result.
+    backend : "auto", "faiss" or "torch": where the assignments are computed (see `assign`).
+    verbose : log one line per iteration at INFO instead of DEBUG.
+
+    A cluster left empty by an iteration is re-seeded by splitting the largest cluster: its centroid
+    moves to the member of the largest cluster farthest from that cluster's centroid (deterministic).
+    History entries count these repairs in `empty_repaired`.
+
+    Fitted attributes: cluster_centers_ (float32, k x d), labels_, inertia_ (weighted SSE of the final
+    assignment to cluster_centers_), n_iter_, n_features_in_, history_ (one dict per iteration of the
+    kept run: iter, objective, rel_change, shift = largest centroid move, empty_repaired, seconds).
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        *,
+        init: str | np.ndarray = "k-means++",
+        n_init: int = 1,
+        max_iter: int = 25,
+        tol: float = 1e-4,
+        seed: int = 0,
+        backend: str = "auto",
+        verbose: bool = False,
+    ) -> None:
+        self.n_clusters = n_clusters
+        self.init = init
+        self.n_init = n_init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.seed = seed
+        self.backend = backend
+        self.verbose = verbose
+
+    def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> KMeans:
+        """Cluster X (n_samples, n_features); y is ignored; sample_weight (n_samples,) >= 0."""
+        X = as_float32_matrix(X)
+        w = as_weights(sample_weight, X.shape[0])
+        init, n_init, backend = self._check_params(X)
+        check_enough_weight(w, self.n_clusters)
+
+        # A generator, so only the best run so far is held; min keeps the first of equals.
+        runs = (
+            self._lloyd(X, w, self._initial_centroids(X, w, init, np.random.default_rng(child)), backend)
+            for child in np.random.SeedSequence(self.seed).spawn(n_init)
+        )
+        best = min(runs, key=lambda run: run["inertia"])
+
+        self.cluster_centers_ = best["centroids"]
+        self.labels_ = best["labels"]
+        self.inertia_ = best["inertia"]
+        self.n_iter_ = best["n_iter"]
+        self.history_ = best["history"]
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Index of the nearest centroid for each row."""
+        X = self._check_fitted_input(X)
+        return _assign(X, self.cluster_centers_, resolve_backend(self.backend))[0]
+
+    def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> np.ndarray:
+        """Fit, then return labels_."""
+        return self.fit(X, sample_weight=sample_weight).labels_
+
+    def transform(self, X: Any) -> np.ndarray:
+        """Euclidean distance (float32, n x k) from each row to each centroid."""
+        X = self._check_fitted_input(X)
+        return euclidean_distances(X, self.cluster_centers_)
+
+    def fit_transform(self, X: Any, y: Any = None, sample_weight: Any = None) -> np.ndarray:
+        """Fit, then return the distances of X to the fitted centroids."""
+        return self.fit(X, sample_weight=sample_weight).transform(X)
+
+    def score(self, X: Any, y: Any = None, sample_weight: Any = None) -> float:
+        """Minus the weighted SSE of X to its nearest centroids (higher is better, as scikit-learn)."""
+        X = self._check_fitted_input(X)
+        w = as_weights(sample_weight, X.shape[0])
+        _, sq_distances = _assign(X, self.cluster_centers_, resolve_backend(self.backend))
+        return -float(sq_distances.astype(np.float64) @ w)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the fitted model to an .npz (centroids + JSON metadata), atomically, without pickle.
+
+        labels_ of the training rows are not saved; predict them again after `load` if needed.
+        """
+        check_is_fitted(self)
+        # Plain Python values, so numpy scalars given as settings survive JSON.
+        params = {k: v.item() if isinstance(v, np.generic) else v for k, v in self.get_params().items()}
+        arrays = {"cluster_centers": self.cluster_centers_}
+        if not isinstance(params["init"], str):
+            arrays["init"] = np.asarray(params["init"], dtype=np.float32)
+            params["init"] = None
+        meta = {
+            "format": _SAVE_FORMAT,
+            "params": params,
+            "inertia": self.inertia_,
+            "n_iter": self.n_iter_,
+            "history": self.history_,
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> KMeans:
+        """A fitted KMeans from a file written by `save`."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                centers = data["cluster_centers"].astype(np.float32)
+                init = data["init"] if "init" in data.files else None
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: not a saved KMeans model ({e})") from e
+        if meta.get("format") != _SAVE_FORMAT:
+            raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {_SAVE_FORMAT!r}")
+        params = meta["params"]
+        if init is not None:
+            params["init"] = init
+        model = cls(**params)
+        model.cluster_centers_ = centers
+        model.inertia_ = float(meta["inertia"])
+        model.n_iter_ = int(meta["n_iter"])
+        model.history_ = meta["history"]
+        model.n_features_in_ = centers.shape[1]
+        return model
+
+    def _check_params(self, X: np.ndarray) -> tuple[str | np.ndarray, int, str]:
+        """Validate every setting against X; returns (init, effective n_init, concrete backend)."""
+        n_samples, n_features = X.shape
+        check_n_clusters(self.n_clusters, n_samples)
+        n_init = _check_int("n_init", self.n_init, minimum=1)
+        _check_int("max_iter", self.max_iter, minimum=1)
+        if isinstance(self.tol, bool) or not isinstance(self.tol, int | float | np.number):
+            raise ConfigError(f"tol should be a number, got {self.tol!r}.")
+        if not (math.isfinite(self.tol) and self.tol >= 0):
+            raise ConfigError(f"tol={self.tol} should be a finite number >= 0.")
+        _check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.verbose, bool | np.bool_):
+            raise ConfigError(f"verbose should be True or False, got {self.verbose!r}.")
+        backend = resolve_backend(self.backend)
+
+        if isinstance(self.init, str):
+            if self.init not in INITS:
+                raise ConfigError(
+                    f"init={self.init!r} should be 'k-means++', 'random' or an array of shape "
+                    "(n_clusters, n_features)."
+                )
+            return self.init, n_init, backend
+        try:
+            init = as_float32_matrix(self.init, name="init")
+        except DataError as e:
+            raise ConfigError(str(e)) from e
+        expected = (self.n_clusters, n_features)
+        if init.shape != expected:
+            raise ConfigError(
+                f"init has shape {init.shape}, but should be (n_clusters, n_features)={expected}."
+            )
+        if n_init > 1:
+            warnings.warn(
+                f"init is an array of centroids: running one init instead of n_init={n_init}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return init, 1, backend
+
+    def _check_fitted_input(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        X = as_float32_matrix(X)
+        if X.shape[1] != self.n_features_in_:
+            raise DataError(
+                f"X has {X.shape[1]} features, but {type(self).__name__} was fitted with "
+                f"{self.n_features_in_} features."
+            )
+        return X
+
+    def _initial_centroids(
+        self, X: np.ndarray, w: np.ndarray, init: str | np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        if isinstance(init, np.ndarray):
+            return init.copy()
+        if init == "k-means++":
+            return _kmeans_plusplus(X, self.n_clusters, w, rng, n_local_trials=None)
+        rows = rng.choice(X.shape[0], size=self.n_clusters, replace=False, p=w / w.sum())
+        return X[rows].copy()
+
+    def _lloyd(self, X: np.ndarray, w: np.ndarray, centroids: np.ndarray, backend: str) -> dict[str, Any]:
+        log = logger.info if self.verbose else logger.debug
+        history: list[dict[str, Any]] = []
+        previous_objective: float | None = None
+        for it in range(1, self.max_iter + 1):
+            start = time.perf_counter()
+            labels, sq_distances = _assign(X, centroids, backend)
+            stats = stats_from_assignment(X, labels, sq_distances, self.n_clusters, w)
+            new, empty = stats.centroids(centroids)
+            repaired = _split_largest(X, w, labels, sq_distances, stats, new, empty) if empty.size else 0
+            shift = float(np.sqrt(((new - centroids) ** 2).sum(axis=1).max()))
+            centroids = new
+            objective = stats.sse
+            if previous_objective is None:
+                rel_change = None
+            elif previous_objective > 0:
+                rel_change = (previous_objective - objective) / previous_objective
+            else:
+                rel_change = 0.0  # a perfect fit has nothing left to decrease
+            history.append(
+                {
+                    "iter": it,
+                    "objective": objective,
+                    "rel_change": rel_change,
+                    "shift": shift,
+                    "empty_repaired": repaired,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            log("iter %d: objective %.6g, rel %s, shift %.3g, repaired %d", it, objective, rel_change, shift,
+                repaired)
+            if self.tol > 0 and rel_change is not None and rel_change < self.tol:
+                break
+            previous_objective = objective
+        labels, sq_distances = _assign(X, centroids, backend)
+        inertia = float(sq_distances.astype(np.float64) @ w)
+        log("run done: inertia %.6g after %d iterations", inertia, len(history))
+        return {
+            "centroids": centroids,
+            "labels": labels,
+            "inertia": inertia,
+            "n_iter": len(history),
+            "history": history,
+        }
+
+
+def _split_largest(
+    X: np.ndarray,
+    w: np.ndarray,
+    labels: np.ndarray,
+    sq_distances: np.ndarray,
+    stats: PartialStats,
+    centroids: np.ndarray,
+    empty: np.ndarray,
+) -> int:
+    """Re-seed each empty cluster with the farthest member of the currently largest cluster.
+
+    Updates `centroids` in place (the donor's centroid becomes the mean of its remaining members) and
+    returns how many clusters were repaired; a donor needs two weighted members, or it would empty itself.
+    """
+    sums, counts = stats.sums.copy(), stats.counts.copy()
+    labels = labels.copy()
+    repaired = 0
+    for j in empty:
+        donor = int(np.argmax(counts))
+        members = np.flatnonzero((labels == donor) & (w > 0))
+        if members.size < 2:
+            break
+        far = int(members[np.argmax(sq_distances[members])])
+        row = X[far].astype(np.float64) * w[far]
+        sums[donor] -= row
+        counts[donor] -= w[far]
+        sums[j], counts[j] = row, w[far]
+        labels[far] = j
+        centroids[donor] = sums[donor] / counts[donor]
+        centroids[j] = X[far]
+        repaired += 1
+    return repaired
+
+
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ConfigError(f"{name} should be an int, got {value!r}.")
+    if value < minimum:
+        raise ConfigError(f"{name}={value} should be >= {minimum}.")
+    return int(value)

@@ -1,0 +1,302 @@
+"""Lloyd-step math: nearest-centroid assignment, partial stats of a block, and k-means++ seeding."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import faiss
+import numpy as np
+import scipy.sparse
+import torch
+
+from engine.errors import ConfigError, DataError
+
+Backend = Literal["auto", "faiss", "torch"]
+BACKENDS = ("auto", "faiss", "torch")
+
+# The torch backend holds a (rows x k) float32 distance block; a few MiB stays in CPU cache (measured
+# fastest on CPU), while a GPU wants large blocks to keep its cores busy.
+_TORCH_BLOCK_BYTES = {"cpu": 4 << 20, "cuda": 512 << 20}
+
+
+@dataclass(frozen=True)
+class PartialStats:
+    """Sufficient statistics of a Lloyd step over one block of rows, for fixed centroids.
+
+    Stats of disjoint blocks (shards, federated partitions) add up to the stats of their union, so a
+    distributed step is `partial_stats(block_1, C) + partial_stats(block_2, C) + ...`, then `.centroids(C)`.
+    """
+
+    sums: np.ndarray  # (k, d) float64: weighted sum of the rows assigned to each centroid
+    counts: np.ndarray  # (k,) float64: total weight assigned to each centroid
+    sse: float  # weighted sum of squared distances to the assigned centroid
+
+    def __add__(self, other: PartialStats) -> PartialStats:
+        if not isinstance(other, PartialStats):
+            return NotImplemented
+        if self.sums.shape != other.sums.shape:
+            raise DataError(
+                f"cannot add partial stats of shape {self.sums.shape} and {other.sums.shape}: "
+                "they were computed for different centroids"
+            )
+        return PartialStats(self.sums + other.sums, self.counts + other.counts, self.sse + other.sse)
+
+    def centroids(self, previous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """New centroids (float32, k x d) = sums / counts, and the indices of the empty clusters.
+
+        An empty cluster (count 0) has no mean; it keeps its row of `previous` so the caller can decide
+        how to repair it.
+        """
+        previous = np.asarray(previous)
+        if previous.shape != self.sums.shape:
+            raise DataError(f"previous centroids have shape {previous.shape}, expected {self.sums.shape}")
+        filled = self.counts > 0
+        new = previous.astype(np.float64, copy=True)
+        new[filled] = self.sums[filled] / self.counts[filled, None]
+        return new.astype(np.float32), np.flatnonzero(~filled)
+
+
+def assign(
+    X: np.ndarray, centroids: np.ndarray, *, backend: Backend = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every row by squared L2: (labels int64[n], squared distances float32[n]).
+
+    backend: "faiss" (GPU when the faiss build has GPUs, else CPU), "torch" (blocked matmul on CUDA when
+    available, else CPU), or "auto" (faiss GPU, else torch CUDA, else faiss CPU).
+    """
+    X = as_float32_matrix(X)
+    centroids = as_centroids(centroids, n_features=X.shape[1])
+    return _assign(X, centroids, resolve_backend(backend))
+
+
+def stats_from_assignment(
+    X: np.ndarray,
+    labels: np.ndarray,
+    sq_distances: np.ndarray,
+    n_clusters: int,
+    sample_weight: np.ndarray | None = None,
+) -> PartialStats:
+    """Partial stats of rows whose assignment is already known (e.g. from `assign`).
+
+    Inputs are taken as validated: X float32 (n, d), labels in [0, n_clusters), weights >= 0.
+    """
+    n = X.shape[0]
+    if labels.shape != (n,) or sq_distances.shape != (n,):
+        raise DataError(
+            f"labels {labels.shape} and sq_distances {sq_distances.shape} should both have shape ({n},)"
+        )
+    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    # One nonzero per column: a (k x n) CSC matrix built without sorting; its product with X sums the
+    # weighted rows per cluster in float64 (measured 7x faster than np.add.at on 200k x 32, k=256).
+    membership = scipy.sparse.csc_matrix((w, labels, np.arange(n + 1)), shape=(n_clusters, n))
+    sums = np.asarray(membership @ X, dtype=np.float64)
+    counts = np.bincount(labels, weights=w, minlength=n_clusters)
+    sse = float(sq_distances.astype(np.float64) @ w)
+    return PartialStats(sums, counts, sse)
+
+
+def partial_stats(
+    X: np.ndarray,
+    centroids: np.ndarray,
+    sample_weight: np.ndarray | None = None,
+    *,
+    backend: Backend = "auto",
+) -> PartialStats:
+    """Sums, counts and SSE of one block of rows for fixed centroids: the one Lloyd-step reduction."""
+    X = as_float32_matrix(X)
+    centroids = as_centroids(centroids, n_features=X.shape[1])
+    w = as_weights(sample_weight, X.shape[0])
+    labels, sq_distances = _assign(X, centroids, resolve_backend(backend))
+    return stats_from_assignment(X, labels, sq_distances, centroids.shape[0], w)
+
+
+def kmeans_plusplus(
+    X: np.ndarray,
+    n_clusters: int,
+    *,
+    sample_weight: np.ndarray | None = None,
+    seed: int | np.random.Generator = 0,
+    n_local_trials: int | None = None,
+) -> np.ndarray:
+    """Greedy k-means++ seeding as scikit-learn does it: (n_clusters, d) float32 rows of X.
+
+    Each new centre is the best (lowest resulting potential) of `n_local_trials` candidates drawn with
+    probability proportional to weight x squared distance to the nearest chosen centre; the default is
+    2 + log(n_clusters) trials. Deterministic for an integer seed.
+    """
+    X = as_float32_matrix(X)
+    check_n_clusters(n_clusters, X.shape[0])
+    w = as_weights(sample_weight, X.shape[0])
+    check_enough_weight(w, n_clusters)
+    if n_local_trials is not None:
+        if isinstance(n_local_trials, bool) or not isinstance(n_local_trials, int | np.integer):
+            raise ConfigError(f"n_local_trials should be an int or None, got {n_local_trials!r}.")
+        if n_local_trials < 1:
+            raise ConfigError(f"n_local_trials={n_local_trials} should be >= 1.")
+    return _kmeans_plusplus(X, n_clusters, w, np.random.default_rng(seed), n_local_trials)
+
+
+def resolve_backend(backend: str) -> str:
+    """The concrete backend ("faiss-gpu", "faiss-cpu" or "torch") for a requested one."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r} should be one of {', '.join(map(repr, BACKENDS))}.")
+    if backend == "torch":
+        return "torch"
+    if faiss.get_num_gpus() > 0:
+        return "faiss-gpu"
+    if backend == "auto" and torch.cuda.is_available():
+        return "torch"
+    return "faiss-cpu"
+
+
+def as_float32_matrix(X: object, name: str = "X") -> np.ndarray:
+    """X as a C-contiguous float32 (n, d) array with n, d >= 1 and only finite values, else DataError."""
+    if scipy.sparse.issparse(X):
+        raise DataError(f"{name} is a sparse matrix; k-means needs a dense array (call .toarray()).")
+    try:
+        arr = np.asarray(X)
+    except ValueError as e:  # ragged nested sequences
+        raise DataError(f"{name} is not a rectangular array: {e}") from e
+    if arr.dtype.kind == "c":
+        raise DataError(f"{name} has dtype {arr.dtype}. Complex data not supported.")
+    if arr.ndim != 2:
+        raise DataError(
+            f"{name} should be a 2-D array (n_samples, n_features), got shape {arr.shape}. Reshape your "
+            "data: X.reshape(-1, 1) if it has a single feature, X.reshape(1, -1) if it is a single row."
+        )
+    for axis, what in enumerate(("sample", "feature")):
+        if arr.shape[axis] == 0:
+            raise DataError(f"{name} has 0 {what}(s) (shape={arr.shape}) while a minimum of 1 is required.")
+    try:
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{name} should hold numbers, got dtype {np.asarray(X).dtype}.") from e
+    finite = np.isfinite(arr)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise DataError(f"{name} contains NaN or infinity (row {row}).")
+    return arr
+
+
+def as_centroids(centroids: object, *, n_features: int, name: str = "centroids") -> np.ndarray:
+    """Centroids as float32 (k, d) matching the data's d, else DataError."""
+    C = as_float32_matrix(centroids, name=name)
+    if C.shape[1] != n_features:
+        raise DataError(f"{name} have {C.shape[1]} features, but X has {n_features} features.")
+    return C
+
+
+def as_weights(sample_weight: object, n_samples: int) -> np.ndarray:
+    """Sample weights as float64 (n,), finite and >= 0; None means all ones."""
+    if sample_weight is None:
+        return np.ones(n_samples)
+    try:
+        w = np.asarray(sample_weight, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError("sample_weight should hold numbers.") from e
+    if w.ndim == 0:
+        w = np.full(n_samples, float(w))  # a scalar weighs every row the same, as in scikit-learn
+    if w.ndim != 1:
+        raise DataError(f"sample_weight should be 1-D, got shape {w.shape}.")
+    if w.shape[0] != n_samples:
+        raise DataError(f"sample_weight has {w.shape[0]} entries but X has {n_samples} rows.")
+    if not np.isfinite(w).all():
+        row = int(np.flatnonzero(~np.isfinite(w))[0])
+        raise DataError(f"sample_weight contains NaN or infinity (row {row}).")
+    if (w < 0).any():
+        row = int(np.flatnonzero(w < 0)[0])
+        raise DataError(f"sample_weight should be >= 0, got {w[row]} (row {row}).")
+    return w
+
+
+def check_n_clusters(n_clusters: object, n_samples: int) -> None:
+    """n_clusters is an int in [1, n_samples], else ConfigError."""
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int | np.integer):
+        raise ConfigError(f"n_clusters should be an int, got {n_clusters!r}.")
+    if n_clusters < 1:
+        raise ConfigError(f"n_clusters={n_clusters} should be >= 1.")
+    if n_samples < n_clusters:
+        raise ConfigError(f"n_samples={n_samples} should be >= n_clusters={n_clusters}.")
+
+
+def check_enough_weight(w: np.ndarray, n_clusters: int) -> None:
+    """At least n_clusters rows have positive weight, so k distinct rows can seed the centroids."""
+    nonzero = int(np.count_nonzero(w))
+    if nonzero < n_clusters:
+        raise DataError(f"sample_weight has {nonzero} nonzero entries, should be >= n_clusters={n_clusters}.")
+
+
+def _assign(X: np.ndarray, centroids: np.ndarray, backend: str) -> tuple[np.ndarray, np.ndarray]:
+    if backend == "torch":
+        return _assign_torch(X, centroids)
+    if backend == "faiss-gpu":
+        sq_distances, labels = faiss.knn_gpu(_faiss_gpu_resources(), X, centroids, 1)
+    else:
+        sq_distances, labels = faiss.knn(X, centroids, 1)
+    # The BLAS expansion ||x||^2 - 2x.c + ||c||^2 can dip just below 0 for points on a centroid.
+    return labels[:, 0].astype(np.int64, copy=False), np.maximum(sq_distances[:, 0], 0)
+
+
+def _assign_torch(X: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not X.flags.writeable:
+        X = X.copy()  # torch.from_numpy warns on read-only arrays
+    n, k = X.shape[0], centroids.shape[0]
+    block = max(1, _TORCH_BLOCK_BYTES[device.type] // (4 * k))
+    labels = np.empty(n, dtype=np.int64)
+    sq_distances = np.empty(n, dtype=np.float32)
+    with torch.inference_mode():
+        C = torch.from_numpy(np.ascontiguousarray(centroids)).to(device)
+        c_sq = (C * C).sum(dim=1)
+        x_all = torch.from_numpy(X)
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            xb = x_all[start:stop].to(device, non_blocking=True)
+            dist = torch.addmm(c_sq, xb, C.T, alpha=-2.0)
+            dist += (xb * xb).sum(dim=1, keepdim=True)
+            best, arg = dist.min(dim=1)
+            sq_distances[start:stop] = best.clamp_(min=0).cpu().numpy()
+            labels[start:stop] = arg.cpu().numpy()
+    return labels, sq_distances
+
+
+@functools.cache
+def _faiss_gpu_resources() -> faiss.StandardGpuResources:
+    # One set of GPU scratch buffers per process; allocating them per call costs more than the search.
+    return faiss.StandardGpuResources()
+
+
+def _kmeans_plusplus(
+    X: np.ndarray, n_clusters: int, w: np.ndarray, rng: np.random.Generator, n_local_trials: int | None
+) -> np.ndarray:
+    if n_local_trials is None:
+        n_local_trials = 2 + int(np.log(n_clusters))
+    n = X.shape[0]
+    x_sq = np.einsum("ij,ij->i", X, X)
+    centers = np.empty((n_clusters, X.shape[1]), dtype=np.float32)
+
+    first = rng.choice(n, p=w / w.sum())
+    centers[0] = X[first]
+    closest_sq = _sq_dist_to(X[first : first + 1], X, x_sq)[0]
+    potential = float(closest_sq @ w)
+    for c in range(1, n_clusters):
+        cumulative = np.cumsum(w * closest_sq)
+        candidate_ids = np.searchsorted(cumulative, rng.uniform(size=n_local_trials) * potential)
+        np.clip(candidate_ids, None, n - 1, out=candidate_ids)
+        # Squared distance of every row to its nearest centre if each candidate were added.
+        candidate_sq = np.minimum(closest_sq, _sq_dist_to(X[candidate_ids], X, x_sq))
+        candidate_pot = candidate_sq @ w
+        best = int(np.argmin(candidate_pot))
+        potential = float(candidate_pot[best])
+        closest_sq = candidate_sq[best]
+        centers[c] = X[candidate_ids[best]]
+    return centers
+
+
+def _sq_dist_to(points: np.ndarray, X: np.ndarray, x_sq: np.ndarray) -> np.ndarray:
+    """Squared L2 distances (m, n) from `points` to every row of X, in float64 for the cumulative sums."""
+    p_sq = np.einsum("ij,ij->i", points, points)
+    d = (x_sq[None, :] - 2.0 * (points @ X.T) + p_sq[:, None]).astype(np.float64)
+    return np.maximum(d, 0.0, out=d)

@@ -1,0 +1,59 @@
+"""K-means over embedding folders: gather vectors for fitting, assign every shard with Ray Data tasks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from engine.data.schema import CLUSTER, DISTANCE, ID, LABEL, Z, vectors_to_numpy
+from engine.data.shards import read_shards, read_table, write_dataset
+from engine.errors import DataError
+
+STAGE = "assign"
+
+
+def load_vectors(folder: str | Path, *, stage: str = "embed") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(ids, Z, labels or None) of a complete embeddings folder, read in this process."""
+    table = read_table(folder, stage=stage)
+    if table is None or table.num_rows == 0:
+        raise DataError(f"{folder}: the embeddings folder holds no rows")
+    z = vectors_to_numpy(table.column(Z), name=Z, where=str(folder))
+    labels = table.column(LABEL).to_numpy() if LABEL in table.column_names else None
+    return table.column(ID).to_numpy(), z, labels
+
+
+def assign_batch(batch: pa.Table, centroids: np.ndarray, backend: str = "auto") -> pa.Table:
+    """Nearest centroid and its Euclidean distance for each row of an embeddings batch."""
+    from engine.cluster._stats import assign
+
+    z = vectors_to_numpy(batch.column(Z), name=Z)
+    if z.shape[1] != centroids.shape[1]:
+        raise DataError(f"embeddings have {z.shape[1]} dimensions but the centroids have {centroids.shape[1]}")
+    labels, sq = assign(z, centroids, backend=backend)
+    return pa.table({
+        ID: batch.column(ID),
+        CLUSTER: pa.array(labels.astype(np.int32)),
+        DISTANCE: pa.array(np.sqrt(sq).astype(np.float32)),
+    })
+
+
+def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | Path, *, config_hash: str,
+                  batch_size: int = 65536, concurrency: int = 2, backend: str = "auto") -> dict[str, Any]:
+    """Write `id, cluster, distance` (Euclidean) for every embedding row into `out_dir`, atomically."""
+    from ray.data import TaskPoolStrategy
+
+    from engine.data.shards import read_manifest
+
+    expected = read_manifest(embeddings, stage="embed")["rows"]
+    ds = read_shards(embeddings, stage="embed", columns=[ID, Z])
+    # Stateless tasks, not an actor pool: the centroids are small enough to travel with each task, and
+    # tasks reuse warm worker processes instead of starting actors.
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    out = ds.map_batches(assign_batch, fn_kwargs={"centroids": centroids, "backend": backend},
+                         batch_size=batch_size, batch_format="pyarrow",
+                         compute=TaskPoolStrategy(size=concurrency), num_cpus=1)
+    return write_dataset(out, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected,
+                         k=int(len(centroids)))

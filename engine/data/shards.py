@@ -1,0 +1,131 @@
+"""Atomic result folders: written to a temporary sibling, checked, given a `_manifest.json`, renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from engine.errors import DataError, IncompleteResultError
+
+MANIFEST = "_manifest.json"
+
+
+def engine_version() -> str:
+    from engine import __version__
+
+    return __version__
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir`; on success it replaces `out_dir`, on error it is removed.
+
+    `out_dir` never holds a half-written result: either the old complete folder or the new one.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if not (tmp / MANIFEST).is_file():
+            raise RuntimeError(f"{tmp}: staged folder finished without a {MANIFEST}")
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old, out)  # put the previous complete result back
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder: Path, *, stage: str, config_hash: str, rows: int | None = None,
+                   schema: str | None = None, files: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    manifest = {
+        "stage": stage,
+        "rows": rows,
+        "schema": schema,
+        "files": files,
+        "config_hash": config_hash,
+        "engine_version": engine_version(),
+        "time": time.time(),
+        **extra,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_manifest(folder: str | Path, *, stage: str | None = None) -> dict[str, Any]:
+    """The manifest of a complete folder; a folder without one is incomplete and raises."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise IncompleteResultError(
+            f"{folder}: no {MANIFEST}; this folder is missing or was never completed, so it is not a result"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise IncompleteResultError(f"{path}: unreadable manifest ({e})") from None
+    if stage is not None and manifest.get("stage") != stage:
+        raise IncompleteResultError(f"{folder}: holds stage '{manifest.get('stage')}', expected '{stage}'")
+    return manifest
+
+
+def write_dataset(ds, out_dir: str | Path, *, stage: str, config_hash: str, expected_rows: int | None = None,
+                  **extra: Any) -> dict[str, Any]:
+    """Write a Ray Dataset as Parquet shards into `out_dir`, atomically, with a manifest.
+
+    When `expected_rows` is given the written row count must equal it: a stage never loses or duplicates
+    rows silently.
+    """
+    with staged_folder(out_dir) as tmp:
+        ds.write_parquet(str(tmp))
+        files = sorted(p.name for p in tmp.glob("*.parquet"))
+        rows = sum(pq.ParquetFile(tmp / f).metadata.num_rows for f in files)
+        if expected_rows is not None and rows != expected_rows:
+            raise DataError(f"{out_dir}: wrote {rows} rows but the input has {expected_rows}")
+        schema = str(pq.read_schema(tmp / files[0])) if files else None
+        manifest = write_manifest(tmp, stage=stage, config_hash=config_hash, rows=rows, schema=schema,
+                                  files=files, **extra)
+    return manifest
+
+
+def shard_paths(folder: str | Path, *, stage: str | None = None) -> list[str]:
+    """The Parquet files of a complete folder, as listed in its manifest."""
+    manifest = read_manifest(folder, stage=stage)
+    return [str(Path(folder) / f) for f in manifest.get("files") or []]
+
+
+def read_shards(folder: str | Path, *, stage: str | None = None, columns: list[str] | None = None):
+    """A complete folder's shards as a Ray Dataset (only the files its manifest lists)."""
+    import ray.data
+
+    paths = shard_paths(folder, stage=stage)
+    if not paths:
+        raise DataError(f"{folder}: the manifest lists no shards")
+    return ray.data.read_parquet(paths, columns=columns)
+
+
+def read_table(folder: str | Path, *, stage: str | None = None, columns: list[str] | None = None):
+    """A complete folder's shards as one pyarrow Table in this process (for small columns such as ids)."""
+    import pyarrow as pa
+
+    paths = shard_paths(folder, stage=stage)
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths]) if paths else None

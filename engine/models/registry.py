@@ -1,0 +1,38 @@
+"""Model registry: encoders are built by the name in `model.name`, so new models plug in without pipeline changes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn as nn
+
+from engine.errors import ConfigError
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    def deco(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _MODELS[name] = builder
+        return builder
+
+    return deco
+
+
+def model_names() -> list[str]:
+    return sorted(_MODELS)
+
+
+def build_model(name: str, *, in_dim: int, **options: Any) -> nn.Module:
+    """Build a registered model for inputs of `in_dim` features.
+
+    Every model exposes `encode(x) -> z` and `loss(x, forward=None) -> (loss, {term: value})`
+    (`forward` is a DDP wrapper of the model when training distributed), and keeps the
+    arguments it was built with in `model.build_args` so a checkpoint can rebuild it alone.
+    """
+    if name not in _MODELS:
+        raise ConfigError(f"model.name={name!r} is not a known model; choose one of {model_names()}")
+    model = _MODELS[name](in_dim=in_dim, **options)
+    model.build_args = {"name": name, "in_dim": in_dim, **options}
+    return model

@@ -1,0 +1,73 @@
+"""Connect to Ray (RAY_ADDRESS, a given address, or an embedded local Ray) and report what it offers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float
+    gpus: float
+    nodes: int
+    address: str
+    local: bool
+
+    def describe(self) -> str:
+        where = "embedded local Ray" if self.local else f"Ray cluster at {self.address}"
+        return f"{where}: {self.nodes} node(s), {self.cpus:g} CPU(s), {self.gpus:g} GPU(s)"
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+             verbose: bool = False) -> Resources:
+    """Join the cluster in RAY_ADDRESS (or `address`), else start a local Ray; idempotent."""
+    import ray
+
+    if not ray.is_initialized():
+        target = os.environ.get("RAY_ADDRESS") or address
+        quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
+        if target:
+            ray.init(address=target, **quiet)
+        else:
+            # Logical CPUs are scheduling slots: training workers and the Ray Data tasks that feed them
+            # must fit at the same time, so a small machine gets at least 4.
+            cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
+            ray.init(num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
+        _quiet_ray_data(verbose)
+    return resources()
+
+
+def _quiet_ray_data(verbose: bool) -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    if not verbose:
+        for name in ("ray.data", "ray.train", "ray.tune", "ray._private", "ray"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def resources() -> Resources:
+    import ray
+
+    total = ray.cluster_resources()
+    ctx = ray.get_runtime_context()
+    address = ctx.gcs_address
+    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    local = not (os.environ.get("RAY_ADDRESS") or "") and nodes == 1
+    return Resources(cpus=total.get("CPU", 0.0), gpus=total.get("GPU", 0.0), nodes=nodes, address=address,
+                     local=local)
+
+
+def use_gpu(setting: bool | str) -> bool:
+    """Resolve a `use_gpu` setting: 'auto' means yes when the Ray cluster has GPUs."""
+    if setting == "auto":
+        import ray
+
+        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return bool(setting)

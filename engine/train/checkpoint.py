@@ -1,0 +1,78 @@
+"""Encoder checkpoints: weights, the model's build arguments and the input normalisation, loadable without pickle."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.errors import CheckpointError
+
+FORMAT = "dce-checkpoint/1"
+FILENAME = "checkpoint.pt"
+
+
+def save_checkpoint(path: str | Path, *, model: torch.nn.Module, shift: np.ndarray, scale: np.ndarray,
+                    epoch: int, history: list[dict[str, float]], optimizer: dict | None = None,
+                    image_shape: tuple[int, ...] | None = None, config_hash: str = "") -> None:
+    """Write a checkpoint file atomically (temp file + rename)."""
+    from engine import __version__
+
+    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    state = {
+        "format": FORMAT,
+        "engine_version": __version__,
+        "model": dict(module.build_args),
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "input": {
+            "shift": torch.as_tensor(np.asarray(shift, dtype=np.float32)),
+            "scale": torch.as_tensor(np.asarray(scale, dtype=np.float32)),
+            "image_shape": list(image_shape) if image_shape else None,
+        },
+        "epoch": int(epoch),
+        "history": [{k: float(v) for k, v in h.items()} for h in history],
+        "optimizer": optimizer,
+        "config_hash": config_hash,
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with `weights_only=True`: tensors and plain containers only, never arbitrary pickle."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / FILENAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a Deep Cluster Engine checkpoint (format {FORMAT} expected)")
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the model from the checkpoint alone (its build arguments and weights)."""
+    from engine.models import build_model
+
+    args = dict(state["model"])
+    name = args.pop("name")
+    model = build_model(name, **args)
+    model.load_state_dict(state["state_dict"])
+    return model
+
+
+def check_input_dim(state: dict[str, Any], dim: int, *, where: str) -> None:
+    expected = int(state["model"]["in_dim"])
+    if expected != dim:
+        raise CheckpointError(
+            f"{where}: the checkpoint's model takes {expected} input features but the data has {dim}"
+        )

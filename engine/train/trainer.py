@@ -1,0 +1,187 @@
+"""Ray Train around the plain-torch loop: DDP over `train.num_workers`, data from Ray Data, checkpoints to the run."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.data.shards import staged_folder, write_manifest
+from engine.train.checkpoint import FILENAME, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from engine.data.schema import X, vectors_to_numpy
+    from engine.models import build_model
+    from engine.train.checkpoint import save_checkpoint
+    from engine.train.loop import train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"])  # identical initial weights on every worker
+    device = ray.train.torch.get_device()
+
+    model = build_model(**config["model"])
+    optimizer_state, start_epoch, history = None, 0, []
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            state = load_checkpoint(Path(d) / FILENAME)
+        model.load_state_dict(state["state_dict"])
+        optimizer_state, start_epoch, history = state["optimizer"], state["epoch"], state["history"]
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    shift = torch.as_tensor(np.asarray(config["shift"], dtype=np.float32), device=device)
+    scale = torch.as_tensor(np.asarray(config["scale"], dtype=np.float32), device=device)
+    shard = ray.train.get_dataset_shard("train")
+    # train.batch_size is the global batch: each of the `world` workers takes its share, so a run's
+    # optimisation does not change with the number of workers.
+    batch_size = max(1, config["batch_size"] // world)
+
+    def epoch_batches(epoch: int):
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
+                                        local_shuffle_buffer_size=max(4 * batch_size, 1024),
+                                        local_shuffle_seed=config["seed"] * 100_003 + epoch * 17 + rank):
+            x = torch.from_numpy(vectors_to_numpy(batch[X]).copy()).to(device, non_blocking=True)
+            yield (x - shift) * scale
+
+    def reduce(sums: dict[str, float]) -> dict[str, float]:
+        if world == 1:
+            return sums
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return dict(zip(keys, t.tolist(), strict=True))
+
+    queue = config.get("progress")
+    epochs, every = config["epochs"], config["checkpoint_every"]
+
+    def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> None:
+        history.append(metrics)
+        if rank == 0 and queue is not None:
+            queue.put_nowait(dict(metrics))
+        if epoch % every and epoch != epochs:
+            # ray.train.report is a barrier across workers (~1 s here): the driver already has this
+            # epoch through the progress queue, and the checkpoint keeps every epoch's losses.
+            return
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                save_checkpoint(Path(d) / FILENAME, model=model, shift=config["shift"], scale=config["scale"],
+                                epoch=epoch, history=history, optimizer=optimizer.state_dict(),
+                                image_shape=config["image_shape"], config_hash=config["config_hash"])
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    train(model, optimizer, epoch_batches, epochs=epochs, start_epoch=start_epoch, reduce=reduce,
+          on_epoch_end=on_epoch_end)
+
+
+def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, model: dict[str, Any],
+                  train: Any, seed: int, run_dir: str | Path, config_hash: str,
+                  image_shape: tuple[int, ...] | None = None, use_gpu: bool = False, max_failures: int = 0,
+                  on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """Train an encoder on `ds` (input schema) with Ray Train and write `run_dir/model/` atomically.
+
+    Ray Train's own state (per-epoch checkpoints, used to resume) lives in `run_dir/train/`; the finished
+    checkpoint is copied to `run_dir/model/checkpoint.pt` with a manifest.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from engine.models import build_model
+
+    build_model(in_dim=in_dim, **model)  # bad model settings fail here, before any worker starts
+    run_dir = Path(run_dir).resolve()
+    queue = Queue() if on_epoch is not None else None
+    loop_config = {
+        "model": {"in_dim": in_dim, **model},
+        "seed": seed,
+        "lr": train.lr,
+        "weight_decay": train.weight_decay,
+        "batch_size": train.batch_size,
+        "epochs": train.epochs,
+        "checkpoint_every": train.checkpoint_every,
+        "shift": np.asarray(shift, dtype=np.float32).tolist(),
+        "scale": np.asarray(scale, dtype=np.float32).tolist(),
+        "image_shape": list(image_shape) if image_shape else None,
+        "config_hash": config_hash,
+        "progress": queue,
+    }
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=str(run_dir),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+        datasets={"train": ds},
+    )
+    stop = threading.Event()
+    poller = None
+    if queue is not None:
+        poller = threading.Thread(target=_drain, args=(queue, on_epoch, stop), daemon=True)
+        poller.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if poller is not None:
+            poller.join(timeout=5)
+        if queue is not None:
+            _drain_now(queue, on_epoch)
+            queue.shutdown()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    model_dir = run_dir / "model"
+    with result.checkpoint.as_directory() as d, staged_folder(model_dir) as tmp:
+        shutil.copy2(Path(d) / FILENAME, tmp / FILENAME)
+        state = load_checkpoint(tmp / FILENAME)
+        write_manifest(tmp, stage="train", config_hash=config_hash, rows=None, files=[FILENAME],
+                       epochs=state["epoch"], final_loss=state["history"][-1]["loss"] if state["history"] else None,
+                       num_workers=train.num_workers, use_gpu=use_gpu)
+    return model_dir
+
+
+def _drain(queue, on_epoch, stop: threading.Event) -> None:
+    from ray.util.queue import Empty
+
+    while not stop.is_set():
+        try:
+            item = queue.get(timeout=0.5)
+        except Empty:
+            continue
+        except Exception:  # the queue actor is gone: training ended
+            return
+        on_epoch(item)
+
+
+def _drain_now(queue, on_epoch) -> None:
+    try:
+        while not queue.empty():
+            on_epoch(queue.get_nowait())
+    except Exception:  # noqa: BLE001 - the queue actor may already be gone; progress is best effort
+        log.debug("progress queue closed", exc_info=True)

@@ -1,0 +1,490 @@
+"""KMeans and the Lloyd-step math: parity with FAISS and scikit-learn, stats algebra, API and errors."""
+
+from __future__ import annotations
+
+import inspect
+
+import faiss
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+from sklearn.base import clone
+from sklearn.cluster import KMeans as SklearnKMeans
+from sklearn.datasets import make_blobs
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import adjusted_rand_score
+from sklearn.utils.estimator_checks import check_estimator
+
+from engine.cluster import KMeans, PartialStats, assign, kmeans_plusplus, partial_stats, stats_from_assignment
+from engine.cluster._stats import resolve_backend
+from engine.errors import CheckpointError, ConfigError, DataError
+
+K = 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These inputs are tiny: OpenMP threads only add spin-waits, which stall on a busy 2-core machine."""
+    before = faiss.omp_get_max_threads(), torch.get_num_threads()
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before[0])
+    torch.set_num_threads(before[1])
+
+
+@pytest.fixture(scope="module")
+def blobs() -> tuple[np.ndarray, np.ndarray]:
+    X, y = make_blobs(n_samples=5000, n_features=16, centers=K, random_state=0)
+    return X.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def init_rows(blobs) -> np.ndarray:
+    """K random rows: a weak start, so any difference between Lloyd implementations would show."""
+    X, _ = blobs
+    return X[np.random.default_rng(0).choice(len(X), K, replace=False)].copy()
+
+
+def brute_force(X: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    X, C = X.astype(np.float64), C.astype(np.float64)
+    d = np.maximum((X**2).sum(axis=1)[:, None] - 2 * X @ C.T + (C**2).sum(axis=1), 0)
+    return d.argmin(axis=1), d.min(axis=1)
+
+
+def sse(X: np.ndarray, C: np.ndarray) -> float:
+    return float(brute_force(X, C)[1].sum())
+
+
+# --- parity with reference implementations, from the same initial centroids --------------------------
+
+
+def test_inertia_matches_faiss_kmeans(blobs, init_rows):
+    X, _ = blobs
+    ours = KMeans(K, init=init_rows, max_iter=25, tol=0).fit(X)
+    ref = faiss.Kmeans(X.shape[1], K, niter=25, seed=1, max_points_per_centroid=len(X))
+    ref.train(X, init_centroids=init_rows)
+    ref_inertia = sse(X, ref.centroids)
+    assert ours.inertia_ <= 1.01 * ref_inertia
+    assert adjusted_rand_score(brute_force(X, ref.centroids)[0], ours.labels_) > 0.99
+
+
+def test_inertia_matches_sklearn_lloyd(blobs, init_rows):
+    X, _ = blobs
+    ours = KMeans(K, init=init_rows, max_iter=25, tol=0).fit(X)
+    ref = SklearnKMeans(n_clusters=K, init=init_rows, n_init=1, algorithm="lloyd", max_iter=25, tol=0).fit(X)
+    assert ours.inertia_ <= 1.01 * ref.inertia_
+    assert adjusted_rand_score(ref.labels_, ours.labels_) > 0.99
+
+
+def test_kmeans_plusplus_finds_every_blob_from_the_start(blobs):
+    X, y = blobs
+    seeds = kmeans_plusplus(X, K, seed=0)
+    # Each seed is a row of X; its blob is that row's label. Uniform picks cover ~13 of 20 blobs.
+    rows = brute_force(seeds, X)[0]
+    assert np.array_equal(X[rows], seeds)
+    assert len(set(y[rows])) == K
+
+
+def test_kmeans_plusplus_is_seeded_and_skips_zero_weight_rows(blobs):
+    X, y = blobs
+    w = np.where(y < 5, 0.0, 1.0)  # five blobs carry no weight
+    seeds = kmeans_plusplus(X, 10, sample_weight=w, seed=3)
+    assert np.array_equal(seeds, kmeans_plusplus(X, 10, sample_weight=w, seed=3))
+    assert not np.array_equal(seeds, kmeans_plusplus(X, 10, sample_weight=w, seed=4))
+    assert (w[brute_force(seeds, X)[0]] > 0).all()
+
+
+# --- assign and partial stats ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch", "auto"])
+def test_assign_matches_brute_force(backend):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((5000, 16)).astype(np.float32)
+    # k=1000 makes the torch backend's CPU block 1048 rows: several blocks and a ragged last one.
+    C = rng.standard_normal((1000, 16)).astype(np.float32)
+    labels, sq = assign(X, C, backend=backend)
+    ref_labels, ref_sq = brute_force(X, C)
+    assert labels.dtype == np.int64 and sq.dtype == np.float32
+    assert (labels == ref_labels).mean() > 0.999  # float32 rounding may flip near-ties
+    np.testing.assert_allclose(sq, ref_sq, rtol=1e-4, atol=1e-4)
+    assert (sq >= 0).all()
+
+
+def test_torch_backend_agrees_with_faiss_on_labels(blobs, init_rows):
+    X, _ = blobs
+    faiss_labels, faiss_sq = assign(X, init_rows, backend="faiss")
+    torch_labels, torch_sq = assign(X, init_rows, backend="torch")
+    assert (faiss_labels == torch_labels).mean() > 0.999
+    np.testing.assert_allclose(torch_sq, faiss_sq, rtol=1e-4, atol=1e-2)
+    a = KMeans(K, init=init_rows, max_iter=10, tol=0, backend="faiss").fit(X)
+    b = KMeans(K, init=init_rows, max_iter=10, tol=0, backend="torch").fit(X)
+    assert b.inertia_ == pytest.approx(a.inertia_, rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_torch_backend_on_cuda_agrees_with_faiss_cpu(blobs, init_rows):
+    X, _ = blobs
+    faiss_labels, _ = assign(X, init_rows, backend="faiss")
+    torch_labels, _ = assign(X, init_rows, backend="torch")
+    assert (faiss_labels == torch_labels).mean() > 0.999
+
+
+def test_partial_stats_match_direct_computation(blobs, init_rows):
+    X, _ = blobs
+    w = np.random.default_rng(2).uniform(0, 3, len(X))
+    stats = partial_stats(X, init_rows, w)
+    labels, sq = brute_force(X, init_rows)
+    for j in range(K):
+        np.testing.assert_allclose(
+            stats.sums[j], (X[labels == j] * w[labels == j, None]).sum(axis=0), rtol=1e-5, atol=1e-3
+        )
+    np.testing.assert_allclose(stats.counts, np.bincount(labels, weights=w, minlength=K))
+    assert stats.sse == pytest.approx(float(sq @ w), rel=1e-5)
+    assert stats.sums.dtype == np.float64 and stats.counts.dtype == np.float64
+
+
+def test_partial_stats_of_blocks_add_up_to_the_whole(blobs, init_rows):
+    X, _ = blobs
+    w = np.random.default_rng(3).uniform(0, 2, len(X))
+    whole = partial_stats(X, init_rows, w)
+    cuts = [0, 1234, 3000, len(X)]
+    parts = [partial_stats(X[a:b], init_rows, w[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+    summed = parts[0] + parts[1] + parts[2]
+    np.testing.assert_allclose(summed.sums, whole.sums, rtol=1e-10)
+    np.testing.assert_allclose(summed.counts, whole.counts, rtol=1e-12)
+    assert summed.sse == pytest.approx(whole.sse, rel=1e-10)
+
+
+def test_weight_two_equals_a_duplicated_row(blobs, init_rows):
+    X, _ = blobs
+    X = X[:300]
+    w = np.ones(len(X))
+    w[7] = 2.0
+    duplicated = np.vstack([X, X[7:8]])
+    a, b = partial_stats(X, init_rows, w), partial_stats(duplicated, init_rows)
+    np.testing.assert_allclose(a.sums, b.sums, rtol=1e-12)
+    np.testing.assert_allclose(a.counts, b.counts)
+    assert a.sse == pytest.approx(b.sse, rel=1e-12)
+
+    init = X[:5].copy()
+    fa = KMeans(5, init=init, tol=0, max_iter=10).fit(X, sample_weight=w)
+    fb = KMeans(5, init=init, tol=0, max_iter=10).fit(duplicated)
+    np.testing.assert_allclose(fa.cluster_centers_, fb.cluster_centers_, rtol=1e-5, atol=1e-5)
+    assert fa.inertia_ == pytest.approx(fb.inertia_, rel=1e-5)
+
+
+def test_centroids_keep_previous_row_for_empty_clusters(blobs, init_rows):
+    X, _ = blobs
+    previous = init_rows.copy()
+    previous[4] = 1e4  # nothing is near it
+    stats = partial_stats(X, previous)
+    new, empty = stats.centroids(previous)
+    assert empty.tolist() == [4]
+    np.testing.assert_array_equal(new[4], previous[4])
+    filled = np.arange(K) != 4
+    np.testing.assert_allclose(new[filled], stats.sums[filled] / stats.counts[filled, None], rtol=1e-6)
+    assert new.dtype == np.float32
+
+
+def test_stats_from_assignment_equals_partial_stats(blobs, init_rows):
+    X, _ = blobs
+    labels, sq = assign(X, init_rows)
+    a, b = stats_from_assignment(X, labels, sq, K), partial_stats(X, init_rows)
+    np.testing.assert_array_equal(a.sums, b.sums)
+    assert a.sse == b.sse
+
+
+def test_adding_stats_of_different_k_is_an_error(blobs, init_rows):
+    X, _ = blobs
+    with pytest.raises(DataError, match=r"cannot add partial stats of shape \(20, 16\) and \(5, 16\)"):
+        partial_stats(X, init_rows) + partial_stats(X, init_rows[:5])
+    assert isinstance(partial_stats(X, init_rows), PartialStats)
+
+
+# --- the estimator ---------------------------------------------------------------------------------------
+
+
+def test_empty_cluster_is_split_from_the_largest(blobs, init_rows):
+    X, _ = blobs
+    init = init_rows.copy()
+    init[3] = 1e3
+    model = KMeans(K, init=init, max_iter=1, tol=0).fit(X)
+    assert model.history_[0]["empty_repaired"] == 1
+    # Documented rule: the empty centroid moves to the member of the largest cluster farthest from it.
+    labels, sq = assign(X, init)
+    largest = np.bincount(labels, minlength=K).argmax()
+    members = np.flatnonzero(labels == largest)
+    np.testing.assert_array_equal(model.cluster_centers_[3], X[members[sq[members].argmax()]])
+
+    full = KMeans(K, init=init, max_iter=30, tol=0).fit(X)
+    assert np.bincount(full.labels_, minlength=K).min() > 0
+
+
+def test_two_empty_clusters_are_both_repaired(blobs, init_rows):
+    X, _ = blobs
+    init = init_rows.copy()
+    init[3], init[9] = 1e3, -1e3
+    model = KMeans(K, init=init, max_iter=10, tol=0).fit(X)
+    assert model.history_[0]["empty_repaired"] == 2
+    assert sum(h["empty_repaired"] for h in model.history_) >= 2
+    assert np.bincount(model.labels_, minlength=K).min() > 0
+
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_same_seed_same_result(blobs, init):
+    X, _ = blobs
+    a = KMeans(K, init=init, seed=5).fit(X)
+    b = KMeans(K, init=init, seed=5).fit(X)
+    c = KMeans(K, init=init, seed=6).fit(X)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    assert not np.array_equal(a.cluster_centers_, c.cluster_centers_)
+
+
+def test_n_init_keeps_the_best_run(blobs):
+    X, _ = blobs
+    # Run 1 of n_init=5 is the only run of n_init=1 (same spawned seed); random init from seed 0 gets
+    # stuck there, and a later run does better.
+    one = KMeans(K, init="random", n_init=1, seed=0).fit(X)
+    five = KMeans(K, init="random", n_init=5, seed=0).fit(X)
+    assert five.inertia_ < 0.9 * one.inertia_
+    # The fitted attributes all come from the kept run.
+    assert five.score(X) == pytest.approx(-five.inertia_, rel=1e-6)
+    np.testing.assert_array_equal(five.predict(X), five.labels_)
+    assert len(five.history_) == five.n_iter_
+
+
+def test_random_init_picks_distinct_rows_by_weight():
+    X = np.arange(60, dtype=np.float32).reshape(30, 2) ** 1.5
+    w = np.zeros(30)
+    w[::3] = 1.0  # 10 rows carry all the weight
+    for seed in range(3):
+        # With k = the number of weighted rows, only distinct weighted seeds put a centroid on every
+        # weighted row, so the first assignment already costs nothing.
+        model = KMeans(10, init="random", max_iter=1, tol=0, seed=seed).fit(X, sample_weight=w)
+        assert model.history_[0]["objective"] == 0.0
+        assert model.inertia_ == 0.0
+        assert sorted(map(tuple, model.cluster_centers_)) == sorted(map(tuple, X[w > 0]))
+
+
+def test_tol_stops_at_the_first_small_relative_decrease(blobs):
+    X, _ = blobs
+    model = KMeans(K, init="random", max_iter=100, tol=1e-4, seed=2).fit(X)
+    changes = [h["rel_change"] for h in model.history_]
+    assert model.n_iter_ == len(model.history_) < 100
+    assert changes[0] is None
+    assert changes[-1] < 1e-4 and all(c >= 1e-4 for c in changes[1:-1])
+    objectives = [h["objective"] for h in model.history_]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(objectives, objectives[1:], strict=False))
+    assert set(model.history_[0]) == {"iter", "objective", "rel_change", "shift", "empty_repaired", "seconds"}
+
+
+def test_tol_zero_runs_max_iter(blobs):
+    X, _ = blobs
+    model = KMeans(K, max_iter=7, tol=0).fit(X)
+    assert model.n_iter_ == 7 and [h["iter"] for h in model.history_] == list(range(1, 8))
+
+
+def test_fitted_attributes_and_methods(blobs):
+    X, _ = blobs
+    model = KMeans(K).fit(X.astype(np.float64))
+    assert model.cluster_centers_.dtype == np.float32 and model.cluster_centers_.shape == (K, 16)
+    assert model.n_features_in_ == 16 and model.labels_.shape == (len(X),)
+    assert isinstance(model.inertia_, float)
+    assert model.inertia_ == pytest.approx(sse(X, model.cluster_centers_), rel=1e-5)
+    distances = model.transform(X[:50])
+    expected = np.sqrt(((X[:50, None].astype(np.float64) - model.cluster_centers_[None]) ** 2).sum(axis=2))
+    assert distances.shape == (50, K)
+    np.testing.assert_allclose(distances, expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(distances.argmin(axis=1), model.predict(X[:50]))
+    np.testing.assert_array_equal(KMeans(K).fit_predict(X), model.labels_)
+    np.testing.assert_allclose(KMeans(K).fit_transform(X), model.transform(X), rtol=1e-5)
+    w = np.full(len(X), 2.0)
+    assert model.score(X, sample_weight=w) == pytest.approx(-2 * model.inertia_, rel=1e-6)
+
+
+def test_sklearn_api_conventions(blobs):
+    X, _ = blobs
+    model = KMeans(5, init="random", n_init=2, max_iter=9, tol=1e-3, seed=4, backend="torch")
+    params = model.get_params()
+    assert params == {
+        "n_clusters": 5,
+        "init": "random",
+        "n_init": 2,
+        "max_iter": 9,
+        "tol": 1e-3,
+        "seed": 4,
+        "backend": "torch",
+        "verbose": False,
+    }
+    copy = clone(model)
+    assert copy is not model and copy.get_params() == params
+    assert KMeans().set_params(**params).get_params() == params
+    for method in (model.predict, model.transform, model.score):
+        with pytest.raises(NotFittedError):
+            method(X)
+    assert model.fit(X) is model
+
+
+@pytest.mark.skipif(
+    "expected_failed_checks" not in inspect.signature(check_estimator).parameters,
+    reason="expected_failed_checks needs scikit-learn >= 1.6",
+)
+def test_sklearn_estimator_checks():
+    check_estimator(
+        KMeans(n_clusters=2, max_iter=5),
+        expected_failed_checks={
+            # Deliberate: our messages, not scikit-learn's exact wording or exception types.
+            "check_n_features_in_after_fitting": "message says 'was fitted with N features'",
+            "check_dtype_object": "non-numeric X raises DataError (a ValueError), not TypeError",
+            # Seeding draws differ between weights and repeats; scikit-learn's KMeans xfails this too.
+            # Exact equivalence from fixed centroids is tested in test_weight_two_equals_a_duplicated_row.
+            "check_sample_weight_equivalence_on_dense_data": "seeding is random",
+        },
+    )
+
+
+def test_save_load_round_trip(blobs, tmp_path):
+    X, _ = blobs
+    model = KMeans(K, n_init=2, seed=3).fit(X)
+    path = tmp_path / "model.npz"
+    model.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]
+    loaded = KMeans.load(path)
+    np.testing.assert_array_equal(loaded.predict(X), model.labels_)
+    np.testing.assert_array_equal(loaded.cluster_centers_, model.cluster_centers_)
+    assert loaded.get_params() == model.get_params()
+    assert (loaded.inertia_, loaded.n_iter_, loaded.n_features_in_) == (model.inertia_, model.n_iter_, 16)
+    assert loaded.history_ == model.history_
+
+
+def test_save_load_with_array_init(blobs, init_rows, tmp_path):
+    X, _ = blobs
+    model = KMeans(K, init=init_rows, max_iter=3).fit(X)
+    model.save(tmp_path / "m.npz")
+    loaded = KMeans.load(tmp_path / "m.npz")
+    np.testing.assert_array_equal(loaded.init, init_rows)
+    np.testing.assert_array_equal(loaded.predict(X), model.labels_)
+
+
+def test_load_rejects_a_foreign_file(tmp_path):
+    path = tmp_path / "other.npz"
+    np.savez(path, weights=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a saved KMeans model"):
+        KMeans.load(path)
+    with pytest.raises(NotFittedError):
+        KMeans().save(tmp_path / "unfitted.npz")
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+X12 = np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"n_clusters": 20}, r"^n_samples=12 should be >= n_clusters=20\.$"),
+        ({"n_clusters": 0}, r"^n_clusters=0 should be >= 1\.$"),
+        ({"n_clusters": "3"}, r"^n_clusters should be an int, got '3'\.$"),
+        ({"n_init": 0}, r"^n_init=0 should be >= 1\.$"),
+        ({"max_iter": 0}, r"^max_iter=0 should be >= 1\.$"),
+        ({"tol": -0.1}, r"^tol=-0.1 should be a finite number >= 0\.$"),
+        ({"tol": "small"}, r"^tol should be a number, got 'small'\.$"),
+        ({"seed": -1}, r"^seed=-1 should be >= 0\.$"),
+        ({"verbose": "yes"}, r"^verbose should be True or False, got 'yes'\.$"),
+        ({"init": "kmeans"}, r"^init='kmeans' should be 'k-means\+\+', 'random' or an array of shape"),
+        ({"backend": "cuda"}, r"^backend='cuda' should be one of 'auto', 'faiss', 'torch'\.$"),
+        (
+            {"n_clusters": 3, "init": np.zeros((3, 5))},
+            r"^init has shape \(3, 5\), but should be \(n_clusters, n_features\)=\(3, 4\)\.$",
+        ),
+        (
+            {"n_clusters": 2, "init": [[0, 0, 0, 0], [0, np.nan, 0, 0]]},
+            r"^init contains NaN or infinity \(row 1\)\.$",
+        ),
+    ],
+)
+def test_bad_settings_raise_config_error(params, message):
+    with pytest.raises(ConfigError, match=message):
+        KMeans(**{"n_clusters": 3, **params}).fit(X12)
+
+
+def _with(value, row: int, col: int = 1) -> np.ndarray:
+    X = X12.copy()
+    X[row, col] = value
+    return X
+
+
+@pytest.mark.parametrize(
+    ("X", "weights", "message"),
+    [
+        (_with(np.nan, 3), None, r"^X contains NaN or infinity \(row 3\)\.$"),
+        (_with(np.inf, 7), None, r"^X contains NaN or infinity \(row 7\)\.$"),
+        (X12[0], None, r"^X should be a 2-D array \(n_samples, n_features\), got shape \(4,\)\. Reshape"),
+        (X12[None], None, r"^X should be a 2-D array \(n_samples, n_features\), got shape \(1, 12, 4\)"),
+        (X12[:, :0], None, r"^X has 0 feature\(s\) \(shape=\(12, 0\)\) while a minimum of 1 is required\.$"),
+        (np.array([["a", "b"]] * 12), None, r"^X should hold numbers, got dtype <U1\.$"),
+        (scipy.sparse.csr_matrix(X12), None, r"^X is a sparse matrix"),
+        (X12[:7], np.ones(5), r"^sample_weight has 5 entries but X has 7 rows\.$"),
+        (X12, -np.arange(12.0) + 1, r"^sample_weight should be >= 0, got -1\.0 \(row 2\)\.$"),
+        (X12, np.r_[np.ones(11), np.nan], r"^sample_weight contains NaN or infinity \(row 11\)\.$"),
+        (X12, np.ones((12, 1)), r"^sample_weight should be 1-D, got shape \(12, 1\)\.$"),
+        (X12, -2.0, r"^sample_weight should be >= 0, got -2\.0 \(row 0\)\.$"),
+        ([[1.0, 2.0], [3.0]], None, r"^X is not a rectangular array"),
+        (X12, np.zeros(12), r"^sample_weight has 0 nonzero entries, should be >= n_clusters=3\.$"),
+        (X12, np.r_[1.0, 1, np.zeros(10)], r"^sample_weight has 2 nonzero entries, should be >= n_clusters"),
+    ],
+)
+def test_bad_data_raises_data_error(X, weights, message):
+    with pytest.raises(DataError, match=message):
+        KMeans(3).fit(X, sample_weight=weights)
+
+
+def test_predict_with_wrong_number_of_features():
+    model = KMeans(3).fit(np.random.default_rng(0).standard_normal((30, 5)))
+    for method in (model.predict, model.transform, model.score):
+        with pytest.raises(DataError, match=r"^X has 3 features, but KMeans was fitted with 5 features\.$"):
+            method(X12[:, :3])
+
+
+def test_array_init_with_n_init_warns_and_runs_once(init_rows, blobs):
+    X, _ = blobs
+    with pytest.warns(RuntimeWarning, match=r"running one init instead of n_init=3"):
+        model = KMeans(K, init=init_rows, n_init=3, tol=0, max_iter=4).fit(X)
+    single = KMeans(K, init=init_rows, tol=0, max_iter=4).fit(X)
+    np.testing.assert_array_equal(model.cluster_centers_, single.cluster_centers_)
+
+
+def test_low_level_functions_check_their_input():
+    with pytest.raises(DataError, match=r"^centroids have 3 features, but X has 4 features\.$"):
+        assign(X12, np.zeros((2, 3)))
+    with pytest.raises(ConfigError, match=r"^backend='gpu' should be one of"):
+        partial_stats(X12, X12[:2], backend="gpu")
+    with pytest.raises(DataError, match=r"^sample_weight has 3 entries but X has 12 rows\.$"):
+        partial_stats(X12, X12[:2], np.ones(3))
+    with pytest.raises(ConfigError, match=r"^n_local_trials=0 should be >= 1\.$"):
+        kmeans_plusplus(X12, 2, n_local_trials=0)
+    with pytest.raises(ConfigError, match=r"^n_samples=12 should be >= n_clusters=13\.$"):
+        kmeans_plusplus(X12, 13)
+
+
+@pytest.mark.parametrize(
+    ("requested", "faiss_gpus", "cuda", "expected"),
+    [
+        ("auto", 1, True, "faiss-gpu"),
+        ("auto", 0, True, "torch"),
+        ("auto", 0, False, "faiss-cpu"),
+        ("faiss", 0, True, "faiss-cpu"),
+        ("faiss", 2, False, "faiss-gpu"),
+        ("torch", 1, False, "torch"),
+    ],
+)
+def test_backend_resolution(monkeypatch, requested, faiss_gpus, cuda, expected):
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: faiss_gpus)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert resolve_backend(requested) == expected

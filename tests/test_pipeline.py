@@ -1,0 +1,200 @@
+"""The pipeline and the `dce` CLI on a real local Ray: run directory, exactly-once ids, stages alone, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.data import read_manifest, read_table
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parent.parent
+METRIC_KEYS = {"acc", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz", "inertia"}
+TINY = [
+    "--set", "data.source=blobs", "--set", "data.n_samples=400", "--set", "data.n_features=6",
+    "--set", "data.centers=4", "--set", "data.rows_per_shard=100", "--set", "data.normalize=standard",
+    "--set", "model.hidden=[32]", "--set", "model.latent_dim=3", "--set", "train.epochs=3",
+    "--set", "train.batch_size=64", "--set", "cluster.k=4", "--set", "cluster.n_init=2",
+]
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = invoke("run", *TINY, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _ids(folder: Path, stage: str) -> np.ndarray:
+    return read_table(folder, stage=stage, columns=["id"]).column("id").to_numpy()
+
+
+def test_run_directory_layout(tiny_run):
+    for name in ("config.yaml", "centroids.npy", "metrics.json", "run.json", "model/checkpoint.pt",
+                 "model/_manifest.json", "embeddings/_manifest.json", "assignments/_manifest.json"):
+        assert (tiny_run / name).is_file(), name
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert set(metrics) == METRIC_KEYS
+    # Four well separated blobs: the pipeline must find them.
+    assert metrics["ari"] > 0.9
+    assert np.load(tiny_run / "centroids.npy").shape == (4, 3)
+    run = json.loads((tiny_run / "run.json").read_text())
+    assert set(run["seconds"]) == {"train", "embed", "cluster", "evaluate"}
+    # The saved config is the resolved one, overrides applied.
+    assert "n_samples: 400" in (tiny_run / "config.yaml").read_text()
+
+
+def test_every_id_exactly_once(tiny_run):
+    expected = np.arange(400)
+    np.testing.assert_array_equal(np.sort(_ids(tiny_run / "embeddings", "embed")), expected)
+    np.testing.assert_array_equal(np.sort(_ids(tiny_run / "assignments", "assign")), expected)
+    table = read_table(tiny_run / "assignments", stage="assign")
+    assert table.schema.field("cluster").type == pa.int32()
+    assert table.schema.field("distance").type == pa.float32()
+    assert read_manifest(tiny_run / "embeddings")["rows"] == 400
+
+
+def test_stages_run_alone(tiny_run):
+    before = read_manifest(tiny_run / "embeddings")["time"]
+    for stage in ("embed", "cluster", "evaluate"):
+        result = invoke(stage, tiny_run, "--quiet")
+        assert result.exit_code == 0, f"{stage}: {result.output}"
+    assert read_manifest(tiny_run / "embeddings")["time"] > before
+    np.testing.assert_array_equal(np.sort(_ids(tiny_run / "assignments", "assign")), np.arange(400))
+    # A stage override: cluster the same embeddings with another k.
+    assert invoke("cluster", tiny_run, "--set", "cluster.k=6", "--quiet").exit_code == 0
+    assert np.load(tiny_run / "centroids.npy").shape == (6, 3)
+    assert invoke("evaluate", tiny_run, "--quiet").exit_code == 0
+    assert set(json.loads((tiny_run / "metrics.json").read_text())) == METRIC_KEYS
+
+
+def test_datasets_lists_sources():
+    result = invoke("datasets")
+    assert result.exit_code == 0
+    for name in ("digits", "blobs", "parquet", "npy", "idx"):
+        assert name in result.output
+
+
+# ---- bad input: one line, exit code 2, no result folder --------------------------------------------
+
+
+def _assert_clean_failure(result, pattern: str, out: Path | None = None) -> None:
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert "Traceback" not in result.output
+    import re
+
+    assert re.search(pattern, err), err
+    if out is not None:
+        assert not out.exists(), f"{out} was created"
+
+
+def test_bad_config_key(tmp_path):
+    out = tmp_path / "r"
+    _assert_clean_failure(invoke("run", "--set", "cluster.kk=3", "--out", out), r"unknown key 'cluster.kk'", out)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trian:\n  epochs: 3\n")
+    _assert_clean_failure(invoke("run", bad, "--out", out), r"bad.yaml: unknown key 'trian'", out)
+    _assert_clean_failure(invoke("run", "--set", "train.epochs=many", "--out", out), r"'train.epochs'", out)
+
+
+def test_missing_file(tmp_path):
+    out = tmp_path / "r"
+    _assert_clean_failure(invoke("run", "--set", "data.source=npy", "--set", f"data.path={tmp_path}/nope.npy",
+                                 "--out", out), r"nope.npy: data file not found", out)
+    _assert_clean_failure(invoke("run", tmp_path / "missing.yaml", "--out", out), r"config file not found", out)
+
+
+def test_missing_column(tmp_path):
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"id": [0, 1], "vec": [[1.0, 2.0], [3.0, 4.0]]}), path)
+    out = tmp_path / "r"
+    _assert_clean_failure(invoke("run", "--set", "data.source=parquet", "--set", f"data.path={path}",
+                                 "--set", "cluster.k=1", "--out", out),
+                          r"data.parquet: missing column 'x' \(data.column\)", out)
+
+
+def test_mixed_lengths(ray_local, tmp_path):
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"id": [0, 1, 2], "x": [[1.0, 2.0], [3.0, 4.0], [5.0]]}), path)
+    out = tmp_path / "r"
+    _assert_clean_failure(invoke("run", "--set", "data.source=parquet", "--set", f"data.path={path}",
+                                 "--set", "cluster.k=2", "--out", out, "--quiet"),
+                          r"data.parquet.*column 'x' has vectors of mixed lengths.*row 2", out)
+
+
+def test_nan_values(ray_local, tmp_path):
+    x = np.ones((20, 3), dtype=np.float32)
+    x[7, 1] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "r"
+    _assert_clean_failure(invoke("run", "--set", "data.source=npy", "--set", f"data.path={tmp_path}/x.npy",
+                                 "--set", "cluster.k=2", "--out", out, "--quiet"),
+                          r"x.npy: column 'x' row 7 \(id=7\) has NaN values", out)
+    x[7, 1] = np.inf
+    np.save(tmp_path / "x.npy", x)
+    _assert_clean_failure(invoke("run", "--set", "data.source=npy", "--set", f"data.path={tmp_path}/x.npy",
+                                 "--set", "cluster.k=2", "--out", out, "--quiet"), r"row 7 \(id=7\) has inf", out)
+
+
+def test_k_larger_than_rows(tmp_path):
+    np.save(tmp_path / "x.npy", np.ones((5, 3), dtype=np.float32))
+    out = tmp_path / "r"
+    _assert_clean_failure(invoke("run", "--set", "data.source=npy", "--set", f"data.path={tmp_path}/x.npy",
+                                 "--set", "cluster.k=8", "--out", out),
+                          r"cluster.k=8 should be <= the number of rows \(5\)", out)
+
+
+def test_checkpoint_of_other_input_size(tiny_run):
+    # The run's model takes 6 features; embedding 5-feature data with it must fail before any compute.
+    before = read_manifest(tiny_run / "embeddings")
+    result = invoke("embed", tiny_run, "--set", "data.n_features=5", "--quiet")
+    _assert_clean_failure(result, r"checkpoint's model takes 6 input features but the data has 5")
+    assert read_manifest(tiny_run / "embeddings") == before  # the complete result is untouched
+
+
+def test_incomplete_run_directory(tmp_path):
+    _assert_clean_failure(invoke("cluster", tmp_path), r"not a run directory")
+
+
+# ---- the default demo, as the README runs it -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_dce_run_quality_and_time(tmp_path):
+    """`dce run` with no arguments: the digits demo in under 3 minutes, ACC >= 0.78 and NMI >= 0.74."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.perf_counter()
+    dce = Path(sys.executable).parent / "dce"  # the console script, as the README runs it
+    proc = subprocess.run([str(dce), "run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "runs" / "digits"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("acc", "nmi", "ari"):
+        assert key in proc.stdout  # the metrics table is printed
+    assert metrics["acc"] >= 0.78 and metrics["nmi"] >= 0.74, metrics
+    assert seconds < 180, f"dce run took {seconds:.0f} s"
+    for stage in ("validate", "train", "embed", "cluster", "assign", "evaluate"):
+        assert stage in proc.stderr  # progress for each stage
