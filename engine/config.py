@@ -216,28 +216,49 @@ def apply_override(data: dict[str, Any], item: str) -> None:
             raise ConfigError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+        parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
-        node[parts[-1]] = value
+        parsed = value
+    if isinstance(parsed, str):
+        # YAML 1.1 reads `1e-3` as a string; a user typing it means the number.
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    node[parts[-1]] = parsed
+
+
+_TYPE_TAGS = {"bool", "int", "float", "str", "none", "list", "dict"}
 
 
 def format_validation_error(e: ValidationError) -> str:
-    msgs = []
+    """One readable line per bad key; the alternatives of a union (`true`, `false` or `'auto'`) are merged."""
+    by_key: dict[str, list[str]] = {}
     for err in e.errors():
-        loc = [str(p) for p in err["loc"]]
-        # Discriminated unions put the chosen tag in the path (data.blobs.n_samples): drop it.
+        # Unions put the member's type in the path (train.use_gpu.bool), discriminated unions the tag
+        # (data.blobs.n_samples): neither is a key the user wrote.
+        loc = [str(p) for p in err["loc"] if not (str(p) in _TYPE_TAGS or "[" in str(p))]
         if len(loc) >= 2 and loc[0] == "data" and loc[1] in {"digits", "blobs", "parquet", "npy", "idx"}:
             loc = [loc[0], *loc[2:]]
         key = ".".join(loc) or "config"
         if err["type"] == "extra_forbidden":
-            msgs.append(f"unknown key '{key}'")
+            msg = f"unknown key '{key}'"
         elif err["type"] == "union_tag_invalid":
             tag = err.get("ctx", {}).get("tag")
-            msgs.append(f"'{key}.source' must be one of digits, blobs, parquet, npy, idx; got {tag!r}")
+            msg = f"'{key}.source' must be one of digits, blobs, parquet, npy, idx; got {tag!r}"
         elif err["type"] == "missing":
-            msgs.append(f"missing key '{key}'")
+            msg = f"missing key '{key}'"
         elif err["type"] == "value_error" and not loc:
-            msgs.append(str(err["ctx"]["error"]))
+            msg = str(err["ctx"]["error"])
         else:
-            msgs.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(msgs)
+            msg = f"'{key}': {err['msg']} (got {err.get('input')!r})"
+        by_key.setdefault(key, []).append(msg)
+    lines = []
+    for key, msgs in by_key.items():
+        if len(msgs) > 1 and all(m.startswith(f"'{key}': ") for m in msgs):
+            got = msgs[0][msgs[0].rfind(" (got "):]
+            alternatives = " or ".join(m[len(key) + 4: m.rfind(" (got ")] for m in msgs)
+            lines.append(f"'{key}': {alternatives}{got}")
+        else:
+            lines.extend(msgs)
+    return "; ".join(lines)

@@ -39,9 +39,12 @@ def find_engine_error(exc: BaseException) -> EngineError | None:
         if isinstance(e, EngineError):
             # A RayTaskError built `as_instanceof_cause` is also an EngineError; prefer its cause.
             cause = getattr(e, "cause", None)
-            if isinstance(cause, EngineError):
-                return cause
-            return e
+            found = cause if isinstance(cause, EngineError) else e
+            # Ray Data rewrites a user-code error's args inside the task, appending its retry advice;
+            # our messages are single lines, so give back the message alone.
+            if found.args and isinstance(found.args[0], str) and "\n" in found.args[0]:
+                found.args = (user_message(found), *found.args[1:])
+            return found
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
     return None
 

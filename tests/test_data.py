@@ -269,19 +269,19 @@ def test_real_mnist_t10k_first_shard():
 def test_missing_files_are_named(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((3, 2)))
     write_idx(tmp_path / "img", np.zeros((3, 2, 2), np.uint8))
-    gone = str(tmp_path / "gone")
+    gone, glob = str(tmp_path / "gone"), str(tmp_path / "*.parquet")
     cases = [
-        (dict(source="parquet", path=gone), "Parquet file or folder not found"),
-        (dict(source="parquet", path=str(tmp_path / "*.parquet")), "no Parquet files found"),
-        (dict(source="npy", path=gone), "data file not found"),
-        (dict(source="npy", path=str(tmp_path / "x.npy"), labels_path=gone), "labels file not found"),
-        (dict(source="idx", images=[gone]), "idx file not found"),
-        (dict(source="idx", images=[str(tmp_path / "img")], labels=[gone]), "idx file not found"),
+        (dict(source="parquet", path=gone), gone, "Parquet file or folder not found"),
+        (dict(source="parquet", path=glob), glob, "no Parquet files found"),
+        (dict(source="npy", path=gone), gone, "data file not found"),
+        (dict(source="npy", path=str(tmp_path / "x.npy"), labels_path=gone), gone, "labels file not found"),
+        (dict(source="idx", images=[gone]), gone, "idx file not found"),
+        (dict(source="idx", images=[str(tmp_path / "img")], labels=[gone]), gone, "idx file not found"),
     ]
-    for data, message in cases:
-        with pytest.raises(DataError, match=message) as e:
+    for data, named, message in cases:
+        with pytest.raises(DataError) as e:
             open_source(data_cfg(**data))
-        assert str(e.value).startswith(str(data.get("path", gone)) + ":") or gone in str(e.value)
+        assert str(e.value) == f"{named}: {message}"
 
 
 def test_missing_columns_are_named_with_the_columns_there(tmp_path):
@@ -296,9 +296,10 @@ def test_missing_columns_are_named_with_the_columns_there(tmp_path):
 
 
 @pytest.mark.parametrize("column, message", [
-    (pa.array(["a", "b"]), r"column 'x' has type string; expected a list of numbers"),
-    (pa.array([["a"], ["b"]]), r"column 'x' has type list<.*: string>; expected a list of numbers"),
-    (pa.array([1.0, 2.0]), r"column 'x' has type double; expected a list of numbers"),
+    pytest.param(pa.array(["a", "b"]), r"column 'x' has type string; expected a list of numbers", id="string"),
+    pytest.param(pa.array([["a"], ["b"]]), r"column 'x' has type list<.*: string>; expected a list of numbers",
+                 id="list<string>"),
+    pytest.param(pa.array([1.0, 2.0]), r"column 'x' has type double; expected a list of numbers", id="double"),
 ])
 def test_non_numeric_vector_column(tmp_path, column, message):
     path = write_parquet(tmp_path / "f.parquet", id=pa.array([1, 2]), x=column)
@@ -367,8 +368,6 @@ def test_inf_in_parquet_names_file_row_and_id_from_inside_ray(ray_local, tmp_pat
     assert first_line(err) == f"{tmp_path / 'b.parquet'}: column 'x' row 4 (id=104) has inf values"
 
 
-@pytest.mark.xfail(strict=True, reason="Ray Data 2.60 appends its retry advice to the exception's args inside the "
-                   "task; engine/errors.py find_engine_error should give back our message alone")
 def test_errors_from_ray_tasks_carry_only_our_message(ray_local, tmp_path):
     np.save(tmp_path / "x.npy", np.full((2, 2), np.nan))
     src = open_source(data_cfg(source="npy", path=str(tmp_path / "x.npy")))
@@ -417,7 +416,8 @@ def test_idx_label_count_differs_from_image_count(tmp_path):
         open_source(data_cfg(source="idx", images=[str(img)], labels=[str(lab), str(lab)]))
 
 
-@pytest.mark.parametrize("head", [b"\x12\x34\x08\x03", b"\x00\x00\x07\x03", b"P5\n2"])
+@pytest.mark.parametrize("head", [b"\x12\x34\x08\x03", b"\x00\x00\x07\x03", b"P5\n2"],
+                         ids=["not-zero", "unknown-type", "pgm"])
 def test_idx_bad_magic(tmp_path, head):
     (tmp_path / "img").write_bytes(head + b"\x00" * 32)
     with pytest.raises(DataError, match=rf"img: not an idx file \(bad magic number {head.hex()}\)"):
@@ -554,7 +554,7 @@ def test_write_dataset_writes_a_manifest_and_reads_back(ray_local, tmp_path):
     assert manifest["stage"] == "embed" and manifest["rows"] == 6 and manifest["config_hash"] == "abc123"
     assert manifest["latent_dim"] == 2 and manifest["engine_version"]
     assert manifest["files"] and sorted(manifest["files"]) == sorted(p.name for p in out.glob("*.parquet"))
-    assert "z: fixed_size_list<element: float>[2]" in manifest["schema"] or "z: fixed_size_list" in manifest["schema"]
+    assert manifest["schema"].startswith("id: int64\nz: fixed_size_list<") and "float>[2]" in manifest["schema"]
     assert read_table(out).sort_by("id").equals(table)
     with pytest.raises(IncompleteResultError, match="holds stage 'embed', expected 'assign'"):
         read_manifest(out, stage="assign")

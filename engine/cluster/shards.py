@@ -47,13 +47,15 @@ def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | 
 
     from engine.data.shards import read_manifest
 
-    expected = read_manifest(embeddings, stage="embed")["rows"]
+    manifest = read_manifest(embeddings, stage="embed")
+    expected = manifest["rows"]
     ds = read_shards(embeddings, stage="embed", columns=[ID, Z])
     # Stateless tasks, not an actor pool: the centroids are small enough to travel with each task, and
     # tasks reuse warm worker processes instead of starting actors.
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     out = ds.map_batches(assign_batch, fn_kwargs={"centroids": centroids, "backend": backend},
                          batch_size=batch_size, batch_format="pyarrow",
-                         compute=TaskPoolStrategy(size=concurrency), num_cpus=1)
+                         compute=TaskPoolStrategy(size=max(1, min(concurrency, len(manifest["files"])))),
+                         num_cpus=1)
     return write_dataset(out, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected,
                          k=int(len(centroids)))

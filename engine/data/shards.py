@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.errors import DataError, IncompleteResultError
@@ -114,18 +115,29 @@ def shard_paths(folder: str | Path, *, stage: str | None = None) -> list[str]:
 
 
 def read_shards(folder: str | Path, *, stage: str | None = None, columns: list[str] | None = None):
-    """A complete folder's shards as a Ray Dataset (only the files its manifest lists)."""
+    """A complete folder's shards as a Ray Dataset (only the files its manifest lists), one task per file.
+
+    The manifest already names every file, so there is nothing to list: `ray.data.read_parquet` (Ray 2.60's
+    datasource V2) spends 10 s or more per call listing files on a small machine, and a folder reader would also
+    pick up stray files.
+    """
     import ray.data
 
     paths = shard_paths(folder, stage=stage)
     if not paths:
         raise DataError(f"{folder}: the manifest lists no shards")
-    return ray.data.read_parquet(paths, columns=columns)
+
+    def read(batch: dict[str, Any]) -> Iterator[pa.Table]:
+        for path in batch["path"]:
+            yield pq.read_table(str(path), columns=columns)
+
+    items = [{"path": p} for p in paths]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read, batch_size=1, batch_format="numpy"
+    )
 
 
 def read_table(folder: str | Path, *, stage: str | None = None, columns: list[str] | None = None):
     """A complete folder's shards as one pyarrow Table in this process (for small columns such as ids)."""
-    import pyarrow as pa
-
     paths = shard_paths(folder, stage=stage)
     return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths]) if paths else None

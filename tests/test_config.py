@@ -1,0 +1,90 @@
+"""Config loading, overrides and validation errors (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from engine.config import CONFIG_DIR, PipelineConfig, apply_override, config_from_dict, load_config
+from engine.errors import ConfigError
+
+
+def test_default_config_is_the_digits_demo():
+    cfg = load_config()
+    assert cfg.name == "digits" and cfg.data.source == "digits" and cfg.cluster.k == 10
+    assert cfg.model.name == "mlp_ae" and cfg.train.num_workers == 2
+
+
+def test_every_shipped_config_validates():
+    files = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert files
+    for f in files:
+        assert isinstance(load_config(f), PipelineConfig), f
+
+
+def test_config_by_name_and_overrides():
+    cfg = load_config("digits", ["cluster.k=12", "train.use_gpu=false", "model.hidden=[8, 4]", "ray.address=null"])
+    assert cfg.cluster.k == 12 and cfg.train.use_gpu is False and cfg.model.hidden == [8, 4]
+    assert cfg.ray.address is None
+
+
+def test_override_switches_source_and_validates_its_settings():
+    cfg = load_config(None, ["data.source=blobs", "data.n_samples=50", "data.n_features=3", "cluster.k=5"])
+    assert cfg.data.source == "blobs" and cfg.data.n_samples == 50
+    # Keys of the old source do not leak into the new one... unless the user set them, which is an error.
+    with pytest.raises(ConfigError, match=r"unknown key 'data.images'"):
+        config_from_dict({"data": {"source": "blobs", "images": ["a"]}})
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(None, ["cluster.k=7"])
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.to_yaml())
+    again = load_config(path)
+    assert again == cfg and again.hash() == cfg.hash()
+    assert load_config(None, ["cluster.k=8"]).hash() != cfg.hash()
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"clutser": {}}, r"unknown key 'clutser'"),
+        ({"cluster": {"kk": 3}}, r"unknown key 'cluster.kk'"),
+        ({"cluster": {"k": "ten"}}, r"'cluster.k': Input should be a valid integer"),
+        ({"cluster": {"k": 0}}, r"'cluster.k': Input should be greater than or equal to 1"),
+        ({"train": {"lr": -1}}, r"'train.lr': Input should be greater than 0"),
+        ({"train": {"use_gpu": "maybe"}}, r"'train.use_gpu': .*valid boolean.* or .*'auto' \(got 'maybe'\)$"),
+        ({"data": {"source": "csv"}}, r"'data.source' must be one of digits, blobs, parquet, npy, idx; got 'csv'"),
+        ({"data": {"source": "parquet"}}, r"missing key 'data.path'"),
+        ({"data": {"source": "blobs", "n_sample": 5}}, r"unknown key 'data.n_sample'"),
+        ({"data": {"source": "blobs", "n_samples": 5}}, r"cluster.k=10 should be <= data.n_samples=5"),
+        ({"name": "a b"}, r"'name'"),
+    ],
+)
+def test_bad_settings_name_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found: nope.yaml"):
+        load_config("nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: the top level must be a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"override 'cluster.k' should look like section.key=value"):
+        load_config(None, ["cluster.k"])
+    with pytest.raises(ConfigError, match=r"'cluster.k' is not a section"):
+        apply_override({"cluster": {"k": 3}}, "cluster.k.x=1")
+
+
+def test_override_values_are_parsed_as_yaml():
+    data: dict = {}
+    for item in ["a.b=12", "a.c=true", "a.d=[1, 2]", "a.e=null", "a.f=hello", "a.g=1e-3"]:
+        apply_override(data, item)
+    assert data == {"a": {"b": 12, "c": True, "d": [1, 2], "e": None, "f": "hello", "g": 1e-3}}
+    assert yaml.safe_load(yaml.safe_dump(data)) == data
