@@ -109,13 +109,19 @@ class EmbedConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    method: Literal["kmeans"] = "kmeans"
+    method: Literal["kmeans", "sharded", "sample_assign"] = "kmeans"
+    """kmeans: in memory in the driver; sharded: exact Lloyd over Ray actors holding the embedding shards;
+    sample_assign: k-means on a seeded sample, then every row assigned by Ray Data tasks."""
     k: int = Field(default=10, ge=1)
     init: Literal["k-means++", "random"] = "k-means++"
     n_init: int = Field(default=10, ge=1)
     max_iter: int = Field(default=100, ge=1)
     tol: float = Field(default=1e-4, ge=0)
     backend: Literal["auto", "faiss", "torch"] = "auto"
+    num_actors: int | None = Field(default=None, ge=1)
+    """sharded: shard actors (default: one per shard, up to the cluster's CPUs)."""
+    sample_size: int = Field(default=1_000_000, ge=1)
+    """sample_assign: rows k-means is trained on."""
 
 
 class EvaluateConfig(_Section):

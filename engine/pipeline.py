@@ -140,28 +140,52 @@ def embed_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
 
 
 def cluster_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:
-    from engine.cluster import KMeans
-    from engine.cluster.shards import assign_shards, load_vectors
+    from engine.cluster.shards import assign_shards
 
-    _, z, _ = load_vectors(run_dir / "embeddings")
     c = cfg.cluster
-    if c.k > len(z):
-        raise ConfigError(f"cluster.k={c.k} should be <= the number of embeddings ({len(z)})")
-    with progress.stage("cluster", f"k-means k={c.k} on {len(z)} x {z.shape[1]}"):
-        km = KMeans(n_clusters=c.k, init=c.init, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
-                    backend=c.backend).fit(z)
+    embeddings = run_dir / "embeddings"
+    rows = read_manifest(embeddings, stage="embed")["rows"]
+    if c.k > rows:
+        raise ConfigError(f"cluster.k={c.k} should be <= the number of embeddings ({rows})")
+    with progress.stage("cluster", f"{c.method} k={c.k} on {rows} rows"):
+        km = _fit_clusters(cfg, embeddings, run_dir, progress)
         progress.info(f"inertia {km.inertia_:.6g} after {km.n_iter_} iteration(s)")
         centroids = km.cluster_centers_
         tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
         np.save(tmp, centroids)
         os.replace(tmp, run_dir / "centroids.npy")
-        summary = {"k": c.k, "inertia": float(km.inertia_), "n_iter": int(km.n_iter_),
+        summary = {"method": c.method, "k": c.k, "inertia": float(km.inertia_), "n_iter": int(km.n_iter_),
                    "history": km.history_}
         _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
-    with progress.stage("assign", f"{len(z)} rows"):
-        assign_shards(run_dir / "embeddings", centroids, run_dir / "assignments", config_hash=cfg.hash(),
-                      concurrency=cfg.embed.concurrency, backend=c.backend)
+    if c.method != "sample_assign":  # sample_assign has written its assignments already
+        with progress.stage("assign", f"{rows} rows"):
+            assign_shards(embeddings, centroids, run_dir / "assignments", config_hash=cfg.hash(),
+                          concurrency=cfg.embed.concurrency, backend=c.backend)
     return summary
+
+
+def _fit_clusters(cfg: PipelineConfig, embeddings: Path, run_dir: Path, progress: Progress):
+    """The fitted estimator for `cluster.method`; its inertia is over every row."""
+    from engine.cluster import KMeans
+    from engine.cluster._sharded import ShardedKMeans, fit_sample_then_assign
+    from engine.cluster.shards import load_vectors
+
+    c = cfg.cluster
+    if c.method == "kmeans":
+        _, z, _ = load_vectors(embeddings)
+        return KMeans(n_clusters=c.k, init=c.init, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
+                      backend=c.backend, callback=progress.iteration).fit(z)
+    if c.method == "sharded":
+        return ShardedKMeans(n_clusters=c.k, init=c.init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
+                             backend=c.backend, num_actors=c.num_actors).fit(embeddings)
+    km, manifest = fit_sample_then_assign(embeddings, run_dir / "assignments", c.k, c.sample_size, init=c.init,
+                                          max_iter=c.max_iter, tol=c.tol, seed=cfg.seed, backend=c.backend,
+                                          num_actors=c.num_actors, config_hash=cfg.hash(),
+                                          concurrency=cfg.embed.concurrency)
+    # The sample's inertia is not the data's: the assignments' distances give the inertia over every row.
+    table = read_table(run_dir / "assignments", stage="assign", columns=["distance"])
+    km.inertia_ = float(np.sum(np.square(table.column("distance").to_numpy().astype(np.float64))))
+    return km
 
 
 def evaluate_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:

@@ -20,6 +20,9 @@ class Progress:
     def epoch(self, metrics: dict[str, Any]) -> None:
         pass
 
+    def iteration(self, record: dict[str, Any]) -> None:
+        """One k-means iteration (`KMeans.history_` record)."""
+
     def info(self, message: str) -> None:
         pass
 
@@ -62,6 +65,11 @@ class RichProgress(Progress):
         if self._status is not None:
             self._status.update(line)
 
+    def iteration(self, record: dict[str, Any]) -> None:
+        if self._status is not None:
+            self._status.update(f"[bold cyan]{self._name}[/] restart {record.get('run', 0) + 1} "
+                                f"iteration {record['iter']}  objective {record['objective']:.6g}")
+
     def info(self, message: str) -> None:
         self.console.print(f"  {message}")
 
@@ -89,6 +97,9 @@ class JsonProgress(Progress):
 
     def epoch(self, metrics: dict[str, Any]) -> None:
         self._emit(event="epoch", **metrics)
+
+    def iteration(self, record: dict[str, Any]) -> None:
+        self._emit(event="iteration", **record)
 
     def info(self, message: str) -> None:
         self._emit(event="info", message=message)

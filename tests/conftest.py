@@ -29,6 +29,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """Tiny inputs: OpenMP threads only add spin-waits, which stall on a busy 2-core machine."""
+    import faiss
+    import torch
+
+    before = faiss.omp_get_max_threads(), torch.get_num_threads()
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before[0])
+    torch.set_num_threads(before[1])
+
+
+@pytest.fixture(scope="module")
 def ray_local():
     """A local Ray shared by every module that asks for it; modules that need their own cluster
     (ray.cluster_utils, `ray start`) shut it down and the next module starts it again."""

@@ -17,21 +17,15 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.estimator_checks import check_estimator
 
 from engine.cluster import KMeans, PartialStats, assign, kmeans_plusplus, partial_stats, stats_from_assignment
-from engine.cluster._stats import resolve_backend
+from engine.cluster._stats import _assign_and_stats, resolve_backend
 from engine.errors import CheckpointError, ConfigError, DataError
 
 K = 20
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These inputs are tiny: OpenMP threads only add spin-waits, which stall on a busy 2-core machine."""
-    before = faiss.omp_get_max_threads(), torch.get_num_threads()
-    faiss.omp_set_num_threads(1)
-    torch.set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before[0])
-    torch.set_num_threads(before[1])
+def _one_thread(one_thread):
+    """Every test here runs with one OpenMP / torch thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +105,30 @@ def test_assign_matches_brute_force(backend):
     assert (labels == ref_labels).mean() > 0.999  # float32 rounding may flip near-ties
     np.testing.assert_allclose(sq, ref_sq, rtol=1e-4, atol=1e-4)
     assert (sq >= 0).all()
+
+
+def test_torch_cpu_assignment_splits_rows_over_threads():
+    rng = np.random.default_rng(4)
+    X = rng.standard_normal((5003, 8)).astype(np.float32)
+    C = rng.standard_normal((1000, 8)).astype(np.float32)
+    ref_labels, ref_sq = brute_force(X, C)
+    w = rng.uniform(0, 2, len(X))
+    torch.set_num_threads(3)  # three row ranges of several blocks each, run in a thread pool
+    try:
+        labels, sq = assign(X, C, backend="torch")
+        fused_labels, fused_sq, fused = _assign_and_stats(X, C, "torch", w)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(1)
+    assert (labels == ref_labels).mean() > 0.999
+    np.testing.assert_allclose(sq, ref_sq, rtol=1e-4, atol=1e-4)
+    # Each thread's stats of its own rows add up to the stats of the whole assignment.
+    np.testing.assert_array_equal(fused_labels, labels)
+    np.testing.assert_array_equal(fused_sq, sq)
+    whole = stats_from_assignment(X, labels, sq, len(C), w)
+    np.testing.assert_allclose(fused.sums, whole.sums, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(fused.counts, whole.counts, rtol=1e-12)
+    assert fused.sse == pytest.approx(whole.sse, rel=1e-10)
 
 
 def test_torch_backend_agrees_with_faiss_on_labels(blobs, init_rows):
@@ -320,6 +338,9 @@ def test_sklearn_api_conventions(blobs):
         "seed": 4,
         "backend": "torch",
         "verbose": False,
+        "spherical": False,
+        "max_points_per_centroid": None,
+        "callback": None,
     }
     copy = clone(model)
     assert copy is not model and copy.get_params() == params
@@ -380,6 +401,94 @@ def test_load_rejects_a_foreign_file(tmp_path):
         KMeans().save(tmp_path / "unfitted.npz")
 
 
+# --- spherical k-means, training subsample, progress callback --------------------------------------------
+
+
+def cones(n_per: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three directions in 2-D, each with norms spread over [0.2, 10]: direction is the cluster, length noise."""
+    rng = np.random.default_rng(seed)
+    angles = np.repeat([0.0, 2.1, 4.2], n_per) + rng.normal(0, 0.08, 3 * n_per)
+    radii = rng.uniform(0.2, 10.0, 3 * n_per)
+    X = np.c_[np.cos(angles), np.sin(angles)] * radii[:, None]
+    return X.astype(np.float32), np.repeat([0, 1, 2], n_per)
+
+
+def test_spherical_clusters_by_direction_with_unit_centroids():
+    X, y = cones()
+    spherical = KMeans(3, spherical=True, seed=0, n_init=3).fit(X)
+    np.testing.assert_allclose(np.linalg.norm(spherical.cluster_centers_, axis=1), 1.0, rtol=1e-5)
+    assert adjusted_rand_score(y, spherical.labels_) > 0.99
+    # Plain k-means splits by length too (near the origin every direction is close), so it mixes cones.
+    plain = KMeans(3, seed=0, n_init=3).fit(X)
+    assert adjusted_rand_score(y, plain.labels_) < 0.9
+    # Scaling a row does not move it to another cluster, and inertia is the SSE of the unit rows.
+    np.testing.assert_array_equal(spherical.predict(X * 7.5), spherical.labels_)
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    assert spherical.inertia_ == pytest.approx(sse(unit, spherical.cluster_centers_), rel=1e-4)
+    assert spherical.score(X * 3) == pytest.approx(-spherical.inertia_, rel=1e-4)
+
+
+def test_spherical_centroid_is_the_normalised_mean_direction():
+    X, _ = cones()
+    init = np.array([[1.0, 0.0], [-0.5, 0.87], [-0.5, -0.87]], dtype=np.float32)
+    model = KMeans(3, init=init, spherical=True, max_iter=1, tol=0).fit(X)
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    labels = brute_force(unit, init / np.linalg.norm(init, axis=1, keepdims=True))[0]
+    for j in range(3):
+        mean = unit[labels == j].mean(axis=0)
+        np.testing.assert_allclose(model.cluster_centers_[j], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+
+
+def test_max_points_per_centroid_trains_on_an_announced_subsample(blobs, caplog):
+    X, _ = blobs
+    with caplog.at_level("WARNING", logger="engine.cluster._kmeans"):
+        sub = KMeans(K, max_points_per_centroid=50, seed=1).fit(X)
+    assert sub.n_training_samples_ == K * 50 == 1000
+    assert "subsample of 1000 of 5000 rows" in caplog.text and "max_points_per_centroid=50" in caplog.text
+    # labels_ and inertia_ cover every row, for the centroids trained on the subsample.
+    assert sub.labels_.shape == (len(X),)
+    np.testing.assert_array_equal(sub.labels_, brute_force(X, sub.cluster_centers_)[0])
+    assert sub.inertia_ == pytest.approx(sse(X, sub.cluster_centers_), rel=1e-5)
+    full = KMeans(K, seed=1).fit(X)
+    assert full.n_training_samples_ == len(X)
+    assert sub.inertia_ <= 1.05 * full.inertia_
+    # Seeded: the same subsample and result again; another seed draws another subsample.
+    np.testing.assert_array_equal(KMeans(K, max_points_per_centroid=50, seed=1).fit(X).cluster_centers_,
+                                  sub.cluster_centers_)
+    assert not np.array_equal(KMeans(K, max_points_per_centroid=50, seed=2).fit(X).cluster_centers_,
+                              sub.cluster_centers_)
+
+
+def test_max_points_per_centroid_large_enough_uses_every_row(blobs, caplog, init_rows):
+    X, _ = blobs
+    with caplog.at_level("WARNING", logger="engine.cluster._kmeans"):
+        capped = KMeans(K, init=init_rows, max_points_per_centroid=250, max_iter=5, tol=0).fit(X)
+    assert caplog.text == ""
+    plain = KMeans(K, init=init_rows, max_iter=5, tol=0).fit(X)
+    assert capped.n_training_samples_ == len(X)
+    np.testing.assert_array_equal(capped.cluster_centers_, plain.cluster_centers_)
+
+
+def test_callback_gets_each_iteration_record(blobs):
+    X, _ = blobs
+    seen = []
+    model = KMeans(K, init="random", n_init=2, max_iter=6, tol=0, seed=0, callback=seen.append).fit(X)
+    assert [(r["run"], r["iter"]) for r in seen] == [(run, it) for run in (1, 2) for it in range(1, 7)]
+    runs = [[{k: v for k, v in r.items() if k != "run"} for r in seen if r["run"] == run] for run in (1, 2)]
+    assert model.history_ in runs  # the kept run's history is what the callback saw, record for record
+    assert runs[0] != runs[1]
+
+
+def test_save_load_with_callback_and_new_settings(blobs, tmp_path):
+    X, _ = blobs
+    model = KMeans(K, spherical=True, max_points_per_centroid=100, callback=lambda r: None, max_iter=3).fit(X)
+    model.save(tmp_path / "m.npz")
+    loaded = KMeans.load(tmp_path / "m.npz")
+    assert loaded.callback is None and loaded.spherical and loaded.max_points_per_centroid == 100
+    assert loaded.n_training_samples_ == 2000
+    np.testing.assert_array_equal(loaded.predict(X), model.labels_)
+
+
 # --- bad input ---------------------------------------------------------------------------------------------
 
 X12 = np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32)
@@ -397,6 +506,10 @@ X12 = np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32)
         ({"tol": "small"}, r"^tol should be a number, got 'small'\.$"),
         ({"seed": -1}, r"^seed=-1 should be >= 0\.$"),
         ({"verbose": "yes"}, r"^verbose should be True or False, got 'yes'\.$"),
+        ({"spherical": 1}, r"^spherical should be True or False, got 1\.$"),
+        ({"max_points_per_centroid": 0}, r"^max_points_per_centroid=0 should be >= 1\.$"),
+        ({"max_points_per_centroid": 2.5}, r"^max_points_per_centroid should be an int, got 2\.5\.$"),
+        ({"callback": "print"}, r"^callback should be a callable or None, got 'print'\.$"),
         ({"init": "kmeans"}, r"^init='kmeans' should be 'k-means\+\+', 'random' or an array of shape"),
         ({"backend": "cuda"}, r"^backend='cuda' should be one of 'auto', 'faiss', 'torch'\.$"),
         (
@@ -445,6 +558,20 @@ def test_bad_data_raises_data_error(X, weights, message):
         KMeans(3).fit(X, sample_weight=weights)
 
 
+def test_spherical_zero_row_is_an_error_naming_it():
+    X = X12.copy()
+    X[5] = 0.0
+    with pytest.raises(DataError, match=r"^X row 5 is all zeros: spherical=True needs rows with a direction\.$"):
+        KMeans(3, spherical=True).fit(X)
+    model = KMeans(3, spherical=True).fit(X12)
+    with pytest.raises(DataError, match=r"^X row 5 is all zeros"):
+        model.predict(X)
+    init = X12[:3].copy()
+    init[2] = 0.0
+    with pytest.raises(DataError, match=r"^init row 2 is all zeros"):
+        KMeans(3, init=init, spherical=True).fit(X12)
+
+
 def test_predict_with_wrong_number_of_features():
     model = KMeans(3).fit(np.random.default_rng(0).standard_normal((30, 5)))
     for method in (model.predict, model.transform, model.score):
@@ -471,6 +598,24 @@ def test_low_level_functions_check_their_input():
         kmeans_plusplus(X12, 2, n_local_trials=0)
     with pytest.raises(ConfigError, match=r"^n_samples=12 should be >= n_clusters=13\.$"):
         kmeans_plusplus(X12, 13)
+
+
+def test_faiss_gpu_backend_uses_one_gpu(monkeypatch):
+    """With several GPUs visible, one search on the current device (faiss.Kmeans(gpu=1) would take all)."""
+    from engine.cluster import _stats
+
+    calls = []
+
+    def knn_gpu(res, xq, xb, k, *args, **kwargs):
+        calls.append((res, args, kwargs))
+        return faiss.knn(xq, xb, k)
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4)
+    monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
+    monkeypatch.setattr(_stats, "_faiss_gpu_resources", lambda: "one-resources")
+    labels, _ = assign(X12, X12[:3], backend="faiss")
+    np.testing.assert_array_equal(labels, brute_force(X12, X12[:3])[0])
+    assert calls == [("one-resources", (), {})]  # no device argument: faiss's default, the current device
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,23 @@ def test_stages_run_alone(tiny_run):
     assert set(json.loads((tiny_run / "metrics.json").read_text())) == METRIC_KEYS
 
 
+@pytest.mark.parametrize("method", ["sharded", "sample_assign"])
+def test_cluster_methods_at_scale(tiny_run, method):
+    """`dce cluster` with the distributed methods: every id once, the blobs found, inertia near in-memory."""
+    assert invoke("cluster", tiny_run, "--set", "cluster.k=4", "--set", "cluster.method=kmeans",
+                  "--quiet").exit_code == 0
+    reference = json.loads((tiny_run / "cluster.json").read_text())["inertia"]
+    result = invoke("cluster", tiny_run, "--set", "cluster.k=4", "--set", f"cluster.method={method}",
+                    "--set", "cluster.sample_size=200", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tiny_run / "cluster.json").read_text())
+    assert summary["method"] == method
+    assert summary["inertia"] <= 1.05 * reference
+    np.testing.assert_array_equal(np.sort(_ids(tiny_run / "assignments", "assign")), np.arange(400))
+    assert invoke("evaluate", tiny_run, "--quiet").exit_code == 0
+    assert json.loads((tiny_run / "metrics.json").read_text())["ari"] > 0.9
+
+
 def test_datasets_lists_sources():
     result = invoke("datasets")
     assert result.exit_code == 0

@@ -8,6 +8,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,15 @@ from sklearn.utils.validation import check_is_fitted
 from engine.cluster._stats import (
     PartialStats,
     _assign,
+    _assign_and_stats,
     _kmeans_plusplus,
     as_float32_matrix,
     as_weights,
     check_enough_weight,
     check_n_clusters,
+    lloyd_record,
     resolve_backend,
-    stats_from_assignment,
+    row_sq_norms,
 )
 from engine.errors import CheckpointError, ConfigError, DataError
 
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 INITS = ("k-means++", "random")
 _SAVE_FORMAT = "engine.cluster.KMeans/1"
+_SUBSAMPLE_KEY = 2**32 - 1
 
 
 class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
@@ -52,6 +56,15 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     seed : seed of the run seeds (numpy SeedSequence(seed).spawn(n_init)); same seed, same result.
     backend : "auto", "faiss" or "torch": where the assignments are computed (see `assign`).
     verbose : log one line per iteration at INFO instead of DEBUG.
+    spherical : cosine k-means: rows are L2-normalised at fit, predict, transform and score, and the
+        centroids are re-normalised after each update (a row of zeros is an error). inertia_ is then the
+        SSE of the unit rows, 2 - 2 cos per row.
+    max_points_per_centroid : None (train on every row) or an int m >= 1: when more than n_clusters * m
+        rows have weight, train on a seeded uniform subsample of n_clusters * m of them, as faiss does
+        (its default is 256). This is announced by a logging warning and recorded in
+        n_training_samples_; labels_ and inertia_ still cover every row.
+    callback : None or a callable given each iteration's history record as soon as the iteration ends,
+        as a new dict with "run" (1-based, of n_init) added, e.g. to drive a progress display.
 
     A cluster left empty by an iteration is re-seeded by splitting the largest cluster: its centroid
     moves to the member of the largest cluster farthest from that cluster's centroid (deterministic).
@@ -59,7 +72,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
 
     Fitted attributes: cluster_centers_ (float32, k x d), labels_, inertia_ (weighted SSE of the final
     assignment to cluster_centers_), n_iter_, n_features_in_, history_ (one dict per iteration of the
-    kept run: iter, objective, rel_change, shift = largest centroid move, empty_repaired, seconds).
+    kept run: iter, objective, rel_change, shift = largest centroid move, empty_repaired, seconds),
+    n_training_samples_ (rows the centroids were trained on).
     """
 
     def __init__(
@@ -73,6 +87,9 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         seed: int = 0,
         backend: str = "auto",
         verbose: bool = False,
+        spherical: bool = False,
+        max_points_per_centroid: int | None = None,
+        callback: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -82,6 +99,9 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         self.seed = seed
         self.backend = backend
         self.verbose = verbose
+        self.spherical = spherical
+        self.max_points_per_centroid = max_points_per_centroid
+        self.callback = callback
 
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> KMeans:
         """Cluster X (n_samples, n_features); y is ignored; sample_weight (n_samples,) >= 0."""
@@ -89,19 +109,43 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         w = as_weights(sample_weight, X.shape[0])
         init, n_init, backend = self._check_params(X)
         check_enough_weight(w, self.n_clusters)
+        if self.spherical:
+            X = _unit_rows(X)
+            if isinstance(init, np.ndarray):
+                init = _unit_rows(init, name="init")
+        run_seqs = np.random.SeedSequence(self.seed).spawn(n_init)
+        # The subsample draws from its own stream (a spawn key no run uses), so the runs keep their seeds.
+        sample_rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_SUBSAMPLE_KEY,)))
+        train_X, train_w = self._training_rows(X, w, sample_rng)
+        x_sq = row_sq_norms(X)
+        train_x_sq = x_sq if train_X is X else row_sq_norms(train_X)
 
         # A generator, so only the best run so far is held; min keeps the first of equals.
         runs = (
-            self._lloyd(X, w, self._initial_centroids(X, w, init, np.random.default_rng(child)), backend)
-            for child in np.random.SeedSequence(self.seed).spawn(n_init)
+            self._lloyd(
+                train_X,
+                train_w,
+                train_x_sq,
+                self._initial_centroids(train_X, train_w, init, np.random.default_rng(child)),
+                backend,
+                run,
+            )
+            for run, child in enumerate(run_seqs, start=1)
         )
-        best = min(runs, key=lambda run: run["inertia"])
+        best = min(runs, key=lambda r: r["inertia"])
+        centroids = best["centroids"]
+        if train_X is X:
+            labels, inertia = best["labels"], best["inertia"]
+        else:
+            labels, sq_distances = _assign(X, centroids, backend, x_sq)
+            inertia = float(sq_distances.astype(np.float64) @ w)
 
-        self.cluster_centers_ = best["centroids"]
-        self.labels_ = best["labels"]
-        self.inertia_ = best["inertia"]
+        self.cluster_centers_ = centroids
+        self.labels_ = labels
+        self.inertia_ = inertia
         self.n_iter_ = best["n_iter"]
         self.history_ = best["history"]
+        self.n_training_samples_ = train_X.shape[0]
         self.n_features_in_ = X.shape[1]
         return self
 
@@ -138,6 +182,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         check_is_fitted(self)
         # Plain Python values, so numpy scalars given as settings survive JSON.
         params = {k: v.item() if isinstance(v, np.generic) else v for k, v in self.get_params().items()}
+        params["callback"] = None  # code, not data: a loaded model has none
         arrays = {"cluster_centers": self.cluster_centers_}
         if not isinstance(params["init"], str):
             arrays["init"] = np.asarray(params["init"], dtype=np.float32)
@@ -147,6 +192,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             "params": params,
             "inertia": self.inertia_,
             "n_iter": self.n_iter_,
+            "n_training_samples": self.n_training_samples_,
             "history": self.history_,
         }
         path = Path(path)
@@ -175,6 +221,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         model.inertia_ = float(meta["inertia"])
         model.n_iter_ = int(meta["n_iter"])
         model.history_ = meta["history"]
+        model.n_training_samples_ = meta.get("n_training_samples")
         model.n_features_in_ = centers.shape[1]
         return model
 
@@ -189,8 +236,13 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         if not (math.isfinite(self.tol) and self.tol >= 0):
             raise ConfigError(f"tol={self.tol} should be a finite number >= 0.")
         _check_int("seed", self.seed, minimum=0)
-        if not isinstance(self.verbose, bool | np.bool_):
-            raise ConfigError(f"verbose should be True or False, got {self.verbose!r}.")
+        for flag in ("verbose", "spherical"):
+            if not isinstance(getattr(self, flag), bool | np.bool_):
+                raise ConfigError(f"{flag} should be True or False, got {getattr(self, flag)!r}.")
+        if self.max_points_per_centroid is not None:
+            _check_int("max_points_per_centroid", self.max_points_per_centroid, minimum=1)
+        if self.callback is not None and not callable(self.callback):
+            raise ConfigError(f"callback should be a callable or None, got {self.callback!r}.")
         backend = resolve_backend(self.backend)
 
         if isinstance(self.init, str):
@@ -218,6 +270,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         return init, 1, backend
 
     def _check_fitted_input(self, X: Any) -> np.ndarray:
+        """X validated against the fit, as float32; unit rows when spherical."""
         check_is_fitted(self)
         X = as_float32_matrix(X)
         if X.shape[1] != self.n_features_in_:
@@ -225,7 +278,25 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                 f"X has {X.shape[1]} features, but {type(self).__name__} was fitted with "
                 f"{self.n_features_in_} features."
             )
-        return X
+        return _unit_rows(X) if self.spherical else X
+
+    def _training_rows(
+        self, X: np.ndarray, w: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """X and w, or a uniform subsample of k * max_points_per_centroid weighted rows (announced)."""
+        if self.max_points_per_centroid is None:
+            return X, w
+        limit = self.n_clusters * self.max_points_per_centroid
+        weighted = np.flatnonzero(w > 0)
+        if weighted.size <= limit:
+            return X, w
+        rows = np.sort(rng.choice(weighted, size=limit, replace=False))  # sorted: sequential reads of X
+        logger.warning(
+            "k-means trains on a random subsample of %d of %d rows (max_points_per_centroid=%d x n_clusters=%d);"
+            " labels_ and inertia_ cover every row.",
+            limit, weighted.size, self.max_points_per_centroid, self.n_clusters,
+        )
+        return X[rows], w[rows]
 
     def _initial_centroids(
         self, X: np.ndarray, w: np.ndarray, init: str | np.ndarray, rng: np.random.Generator
@@ -237,41 +308,32 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         rows = rng.choice(X.shape[0], size=self.n_clusters, replace=False, p=w / w.sum())
         return X[rows].copy()
 
-    def _lloyd(self, X: np.ndarray, w: np.ndarray, centroids: np.ndarray, backend: str) -> dict[str, Any]:
+    def _lloyd(
+        self, X: np.ndarray, w: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, backend: str, run: int
+    ) -> dict[str, Any]:
         log = logger.info if self.verbose else logger.debug
         history: list[dict[str, Any]] = []
         previous_objective: float | None = None
         for it in range(1, self.max_iter + 1):
             start = time.perf_counter()
-            labels, sq_distances = _assign(X, centroids, backend)
-            stats = stats_from_assignment(X, labels, sq_distances, self.n_clusters, w)
+            labels, sq_distances, stats = _assign_and_stats(X, centroids, backend, w, x_sq)
             new, empty = stats.centroids(centroids)
             repaired = _split_largest(X, w, labels, sq_distances, stats, new, empty) if empty.size else 0
-            shift = float(np.sqrt(((new - centroids) ** 2).sum(axis=1).max()))
-            centroids = new
+            if self.spherical:
+                _renormalise(new, centroids)
             objective = stats.sse
-            if previous_objective is None:
-                rel_change = None
-            elif previous_objective > 0:
-                rel_change = (previous_objective - objective) / previous_objective
-            else:
-                rel_change = 0.0  # a perfect fit has nothing left to decrease
-            history.append(
-                {
-                    "iter": it,
-                    "objective": objective,
-                    "rel_change": rel_change,
-                    "shift": shift,
-                    "empty_repaired": repaired,
-                    "seconds": time.perf_counter() - start,
-                }
-            )
+            record = lloyd_record(it, centroids, new, objective, previous_objective, repaired, start)
+            centroids = new
+            rel_change, shift = record["rel_change"], record["shift"]
+            history.append(record)
+            if self.callback is not None:
+                self.callback({"run": run, **record})
             log("iter %d: objective %.6g, rel %s, shift %.3g, repaired %d", it, objective, rel_change, shift,
                 repaired)
             if self.tol > 0 and rel_change is not None and rel_change < self.tol:
                 break
             previous_objective = objective
-        labels, sq_distances = _assign(X, centroids, backend)
+        labels, sq_distances = _assign(X, centroids, backend, x_sq)
         inertia = float(sq_distances.astype(np.float64) @ w)
         log("run done: inertia %.6g after %d iterations", inertia, len(history))
         return {
@@ -281,6 +343,25 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             "n_iter": len(history),
             "history": history,
         }
+
+
+def _unit_rows(X: np.ndarray, name: str = "X") -> np.ndarray:
+    """A copy of X with every row scaled to unit L2 norm; a zero row is a DataError naming it."""
+    norms = np.sqrt(row_sq_norms(X))
+    zero = norms == 0
+    if zero.any():
+        row = int(np.flatnonzero(zero)[0])
+        raise DataError(f"{name} row {row} is all zeros: spherical=True needs rows with a direction.")
+    return X / norms[:, None]
+
+
+def _renormalise(new: np.ndarray, previous: np.ndarray) -> None:
+    """Scale the updated centroids to unit norm in place; one whose members cancel out keeps its old row."""
+    norms = np.sqrt(row_sq_norms(new))
+    zero = norms == 0
+    new[zero] = previous[zero]
+    norms[zero] = 1.0
+    new /= norms[:, None]
 
 
 def _split_largest(

@@ -1,0 +1,555 @@
+"""ShardedKMeans: exact Lloyd k-means over data held by Ray shard actors, only centroids and stats moving."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+
+from engine.cluster._kmeans import KMeans, _check_int
+from engine.cluster._stats import (
+    PartialStats,
+    as_float32_matrix,
+    assign,
+    check_n_clusters,
+    kmeans_plusplus,
+    lloyd_record,
+    resolve_backend,
+    stats_from_assignment,
+)
+from engine.data.schema import Z, check_finite, vectors_to_numpy
+from engine.data.shards import shard_paths
+from engine.errors import ConfigError, DataError, find_engine_error
+
+logger = logging.getLogger(__name__)
+
+INITS = ("k-means||", "k-means++", "random")
+# k-means|| (Bahmani et al. 2012): 5 rounds of oversampling by 2k expected points each; the paper finds
+# a handful of rounds with l = 2k already as good as k-means++.
+_PARALLEL_ROUNDS = 5
+_OVERSAMPLING = 2.0
+
+Shard = str | np.ndarray
+
+
+class ShardActor:
+    """The rows of a group of shards, loaded once and kept in one process (faiss's DatasetAssign shape).
+
+    `count / dim / get_subset / partial_stats / assign` are what Lloyd needs; the remaining methods serve
+    the k-means|| seeding and the empty-cluster repair. Plain class: Ray wraps it with `ray.remote`, and
+    it works in-process too.
+    """
+
+    def __init__(self, shards: Sequence[Shard], names: Sequence[str], column: str = Z, backend: str = "auto",
+                 first_shard: int = 0):
+        self._shards = list(shards)
+        self._names = list(names)
+        self._column = column
+        self._backend = backend
+        self._first_shard = first_shard  # global index of this actor's first shard, for per-shard seeds
+        self._X = np.zeros((0, 0), dtype=np.float32)
+        self._shard_rows: list[int] = []
+        self._labels: np.ndarray | None = None  # assignment of the last partial_stats, for the repair
+        self._sq: np.ndarray | None = None
+        self._closest_sq: np.ndarray | None = None  # k-means||: squared distance to the nearest candidate
+
+    def load(self) -> list[tuple[str, int, int]]:
+        """Read and check this actor's shards; returns (name, rows, dim) per shard.
+
+        A separate call rather than the constructor, so a DataError reaches the driver as itself.
+        """
+        parts, info = [], []
+        for shard, name in zip(self._shards, self._names, strict=True):
+            X = self._read(shard, name)
+            if X.shape[0] == 0:
+                raise DataError(f"{name}: the shard holds no rows")
+            if parts and X.shape[1] != parts[0].shape[1]:
+                raise DataError(
+                    f"{name}: column '{self._column}' has {X.shape[1]} dimensions, but {info[0][0]} has "
+                    f"{parts[0].shape[1]}"
+                )
+            check_finite(X, name=self._column, where=name)
+            parts.append(X)
+            info.append((name, X.shape[0], X.shape[1]))
+        self._shards = []  # the rows now live in self._X; drop the inputs
+        self._shard_rows = [rows for _, rows, _ in info]
+        self._X = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return info
+
+    def count(self) -> int:
+        return int(self._X.shape[0])
+
+    def dim(self) -> int:
+        return int(self._X.shape[1])
+
+    def get_subset(self, indices: np.ndarray) -> np.ndarray:
+        return self._X[np.asarray(indices, dtype=np.int64)].copy()
+
+    def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest centroid and squared distance of every row (labels int64, float32)."""
+        return assign(self._X, centroids, backend=self._backend)
+
+    def partial_stats(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """The PartialStats fields (sums, counts, sse) of this actor's rows for `centroids`."""
+        self._labels, self._sq = assign(self._X, centroids, backend=self._backend)
+        stats = stats_from_assignment(self._X, self._labels, self._sq, centroids.shape[0])
+        return stats.sums, stats.counts, stats.sse
+
+    def farthest_member(self, cluster: int) -> tuple[float, int, np.ndarray] | None:
+        """(squared distance, local index, row) of the member of `cluster` farthest from its centroid, as
+        assigned by the last partial_stats; None when it has no member here."""
+        members = np.flatnonzero(self._labels == cluster)
+        if members.size == 0:
+            return None
+        far = int(members[np.argmax(self._sq[members])])
+        return float(self._sq[far]), far, self._X[far].copy()
+
+    def move_member(self, index: int, cluster: int) -> None:
+        self._labels[index] = cluster
+
+    def update_closest(self, candidates: np.ndarray) -> float:
+        """k-means||: fold new candidates into each row's nearest-candidate distance; returns the cost."""
+        _, sq = assign(self._X, candidates, backend=self._backend)
+        sq = sq.astype(np.float64)
+        self._closest_sq = sq if self._closest_sq is None else np.minimum(self._closest_sq, sq)
+        return float(self._closest_sq.sum())
+
+    def oversample(self, expected: float, cost: float, seed: int, round_: int) -> np.ndarray:
+        """k-means||: each row independently with probability min(1, expected * d^2 / cost).
+
+        The draws of each shard come from its own stream (seed, round, global shard index), so the sample
+        does not depend on how the shards are grouped into actors.
+        """
+        u = np.concatenate([
+            np.random.default_rng([seed, round_, self._first_shard + s]).uniform(size=rows)
+            for s, rows in enumerate(self._shard_rows)
+        ])
+        p = np.minimum(1.0, expected * self._closest_sq / cost)
+        return self._X[u < p].copy()
+
+    def count_nearest(self, candidates: np.ndarray) -> np.ndarray:
+        """k-means||: how many of this actor's rows have each candidate as their nearest."""
+        labels, _ = assign(self._X, candidates, backend=self._backend)
+        return np.bincount(labels, minlength=candidates.shape[0]).astype(np.float64)
+
+    def _read(self, shard: Shard, name: str) -> np.ndarray:
+        if isinstance(shard, np.ndarray):
+            if shard.ndim != 2:
+                raise DataError(f"{name}: should be a 2-D array (rows, dims), got shape {shard.shape}")
+            try:
+                return np.ascontiguousarray(shard, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{name}: should hold numbers, got dtype {shard.dtype}") from e
+        try:
+            schema = pq.read_schema(shard)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{name}: not a readable Parquet file ({e})") from e
+        if self._column not in schema.names:
+            raise DataError(f"{name}: no column '{self._column}' (columns: {', '.join(schema.names)})")
+        table = pq.read_table(shard, columns=[self._column])
+        return vectors_to_numpy(table.column(self._column), name=self._column, where=name)
+
+
+class ShardedKMeans(BaseEstimator):
+    """Exact Lloyd k-means over shards that stay in Ray actors; the result equals `KMeans` on their union.
+
+    Parameters
+    ----------
+    n_clusters : number of centroids k, >= 1 and <= the total number of rows.
+    init : "k-means||" (Bahmani et al. 2012: oversampling rounds on the actors, then weighted k-means++
+        and weighted Lloyd on the small candidate set in the driver), "k-means++" (the same: plain
+        k-means++ needs every row in one place), "random" (k distinct rows drawn uniformly over all
+        shards) or an array (k, d) of initial centroids.
+    max_iter, tol, seed, backend : as `KMeans`; the same seed gives the same result for the same shards,
+        however they are grouped into actors (up to float rounding of the sums).
+    num_actors : actors holding the shards (contiguous groups of shards); default min(shards, cluster CPUs).
+    column : the vector column of Parquet shards.
+
+    Each actor takes 1 CPU (and a GPU share when the cluster has GPUs, for the "auto" backend), actors are
+    spread over the nodes, every actor reads only its own files, and all are killed when fit returns.
+    Empty clusters are repaired as `KMeans` does (farthest member of the largest cluster).
+
+    Fitted attributes: cluster_centers_, inertia_, n_iter_, n_features_in_, n_samples_, history_ (the
+    `KMeans.history_` records).
+    """
+
+    def __init__(
+        self,
+        n_clusters: int = 8,
+        *,
+        init: str | np.ndarray = "k-means++",
+        max_iter: int = 25,
+        tol: float = 1e-4,
+        seed: int = 0,
+        backend: str = "auto",
+        num_actors: int | None = None,
+        column: str = Z,
+    ) -> None:
+        self.n_clusters = n_clusters
+        self.init = init
+        self.max_iter = max_iter
+        self.tol = tol
+        self.seed = seed
+        self.backend = backend
+        self.num_actors = num_actors
+        self.column = column
+
+    def fit(self, source: str | Path | Sequence[str | Path] | Sequence[np.ndarray], y: Any = None) -> ShardedKMeans:
+        """Cluster the rows of `source`: a complete embeddings folder, Parquet paths, or numpy shards."""
+        import ray
+
+        self._check_params()
+        shards, names = _resolve_source(source)
+        # What the shapes alone can tell is checked here, before any actor starts.
+        _check_shapes(_shapes(shards, names, self.column), self.column, self.n_clusters)
+        num_actors = _actor_count(self.num_actors, len(shards))
+        actors = _start_actors(shards, names, num_actors, self.column, self.backend)
+        try:
+            sizes = self._load(actors)
+            self.n_samples_ = int(sizes.sum())
+            check_n_clusters(self.n_clusters, self.n_samples_)
+            init = self._check_init(self.n_features_in_)
+            rng = np.random.default_rng(self.seed)
+            if isinstance(init, np.ndarray):
+                centroids = init.copy()
+            elif init == "random":
+                centroids = _gather(actors, sizes, rng.choice(self.n_samples_, size=self.n_clusters, replace=False))
+            else:
+                centroids = self._kmeans_parallel(actors, sizes, rng)
+            self._lloyd(actors, centroids)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Index of the nearest centroid for each row."""
+        check_is_fitted(self, "cluster_centers_")
+        X = as_float32_matrix(X)
+        if X.shape[1] != self.n_features_in_:
+            raise DataError(
+                f"X has {X.shape[1]} features, but ShardedKMeans was fitted with {self.n_features_in_} features."
+            )
+        return assign(X, self.cluster_centers_, backend=self.backend)[0]
+
+    # --- settings -------------------------------------------------------------------------------------
+
+    def _check_params(self) -> None:
+        _check_int("n_clusters", self.n_clusters, minimum=1)
+        _check_int("max_iter", self.max_iter, minimum=1)
+        if isinstance(self.tol, bool) or not isinstance(self.tol, int | float | np.number):
+            raise ConfigError(f"tol should be a number, got {self.tol!r}.")
+        if not (math.isfinite(self.tol) and self.tol >= 0):
+            raise ConfigError(f"tol={self.tol} should be a finite number >= 0.")
+        _check_int("seed", self.seed, minimum=0)
+        resolve_backend(self.backend)
+        if self.num_actors is not None:
+            _check_int("num_actors", self.num_actors, minimum=1)
+        if isinstance(self.init, str) and self.init not in INITS:
+            raise ConfigError(
+                f"init={self.init!r} should be 'k-means++', 'k-means||', 'random' or an array of shape "
+                "(n_clusters, n_features)."
+            )
+        if not isinstance(self.column, str) or not self.column:
+            raise ConfigError(f"column should be a column name, got {self.column!r}.")
+
+    def _check_init(self, n_features: int) -> str | np.ndarray:
+        if isinstance(self.init, str):
+            return self.init
+        try:
+            init = as_float32_matrix(self.init, name="init")
+        except DataError as e:
+            raise ConfigError(str(e)) from e
+        expected = (self.n_clusters, n_features)
+        if init.shape != expected:
+            raise ConfigError(f"init has shape {init.shape}, but should be (n_clusters, n_features)={expected}.")
+        return init
+
+    # --- the distributed steps ------------------------------------------------------------------------
+
+    def _load(self, actors: list) -> np.ndarray:
+        """Rows per actor; checks that every shard has the same dimension, naming the first that differs."""
+        infos = _get([a.load.remote() for a in actors])
+        _check_shapes([shard for info in infos for shard in info], self.column, self.n_clusters)
+        self.n_features_in_ = int(infos[0][0][2])
+        return np.array([sum(rows for _, rows, _ in info) for info in infos], dtype=np.int64)
+
+    def _stats(self, actors: list, centroids_ref) -> PartialStats:
+        parts = _get([a.partial_stats.remote(centroids_ref) for a in actors])
+        return sum((PartialStats(*p) for p in parts[1:]), PartialStats(*parts[0]))
+
+    def _lloyd(self, actors: list, centroids: np.ndarray) -> None:
+        """KMeans._lloyd with the rows in the actors: one broadcast and one reduce per iteration."""
+        import ray
+
+        history: list[dict[str, Any]] = []
+        previous_objective: float | None = None
+        for it in range(1, self.max_iter + 1):
+            start = time.perf_counter()
+            stats = self._stats(actors, ray.put(centroids))
+            new, empty = stats.centroids(centroids)
+            repaired = _split_largest(actors, stats, new, empty) if empty.size else 0
+            objective = stats.sse
+            record = lloyd_record(it, centroids, new, objective, previous_objective, repaired, start)
+            centroids = new
+            rel_change, shift = record["rel_change"], record["shift"]
+            history.append(record)
+            logger.debug("iter %d: objective %.6g, rel %s, shift %.3g, repaired %d", it, objective, rel_change,
+                         shift, repaired)
+            if self.tol > 0 and rel_change is not None and rel_change < self.tol:
+                break
+            previous_objective = objective
+        self.cluster_centers_ = centroids
+        self.inertia_ = self._stats(actors, ray.put(centroids)).sse
+        self.n_iter_ = len(history)
+        self.history_ = history
+
+    def _kmeans_parallel(self, actors: list, sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """k-means|| seeding: oversample on the actors, then reduce the weighted candidates in the driver."""
+        import ray
+
+        k = self.n_clusters
+        candidates = [_gather(actors, sizes, rng.integers(self.n_samples_, size=1))]
+        cost = sum(_get([a.update_closest.remote(candidates[0]) for a in actors]))
+        for round_ in range(_PARALLEL_ROUNDS):
+            if cost <= 0:
+                break  # every row sits on a candidate
+            sampled = _get([a.oversample.remote(_OVERSAMPLING * k, cost, self.seed, round_) for a in actors])
+            new = np.concatenate(sampled)
+            if new.shape[0] == 0:
+                continue
+            candidates.append(new)
+            new_ref = ray.put(new)
+            cost = sum(_get([a.update_closest.remote(new_ref) for a in actors]))
+        C = np.concatenate(candidates)
+        C_ref = ray.put(C)
+        weights = np.sum(_get([a.count_nearest.remote(C_ref) for a in actors]), axis=0)
+        if np.count_nonzero(weights) < k:
+            # Fewer distinct candidates than clusters (tiny or highly duplicated data): top up with random
+            # rows, and let a zero-weight duplicate still be chosen rather than fail.
+            extra = _gather(actors, sizes, np.sort(rng.choice(self.n_samples_, size=k, replace=False)))
+            C = np.concatenate([C, extra])
+            C_ref = ray.put(C)
+            weights = np.sum(_get([a.count_nearest.remote(C_ref) for a in actors]), axis=0)
+            if np.count_nonzero(weights) < k:
+                weights = np.maximum(weights, 1e-6)
+        logger.debug("k-means||: %d candidates for k=%d", C.shape[0], k)
+        seeds = kmeans_plusplus(C, k, sample_weight=weights, seed=int(rng.integers(2**31)))
+        # Weighted Lloyd on the candidates, as Spark's k-means|| does: a better start for the full Lloyd.
+        local = KMeans(k, init=seeds, max_iter=self.max_iter, tol=self.tol, backend=self.backend)
+        return local.fit(C, sample_weight=weights).cluster_centers_
+
+
+def _resolve_source(source: Any) -> tuple[list[Shard], list[str]]:
+    """(shards, names): Parquet paths of a complete folder or a list, or numpy arrays named 'shard i'."""
+    if isinstance(source, str | Path):
+        paths = shard_paths(source)  # IncompleteResultError without a manifest
+        if not paths:
+            raise DataError(f"{source}: the manifest lists no shards")
+        return _check_paths(paths)
+    if isinstance(source, np.ndarray) or not isinstance(source, Sequence) or len(source) == 0:
+        raise ConfigError(
+            "source should be an embeddings folder, a non-empty list of Parquet paths or a non-empty list of "
+            f"numpy arrays (one per shard), got {type(source).__name__}."
+        )
+    if all(isinstance(s, str | Path) for s in source):
+        return _check_paths([str(s) for s in source])
+    if all(isinstance(s, np.ndarray) for s in source):
+        return list(source), [f"shard {i}" for i in range(len(source))]
+    raise ConfigError("source should be all Parquet paths or all numpy arrays, not a mix.")
+
+
+def _check_paths(paths: list[str]) -> tuple[list[Shard], list[str]]:
+    for p in paths:
+        if not Path(p).is_file():
+            raise DataError(f"{p}: no such Parquet file")
+    return list(paths), list(paths)
+
+
+def _shapes(shards: list[Shard], names: list[str], column: str) -> list[tuple[str, int, int | None]]:
+    """(name, rows, dim or None when only the data can tell) of each shard, from array shapes or Parquet
+    metadata, without reading the vectors."""
+    out = []
+    for shard, name in zip(shards, names, strict=True):
+        if isinstance(shard, np.ndarray):
+            if shard.ndim != 2:
+                raise DataError(f"{name}: should be a 2-D array (rows, dims), got shape {shard.shape}")
+            out.append((name, shard.shape[0], shard.shape[1]))
+            continue
+        try:
+            meta = pq.ParquetFile(shard).metadata
+        except (OSError, ValueError) as e:
+            raise DataError(f"{name}: not a readable Parquet file ({e})") from e
+        schema = meta.schema.to_arrow_schema()
+        if column not in schema.names:
+            raise DataError(f"{name}: no column '{column}' (columns: {', '.join(schema.names)})")
+        field_type = schema.field(column).type
+        dim = field_type.list_size if pa.types.is_fixed_size_list(field_type) else None
+        out.append((name, meta.num_rows, dim))
+    return out
+
+
+def _check_shapes(shapes: list[tuple[str, int, int | None]], column: str, n_clusters: int) -> None:
+    """Every shard has rows, all have one dimension (the first that differs is named), and k <= rows."""
+    first = next(((name, dim) for name, _, dim in shapes if dim is not None), None)
+    for name, rows, dim in shapes:
+        if rows == 0:
+            raise DataError(f"{name}: the shard holds no rows")
+        if dim is not None and dim != first[1]:
+            raise DataError(f"{name}: column '{column}' has {dim} dimensions, but {first[0]} has {first[1]}")
+    check_n_clusters(n_clusters, sum(rows for _, rows, _ in shapes))
+
+
+def _actor_count(num_actors: int | None, n_shards: int) -> int:
+    """The given count (at most one actor per shard), or by default one per shard up to the cluster's CPUs."""
+    if num_actors is not None:
+        if num_actors > n_shards:
+            raise ConfigError(f"num_actors={num_actors} should be <= the number of shards ({n_shards}).")
+        return int(num_actors)
+    import ray
+
+    from engine.runtime import init_ray
+
+    init_ray()  # joins RAY_ADDRESS or starts the embedded local Ray; a no-op when Ray is up
+    return max(1, min(n_shards, int(ray.cluster_resources().get("CPU", 1))))
+
+
+def _start_actors(shards: list[Shard], names: list[str], num_actors: int, column: str, backend: str) -> list:
+    import ray
+
+    from engine.runtime import init_ray
+
+    init_ray()
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    options: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+    if gpus:
+        # Every backend computes on a GPU when the process has one ("same code path"); share them out.
+        options["num_gpus"] = min(1.0, gpus / num_actors)
+    remote = ray.remote(ShardActor).options(**options)
+    # Contiguous groups keep the global row order (actor 0's rows first), as KMeans sees the concatenation.
+    groups = np.array_split(np.arange(len(shards)), num_actors)
+    return [
+        remote.remote([shards[i] for i in g], [names[i] for i in g], column, backend, int(g[0])) for g in groups
+    ]
+
+
+def _get(refs: list) -> list:
+    """ray.get, raising an engine error from an actor as itself instead of Ray's wrapper."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except Exception as e:
+        err = find_engine_error(e)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _gather(actors: list, sizes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The rows at global indices `rows` (into the concatenation of the actors' rows), in that order."""
+    rows = np.asarray(rows, dtype=np.int64)
+    owner = np.searchsorted(np.cumsum(sizes), rows, side="right")
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    out = None
+    refs, where = [], []
+    for a in np.unique(owner):
+        pick = np.flatnonzero(owner == a)
+        refs.append(actors[a].get_subset.remote(rows[pick] - starts[a]))
+        where.append(pick)
+    for pick, part in zip(where, _get(refs), strict=True):
+        if out is None:
+            out = np.empty((rows.shape[0], part.shape[1]), dtype=np.float32)
+        out[pick] = part
+    return out
+
+
+def _split_largest(actors: list, stats: PartialStats, centroids: np.ndarray, empty: np.ndarray) -> int:
+    """KMeans's repair over actors: each empty cluster takes the farthest member of the largest cluster.
+
+    Updates `centroids` in place; the farthest member is the first global maximum (actor order), as
+    KMeans's argmax over the concatenated rows.
+    """
+    sums, counts = stats.sums.copy(), stats.counts.copy()
+    repaired = 0
+    for j in empty:
+        donor = int(np.argmax(counts))
+        if counts[donor] < 2:
+            break
+        best = None
+        for actor, found in zip(actors, _get([a.farthest_member.remote(donor) for a in actors]), strict=True):
+            if found is not None and (best is None or found[0] > best[1][0]):
+                best = (actor, found)
+        actor, (_, index, row) = best
+        _get([actor.move_member.remote(index, int(j))])
+        row = row.astype(np.float64)
+        sums[donor] -= row
+        counts[donor] -= 1
+        sums[j], counts[j] = row, 1
+        centroids[donor] = sums[donor] / counts[donor]
+        centroids[j] = row
+        repaired += 1
+    return repaired
+
+
+def fit_sample_then_assign(
+    embeddings: str | Path,
+    out_dir: str | Path,
+    n_clusters: int,
+    sample_size: int,
+    *,
+    init: str | np.ndarray = "k-means++",
+    max_iter: int = 25,
+    tol: float = 1e-4,
+    seed: int = 0,
+    backend: str = "auto",
+    num_actors: int | None = None,
+    config_hash: str = "",
+    batch_size: int = 65536,
+    concurrency: int = 2,
+) -> tuple[KMeans, dict[str, Any]]:
+    """Train `KMeans` on a seeded sample of an embeddings folder, then assign every row with Ray Data.
+
+    The sample (sample_size rows drawn uniformly without replacement; all rows when there are fewer) is
+    gathered from shard actors, so no process reads more than its share of the files; the actors are
+    killed before the assignment starts. Returns the fitted model and the manifest of `out_dir`, which
+    holds `id, cluster, distance` for every embedding row exactly once.
+    """
+    import ray
+
+    from engine.cluster.shards import assign_shards
+    from engine.data.shards import read_manifest
+
+    _check_int("sample_size", sample_size, minimum=1)
+    _check_int("seed", seed, minimum=0)
+    if num_actors is not None:
+        _check_int("num_actors", num_actors, minimum=1)
+    read_manifest(embeddings, stage="embed")
+    shards, names = _resolve_source(embeddings)
+    shapes = _shapes(shards, names, Z)
+    _check_shapes(shapes, Z, n_clusters)
+    n_samples = sum(rows for _, rows, _ in shapes)
+    check_n_clusters(n_clusters, min(sample_size, n_samples))
+
+    actors = _start_actors(shards, names, _actor_count(num_actors, len(shards)), Z, backend)
+    try:
+        sizes = np.array([sum(rows for _, rows, _ in info) for info in _get([a.load.remote() for a in actors])])
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n_samples, size=min(sample_size, n_samples), replace=False))
+        sample = _gather(actors, sizes, rows)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    model = KMeans(n_clusters, init=init, max_iter=max_iter, tol=tol, seed=seed, backend=backend).fit(sample)
+    manifest = assign_shards(embeddings, model.cluster_centers_, out_dir, config_hash=config_hash,
+                             batch_size=batch_size, concurrency=concurrency, backend=backend)
+    return model, manifest
