@@ -113,14 +113,12 @@ def train(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, qui
           verbose: VerboseOpt = False) -> None:
     """Train the encoder only; writes RUN_DIR/model/."""
     from engine.config import load_config
-    from engine.pipeline import run_dir_for, train_stage
+    from engine.pipeline import open_input, run_dir_for, train_stage
 
     _quiet_env(verbose)
     cfg = load_config(config, set_)
     run_dir = run_dir_for(cfg, out)
-    from engine.pipeline import _open_input
-
-    _open_input(cfg)
+    open_input(cfg)  # file, column and k checks before Ray starts
     _runtime(cfg, verbose)
     train_stage(cfg, run_dir, _progress(quiet))
     typer.echo(str(run_dir / "model"))

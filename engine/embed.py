@@ -57,7 +57,7 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
     checkpoint = str(Path(checkpoint).resolve())
     state = load_checkpoint(checkpoint)
     check_input_dim(state, dim, where=checkpoint)
-    latent = _latent_dim(state)
+    latent = int(state["model"].get("latent_dim", 0))
     from ray.data import ActorPoolStrategy
 
     out = ds.map_batches(
@@ -73,6 +73,3 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
     return write_dataset(out, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected_rows,
                          latent_dim=latent, checkpoint=checkpoint)
 
-
-def _latent_dim(state: dict[str, Any]) -> int:
-    return int(state["model"].get("latent_dim", 0))

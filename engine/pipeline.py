@@ -76,7 +76,8 @@ def _record(run_dir: Path, **fields: Any) -> None:
 # ---- stages ----------------------------------------------------------------------------------------
 
 
-def _open_input(cfg: PipelineConfig):
+def open_input(cfg: PipelineConfig):
+    """Open the configured source (file and column checks) and check k against its row count."""
     source = open_source(cfg.data)
     if cfg.cluster.k > source.n_rows:
         raise ConfigError(f"cluster.k={cfg.cluster.k} should be <= the number of rows ({source.n_rows})")
@@ -85,7 +86,7 @@ def _open_input(cfg: PipelineConfig):
 
 def validate_input(cfg: PipelineConfig, progress: Progress):
     """Open the source and read it once: every data error surfaces here, before training."""
-    source = _open_input(cfg)
+    source = open_input(cfg)
     with progress.stage("validate", f"{cfg.data.source}: {source.n_rows} rows"):
         ds = read_dataset(source)
         if source.dim is not None and source.n_rows * source.dim * 4 <= CACHE_BYTES:
@@ -223,9 +224,6 @@ def match_by_id(ids: np.ndarray, other_ids: np.ndarray, values: np.ndarray, *, w
 
 # ---- the whole pipeline ----------------------------------------------------------------------------
 
-STAGES = ("train", "embed", "cluster", "evaluate")
-
-
 def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress: Progress | None = None,
                  verbose: bool = False) -> RunResult:
     """Run every stage into the run directory and return the metrics."""
@@ -234,7 +232,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     progress = progress or Progress()
     run_dir = run_dir_for(cfg, out)
     started = time.time()
-    _open_input(cfg)  # file, column and k checks before Ray starts
+    open_input(cfg)  # file, column and k checks before Ray starts
     with progress.stage("ray"):
         res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
         progress.info(res.describe())
@@ -244,16 +242,19 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     _record(run_dir, name=cfg.name, started=started, config_hash=cfg.hash(), versions=versions(),
             machine=machine(), ray=res.describe())
     seconds: dict[str, float] = {}
-    metrics: dict[str, Any] = {}
-    for name, stage in (("train", train_stage), ("embed", embed_stage), ("cluster", cluster_stage),
-                        ("evaluate", evaluate_stage)):
+
+    def timed(name: str, stage, *args):
         t0 = time.perf_counter()
-        result = stage(cfg, run_dir, progress, validated) if name in ("train", "embed") else stage(
-            cfg, run_dir, progress)
+        result = stage(cfg, run_dir, progress, *args)
         seconds[name] = round(time.perf_counter() - t0, 3)
         _record(run_dir, seconds={name: seconds[name]})
-        if name == "evaluate":
-            metrics = result
+        return result
+
+    # Train and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
+    timed("train", train_stage, validated)
+    timed("embed", embed_stage, validated)
+    timed("cluster", cluster_stage)
+    metrics = timed("evaluate", evaluate_stage)
     _record(run_dir, finished=time.time())
     return RunResult(run_dir=run_dir, metrics=metrics, seconds=seconds)
 

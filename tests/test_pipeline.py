@@ -86,6 +86,17 @@ def test_stages_run_alone(tiny_run):
     assert set(json.loads((tiny_run / "metrics.json").read_text())) == METRIC_KEYS
 
 
+def test_train_alone_then_the_other_stages(ray_local, tmp_path):
+    out = tmp_path / "staged"
+    result = invoke("train", *TINY, "--set", "train.epochs=1", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out / "model", stage="train")["epochs"] == 1
+    assert (out / "config.yaml").is_file() and not (out / "embeddings").exists()
+    for stage in ("embed", "cluster", "evaluate"):
+        assert invoke(stage, out, "--quiet").exit_code == 0, stage
+    assert set(json.loads((out / "metrics.json").read_text())) == METRIC_KEYS
+
+
 @pytest.mark.parametrize("method", ["sharded", "sample_assign"])
 def test_cluster_methods_at_scale(tiny_run, method):
     """`dce cluster` with the distributed methods: every id once, the blobs found, inertia near in-memory."""
