@@ -109,19 +109,27 @@ class EmbedConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    method: Literal["kmeans", "sharded", "sample_assign"] = "kmeans"
+    method: Literal["kmeans", "sharded", "sample_assign", "two_level"] = "kmeans"
     """kmeans: in memory in the driver; sharded: exact Lloyd over Ray actors holding the embedding shards;
-    sample_assign: k-means on a seeded sample, then every row assigned by Ray Data tasks."""
+    sample_assign: k-means on a seeded sample, then every row assigned by Ray Data tasks; two_level: for
+    large k (tens of thousands), ~sqrt(k) coarse clusters, then sub-clusters in each (in the driver)."""
     k: int = Field(default=10, ge=1)
     init: Literal["k-means++", "random"] = "k-means++"
     n_init: int = Field(default=10, ge=1)
     max_iter: int = Field(default=100, ge=1)
     tol: float = Field(default=1e-4, ge=0)
     backend: Literal["auto", "faiss", "torch"] = "auto"
+    spherical: bool = False
+    """Cosine k-means: embeddings and centroids L2-normalised (every method; assignment distances are then
+    those of the unit rows)."""
     num_actors: int | None = Field(default=None, ge=1)
     """sharded: shard actors (default: one per shard, up to the cluster's CPUs)."""
     sample_size: int = Field(default=1_000_000, ge=1)
     """sample_assign: rows k-means is trained on."""
+    n_coarse: int | None = Field(default=None, ge=1)
+    """two_level: coarse clusters (default round(sqrt(k)))."""
+    refine_iter: int = Field(default=0, ge=0)
+    """two_level: full Lloyd iterations over all k centroids after the two levels."""
 
 
 class EvaluateConfig(_Section):

@@ -140,6 +140,32 @@ def embed_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
     return manifest
 
 
+def import_embeddings(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:
+    """Make `cfg.data` (a parquet source of vectors made elsewhere) the run's embeddings, for `dce cluster`.
+
+    The validating pass (dimension, NaN/inf with file and row, duplicate ids) reads every row before
+    anything is written; then `run_dir/embeddings/` (`id`, `z`, `label`) is written with its manifest, so
+    every cluster method and `dce evaluate` read it as they read a pipeline run's embeddings. The source
+    files are not changed.
+    """
+    from engine.data.schema import LABEL, Z
+    from engine.data.shards import write_dataset
+
+    ds, info = validate_input(cfg, progress)
+
+    def to_embeddings(batch):
+        cols = [ID, X] + ([LABEL] if LABEL in batch.column_names else [])
+        return batch.select(cols).rename_columns([ID, Z] + cols[2:])
+
+    with progress.stage("import", str(cfg.data.path)):
+        save_config(cfg, run_dir)
+        manifest = write_dataset(ds.map_batches(to_embeddings, batch_format="pyarrow"), run_dir / "embeddings",
+                                 stage="embed", config_hash=cfg.hash(), expected_rows=info.n_rows,
+                                 latent_dim=info.dim, imported_from=str(cfg.data.path))
+        progress.info(f"{manifest['rows']} vectors of dimension {info.dim} in {len(manifest['files'])} shard(s)")
+    return manifest
+
+
 def cluster_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:
     from engine.cluster.shards import assign_shards
 
@@ -161,28 +187,31 @@ def cluster_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dic
     if c.method != "sample_assign":  # sample_assign has written its assignments already
         with progress.stage("assign", f"{rows} rows"):
             assign_shards(embeddings, centroids, run_dir / "assignments", config_hash=cfg.hash(),
-                          concurrency=cfg.embed.concurrency, backend=c.backend)
+                          concurrency=cfg.embed.concurrency, backend=c.backend, spherical=c.spherical)
     return summary
 
 
 def _fit_clusters(cfg: PipelineConfig, embeddings: Path, run_dir: Path, progress: Progress):
     """The fitted estimator for `cluster.method`; its inertia is over every row."""
-    from engine.cluster import KMeans
+    from engine.cluster import KMeans, TwoLevelKMeans
     from engine.cluster._sharded import ShardedKMeans, fit_sample_then_assign
     from engine.cluster.shards import load_vectors
 
     c = cfg.cluster
-    if c.method == "kmeans":
+    if c.method in ("kmeans", "two_level"):
         _, z, _ = load_vectors(embeddings)
-        return KMeans(n_clusters=c.k, init=c.init, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
-                      backend=c.backend, callback=progress.iteration).fit(z)
+        common = dict(n_clusters=c.k, init=c.init, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
+                      backend=c.backend, spherical=c.spherical, callback=progress.iteration)
+        if c.method == "two_level":
+            return TwoLevelKMeans(n_coarse=c.n_coarse, refine_iter=c.refine_iter, **common).fit(z)
+        return KMeans(**common).fit(z)
     if c.method == "sharded":
         return ShardedKMeans(n_clusters=c.k, init=c.init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
-                             backend=c.backend, num_actors=c.num_actors).fit(embeddings)
+                             backend=c.backend, num_actors=c.num_actors, spherical=c.spherical).fit(embeddings)
     km, manifest = fit_sample_then_assign(embeddings, run_dir / "assignments", c.k, c.sample_size, init=c.init,
                                           max_iter=c.max_iter, tol=c.tol, seed=cfg.seed, backend=c.backend,
                                           num_actors=c.num_actors, config_hash=cfg.hash(),
-                                          concurrency=cfg.embed.concurrency)
+                                          concurrency=cfg.embed.concurrency, spherical=c.spherical)
     # The sample's inertia is not the data's: the assignments' distances give the inertia over every row.
     table = read_table(run_dir / "assignments", stage="assign", columns=["distance"])
     km.inertia_ = float(np.sum(np.square(table.column("distance").to_numpy().astype(np.float64))))

@@ -25,13 +25,18 @@ def load_vectors(folder: str | Path, *, stage: str = "embed") -> tuple[np.ndarra
     return table.column(ID).to_numpy(), z, labels
 
 
-def assign_batch(batch: pa.Table, centroids: np.ndarray, backend: str = "auto") -> pa.Table:
-    """Nearest centroid and its Euclidean distance for each row of an embeddings batch."""
+def assign_batch(batch: pa.Table, centroids: np.ndarray, backend: str = "auto", column: str = Z,
+                 spherical: bool = False) -> pa.Table:
+    """Nearest centroid and its Euclidean distance for each row of an embeddings batch (of the unit-norm
+    row when spherical)."""
+    from engine.cluster._kmeans import _unit_rows
     from engine.cluster._stats import assign
 
-    z = vectors_to_numpy(batch.column(Z), name=Z)
+    z = vectors_to_numpy(batch.column(column), name=column)
+    if spherical:
+        z = _unit_rows(z, name=f"column '{column}'")
     if z.shape[1] != centroids.shape[1]:
-        raise DataError(f"embeddings have {z.shape[1]} dimensions but the centroids have {centroids.shape[1]}")
+        raise DataError(f"column '{column}' has {z.shape[1]} dimensions but the centroids have {centroids.shape[1]}")
     labels, sq = assign(z, centroids, backend=backend)
     return pa.table({
         ID: batch.column(ID),
@@ -41,19 +46,26 @@ def assign_batch(batch: pa.Table, centroids: np.ndarray, backend: str = "auto") 
 
 
 def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | Path, *, config_hash: str,
-                  batch_size: int = 65536, concurrency: int = 2, backend: str = "auto") -> dict[str, Any]:
-    """Write `id, cluster, distance` (Euclidean) for every embedding row into `out_dir`, atomically."""
+                  batch_size: int = 65536, concurrency: int = 2, backend: str = "auto", column: str = Z,
+                  stage: str | None = "embed", spherical: bool = False) -> dict[str, Any]:
+    """Write `id, cluster, distance` (Euclidean) for every row of a complete folder into `out_dir`, atomically.
+
+    By default the folder holds embeddings (`z`); `column` and `stage` name another vector column and
+    manifest stage, e.g. `x` of input shards written by `prepare_source` (stage "input", None for any).
+    spherical: rows are L2-normalised first, as `KMeans(spherical=True)` does.
+    """
     from ray.data import TaskPoolStrategy
 
     from engine.data.shards import read_manifest
 
-    manifest = read_manifest(embeddings, stage="embed")
+    manifest = read_manifest(embeddings, stage=stage)
     expected = manifest["rows"]
-    ds = read_shards(embeddings, stage="embed", columns=[ID, Z])
+    ds = read_shards(embeddings, stage=stage, columns=[ID, column])
     # Stateless tasks, not an actor pool: the centroids are small enough to travel with each task, and
     # tasks reuse warm worker processes instead of starting actors.
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    out = ds.map_batches(assign_batch, fn_kwargs={"centroids": centroids, "backend": backend},
+    out = ds.map_batches(assign_batch, fn_kwargs={"centroids": centroids, "backend": backend, "column": column,
+                                                      "spherical": spherical},
                          batch_size=batch_size, batch_format="pyarrow",
                          compute=TaskPoolStrategy(size=max(1, min(concurrency, len(manifest["files"])))),
                          num_cpus=1)
