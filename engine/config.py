@@ -81,10 +81,31 @@ DataConfig = Annotated[
 
 class ModelConfig(_Section):
     name: str = "mlp_ae"
+    """mlp_ae (DEC's MLP autoencoder), conv_ae (DCEC's convolutional autoencoder, image sources only) or vae."""
     latent_dim: int = Field(default=10, ge=1)
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [500, 500, 2000])
-    """Encoder layer widths; the decoder mirrors them (DEC's d-500-500-2000-latent)."""
+    """mlp_ae, vae: encoder layer widths; the decoder mirrors them (DEC's d-500-500-2000-latent)."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the input only while training (a denoising autoencoder when > 0)."""
+    channels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32, 64, 128])
+    """conv_ae: output channels of the stride-2 convolutions; the decoder mirrors them (DCEC's 32-64-128)."""
+    kernels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [5, 5, 3])
+    """conv_ae: odd kernel size of each convolution, one per entry of model.channels (DCEC's 5-5-3)."""
+    beta: float = Field(default=1.0, ge=0.0)
+    """vae: weight of the KL term (1 is the plain VAE, > 1 a beta-VAE, 0 an autoencoder with noise)."""
+    recon_loss: Literal["mse", "bce"] = "mse"
+    """vae: reconstruction term, summed over features and averaged over the batch. bce needs inputs in
+    [0, 1] (data.normalize: max or minmax on non-negative data)."""
+
+    @model_validator(mode="after")
+    def _check_conv_layers(self) -> ModelConfig:
+        if len(self.kernels) != len(self.channels):
+            raise ValueError(f"model.kernels has {len(self.kernels)} entries but model.channels has "
+                             f"{len(self.channels)}; give one kernel size per convolution")
+        even = [k for k in self.kernels if k % 2 == 0]
+        if even:
+            raise ValueError(f"model.kernels={self.kernels}: kernel sizes must be odd (got {even[0]})")
+        return self
 
 
 class TrainConfig(_Section):
@@ -262,7 +283,7 @@ def format_validation_error(e: ValidationError) -> str:
             msg = f"'{key}.source' must be one of digits, blobs, parquet, npy, idx; got {tag!r}"
         elif err["type"] == "missing":
             msg = f"missing key '{key}'"
-        elif err["type"] == "value_error" and not loc:
+        elif err["type"] == "value_error" and len(loc) <= 1:  # a whole-config or whole-section check
             msg = str(err["ctx"]["error"])
         else:
             msg = f"'{key}': {err['msg']} (got {err.get('input')!r})"

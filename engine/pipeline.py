@@ -77,10 +77,15 @@ def _record(run_dir: Path, **fields: Any) -> None:
 
 
 def open_input(cfg: PipelineConfig):
-    """Open the configured source (file and column checks) and check k against its row count."""
+    """Open the configured source (file and column checks), check k against its row count and the model
+    against its shape (conv_ae needs images)."""
+    from engine.models import build_model
+
     source = open_source(cfg.data)
     if cfg.cluster.k > source.n_rows:
         raise ConfigError(f"cluster.k={cfg.cluster.k} should be <= the number of rows ({source.n_rows})")
+    if source.dim is not None:  # Parquet list columns: train_encoder checks once the rows are read
+        build_model(in_dim=source.dim, image_shape=source.image_shape, **cfg.model.model_dump())
     return source
 
 

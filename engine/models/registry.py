@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.nn as nn
@@ -24,15 +24,19 @@ def model_names() -> list[str]:
     return sorted(_MODELS)
 
 
-def build_model(name: str, *, in_dim: int, **options: Any) -> nn.Module:
-    """Build a registered model for inputs of `in_dim` features.
+def build_model(name: str, *, in_dim: int, image_shape: Sequence[int] | None = None, **options: Any) -> nn.Module:
+    """Build a registered model for inputs of `in_dim` features (images of `image_shape` when the source has one).
 
+    Every builder takes `in_dim`, `image_shape` and every ModelConfig field as keyword arguments.
     Every model exposes `encode(x) -> z` and `loss(x, forward=None) -> (loss, {term: value})`
     (`forward` is a DDP wrapper of the model when training distributed), and keeps the
     arguments it was built with in `model.build_args` so a checkpoint can rebuild it alone.
+    Rows always arrive flat, (n, in_dim); an image model reshapes them with `image_shape`.
     """
     if name not in _MODELS:
         raise ConfigError(f"model.name={name!r} is not a known model; choose one of {model_names()}")
-    model = _MODELS[name](in_dim=in_dim, **options)
-    model.build_args = {"name": name, "in_dim": in_dim, **options}
+    shape = [int(s) for s in image_shape] if image_shape is not None else None
+    model = _MODELS[name](in_dim=in_dim, image_shape=shape, **options)
+    # A plain list, not a tuple: checkpoints are loaded with weights_only=True.
+    model.build_args = {"name": name, "in_dim": in_dim, **({"image_shape": shape} if shape else {}), **options}
     return model
