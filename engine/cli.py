@@ -143,7 +143,7 @@ def _stage_command(stage: str) -> Callable[..., None]:
 
 app.command("embed", help="Embed the run's data with its model; writes RUN_DIR/embeddings/.")(
     friendly_errors(_stage_command("embed")))
-app.command("cluster", help="K-means on RUN_DIR/embeddings; writes centroids.npy and assignments/.")(
+app.command("cluster", help="Cluster RUN_DIR/embeddings (cluster.method); writes centroids.npy and assignments/.")(
     friendly_errors(_stage_command("cluster")))
 app.command("evaluate", help="Metrics of RUN_DIR's assignments; writes metrics.json.")(
     friendly_errors(_stage_command("evaluate")))
