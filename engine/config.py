@@ -129,16 +129,38 @@ class EmbedConfig(_Section):
     use_gpu: bool | Literal["auto"] = "auto"
 
 
+class UmapConfig(_Section):
+    """UMAP settings for `cluster.manifold: umap` (defaults as in N2D, McConville et al. 2019)."""
+
+    n_components: int | None = Field(default=None, ge=1)
+    """Dimensions of the manifold the clusterer sees; None uses cluster.k."""
+    n_neighbors: int = Field(default=20, ge=2)
+    """Neighbourhood size: larger keeps more global structure (N2D uses 20 on MNIST)."""
+    min_dist: float = Field(default=0.0, ge=0.0)
+    """0 packs the points of a cluster tightly, which is what a clusterer wants (not a pretty plot)."""
+    metric: str = "euclidean"
+    """Any metric umap-learn accepts, by name."""
+
+
 class ClusterConfig(_Section):
-    method: Literal["kmeans", "sharded", "sample_assign", "two_level"] = "kmeans"
+    method: Literal["kmeans", "sharded", "sample_assign", "two_level", "gmm", "agglomerative", "hdbscan",
+                    "dbscan"] = "kmeans"
     """kmeans: in memory in the driver; sharded: exact Lloyd over Ray actors holding the embedding shards;
     sample_assign: k-means on a seeded sample, then every row assigned by Ray Data tasks; two_level: for
-    large k (tens of thousands), ~sqrt(k) coarse clusters, then sub-clusters in each (in the driver)."""
+    large k (tens of thousands), ~sqrt(k) coarse clusters, then sub-clusters in each (in the driver); gmm:
+    Gaussian mixture (scikit-learn) of k components; agglomerative: Ward linkage into k clusters, on the
+    points or on `micro_clusters` k-means centroids; hdbscan, dbscan: density-based, they find their own
+    number of clusters (k is not used) and label outliers -1 (noise). The last four hold the embeddings in
+    memory."""
     k: int = Field(default=10, ge=1)
     init: Literal["k-means++", "random"] = "k-means++"
+    """k-means seeding (gmm always starts from scikit-learn's k-means)."""
     n_init: int = Field(default=10, ge=1)
+    """Restarts of kmeans and gmm; the best objective is kept."""
     max_iter: int = Field(default=100, ge=1)
+    """Iterations per run of kmeans (Lloyd) and gmm (EM)."""
     tol: float = Field(default=1e-4, ge=0)
+    """kmeans: relative decrease of the SSE; gmm: change of the mean log-likelihood bound."""
     backend: Literal["auto", "faiss", "torch"] = "auto"
     spherical: bool = False
     """Cosine k-means: embeddings and centroids L2-normalised (every method; assignment distances are then
@@ -151,6 +173,23 @@ class ClusterConfig(_Section):
     """two_level: coarse clusters (default round(sqrt(k)))."""
     refine_iter: int = Field(default=0, ge=0)
     """two_level: full Lloyd iterations over all k centroids after the two levels."""
+    covariance_type: Literal["full", "tied", "diag", "spherical"] = "full"
+    """gmm: shape of each component's covariance (scikit-learn's GaussianMixture)."""
+    micro_clusters: int | None = Field(default=None, ge=2)
+    """agglomerative: None runs Ward on the points (O(n^2) memory, refused above 20,000 rows); a number
+    (e.g. 10*k) runs Ward on the centroids of a k-means into that many micro-clusters, and each row takes
+    the label of its micro-cluster."""
+    min_cluster_size: int = Field(default=5, ge=2)
+    """hdbscan: smallest group of rows that counts as a cluster."""
+    min_samples: int | None = Field(default=None, ge=1)
+    """hdbscan, dbscan: neighbours (the row included) a row needs to be a core point; None uses
+    min_cluster_size for hdbscan and 5 for dbscan."""
+    eps: float = Field(default=0.5, gt=0)
+    """dbscan: neighbourhood radius, in the units of the space clustered (the latent space, or UMAP's)."""
+    manifold: Literal["none", "umap"] = "none"
+    """umap: reduce the embeddings with UMAP (the `umap` extra) before clustering, as N2D does; only with
+    the in-memory methods (kmeans, gmm, agglomerative, hdbscan, dbscan)."""
+    umap: UmapConfig = Field(default_factory=UmapConfig)
 
 
 class EvaluateConfig(_Section):
@@ -162,6 +201,11 @@ class RayConfig(_Section):
     """Cluster to join; RAY_ADDRESS wins when set. None starts an embedded local Ray."""
     num_cpus: int | None = Field(default=None, ge=1)
     num_gpus: int | None = Field(default=None, ge=0)
+
+
+# Methods that cluster the embeddings where they lie (shard actors, Ray Data), never all in one process.
+# Methods that cluster the embeddings where they lie (or at a scale where UMAP is no option): no manifold step.
+NO_MANIFOLD_METHODS = ("sharded", "sample_assign", "two_level")
 
 
 class PipelineConfig(_Section):
@@ -183,6 +227,20 @@ class PipelineConfig(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_cluster(self) -> PipelineConfig:
+        c = self.cluster
+        if c.manifold != "none" and c.method in NO_MANIFOLD_METHODS:
+            raise ValueError(
+                f"cluster.manifold={c.manifold} needs an in-memory method (kmeans, gmm, agglomerative, hdbscan, "
+                f"dbscan); cluster.method={c.method} does not take one"
+            )
+        if c.method == "agglomerative" and c.micro_clusters is not None and c.micro_clusters < c.k:
+            raise ValueError(f"cluster.micro_clusters={c.micro_clusters} should be >= cluster.k={c.k}")
+        if c.manifold == "umap":
+            check_installed("umap", extra="umap", key="cluster.manifold")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -193,6 +251,17 @@ class PipelineConfig(_Section):
         """Stable hash of the resolved config, recorded in every manifest."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_installed(module: str, *, extra: str, key: str) -> None:
+    """ConfigError naming `key` and the pip extra to install when `module` cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"{key} needs the Python module '{module}', which is not installed; "
+            f"install it with: pip install 'deep-cluster-engine[{extra}]'"
+        )
 
 
 # ---- loading ---------------------------------------------------------------------------------------

@@ -179,6 +179,8 @@ def cluster_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dic
     rows = read_manifest(embeddings, stage="embed")["rows"]
     if c.k > rows:
         raise ConfigError(f"cluster.k={c.k} should be <= the number of embeddings ({rows})")
+    if c.method not in ("kmeans", "sharded", "sample_assign", "two_level") or c.manifold != "none":
+        return _cluster_in_memory(cfg, run_dir, progress, rows)
     with progress.stage("cluster", f"{c.method} k={c.k} on {rows} rows"):
         km = _fit_clusters(cfg, embeddings, run_dir, progress)
         progress.info(f"inertia {km.inertia_:.6g} after {km.n_iter_} iteration(s)")
@@ -193,6 +195,35 @@ def cluster_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dic
         with progress.stage("assign", f"{rows} rows"):
             assign_shards(embeddings, centroids, run_dir / "assignments", config_hash=cfg.hash(),
                           concurrency=cfg.embed.concurrency, backend=c.backend, spherical=c.spherical)
+    return summary
+
+
+def _cluster_in_memory(cfg: PipelineConfig, run_dir: Path, progress: Progress, rows: int) -> dict[str, Any]:
+    """Methods without centroids to assign shards with (gmm, agglomerative, hdbscan, dbscan) and any method
+    after a manifold step: labels computed in this process, then written as the assignments.
+
+    Whatever the method, centroids.npy holds each cluster's mean embedding, `distance` is a row's Euclidean
+    distance to it in the latent space (NaN for noise, label -1) and inertia sums the squared distances of
+    the rows in clusters; cluster.json adds the number of clusters found and the count and share of noise.
+    """
+    from engine.cluster import cluster_means, fit_labels
+    from engine.cluster.shards import load_vectors, write_assignments
+
+    c = cfg.cluster
+    what = c.method if c.manifold == "none" else f"{c.manifold} + {c.method}"
+    with progress.stage("cluster", f"{what} on {rows} rows"):
+        ids, z, _ = load_vectors(run_dir / "embeddings")
+        labels, info = fit_labels(z, c, cfg.seed)
+        centroids, distance = cluster_means(z, labels)
+        inertia = float(np.nansum(np.square(distance.astype(np.float64))))
+        progress.info(f"{info['n_clusters']} clusters, {info['n_noise']} noise row(s), inertia {inertia:.6g}")
+        tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
+        np.save(tmp, centroids)
+        os.replace(tmp, run_dir / "centroids.npy")
+        summary = {"method": c.method, "k": c.k, "inertia": inertia, **info}
+        _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
+        write_assignments(ids, labels, distance, run_dir / "assignments", config_hash=cfg.hash(),
+                          rows_per_file=cfg.data.rows_per_shard, k=int(len(centroids)), n_noise=info["n_noise"])
     return summary
 
 

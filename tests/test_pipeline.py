@@ -21,7 +21,8 @@ from engine.data import read_manifest, read_table
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parent.parent
-METRIC_KEYS = {"acc", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz", "inertia"}
+METRIC_KEYS = {"acc", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz", "inertia",
+               "noise_fraction"}
 TINY = [
     "--set", "data.source=blobs", "--set", "data.n_samples=400", "--set", "data.n_features=6",
     "--set", "data.centers=4", "--set", "data.rows_per_shard=100", "--set", "data.normalize=standard",

@@ -71,3 +71,29 @@ def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | 
                          num_cpus=1)
     return write_dataset(out, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected,
                          k=int(len(centroids)))
+
+
+def write_assignments(ids: np.ndarray, labels: np.ndarray, distances: np.ndarray, out_dir: str | Path, *,
+                      config_hash: str, rows_per_file: int = 1_000_000, **extra: Any) -> dict[str, Any]:
+    """Write `id, cluster, distance` held in this process into `out_dir`, atomically, with the manifest
+    `assign_shards` writes: for clusterings computed in memory (no centroids to assign shards with)."""
+    import pyarrow.parquet as pq
+
+    from engine.data.shards import staged_folder, write_manifest
+
+    n = len(ids)
+    if not len(labels) == len(distances) == n:
+        raise DataError(f"{out_dir}: {n} ids but {len(labels)} labels and {len(distances)} distances")
+    table = pa.table({
+        ID: pa.array(np.asarray(ids, dtype=np.int64)),
+        CLUSTER: pa.array(np.asarray(labels, dtype=np.int32)),
+        DISTANCE: pa.array(np.asarray(distances, dtype=np.float32)),
+    })
+    with staged_folder(out_dir) as tmp:
+        files = []
+        for i, start in enumerate(range(0, max(n, 1), rows_per_file)):
+            files.append(f"assignments-{i:05d}.parquet")
+            pq.write_table(table.slice(start, rows_per_file), tmp / files[-1])
+        manifest = write_manifest(tmp, stage=STAGE, config_hash=config_hash, rows=n,
+                                  schema=str(pq.read_schema(tmp / files[0])), files=files, **extra)
+    return manifest
