@@ -241,6 +241,14 @@ class PipelineConfig(_Section):
             check_installed("umap", extra="umap", key="cluster.manifold")
         return self
 
+    @model_validator(mode="after")
+    def _check_bce_inputs(self) -> PipelineConfig:
+        if self.model.name == "vae" and self.model.recon_loss == "bce" and self.data.normalize == "standard":
+            raise ValueError("model.recon_loss='bce' needs inputs in [0, 1], but data.normalize='standard' centres "
+                             "them on 0; use data.normalize=minmax (or max on non-negative data), or "
+                             "model.recon_loss=mse")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from engine.config import ModelConfig, config_from_dict
 from engine.data import open_source, read_dataset, read_manifest, read_table
 from engine.data.describe import describe
-from engine.errors import ConfigError, DataError
+from engine.errors import ConfigError, DataError, find_engine_error
 from engine.models import build_model, model_names
 from engine.models.vae import kl_divergence, reparameterize
 from engine.pipeline import open_input
@@ -192,10 +192,20 @@ def test_vae_bad_input():
         build_model("vae", in_dim=10, recon_loss="l1")
     with pytest.raises(ConfigError, match=r"model.beta=-1 should be >= 0"):
         build_model("vae", in_dim=10, beta=-1)
+    with pytest.raises(ConfigError, match=r"model.recon_loss='bce' needs inputs in \[0, 1\], but "
+                                          r"data.normalize='standard' centres them on 0"):
+        config_from_dict({"data": {"source": "digits", "normalize": "standard"},
+                          "model": {"name": "vae", "recon_loss": "bce"}})
     m = build_model("vae", in_dim=4, latent_dim=2, hidden=[4], recon_loss="bce")
     with pytest.raises(DataError, match=r"model.recon_loss='bce' needs inputs in \[0, 1\], but a batch spans "
-                                        r"\[-1, 2\]; use data.normalize=minmax"):
+                                        r"\[-1, 2\]; use data.normalize=minmax") as excinfo:
         m.loss(torch.tensor([[0.0, 0.5, -1.0, 2.0]]))
+    # Raised in a Ray Train worker, it reaches the driver inside Ray Train's WorkerGroupError (seen on a
+    # real run); the CLI finds it there and prints the one-line message.
+    import ray.train
+
+    wrapped = ray.train.WorkerGroupError("Training failed due to worker errors", {0: excinfo.value})
+    assert find_engine_error(wrapped) is excinfo.value
 
 
 @pytest.fixture(scope="module")
