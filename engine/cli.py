@@ -91,7 +91,7 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
 @friendly_errors
 def run(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False,
         verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text) -> None:
-    """Run the whole pipeline: train, embed, cluster, evaluate."""
+    """Run the whole pipeline: train, (refine for dec / idec,) embed, cluster, evaluate."""
     from engine.config import load_config
     from engine.pipeline import run_pipeline
 
@@ -141,6 +141,8 @@ def _stage_command(stage: str) -> Callable[..., None]:
     return command
 
 
+app.command("refine", help="dec / idec: refine the run's pretrained model; writes RUN_DIR/refined/.")(
+    friendly_errors(_stage_command("refine")))
 app.command("embed", help="Embed the run's data with its model; writes RUN_DIR/embeddings/.")(
     friendly_errors(_stage_command("embed")))
 app.command("cluster", help="K-means on RUN_DIR/embeddings; writes centroids.npy and assignments/.")(
