@@ -91,7 +91,7 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
 @friendly_errors
 def run(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False,
         verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text) -> None:
-    """Run the whole pipeline: train, embed, cluster, evaluate."""
+    """Run the whole pipeline: train, (refine for dec / idec,) embed, cluster, evaluate."""
     from engine.config import load_config
     from engine.pipeline import run_pipeline
 
@@ -141,6 +141,8 @@ def _stage_command(stage: str) -> Callable[..., None]:
     return command
 
 
+app.command("refine", help="dec / idec: refine the run's pretrained model; writes RUN_DIR/refined/.")(
+    friendly_errors(_stage_command("refine")))
 app.command("embed", help="Embed the run's data with its model; writes RUN_DIR/embeddings/.")(
     friendly_errors(_stage_command("embed")))
 @app.command("cluster")
@@ -183,7 +185,7 @@ def cluster(
                 "label_column": label_column, "normalize": "none"}
         cfg = config_from_dict({**load_config(config, set_).to_dict(), "data": data}, source=f"{path}")
         run_dir = pipeline.run_dir_for(cfg, out)
-        pipeline.open_input(cfg)  # file, column and k checks before Ray starts
+        pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
         _runtime(cfg, verbose)
         pipeline.import_embeddings(cfg, run_dir, progress)
     summary = pipeline.cluster_stage(cfg, run_dir, progress)

@@ -79,9 +79,14 @@ DataConfig = Annotated[
 # ---- stages ----------------------------------------------------------------------------------------
 
 
+REFINED_MODELS = ("dec", "idec")
+"""Models that pretrain `model.base` in the train stage, then refine it with a clustering head (`refine`)."""
+
+
 class ModelConfig(_Section):
     name: str = "mlp_ae"
-    """mlp_ae (DEC's MLP autoencoder), conv_ae (DCEC's convolutional autoencoder, image sources only) or vae."""
+    """mlp_ae (DEC's MLP autoencoder), conv_ae (DCEC's convolutional autoencoder, image sources only), vae,
+    or dec / idec (pretrain `base`, then refine it with the DEC clustering head, see `refine`)."""
     latent_dim: int = Field(default=10, ge=1)
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [500, 500, 2000])
     """mlp_ae, vae: encoder layer widths; the decoder mirrors them (DEC's d-500-500-2000-latent)."""
@@ -96,6 +101,8 @@ class ModelConfig(_Section):
     recon_loss: Literal["mse", "bce"] = "mse"
     """vae: reconstruction term, summed over features and averaged over the batch. bce needs inputs in
     [0, 1] (data.normalize: max or minmax on non-negative data)."""
+    base: str = "mlp_ae"
+    """dec / idec: the registered autoencoder the train stage pretrains before the refine stage."""
 
     @model_validator(mode="after")
     def _check_conv_layers(self) -> ModelConfig:
@@ -106,6 +113,22 @@ class ModelConfig(_Section):
         if even:
             raise ValueError(f"model.kernels={self.kernels}: kernel sizes must be odd (got {even[0]})")
         return self
+
+    @property
+    def refines(self) -> bool:
+        """True for dec / idec: train pretrains `base`, then refine adds the clustering head."""
+        return self.name in REFINED_MODELS
+
+    def pretrain_options(self) -> dict[str, Any]:
+        """The build options of the model the train stage trains: `base` for dec / idec, else this model.
+
+        `base` itself is left out, so autoencoder builders never see it.
+        """
+        options = self.model_dump()
+        base = options.pop("base")
+        if self.refines:
+            options["name"] = base
+        return options
 
 
 class TrainConfig(_Section):
@@ -120,6 +143,28 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(default=10, ge=1)
     """Epochs between checkpoints reported to Ray Train (the last epoch always is). Progress is shown
     every epoch, and every epoch's losses are kept in the checkpoint's history."""
+
+
+class RefineConfig(_Section):
+    """DEC / IDEC refinement (model.name dec or idec), on train.num_workers workers. The centres start from
+    k-means (the `cluster` settings) on the pretrained embeddings; the cluster stage then assigns every row to
+    its nearest refined centre (argmax of the soft assignment) instead of running k-means again."""
+
+    gamma: float = Field(default=0.1, gt=0)
+    """idec: weight of the clustering loss, L = reconstruction MSE + gamma * KL(P || Q) (the IDEC paper's
+    gamma, 0.1 there). dec has no reconstruction term: L = KL(P || Q)."""
+    alpha: float = Field(default=1.0, gt=0)
+    """Degrees of freedom of the Student-t kernel of the soft assignment (1 in both papers)."""
+    update_interval: int = Field(default=140, ge=1)
+    """Optimizer steps between two recomputations of the target distribution P over every row."""
+    tol: float = Field(default=0.001, ge=0, le=1)
+    """Stop when fewer than this fraction of the labels changed between two target updates (0: never)."""
+    max_iter: int = Field(default=20_000, ge=1)
+    """Optimizer steps at most."""
+    lr: float = Field(default=1e-3, gt=0)
+    """Adam's learning rate."""
+    batch_size: int = Field(default=256, ge=1)
+    """Global batch: split evenly over the workers."""
 
 
 class EmbedConfig(_Section):
@@ -214,10 +259,18 @@ class PipelineConfig(_Section):
     data: DataConfig = Field(default_factory=DigitsSource)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_base(self) -> PipelineConfig:
+        if self.model.refines and self.model.base in REFINED_MODELS:
+            raise ValueError(f"model.base={self.model.base!r} should be an autoencoder to pretrain, "
+                             f"not a clustering model")
+        return self
 
     @model_validator(mode="after")
     def _check_blobs_k(self) -> PipelineConfig:

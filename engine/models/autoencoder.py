@@ -36,6 +36,9 @@ class MLPAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         noisy = F.dropout(x, self.cfg.dropout, self.training) if self.cfg.dropout else x
         z = self.encoder(noisy)
