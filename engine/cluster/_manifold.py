@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import numpy as np
 
@@ -42,7 +41,3 @@ def umap_reduce(z: np.ndarray, cfg: UmapConfig, n_components: int, *, seed: int 
             raise
     return np.ascontiguousarray(out, dtype=np.float32)
 
-
-def umap_info(cfg: UmapConfig, n_components: int) -> dict[str, Any]:
-    return {"manifold": "umap", "n_components": n_components, "n_neighbors": cfg.n_neighbors,
-            "min_dist": cfg.min_dist, "metric": cfg.metric}

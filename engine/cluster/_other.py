@@ -44,11 +44,12 @@ def fit_labels(z: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> tuple[np.nda
     started = time.perf_counter()
     x = z
     if cfg.manifold == "umap":
-        from engine.cluster._manifold import umap_info, umap_reduce
+        from engine.cluster._manifold import umap_reduce
 
         n_components = cfg.umap.n_components or cfg.k
         x = umap_reduce(z, cfg.umap, n_components, seed=seed)
-        info["umap"] = {**umap_info(cfg.umap, n_components), "seconds": round(time.perf_counter() - started, 3)}
+        info["umap"] = {**cfg.umap.model_dump(), "n_components": n_components,
+                        "seconds": round(time.perf_counter() - started, 3)}
     fit_started = time.perf_counter()
     fit = {"kmeans": _kmeans, "gmm": _gmm, "agglomerative": _agglomerative, "hdbscan": _hdbscan,
            "dbscan": _dbscan}[cfg.method]
