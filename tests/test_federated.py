@@ -28,7 +28,7 @@ from engine.federated import (
 from engine.federated.run import build_partitions
 
 K = 4
-K_LOCAL = 3
+K_LOCAL = 2
 D = 3
 SIZES = {"a": 150, "b": 170, "c": 130}  # never K, K_LOCAL or a masked vector's length
 MASKED_LEN = K * D + K + 1
@@ -161,6 +161,10 @@ def test_secure_aggregation_masks_each_view_and_the_sum_is_exact(parts, init):
     pair = ("a", "c")
     sub = [clients[n].lloyd(init, 1, Release(round=1, attempt=1, participants=pair))["masked"] for n in pair]
     assert np.allclose(secure.unmasked_sum(sub)[K * D:K * D + K], clear["a"]["counts"] + clear["c"]["counts"])
+    # min_count: a cluster smaller than that is not shared at all.
+    small = clients["c"].lloyd(init, 1, Release(round=1, min_count=int(clear["c"]["counts"].min()) + 1))
+    assert small["suppressed"] >= 1 and np.count_nonzero(small["counts"]) == K - small["suppressed"]
+    assert np.all(small["sums"][small["counts"] == 0] == 0)
     with pytest.raises(DataError, match="cannot encode 1e\\+20"):
         secure.encode(np.array([1e20]), 3, "partition 'a'")
 
@@ -234,14 +238,19 @@ def test_rounds_equal_centralised_lloyd_from_the_same_init(ray_local, parts, ini
     assert sum(last.values()) == pytest.approx(km.inertia_, rel=1e-9)
 
 
-def test_one_shot_kfed_with_experiment_metrics(ray_local, parts):
+def test_one_shot_kfed_with_experiment_metrics(ray_local, data):
+    # k-FED's setting: each partition holds k' of the k clusters.
+    X, y = data
+    split = split_indices(len(X), 3, split="clusters", labels=y, clusters_per_partition=K_LOCAL, seed=0)
+    kfed = {name: X[rows] for name, rows in split.items()}
     km = FederatedKMeans(K, mode="one_shot", local_k=K_LOCAL, compare_centralised=True, audit=True,
-                         privacy={"min_count": 5}).fit(parts)
+                         privacy={"min_count": 5}).fit(kfed)
     first = km.history_[0]
-    assert first["kind"] == "local_kmeans" and first["local_centroids"] <= 3 * K_LOCAL and km.n_rounds_ == 1
-    assert km.reference_["inertia_ratio"] <= 1.25 and km.reference_["ari_to_centralised"] > 0.8
+    assert first["kind"] == "local_kmeans" and first["local_centroids"] == 3 * K_LOCAL and km.n_rounds_ == 1
+    assert km.reference_["inertia_ratio"] <= 1.05 and km.reference_["ari_to_centralised"] > 0.95
     assert first["inertia_ratio"] == pytest.approx(km.reference_["inertia_ratio"])
-    assert_only_aggregates(km.messages_, set(SIZES.values()))
+    assert km.history_[-1]["kind"] == "evaluate" and km.inertia_ == pytest.approx(km.reference_["federated_inertia"])
+    assert_only_aggregates(km.messages_, {len(rows) for rows in split.values()})
 
 
 def test_secure_aggregation_end_to_end(ray_local, parts, init, data):
