@@ -19,9 +19,11 @@ from engine.federated import (
     Accountant,
     FederatedClient,
     FederatedKMeans,
+    ParquetPartition,
     QuorumError,
     Release,
     partitions_from_column,
+    partitions_from_folders,
     secure,
     split_indices,
 )
@@ -122,6 +124,24 @@ def test_simulated_partitions_from_a_config():
     with pytest.raises(ConfigError, match="data.normalize=max needs statistics of the pooled data"):
         build_partitions(config_from_dict({"data": {"source": "parquet", "path": "x", "normalize": "max"},
                                            "federated": {"partitions": {"by": "folders"}}}))
+
+
+def test_partitions_from_folders_and_columns_are_read_by_their_clients(tmp_path, parts):
+    for i, name in enumerate(("site_a", "site_b")):
+        (tmp_path / "sites" / name).mkdir(parents=True)
+        X = parts["a"][i * 50:(i + 1) * 50]
+        pq.write_table(pa.table({"z": vector_array(X), "label": pa.array(np.arange(50) % (2 + i))}),
+                       tmp_path / "sites" / name / "part-0.parquet")
+    found = partitions_from_folders(str(tmp_path / "sites"))
+    assert list(found) == ["site_a", "site_b"]
+    info = FederatedClient("site_b", found["site_b"]).load()
+    assert (info["rows"], info["dim"], info["labels"]) == (50, D, {"0": 17, "1": 17, "2": 16})
+    nothing = ParquetPartition(str(tmp_path / "sites"), filter_column="label", value=99)
+    assert FederatedClient("empty", nothing).load()["rows"] == 0
+    with pytest.raises(DataError, match="partition 'site_a': .*part-0.parquet: no column 'x2'"):
+        FederatedClient("site_a", ParquetPartition(found["site_a"].path, column="x2")).load()
+    with pytest.raises(DataError, match="no subfolder holds Parquet files"):
+        partitions_from_folders(str(tmp_path / "sites" / "site_a"))
 
 
 def in_process_clients(parts: dict[str, np.ndarray]) -> dict[str, FederatedClient]:
@@ -304,6 +324,13 @@ def test_too_few_clients_for_the_quorum(ray_local, parts, init):
     km = FederatedKMeans(K, init=init, max_rounds=3, tol=0, quorum=1.0, callback=kill_after_round_1)
     with pytest.raises(QuorumError, match=r"2 of 3 clients answered, quorum=1 needs 3 \(c: client died"):
         km.fit(parts)
+
+
+def test_clients_that_do_not_answer_in_time_are_dropped(ray_local, parts):
+    # Starting an actor takes longer than a millisecond: no client can load in time.
+    with pytest.raises(QuorumError, match=r"load \(round 0\): 0 of 3 clients answered.*no answer within "
+                                          r"round_timeout=0.001 s"):
+        FederatedKMeans(K, round_timeout=0.001).fit(parts)
 
 
 def test_placement_on_a_resource_no_node_offers(ray_local, parts):
