@@ -173,8 +173,8 @@ class PartitionsConfig(_Section):
 
 
 class FederatedConfig(_Section):
-    """`dce federate`: k-means over partitions that never pool their rows. k, tol and backend come from the
-    cluster section."""
+    """`dce federate`: k-means over partitions that never pool their rows. cluster.k, tol, backend and max_iter
+    (of the local k-means) come from the cluster section."""
 
     mode: Literal["one_shot", "rounds"] = "rounds"
     """one_shot: k-FED (local k-means, weighted k-means of the union on the server); rounds: federated Lloyd."""

@@ -126,6 +126,30 @@ def test_simulated_partitions_from_a_config():
                                            "federated": {"partitions": {"by": "folders"}}}))
 
 
+def test_pipeline_embeddings_as_input(tmp_path, data):
+    from engine.data.shards import staged_folder, write_manifest
+
+    X, y = data
+    folder = tmp_path / "run" / "embeddings"
+    with staged_folder(folder) as tmp:
+        pq.write_table(pa.table({"id": pa.array(np.arange(len(X))), "z": vector_array(X), "label": pa.array(y)}),
+                       tmp / "part-0.parquet")
+        write_manifest(tmp, stage="embed", config_hash="test", rows=len(X), files=["part-0.parquet"])
+    cfg = load_config("federated_embeddings", [f"data.path={folder}", "cluster.k=4",
+                                               "federated.partitions.n_partitions=3"])
+    built = build_partitions(cfg)
+    assert len(built.pooled) == len(X) and built.pooled.shape[1] == D
+    assert sorted(built.pooled.tolist()) == sorted(X.tolist())
+    assert sum(sum(r["labels"].values()) for r in built.report.values()) == len(X)
+
+
+def test_job_entry_point_reports_bad_input(capsys):
+    from jobs.federated import main
+
+    assert main(["--config", "federated", "--set", "federated.privacy.epsilon=0"]) == 2
+    assert "'federated.privacy.epsilon': Input should be greater than 0" in capsys.readouterr().err
+
+
 def test_partitions_from_folders_and_columns_are_read_by_their_clients(tmp_path, parts):
     for i, name in enumerate(("site_a", "site_b")):
         (tmp_path / "sites" / name).mkdir(parents=True)

@@ -122,9 +122,6 @@ class FederatedClient:
                              release.attempt)
         return {"masked": view}
 
-    def rows(self) -> int:
-        return int(self._X.shape[0])
-
 
 def _node_id() -> str | None:
     import ray

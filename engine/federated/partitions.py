@@ -1,4 +1,4 @@
-"""Federated partitions: what a partition is, how its client reads it, and simulated splits for experiments."""
+"""Federated partitions: the sources a client reads its rows from (arrays, Parquet, Ray Datasets, simulated splits)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Client-side privacy: row clipping, noise on sums and counts, small-cluster suppression, and the accountant.
+"""Client-side privacy: what a client does to its statistics before they leave it, and what that costs.
 
 The mechanisms are those of FedDP-Lloyds (Scott et al., ICML 2025): for fixed centroids, a client's rows are
 clipped to L2 norm `clip_norm`, so adding or removing one row moves the sums by at most clip_norm (L2) and the

@@ -154,13 +154,17 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
 
     km = FederatedKMeans(
         cfg.cluster.k, mode=f.mode, local_k=f.local_k, max_rounds=f.max_rounds, tol=cfg.cluster.tol,
-        local_steps=f.local_steps, init=init, privacy=f.privacy, secure_aggregation=f.secure_aggregation,
+        local_steps=f.local_steps, local_max_iter=cfg.cluster.max_iter, init=init, privacy=f.privacy,
+        secure_aggregation=f.secure_aggregation,
         placement=None if f.placement == "any" else f.placement, quorum=f.quorum, round_timeout=f.round_timeout,
         compare_centralised=compare, backend=cfg.cluster.backend, callback=on_round, seed=cfg.seed,
     )
     with progress.stage("federate", f"{f.mode}, k={cfg.cluster.k}, {len(built.partitions)} partition(s)"):
         km.fit(built.partitions)
     summary = _summary(cfg, km, built, time.perf_counter() - started)
+    progress.info("partitions: " + ", ".join(
+        f"{name} {p['rows']} rows" + (f" / {len(p['labels'])} labels" if p["labels"] else "")
+        for name, p in summary["partitions"].items()))
     _write(cfg, run_dir, km, built, summary)
     return FederatedResult(run_dir, summary)
 

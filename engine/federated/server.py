@@ -439,11 +439,11 @@ class FederatedKMeans(BaseEstimator):
 
     def _agree_keys(self) -> None:
         """Diffie-Hellman through the server: it relays public keys and learns no shared secret."""
-        keys, _ = self._exchange("keys", lambda name, release: ("public_key", ()), release=None)
-        if len(keys) < len(self.clients_):
-            raise QuorumError(f"secure aggregation: {len(self.clients_) - len(keys)} client(s) failed the key "
-                              "exchange")
-        self._exchange("keys", lambda name, release: ("agree_keys", (keys,)), release=None)
+        keys, facts = self._exchange("keys", lambda name, release: ("public_key", ()), release=None)
+        # A client without agreed keys could not mask: it leaves the run here, as a dead one.
+        self._dead.update(facts["dropped"])
+        _, facts = self._exchange("keys", lambda name, release: ("agree_keys", (keys,)), release=None)
+        self._dead.update(facts["dropped"])
 
     # --- the algorithms -----------------------------------------------------------------------------
 
