@@ -219,6 +219,32 @@ def prepare(config: ConfigArg = None, set_: SetOpt = None,
 
 
 @app.command()
+@friendly_errors
+def federate(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False,
+             verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text) -> None:
+    """Federated k-means over the config's partitions: only centroids, counts and sums leave each one."""
+    from engine.config import load_config
+    from engine.federated.run import run_federated
+
+    _quiet_env(verbose)
+    cfg = load_config(config, set_)
+    result = run_federated(cfg, out, progress=_progress(quiet, log_format), verbose=verbose)
+    s = result.summary
+    if log_format == LogFormat.json:
+        typer.echo(json.dumps({"run_dir": str(result.run_dir), "summary": s}, default=float))
+    elif quiet:
+        typer.echo(str(result.run_dir))
+    else:
+        reference = s["reference"] or {}
+        privacy = s["privacy"] or {}
+        _print_metrics({"mode": s["mode"], "partitions": len(s["partitions"]), "rounds": s["rounds"],
+                        "inertia": s["inertia"], "inertia / centralised": reference.get("inertia_ratio"),
+                        "ARI to centralised": reference.get("ari_to_centralised"), "bytes up": s["bytes_up"],
+                        "bytes down": s["bytes_down"], "dropouts": len(s["dropouts"]),
+                        "epsilon spent": privacy.get("epsilon")}, f"{cfg.name}: {result.run_dir}")
+
+
+@app.command()
 def datasets() -> None:
     """List the built-in data sources."""
     from rich.console import Console

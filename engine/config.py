@@ -237,6 +237,74 @@ class ClusterConfig(_Section):
     umap: UmapConfig = Field(default_factory=UmapConfig)
 
 
+class PrivacyConfig(_Section):
+    """What a federated client does to its statistics before they leave it; everything is off by default."""
+
+    min_count: int = Field(default=0, ge=0)
+    """Clusters with fewer rows than this (the noisy count under DP) are not shared: sums and count sent as 0."""
+    epsilon: float | None = Field(default=None, gt=0)
+    """Differential privacy budget of the whole run (None: no DP). Rows are clipped to clip_norm, the sums get
+    Gaussian noise and the counts Laplace (or Gaussian) noise, as FedDP-KMeans (Scott et al., ICML 2025)."""
+    delta: float = Field(default=1e-6, gt=0, lt=1)
+    clip_norm: float | None = Field(default=None, gt=0)
+    """L2 bound of a row, needed with epsilon: a data-independent choice (from it the noise is calibrated)."""
+    count_noise: Literal["laplace", "gaussian"] = "laplace"
+    count_share: float = Field(default=0.2, gt=0, lt=1)
+    """Share of each release's budget spent on the counts; the rest goes to the sums."""
+
+    @model_validator(mode="after")
+    def _check_clip_norm(self) -> PrivacyConfig:
+        if self.epsilon is not None and self.clip_norm is None:
+            raise ValueError("clip_norm is required with epsilon: the noise is calibrated to a data-independent "
+                             "bound on a row's L2 norm")
+        return self
+
+
+class PartitionsConfig(_Section):
+    """Where the federated partitions come from."""
+
+    by: Literal["simulate", "column", "folders"] = "simulate"
+    """simulate: split any data source in the driver (experiments); column: one partition per value of
+    `column` in data.path (parquet); folders: one partition per subfolder of data.path (parquet)."""
+    column: str = "partition"
+    split: Literal["iid", "dirichlet", "clusters"] = "iid"
+    """simulate: iid, Dirichlet(alpha) label mix per label, or `clusters_per_partition` labels each (k-FED)."""
+    n_partitions: int = Field(default=4, ge=1)
+    alpha: float = Field(default=1.0, gt=0)
+    clusters_per_partition: int = Field(default=2, ge=1)
+    server_rows: int = Field(default=0, ge=0)
+    """simulate: rows held out of every partition as server-side data (FedDP-KMeans); when > 0 they are the
+    candidate points of the init."""
+
+
+class FederatedConfig(_Section):
+    """`dce federate`: k-means over partitions that never pool their rows. cluster.k, tol, backend and max_iter
+    (of the local k-means) come from the cluster section."""
+
+    mode: Literal["one_shot", "rounds"] = "rounds"
+    """one_shot: k-FED (local k-means, weighted k-means of the union on the server); rounds: federated Lloyd."""
+    local_k: int | None = Field(default=None, ge=1)
+    """Clusters of each client's local k-means (one_shot, and the k-means++ init of rounds); default cluster.k."""
+    max_rounds: int = Field(default=20, ge=1)
+    local_steps: int = Field(default=1, ge=1)
+    """rounds: local Lloyd steps per round on each client (FedAvg style); 1 is exact federated Lloyd."""
+    init_points: str | None = None
+    """rounds: a .npy of server-side points: k rows are the initial centroids, more are init candidates."""
+    partitions: PartitionsConfig = Field(default_factory=PartitionsConfig)
+    placement: Literal["any", "resource"] | dict[str, str] = "any"
+    """any: Ray places the clients; resource: the client of partition p needs the custom resource
+    `partition:p`; a mapping names the resource for each partition."""
+    quorum: float = Field(default=0.5, gt=0, le=1)
+    """Share of the clients that must answer a round; failed or late clients are dropped for that round."""
+    round_timeout: float | None = Field(default=None, gt=0)
+    """Seconds a round waits for its clients (None: no limit)."""
+    secure_aggregation: bool = False
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    compare_centralised: Literal["auto"] | bool = "auto"
+    """Fit centralised k-means on the pooled data for the inertia ratio and ARI (auto: when simulated).
+    The driver then reads every partition: experiments only."""
+
+
 class EvaluateConfig(_Section):
     silhouette_sample: int = Field(default=10_000, ge=2)
 
@@ -263,6 +331,7 @@ class PipelineConfig(_Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    federated: FederatedConfig = Field(default_factory=FederatedConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
@@ -413,8 +482,9 @@ def format_validation_error(e: ValidationError) -> str:
             msg = f"'{key}.source' must be one of digits, blobs, parquet, npy, idx; got {tag!r}"
         elif err["type"] == "missing":
             msg = f"missing key '{key}'"
-        elif err["type"] == "value_error" and len(loc) <= 1:  # a whole-config or whole-section check
-            msg = str(err["ctx"]["error"])
+        elif err["type"] == "value_error":
+            # A whole-config or whole-section check names its keys itself; a nested section's is prefixed.
+            msg = str(err["ctx"]["error"]) if len(loc) <= 1 else f"'{key}': {err['ctx']['error']}"
         else:
             msg = f"'{key}': {err['msg']} (got {err.get('input')!r})"
         by_key.setdefault(key, []).append(msg)
