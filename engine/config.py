@@ -335,10 +335,22 @@ class PipelineConfig(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _check_base(self) -> PipelineConfig:
-        if self.model.refines and self.model.base in REFINED_MODELS:
+    def _check_refined(self) -> PipelineConfig:
+        if not self.model.refines:
+            return self
+        if self.model.base in REFINED_MODELS:
             raise ValueError(f"model.base={self.model.base!r} should be an autoencoder to pretrain, "
                              f"not a clustering model")
+        # DEC's labels are the nearest refined centre in Euclidean distance; the cluster section only sets up
+        # the k-means that initialises the centres.
+        c, name = self.cluster, self.model.name
+        if c.method != "kmeans":
+            raise ValueError(f"cluster.method={c.method} does not apply to model.name={name}: its centres start "
+                             f"from k-means (cluster.method: kmeans) and the refined centres label the rows")
+        if c.spherical or c.manifold != "none":
+            key = "cluster.spherical" if c.spherical else "cluster.manifold"
+            raise ValueError(f"{key} does not apply to model.name={name}: its soft assignment uses Euclidean "
+                             f"distances in the latent space")
         return self
 
     @model_validator(mode="after")

@@ -198,6 +198,15 @@ def test_bad_settings_name_the_key():
         _idec_cfg(model={"base": "dec"})
     with pytest.raises(ConfigError, match=r"cluster.k=200 should be <= data.n_samples=100"):
         _idec_cfg(cluster={"k": 200})
+    # The cluster section only sets up the k-means that initialises the centres.
+    with pytest.raises(ConfigError, match=r"cluster.method=gmm does not apply to model.name=idec"):
+        _idec_cfg(cluster={"method": "gmm"})
+    with pytest.raises(ConfigError, match=r"cluster.spherical does not apply to model.name=idec"):
+        _idec_cfg(cluster={"spherical": True})
+    with pytest.raises(ConfigError, match=r"model.base='vae' has no decode\(z\)"):
+        build_model("idec", in_dim=4, base="vae", hidden=[4])
+    dec_on_vae = build_model("dec", in_dim=4, base="vae", hidden=[4])  # DEC needs no decoder
+    assert not any(p.requires_grad for p in dec_on_vae.autoencoder.decoder.parameters())
     with pytest.raises(ConfigError, match=r"model.base='nope' is not an autoencoder to pretrain"):
         build_model("idec", in_dim=4, base="nope")
     with pytest.raises(ConfigError, match=r"refine.gamma=0 should be > 0"):
@@ -210,11 +219,23 @@ def test_bad_settings_name_the_key():
 def test_dec_pretrains_its_base():
     cfg = _idec_cfg(model={"hidden": [8]})
     options = cfg.model.pretrain_options()
-    assert cfg.model.refines and "base" not in options
-    assert {k: options[k] for k in ("name", "latent_dim", "hidden", "dropout")} == {
-        "name": "mlp_ae", "latent_dim": 10, "hidden": [8], "dropout": 0.0}
+    assert cfg.model.refines and options["name"] == "mlp_ae" and options["hidden"] == [8] and "base" not in options
+    assert set(options) == set(cfg.model.model_dump()) - {"base"}
     plain = config_from_dict({})
     assert not plain.model.refines and "base" not in plain.model.pretrain_options()
+
+
+def test_idec_on_the_conv_autoencoder_is_dcec(one_thread):
+    x = _blobs(64).repeat(1, 6)[:, :36]  # 6x6 "images"
+    torch.manual_seed(0)
+    model = build_model("idec", in_dim=36, base="conv_ae", image_shape=[6, 6], channels=[4], kernels=[3],
+                        latent_dim=2, n_clusters=3, gamma=0.1)
+    with torch.no_grad():
+        model.centers.copy_(model.encode(x[:3]))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    history, _ = refine_loop(model, opt, x, update_interval=5, max_iter=10, tol=0.0, batch_size=16)
+    assert history[-1]["rows"] == 64 and history[-1]["reconstruction"] > 0
+    assert history[1]["kl_end"] < history[0]["kl_start"]
 
 
 # ---- Ray Train and the pipeline --------------------------------------------------------------------

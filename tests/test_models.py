@@ -100,9 +100,9 @@ def test_model_config_checks_new_fields():
 
 @pytest.mark.parametrize("name", model_names())
 def test_every_builder_takes_every_model_config_field(name):
-    # The pipeline passes the whole model section to whichever model is named.
+    # The train stage passes the whole model section (less dec / idec's `base`) to whichever model is named.
     options = ModelConfig(name=name, latent_dim=3, hidden=[8], channels=[4, 4], kernels=[3, 3],
-                          recon_loss="bce", beta=0.5).model_dump()
+                          recon_loss="bce", beta=0.5).pretrain_options()
     m = build_model(**options, in_dim=64, image_shape=[8, 8])
     assert m.encode(torch.rand(2, 64)).shape == (2, 3)
     assert m.build_args == {"in_dim": 64, "image_shape": [8, 8], **options}
@@ -248,7 +248,7 @@ def runs(request, ray_local, digits_npy, tmp_path_factory):
     ds = read_dataset(source).materialize()
     info = describe(ds, normalize=one.data.normalize, image_shape=source.image_shape)
     single = train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
-                           model=one.model.model_dump(), train=one.train, seed=one.seed,
+                           model=one.model.pretrain_options(), train=one.train, seed=one.seed,
                            run_dir=tmp_path_factory.mktemp(f"{name}-1w"), config_hash=one.hash(),
                            image_shape=info.image_shape)
     return name, cfg, result, single
@@ -296,7 +296,7 @@ def test_two_workers_follow_the_one_worker_run(runs):
     two, one = _history(result.run_dir / "model"), _history(single)
     z2, z1 = _encode_rows(cfg, result.run_dir / "model"), _encode_rows(cfg, single)
     torch.manual_seed(cfg.seed)  # as every worker does: the initial weights
-    z0 = _encode_rows(cfg, single, build_model(in_dim=64, image_shape=[8, 8], **cfg.model.model_dump()))
+    z0 = _encode_rows(cfg, single, build_model(in_dim=64, image_shape=[8, 8], **cfg.model.pretrain_options()))
     moved = float((z1 - z0).norm())  # how far training moved the codes
     if name == "conv_ae":
         # Deterministic and full-batch: the runs agree to float rounding (measured ~1e-7 of the distance

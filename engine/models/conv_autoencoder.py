@@ -63,6 +63,10 @@ class ConvAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x.reshape(-1, *self.image_shape))
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Flat reconstructions, like the input rows (IDEC on this autoencoder is DCEC, Guo et al. 2017)."""
+        return self.decoder(z).reshape(len(z), -1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(reconstruction, flat like `x`; code)."""
         noisy = F.dropout(x, self.cfg.dropout, self.training) if self.cfg.dropout else x
