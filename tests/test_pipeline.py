@@ -28,6 +28,7 @@ TINY = [
     "--set", "data.centers=4", "--set", "data.rows_per_shard=100", "--set", "data.normalize=standard",
     "--set", "model.hidden=[32]", "--set", "model.latent_dim=3", "--set", "train.epochs=3",
     "--set", "train.batch_size=64", "--set", "cluster.k=4", "--set", "cluster.n_init=2",
+    "--set", "cluster.method=kmeans", "--set", "cluster.manifold=none",
 ]
 
 
