@@ -85,6 +85,20 @@ class ModelConfig(_Section):
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [500, 500, 2000])
     """Encoder layer widths; the decoder mirrors them (DEC's d-500-500-2000-latent)."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    n_clusters: int | None = Field(default=None, ge=1)
+    """Clusters of a model with its own cluster head (gan: the size of the one-hot code); None takes
+    cluster.k. The pipeline still runs k-means with cluster.k on the embeddings."""
+    noise_sigma: float = Field(default=0.1, gt=0)
+    """gan: standard deviation of the continuous latent z_n (ClusterGAN's 0.1: small, so that the
+    one-hot code decides the mode)."""
+    beta_n: float = Field(default=10.0, ge=0)
+    """gan: weight of the encoder's noise reconstruction loss mse(z_n, E_n(G(z)))."""
+    beta_c: float = Field(default=10.0, ge=0)
+    """gan: weight of the encoder's code cross-entropy CE(z_c, E_c(G(z)))."""
+    critic_steps: int = Field(default=5, ge=1)
+    """gan: critic (discriminator) updates per generator update (WGAN-GP's n_critic)."""
+    gp_weight: float = Field(default=10.0, ge=0)
+    """gan: weight of the WGAN-GP gradient penalty (lambda)."""
 
 
 class TrainConfig(_Section):

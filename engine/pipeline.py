@@ -110,11 +110,19 @@ def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
     with progress.stage("train", f"{cfg.model.name}, {cfg.train.num_workers} worker(s)"
                         + (" on GPU" if gpu else "")):
         train_encoder(ds.select_columns([X]), in_dim=info.dim, shift=info.shift, scale=info.scale,
-                      model=cfg.model.model_dump(), train=cfg.train, seed=cfg.seed, run_dir=run_dir,
+                      model=model_args(cfg), train=cfg.train, seed=cfg.seed, run_dir=run_dir,
                       config_hash=cfg.hash(), image_shape=info.image_shape, use_gpu=gpu,
                       on_epoch=progress.epoch)
     _record(run_dir, data=info.to_json())
     return info
+
+
+def model_args(cfg: PipelineConfig) -> dict[str, Any]:
+    """The model's build options: `model.*`, with n_clusters taken from cluster.k when it is not set."""
+    args = cfg.model.model_dump()
+    if args["n_clusters"] is None:
+        args["n_clusters"] = cfg.cluster.k
+    return args
 
 
 def embed_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -59,7 +60,7 @@ def _mlp(widths: list[int]) -> nn.Sequential:
 
 @register_model("mlp_ae")
 def build_mlp_autoencoder(*, in_dim: int, latent_dim: int = 10, hidden: list[int] | None = None,
-                          dropout: float = 0.0) -> MLPAutoencoder:
+                          dropout: float = 0.0, **_other_models_options: Any) -> MLPAutoencoder:
     return MLPAutoencoder(MLPAutoencoderConfig(in_dim=in_dim, latent_dim=latent_dim,
                                                hidden=list(hidden) if hidden is not None else [500, 500, 2000],
                                                dropout=dropout))
