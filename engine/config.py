@@ -99,6 +99,9 @@ class ModelConfig(_Section):
     """gan: critic (discriminator) updates per generator update (WGAN-GP's n_critic)."""
     gp_weight: float = Field(default=10.0, ge=0)
     """gan: weight of the WGAN-GP gradient penalty (lambda)."""
+    output_activation: Literal["linear", "sigmoid"] = "linear"
+    """gan: the generator's output layer; sigmoid for inputs scaled to [0, 1] (normalize: max or minmax),
+    as the paper does for images; linear for any other range."""
 
 
 class TrainConfig(_Section):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from engine.config import ModelConfig, config_from_dict
 from engine.errors import CheckpointError, ConfigError
+from engine.metrics import clustering_accuracy
 from engine.models import build_model, model_names
 from engine.train import load_checkpoint, model_from_checkpoint, save_checkpoint
 from engine.train.loop import configure_optimizers, load_optimizer_states, train
@@ -162,8 +163,10 @@ def test_plain_loop_learns_a_mixture(one_thread):
     with torch.no_grad():
         z, codes = m.sample_latent(400)
         assert float((m.predict(m.generator(z)) == codes).float().mean()) > 0.9
-    # Every code is used on the real data.
-    assert len(torch.unique(m.predict(x))) == 4
+    # On the real rows every code is used, and the codes are the mixture's components.
+    pred = m.predict(x)
+    assert len(torch.unique(pred)) == 4
+    assert clustering_accuracy(labels.numpy(), pred.numpy()) > 0.9
 
 
 def test_checkpoint_round_trip_with_optimizers(tmp_path):
@@ -274,20 +277,29 @@ def test_ray_resume_restores_both_optimizers(gan_run):
 def test_ddp_two_workers_follow_the_single_worker_run(ray_local, tmp_path):
     """Full-batch steps: with gradients all-reduced, 2 workers take the steps of 1 worker on the same data.
 
-    Each worker draws the global batch of latents and keeps its half, so only float rounding and the
-    gradient penalty's real/fake pairing differ: the curves stay within 5% of their range (measured: <1%).
-    With the all-reduce bypassed (the steps calling the model instead of the DDP wrapper) each worker
-    steps on its own half batch, and `loss` and `encoder_code` part by 28% and 35% of their range.
+    Each worker draws the global batch of latents and keeps its half, so only float rounding, the
+    generator's per-worker batch norm and the gradient penalty's real/fake pairing differ. The rows are
+    stored sorted by component in 2 blocks, so each worker holds about 2 of the 4 components: with the
+    all-reduce bypassed (the steps calling the model, not the DDP wrapper) each worker fits its own half.
+    Measured on this set: synced, the critic's Wasserstein estimate stays within 0.02 of the 1-worker
+    run and loss / encoder_code within 1% of their range; bypassed, the estimate is 0.76 off and
+    loss / encoder_code 2.5% of their range.
     """
+    x, _, labels = _mixture(128)
+    np.save(tmp_path / "x.npy", x[torch.argsort(labels, stable=True)].numpy())
     curves = {}
     for workers in (1, 2):
-        cfg = _ray_cfg(epochs=15, batch_size=128, lr=3e-3, num_workers=workers, checkpoint_every=15)
-        cfg.data.n_samples = 128
+        cfg = config_from_dict({
+            "data": {"source": "npy", "path": str(tmp_path / "x.npy"), "rows_per_shard": 64},
+            "model": {"name": "gan", "latent_dim": 2, "hidden": [32, 32], "critic_steps": 2},
+            "train": {"epochs": 15, "batch_size": 128, "lr": 3e-3, "num_workers": workers, "checkpoint_every": 15},
+            "cluster": {"k": 4},
+        })
         _, _, model_dir = _train(cfg, tmp_path / f"w{workers}")
-        curves[workers] = load_checkpoint(model_dir)["history"]
-    for term in ("loss", "critic", "gradient_penalty", "encoder_noise", "encoder_code"):
-        one = np.array([h[term] for h in curves[1]])
-        two = np.array([h[term] for h in curves[2]])
-        span = one.max() - one.min()
-        assert span > 0.01 * abs(one).max(), f"{term} hardly moved: the test could not tell the runs apart"
-        assert np.abs(two - one).max() <= 0.05 * span, (term, one, two)
+        curves[workers] = {k: np.array([h[k] for h in load_checkpoint(model_dir)["history"]]) for k in GAN_TERMS}
+    one, two = curves[1], curves[2]
+    assert np.abs(two["wasserstein"] - one["wasserstein"]).max() <= 0.1, (one["wasserstein"], two["wasserstein"])
+    for term in ("loss", "encoder_code"):
+        span = one[term].max() - one[term].min()
+        assert span > 0.2 * abs(one[term]).max(), f"{term} hardly moved: the test could not tell the runs apart"
+        assert np.abs(two[term] - one[term]).max() <= 0.015 * span, (term, one[term], two[term])

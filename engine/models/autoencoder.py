@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -60,7 +59,10 @@ def _mlp(widths: list[int]) -> nn.Sequential:
 
 @register_model("mlp_ae")
 def build_mlp_autoencoder(*, in_dim: int, latent_dim: int = 10, hidden: list[int] | None = None,
-                          dropout: float = 0.0, **_other_models_options: Any) -> MLPAutoencoder:
+                          dropout: float = 0.0, n_clusters: int | None = None, noise_sigma: float = 0.1,
+                          beta_n: float = 10.0, beta_c: float = 10.0, critic_steps: int = 5, gp_weight: float = 10.0,
+                          output_activation: str = "linear") -> MLPAutoencoder:
+    # The cluster count and the gan settings do not apply to an autoencoder.
     return MLPAutoencoder(MLPAutoencoderConfig(in_dim=in_dim, latent_dim=latent_dim,
                                                hidden=list(hidden) if hidden is not None else [500, 500, 2000],
                                                dropout=dropout))

@@ -11,13 +11,15 @@ fresh noise on the same real batch); G and E are trained jointly on
 E only ever sees generated samples. The embedding of a row is [softmax(E_c(x)), E_n(x)] (n_clusters +
 latent_dim features): the code probabilities carry the cluster (k-means on them recovers the argmax
 clusters, which `predict` returns, when the code is confident), and the small noise part separates
-rows within a mode without outweighing the code. Fully connected networks: the input is a flat vector.
+rows within a mode without outweighing the code. Fully connected networks (the input is a flat vector)
+as in the paper's MLP experiments: LeakyReLU, batch norm in G only, and a sigmoid output for data in [0, 1].
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -38,6 +40,7 @@ class ClusterGANConfig:
     beta_c: float = 10.0  # weight of the code cross-entropy
     critic_steps: int = 5  # critic updates per generator update (WGAN-GP's n_critic)
     gp_weight: float = 10.0  # WGAN-GP's lambda
+    output_activation: Literal["linear", "sigmoid"] = "linear"  # the generator's; sigmoid for data in [0, 1]
 
 
 class ClusterGAN(nn.Module):
@@ -50,9 +53,15 @@ class ClusterGAN(nn.Module):
                 raise ConfigError(f"model.{key}={getattr(cfg, key)} should be >= 1")
         if cfg.noise_sigma <= 0:
             raise ConfigError(f"model.noise_sigma={cfg.noise_sigma} should be > 0")
+        if cfg.output_activation not in ("linear", "sigmoid"):
+            raise ConfigError(f"model.output_activation={cfg.output_activation!r} should be 'linear' or 'sigmoid'")
         self.cfg = cfg
         latent = cfg.latent_dim + cfg.n_clusters
-        self.generator = _mlp([latent, *cfg.hidden[::-1], cfg.in_dim])
+        # Batch norm in the generator only, as in the paper's MLPs: the WGAN-GP penalty is per sample,
+        # which batch statistics in the critic would break, and the encoder must embed rows one by one.
+        self.generator = _mlp([latent, *cfg.hidden[::-1], cfg.in_dim], batch_norm=True)
+        if cfg.output_activation == "sigmoid":
+            self.generator.append(nn.Sigmoid())
         self.critic = _mlp([cfg.in_dim, *cfg.hidden, 1])
         self.encoder = _mlp([cfg.in_dim, *cfg.hidden, latent])
 
@@ -164,11 +173,13 @@ def _global_rows(n: int) -> tuple[int, int]:
     return n, 0
 
 
-def _mlp(widths: list[int]) -> nn.Sequential:
+def _mlp(widths: list[int], batch_norm: bool = False) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:  # linear outputs: critic score, logits, and data of any range
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(b))
             layers.append(nn.LeakyReLU(0.2))
     return nn.Sequential(*layers)
 
@@ -177,11 +188,13 @@ def _mlp(widths: list[int]) -> nn.Sequential:
 def build_cluster_gan(*, in_dim: int, n_clusters: int | None = None, latent_dim: int = 10,
                       hidden: list[int] | None = None, noise_sigma: float = 0.1, beta_n: float = 10.0,
                       beta_c: float = 10.0, critic_steps: int = 5, gp_weight: float = 10.0,
-                      **_other_models_options) -> ClusterGAN:
+                      output_activation: Literal["linear", "sigmoid"] = "linear", dropout: float = 0.0) -> ClusterGAN:
+    # dropout is the autoencoders' input noise; the GAN's noise is its latent.
     if n_clusters is None:
         raise ConfigError("model.n_clusters is not set: the gan model needs the number of clusters "
                           "(the pipeline takes cluster.k)")
     return ClusterGAN(ClusterGANConfig(in_dim=in_dim, n_clusters=n_clusters, latent_dim=latent_dim,
                                        hidden=list(hidden) if hidden is not None else [256, 256],
                                        noise_sigma=noise_sigma, beta_n=beta_n, beta_c=beta_c,
-                                       critic_steps=critic_steps, gp_weight=gp_weight))
+                                       critic_steps=critic_steps, gp_weight=gp_weight,
+                                       output_activation=output_activation))

@@ -38,6 +38,7 @@ def configure_optimizers(model: torch.nn.Module, lr: float, weight_decay: float)
 
 def load_optimizer_states(optimizers: Mapping[str, torch.optim.Optimizer], states: Mapping[str, Any],
                           *, where: str = "checkpoint") -> None:
+    """Restore each named optimizer's state; the names must be those the checkpoint was saved with."""
     if set(states) != set(optimizers):
         raise CheckpointError(f"{where}: holds the state of optimizers {sorted(states)} but the model "
                               f"trains with {sorted(optimizers)}")
