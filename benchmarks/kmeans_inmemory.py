@@ -1,5 +1,9 @@
 """In-memory Lloyd k-means speed: engine.KMeans beside faiss.Kmeans and scikit-learn, from one shared init.
 
+Every fit runs in a fresh process of its own (the data memory-mapped from one .npy file): torch, faiss and
+scikit-learn each bring an OpenMP runtime whose idle threads keep spinning after their work, and on a small
+machine one library's spinning threads slowed the next library's fit in the same process by 4-5x.
+
 Every implementation runs `iters` Lloyd iterations from the same k initial rows; the inertia of each result
 is recomputed the same way (exact nearest centroid over all rows) so quality is compared like for like.
 GFLOP/s counts only the assignment GEMM, 2 * n * d * k * iters, against the machine's float32 matmul peak
@@ -80,6 +84,48 @@ def run_sklearn(X: np.ndarray, init: np.ndarray, iters: int, seed: int) -> np.nd
     return model.fit(X).cluster_centers_
 
 
+def _worker(args: argparse.Namespace) -> None:
+    """One timed fit in this fresh process; prints {"seconds": ...} and saves the centroids."""
+    import faiss
+    import torch
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    if args.worker == "peak":
+        print(json.dumps({"peak": matmul_peak(repeats=3)}))
+        return
+    import sklearn.cluster  # noqa: F401
+
+    import engine.cluster  # noqa: F401 - imports, like the data, before the clock starts
+
+    X, init = np.load(args.data, mmap_mode="r"), np.load(args.init)
+    X = np.ascontiguousarray(X[: args.rows])
+    start = time.perf_counter()
+    if args.worker.startswith("engine-"):
+        centroids = run_engine(X, init, args.iters, args.worker.split("-", 1)[1])
+    elif args.worker == "faiss":
+        centroids = run_faiss(X, init, args.iters, args.seed)
+    else:
+        centroids = run_sklearn(X, init, args.iters, args.seed)
+    seconds = time.perf_counter() - start
+    np.save(args.out, np.asarray(centroids, dtype=np.float32))
+    print(json.dumps({"seconds": seconds}))
+
+
+def _run_worker(name: str, data: Path, init: Path, rows: int, args: argparse.Namespace) -> dict:
+    import subprocess
+
+    out = data.with_name(f"centroids-{name}.npy")
+    cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--init", str(init), "--rows", str(rows),
+           "--out", str(out), "--iters", str(args.iters), "--seed", str(args.seed)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if name != "peak":
+        result["centroids"] = np.load(out)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000)
@@ -97,18 +143,28 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=2, help="rounds over the implementations; best time kept")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    for hidden in ("--data", "--init", "--out"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+
+    import tempfile
 
     import faiss
     import sklearn
     import torch
 
     threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
-
     X, init = make_data(args.n, args.d, args.k, args.seed)
-    peak = matmul_peak()
+    tmp = Path(tempfile.mkdtemp(prefix="dce-kmeans-bench-"))
+    data_file, init_file = tmp / "X.npy", tmp / "init.npy"
+    np.save(data_file, X)
+    np.save(init_file, init)
+    peak = 0.0
     flops = 2 * args.n * args.d * args.k * args.iters
     results: dict[str, dict] = {}
     backends = args.backend.split(",")
@@ -121,17 +177,13 @@ def main() -> None:
     # Rounds rotate through the implementations and each keeps its best time, so a burst of load from
     # other jobs on a shared machine does not decide the comparison.
     for _ in range(args.repeats):
+        # Each round: the peak too is measured under the same load, in a fresh process.
+        peak = max(peak, _run_worker("peak", data_file, init_file, args.n, args)["peak"])
         for impl, backend in impls:
             name = f"engine-{backend}" if backend else impl
             rows = args.n if impl != "sklearn" or args.sklearn_n is None else min(args.sklearn_n, args.n)
-            start = time.perf_counter()
-            if impl == "engine":
-                centroids = run_engine(X, init, args.iters, backend)
-            elif impl == "faiss":
-                centroids = run_faiss(X, init, args.iters, args.seed)
-            else:
-                centroids = run_sklearn(X[:rows], init, args.iters, args.seed)
-            seconds = time.perf_counter() - start
+            fit = _run_worker(name, data_file, init_file, rows, args)
+            seconds, centroids = fit["seconds"], fit["centroids"]
             if name in results:
                 results[name]["seconds_all"].append(seconds)
                 continue
@@ -172,15 +224,19 @@ def main() -> None:
         ]
         notes = (
             f"n={args.n}, d={args.d}, k={args.k}, {args.iters} Lloyd iterations from one shared init (seed "
-            f"{args.seed}), best of {args.repeats} rounds; "
+            f"{args.seed}), best of {args.repeats} rounds (the matmul peak measured in each round too, best kept); "
             f"`python benchmarks/kmeans_inmemory.py {' '.join(sys.argv[1:])}`. "
             f"Processor: {platform.processor() or platform.machine()}, {threads} cores; float32 matmul peak "
             f"{peak:.1f} GFLOP/s (4096^2, best of numpy/torch, same run). {versions}. GFLOP/s = 2 n d k iters / "
-            "seconds (assignment GEMM only); engine.KMeans also makes one more assignment for labels_ and "
+            "seconds (assignment GEMM only); each fit in a fresh process (data memory-mapped, read before the clock "
+            "starts); engine.KMeans also makes one more assignment for labels_ and "
             "inertia_ inside its time. A run on fewer rows (rows < n) has its time scaled by n / rows for the "
             "ratios and GFLOP/s."
         )
         append_section("k-means in memory (engine vs faiss vs scikit-learn)", header, rows, notes)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

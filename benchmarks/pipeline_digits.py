@@ -49,7 +49,9 @@ def main() -> None:
             t0 = time.perf_counter()
             result = run_pipeline(cfg, Path(out) / "run")
             seconds = time.perf_counter() - t0
-        ours = {"bench": "pipeline_digits", "impl": f"dce_{cfg.model.name}_kmeans", "seed": seed,
+        steps = [cfg.model.name, *([cfg.cluster.manifold] if cfg.cluster.manifold != "none" else []),
+                 cfg.cluster.method]
+        ours = {"bench": "pipeline_digits", "impl": "dce " + " + ".join(steps), "seed": seed,
                 "epochs": cfg.train.epochs, "workers": cfg.train.num_workers, "seconds": seconds,
                 "stage_seconds": result.seconds, **{k: result.metrics[k] for k in ("acc", "nmi", "ari")},
                 "acc_ratio_to_peer": result.metrics["acc"] / peer["acc"]}
@@ -68,7 +70,7 @@ def main() -> None:
             [f"dce run: {ours[0]['impl']}, {ours[0]['workers']} Ray Train workers", stat(ours, "acc"),
              stat(ours, "nmi"), stat(ours, "ari"), ours[0]["epochs"], f"{np.mean([o['seconds'] for o in ours]):.1f}"],
         ]
-        append_section(f"Digits pipeline (`dce run` default config), seeds 0..{args.seeds - 1}",
+        append_section(f"Digits pipeline (`dce run {args.config or ''}`), seeds 0..{args.seeds - 1}",
                        ["method", "ACC", "NMI", "ARI", "epochs", "seconds (mean, whole pipeline)"], rows,
                        notes="Seconds for `dce run` include Ray Train start-up, embedding and assignment "
                              "through Ray Data; the Ray session is started once, before the first seed.")

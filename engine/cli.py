@@ -91,7 +91,7 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
 @friendly_errors
 def run(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False,
         verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text) -> None:
-    """Run the whole pipeline: train, embed, cluster, evaluate."""
+    """Run the whole pipeline: train, (refine for dec / idec,) embed, cluster, evaluate."""
     from engine.config import load_config
     from engine.pipeline import run_pipeline
 
@@ -141,12 +141,107 @@ def _stage_command(stage: str) -> Callable[..., None]:
     return command
 
 
+app.command("refine", help="dec / idec: refine the run's pretrained model; writes RUN_DIR/refined/.")(
+    friendly_errors(_stage_command("refine")))
 app.command("embed", help="Embed the run's data with its model; writes RUN_DIR/embeddings/.")(
     friendly_errors(_stage_command("embed")))
-app.command("cluster", help="K-means on RUN_DIR/embeddings; writes centroids.npy and assignments/.")(
-    friendly_errors(_stage_command("cluster")))
+@app.command("cluster")
+@friendly_errors
+def cluster(
+    path: Annotated[Path, typer.Argument(help="A run directory, or Parquet embeddings: a folder, file or glob.")],
+    config: Annotated[str | None, typer.Option("--config", "-c", help="Config for Parquet embeddings "
+                                                "(its cluster section; default: digits).")] = None,
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory for Parquet embeddings "
+                                             "(default: runs/<name>).")] = None,
+    column: Annotated[str, typer.Option(help="Vector column of Parquet embeddings.")] = "z",
+    id_column: Annotated[str | None, typer.Option(help="Id column of Parquet embeddings ('' numbers the rows)."
+                                                  )] = "id",
+    label_column: Annotated[str | None, typer.Option(help="Optional label column of Parquet embeddings.")] = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Cluster with the config's cluster.method; writes centroids.npy, cluster.json and assignments/.
+
+    PATH is a run directory (its embeddings/), or embeddings made elsewhere as Parquet (a folder, file or
+    glob): they are checked, imported into the run directory --out, and clustered there.
+    """
+    from engine import pipeline
+    from engine.config import config_from_dict, load_config
+
+    _quiet_env(verbose)
+    progress = _progress(quiet)
+    if (path / pipeline.CONFIG_FILE).is_file():
+        if config is not None or out is not None:
+            from engine.errors import ConfigError
+
+            raise ConfigError(f"{path} is a run directory: it has its own config and outputs, so --config and "
+                              "--out (for Parquet embeddings) do not apply")
+        cfg = pipeline.load_run_config(path, set_)
+        run_dir = path
+        _runtime(cfg, verbose)
+    else:
+        data = {"source": "parquet", "path": str(path), "column": column, "id_column": id_column or None,
+                "label_column": label_column, "normalize": "none"}
+        cfg = config_from_dict({**load_config(config, set_).to_dict(), "data": data}, source=f"{path}")
+        run_dir = pipeline.run_dir_for(cfg, out)
+        pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
+        _runtime(cfg, verbose)
+        pipeline.import_embeddings(cfg, run_dir, progress)
+    summary = pipeline.cluster_stage(cfg, run_dir, progress)
+    if not quiet:
+        typer.echo(f"{run_dir}: {summary['method']} k={summary['k']}, inertia {summary['inertia']:.6g}")
+    else:
+        typer.echo(str(run_dir))
+
+
 app.command("evaluate", help="Metrics of RUN_DIR's assignments; writes metrics.json.")(
     friendly_errors(_stage_command("evaluate")))
+
+
+@app.command()
+@friendly_errors
+def prepare(config: ConfigArg = None, set_: SetOpt = None,
+            out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the Parquet shards.")] = Path("data"),
+            verbose: VerboseOpt = False) -> None:
+    """Write the config's data source as Parquet shards (id, x, label), streaming; usable as a parquet source."""
+    from engine.config import load_config
+    from engine.data.prepare import prepare_source
+
+    _quiet_env(verbose)
+    cfg = load_config(config, set_)
+    from engine.data import open_source
+
+    open_source(cfg.data)  # file and column checks before Ray starts
+    _runtime(cfg, verbose)
+    manifest = prepare_source(cfg.data, out, config_hash=cfg.hash())
+    typer.echo(f"{out}: {manifest['rows']} rows in {len(manifest['files'])} shard(s)")
+
+
+@app.command()
+@friendly_errors
+def federate(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False,
+             verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text) -> None:
+    """Federated k-means over the config's partitions: only centroids, counts and sums leave each one."""
+    from engine.config import load_config
+    from engine.federated.run import run_federated
+
+    _quiet_env(verbose)
+    cfg = load_config(config, set_)
+    result = run_federated(cfg, out, progress=_progress(quiet, log_format), verbose=verbose)
+    s = result.summary
+    if log_format == LogFormat.json:
+        typer.echo(json.dumps({"run_dir": str(result.run_dir), "summary": s}, default=float))
+    elif quiet:
+        typer.echo(str(result.run_dir))
+    else:
+        reference = s["reference"] or {}
+        privacy = s["privacy"] or {}
+        _print_metrics({"mode": s["mode"], "partitions": len(s["partitions"]), "rounds": s["rounds"],
+                        "inertia": s["inertia"], "inertia / centralised": reference.get("inertia_ratio"),
+                        "ARI to centralised": reference.get("ari_to_centralised"), "bytes up": s["bytes_up"],
+                        "bytes down": s["bytes_down"], "dropouts": len(s["dropouts"]),
+                        "epsilon spent": privacy.get("epsilon")}, f"{cfg.name}: {result.run_dir}")
 
 
 @app.command()

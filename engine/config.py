@@ -79,12 +79,31 @@ DataConfig = Annotated[
 # ---- stages ----------------------------------------------------------------------------------------
 
 
+REFINED_MODELS = ("dec", "idec")
+"""Models that pretrain `model.base` in the train stage, then refine it with a clustering head (`refine`)."""
+
+
 class ModelConfig(_Section):
     name: str = "mlp_ae"
+    """mlp_ae (DEC's MLP autoencoder), conv_ae (DCEC's convolutional autoencoder, image sources only), vae,
+    dec / idec (pretrain `base`, then refine it with the DEC clustering head, see `refine`), or gan
+    (ClusterGAN: a WGAN-GP generator and critic with an encoder that inverts the generator)."""
     latent_dim: int = Field(default=10, ge=1)
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [500, 500, 2000])
-    """Encoder layer widths; the decoder mirrors them (DEC's d-500-500-2000-latent)."""
+    """mlp_ae, vae: encoder layer widths; the decoder mirrors them (DEC's d-500-500-2000-latent)."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout on the input only while training (a denoising autoencoder when > 0)."""
+    channels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [32, 64, 128])
+    """conv_ae: output channels of the stride-2 convolutions; the decoder mirrors them (DCEC's 32-64-128)."""
+    kernels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [5, 5, 3])
+    """conv_ae: odd kernel size of each convolution, one per entry of model.channels (DCEC's 5-5-3)."""
+    beta: float = Field(default=1.0, ge=0.0)
+    """vae: weight of the KL term (1 is the plain VAE, > 1 a beta-VAE, 0 an autoencoder with noise)."""
+    recon_loss: Literal["mse", "bce"] = "mse"
+    """vae: reconstruction term, summed over features and averaged over the batch. bce needs inputs in
+    [0, 1] (data.normalize: max or minmax on non-negative data)."""
+    base: str = "mlp_ae"
+    """dec / idec: the registered autoencoder the train stage pretrains before the refine stage."""
     n_clusters: int | None = Field(default=None, ge=1)
     """Clusters of a model with its own cluster head (gan: the size of the one-hot code); None takes
     cluster.k. The pipeline still runs k-means with cluster.k on the embeddings."""
@@ -103,6 +122,32 @@ class ModelConfig(_Section):
     """gan: the generator's output layer; sigmoid for inputs scaled to [0, 1] (normalize: max or minmax),
     as the paper does for images; linear for any other range."""
 
+    @model_validator(mode="after")
+    def _check_conv_layers(self) -> ModelConfig:
+        if len(self.kernels) != len(self.channels):
+            raise ValueError(f"model.kernels has {len(self.kernels)} entries but model.channels has "
+                             f"{len(self.channels)}; give one kernel size per convolution")
+        even = [k for k in self.kernels if k % 2 == 0]
+        if even:
+            raise ValueError(f"model.kernels={self.kernels}: kernel sizes must be odd (got {even[0]})")
+        return self
+
+    @property
+    def refines(self) -> bool:
+        """True for dec / idec: train pretrains `base`, then refine adds the clustering head."""
+        return self.name in REFINED_MODELS
+
+    def pretrain_options(self) -> dict[str, Any]:
+        """The build options of the model the train stage trains: `base` for dec / idec, else this model.
+
+        `base` itself is left out, so autoencoder builders never see it.
+        """
+        options = self.model_dump()
+        base = options.pop("base")
+        if self.refines:
+            options["name"] = base
+        return options
+
 
 class TrainConfig(_Section):
     epochs: int = Field(default=50, ge=1)
@@ -118,6 +163,28 @@ class TrainConfig(_Section):
     every epoch, and every epoch's losses are kept in the checkpoint's history."""
 
 
+class RefineConfig(_Section):
+    """DEC / IDEC refinement (model.name dec or idec), on train.num_workers workers. The centres start from
+    k-means (the `cluster` settings) on the pretrained embeddings; the cluster stage then assigns every row to
+    its nearest refined centre (argmax of the soft assignment) instead of running k-means again."""
+
+    gamma: float = Field(default=0.1, gt=0)
+    """idec: weight of the clustering loss, L = reconstruction MSE + gamma * KL(P || Q) (the IDEC paper's
+    gamma, 0.1 there). dec has no reconstruction term: L = KL(P || Q)."""
+    alpha: float = Field(default=1.0, gt=0)
+    """Degrees of freedom of the Student-t kernel of the soft assignment (1 in both papers)."""
+    update_interval: int = Field(default=140, ge=1)
+    """Optimizer steps between two recomputations of the target distribution P over every row."""
+    tol: float = Field(default=0.001, ge=0, le=1)
+    """Stop when fewer than this fraction of the labels changed between two target updates (0: never)."""
+    max_iter: int = Field(default=20_000, ge=1)
+    """Optimizer steps at most."""
+    lr: float = Field(default=1e-3, gt=0)
+    """Adam's learning rate."""
+    batch_size: int = Field(default=256, ge=1)
+    """Global batch: split evenly over the workers."""
+
+
 class EmbedConfig(_Section):
     batch_size: int = Field(default=4096, ge=1)
     concurrency: int = Field(default=2, ge=1)
@@ -125,20 +192,135 @@ class EmbedConfig(_Section):
     use_gpu: bool | Literal["auto"] = "auto"
 
 
+class UmapConfig(_Section):
+    """UMAP settings for `cluster.manifold: umap` (defaults as in N2D, McConville et al. 2019)."""
+
+    n_components: int | None = Field(default=None, ge=1)
+    """Dimensions of the manifold the clusterer sees; None uses cluster.k."""
+    n_neighbors: int = Field(default=20, ge=2)
+    """Neighbourhood size: larger keeps more global structure (N2D uses 20 on MNIST)."""
+    min_dist: float = Field(default=0.0, ge=0.0)
+    """0 packs the points of a cluster tightly, which is what a clusterer wants (not a pretty plot)."""
+    metric: str = "euclidean"
+    """Any metric umap-learn accepts, by name."""
+
+
 class ClusterConfig(_Section):
-    method: Literal["kmeans", "sharded", "sample_assign"] = "kmeans"
+    method: Literal["kmeans", "sharded", "sample_assign", "two_level", "gmm", "agglomerative", "hdbscan",
+                    "dbscan"] = "kmeans"
     """kmeans: in memory in the driver; sharded: exact Lloyd over Ray actors holding the embedding shards;
-    sample_assign: k-means on a seeded sample, then every row assigned by Ray Data tasks."""
+    sample_assign: k-means on a seeded sample, then every row assigned by Ray Data tasks; two_level: for
+    large k (tens of thousands), ~sqrt(k) coarse clusters, then sub-clusters in each (in the driver); gmm:
+    Gaussian mixture (scikit-learn) of k components; agglomerative: Ward linkage into k clusters, on the
+    points or on `micro_clusters` k-means centroids; hdbscan, dbscan: density-based, they find their own
+    number of clusters (k is not used) and label outliers -1 (noise). The last four hold the embeddings in
+    memory."""
     k: int = Field(default=10, ge=1)
     init: Literal["k-means++", "random"] = "k-means++"
+    """k-means seeding (gmm always starts from scikit-learn's k-means)."""
     n_init: int = Field(default=10, ge=1)
+    """Restarts of kmeans and gmm; the best objective is kept."""
     max_iter: int = Field(default=100, ge=1)
+    """Iterations per run of kmeans (Lloyd) and gmm (EM)."""
     tol: float = Field(default=1e-4, ge=0)
+    """kmeans: relative decrease of the SSE; gmm: change of the mean log-likelihood bound."""
     backend: Literal["auto", "faiss", "torch"] = "auto"
+    spherical: bool = False
+    """Cosine k-means: embeddings and centroids L2-normalised (every method; assignment distances are then
+    those of the unit rows)."""
     num_actors: int | None = Field(default=None, ge=1)
     """sharded: shard actors (default: one per shard, up to the cluster's CPUs)."""
     sample_size: int = Field(default=1_000_000, ge=1)
     """sample_assign: rows k-means is trained on."""
+    n_coarse: int | None = Field(default=None, ge=1)
+    """two_level: coarse clusters (default round(sqrt(k)))."""
+    refine_iter: int = Field(default=0, ge=0)
+    """two_level: full Lloyd iterations over all k centroids after the two levels."""
+    covariance_type: Literal["full", "tied", "diag", "spherical"] = "full"
+    """gmm: shape of each component's covariance (scikit-learn's GaussianMixture)."""
+    micro_clusters: int | None = Field(default=None, ge=2)
+    """agglomerative: None runs Ward on the points (O(n^2) memory, refused above 20,000 rows); a number
+    (e.g. 10*k) runs Ward on the centroids of a k-means into that many micro-clusters, and each row takes
+    the label of its micro-cluster."""
+    min_cluster_size: int = Field(default=5, ge=2)
+    """hdbscan: smallest group of rows that counts as a cluster."""
+    min_samples: int | None = Field(default=None, ge=1)
+    """hdbscan, dbscan: neighbours (the row included) a row needs to be a core point; None uses
+    min_cluster_size for hdbscan and 5 for dbscan."""
+    eps: float = Field(default=0.5, gt=0)
+    """dbscan: neighbourhood radius, in the units of the space clustered (the latent space, or UMAP's)."""
+    manifold: Literal["none", "umap"] = "none"
+    """umap: reduce the embeddings with UMAP (the `umap` extra) before clustering, as N2D does; only with
+    the in-memory methods (kmeans, gmm, agglomerative, hdbscan, dbscan)."""
+    umap: UmapConfig = Field(default_factory=UmapConfig)
+
+
+class PrivacyConfig(_Section):
+    """What a federated client does to its statistics before they leave it; everything is off by default."""
+
+    min_count: int = Field(default=0, ge=0)
+    """Clusters with fewer rows than this (the noisy count under DP) are not shared: sums and count sent as 0."""
+    epsilon: float | None = Field(default=None, gt=0)
+    """Differential privacy budget of the whole run (None: no DP). Rows are clipped to clip_norm, the sums get
+    Gaussian noise and the counts Laplace (or Gaussian) noise, as FedDP-KMeans (Scott et al., ICML 2025)."""
+    delta: float = Field(default=1e-6, gt=0, lt=1)
+    clip_norm: float | None = Field(default=None, gt=0)
+    """L2 bound of a row, needed with epsilon: a data-independent choice (from it the noise is calibrated)."""
+    count_noise: Literal["laplace", "gaussian"] = "laplace"
+    count_share: float = Field(default=0.2, gt=0, lt=1)
+    """Share of each release's budget spent on the counts; the rest goes to the sums."""
+
+    @model_validator(mode="after")
+    def _check_clip_norm(self) -> PrivacyConfig:
+        if self.epsilon is not None and self.clip_norm is None:
+            raise ValueError("clip_norm is required with epsilon: the noise is calibrated to a data-independent "
+                             "bound on a row's L2 norm")
+        return self
+
+
+class PartitionsConfig(_Section):
+    """Where the federated partitions come from."""
+
+    by: Literal["simulate", "column", "folders"] = "simulate"
+    """simulate: split any data source in the driver (experiments); column: one partition per value of
+    `column` in data.path (parquet); folders: one partition per subfolder of data.path (parquet)."""
+    column: str = "partition"
+    split: Literal["iid", "dirichlet", "clusters"] = "iid"
+    """simulate: iid, Dirichlet(alpha) label mix per label, or `clusters_per_partition` labels each (k-FED)."""
+    n_partitions: int = Field(default=4, ge=1)
+    alpha: float = Field(default=1.0, gt=0)
+    clusters_per_partition: int = Field(default=2, ge=1)
+    server_rows: int = Field(default=0, ge=0)
+    """simulate: rows held out of every partition as server-side data (FedDP-KMeans); when > 0 they are the
+    candidate points of the init."""
+
+
+class FederatedConfig(_Section):
+    """`dce federate`: k-means over partitions that never pool their rows. cluster.k, tol, backend and max_iter
+    (of the local k-means) come from the cluster section."""
+
+    mode: Literal["one_shot", "rounds"] = "rounds"
+    """one_shot: k-FED (local k-means, weighted k-means of the union on the server); rounds: federated Lloyd."""
+    local_k: int | None = Field(default=None, ge=1)
+    """Clusters of each client's local k-means (one_shot, and the k-means++ init of rounds); default cluster.k."""
+    max_rounds: int = Field(default=20, ge=1)
+    local_steps: int = Field(default=1, ge=1)
+    """rounds: local Lloyd steps per round on each client (FedAvg style); 1 is exact federated Lloyd."""
+    init_points: str | None = None
+    """rounds: a .npy of server-side points: k rows are the initial centroids, more are init candidates."""
+    partitions: PartitionsConfig = Field(default_factory=PartitionsConfig)
+    placement: Literal["any", "resource"] | dict[str, str] = "any"
+    """any: Ray places the clients; resource: the client of partition p needs the custom resource
+    `partition:p`; a mapping names the resource for each partition."""
+    quorum: float = Field(default=0.5, gt=0, le=1)
+    """Share of the clients that must answer a round; failed or late clients are dropped for that round."""
+    round_timeout: float | None = Field(default=None, gt=0)
+    """Seconds a round waits for its clients (None: no limit)."""
+    secure_aggregation: bool = False
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    compare_centralised: Literal["auto"] | bool = "auto"
+    """Fit centralised k-means on the pooled data for the inertia ratio and ARI (auto: when simulated).
+    The driver then reads every partition: experiments only."""
 
 
 class EvaluateConfig(_Section):
@@ -152,16 +334,42 @@ class RayConfig(_Section):
     num_gpus: int | None = Field(default=None, ge=0)
 
 
+# Methods that cluster the embeddings where they lie (shard actors, Ray Data), never all in one process.
+# Methods that cluster the embeddings where they lie (or at a scale where UMAP is no option): no manifold step.
+NO_MANIFOLD_METHODS = ("sharded", "sample_assign", "two_level")
+
+
 class PipelineConfig(_Section):
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     data: DataConfig = Field(default_factory=DigitsSource)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    federated: FederatedConfig = Field(default_factory=FederatedConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_refined(self) -> PipelineConfig:
+        if not self.model.refines:
+            return self
+        if self.model.base in REFINED_MODELS:
+            raise ValueError(f"model.base={self.model.base!r} should be an autoencoder to pretrain, "
+                             f"not a clustering model")
+        # DEC's labels are the nearest refined centre in Euclidean distance; the cluster section only sets up
+        # the k-means that initialises the centres.
+        c, name = self.cluster, self.model.name
+        if c.method != "kmeans":
+            raise ValueError(f"cluster.method={c.method} does not apply to model.name={name}: its centres start "
+                             f"from k-means (cluster.method: kmeans) and the refined centres label the rows")
+        if c.spherical or c.manifold != "none":
+            key = "cluster.spherical" if c.spherical else "cluster.manifold"
+            raise ValueError(f"{key} does not apply to model.name={name}: its soft assignment uses Euclidean "
+                             f"distances in the latent space")
+        return self
 
     @model_validator(mode="after")
     def _check_blobs_k(self) -> PipelineConfig:
@@ -169,6 +377,28 @@ class PipelineConfig(_Section):
             raise ValueError(
                 f"cluster.k={self.cluster.k} should be <= data.n_samples={self.data.n_samples}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> PipelineConfig:
+        c = self.cluster
+        if c.manifold != "none" and c.method in NO_MANIFOLD_METHODS:
+            raise ValueError(
+                f"cluster.manifold={c.manifold} needs an in-memory method (kmeans, gmm, agglomerative, hdbscan, "
+                f"dbscan); cluster.method={c.method} does not take one"
+            )
+        if c.method == "agglomerative" and c.micro_clusters is not None and c.micro_clusters < c.k:
+            raise ValueError(f"cluster.micro_clusters={c.micro_clusters} should be >= cluster.k={c.k}")
+        if c.manifold == "umap":
+            check_installed("umap", extra="umap", key="cluster.manifold")
+        return self
+
+    @model_validator(mode="after")
+    def _check_bce_inputs(self) -> PipelineConfig:
+        if self.model.name == "vae" and self.model.recon_loss == "bce" and self.data.normalize == "standard":
+            raise ValueError("model.recon_loss='bce' needs inputs in [0, 1], but data.normalize='standard' centres "
+                             "them on 0; use data.normalize=minmax (or max on non-negative data), or "
+                             "model.recon_loss=mse")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,6 +411,17 @@ class PipelineConfig(_Section):
         """Stable hash of the resolved config, recorded in every manifest."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def check_installed(module: str, *, extra: str, key: str) -> None:
+    """ConfigError naming `key` and the pip extra to install when `module` cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"{key} needs the Python module '{module}', which is not installed; "
+            f"install it with: pip install 'deep-cluster-engine[{extra}]'"
+        )
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -271,8 +512,9 @@ def format_validation_error(e: ValidationError) -> str:
             msg = f"'{key}.source' must be one of digits, blobs, parquet, npy, idx; got {tag!r}"
         elif err["type"] == "missing":
             msg = f"missing key '{key}'"
-        elif err["type"] == "value_error" and not loc:
-            msg = str(err["ctx"]["error"])
+        elif err["type"] == "value_error":
+            # A whole-config or whole-section check names its keys itself; a nested section's is prefixed.
+            msg = str(err["ctx"]["error"]) if len(loc) <= 1 else f"'{key}': {err['ctx']['error']}"
         else:
             msg = f"'{key}': {err['msg']} (got {err.get('input')!r})"
         by_key.setdefault(key, []).append(msg)

@@ -46,6 +46,10 @@ def find_engine_error(exc: BaseException) -> EngineError | None:
                 found.args = (user_message(found), *found.args[1:])
             return found
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
+        # Ray Train keeps the error of each failed worker, by rank, beside the one it raises.
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
     return None
 
 

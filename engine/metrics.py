@@ -11,7 +11,7 @@ from sklearn import metrics
 from engine.errors import ConfigError, DataError
 
 NOISE = -1  # a predicted label meaning "no cluster" (density-based algorithms)
-KEYS = ("acc", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz", "inertia")
+KEYS = ("acc", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz", "inertia", "noise_fraction")
 
 
 class MatchedConfusion(NamedTuple):
@@ -73,6 +73,9 @@ def evaluate(
       on the non-noise rows. The silhouette (quadratic in n) uses a seeded sample of at most
       `silhouette_sample` rows and is None if the sample holds fewer than 2 clusters.
     - inertia is passed through as a float (it depends on the centroids, which only the model knows).
+    - noise_fraction is the share of rows labelled noise (-1), 0.0 for methods that assign every row. The
+      external measures are over all rows, noise included, so a method cannot raise its acc by declaring
+      its hard rows noise: read them together with noise_fraction.
     """
     if isinstance(silhouette_sample, bool) or not isinstance(silhouette_sample, int | np.integer):
         raise ConfigError(f"silhouette_sample should be an int, got {silhouette_sample!r}.")
@@ -81,6 +84,7 @@ def evaluate(
     pred = _as_labels(labels_pred, "labels_pred")
     result: dict[str, float | None] = dict.fromkeys(KEYS)
     result["inertia"] = None if inertia is None else float(inertia)
+    result["noise_fraction"] = float(np.mean(pred == NOISE)) if pred.size else None
 
     if labels_true is not None:
         true, pred = _check_labels(labels_true, pred)

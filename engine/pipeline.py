@@ -1,13 +1,15 @@
-"""Stage orchestration over a run directory: prepare, train, embed, cluster, evaluate."""
+"""Stage orchestration over a run directory: prepare, train, (refine,) embed, cluster, evaluate."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -76,17 +78,22 @@ def _record(run_dir: Path, **fields: Any) -> None:
 # ---- stages ----------------------------------------------------------------------------------------
 
 
-def open_input(cfg: PipelineConfig):
-    """Open the configured source (file and column checks) and check k against its row count."""
+def open_input(cfg: PipelineConfig, *, check_model: bool = True):
+    """Open the configured source (file and column checks), check k against its row count and (unless the
+    source holds embeddings to cluster) the model against its shape (conv_ae needs images)."""
+    from engine.models import build_model
+
     source = open_source(cfg.data)
     if cfg.cluster.k > source.n_rows:
         raise ConfigError(f"cluster.k={cfg.cluster.k} should be <= the number of rows ({source.n_rows})")
+    if check_model and source.dim is not None:  # Parquet list columns: train_encoder checks after reading
+        build_model(in_dim=source.dim, image_shape=source.image_shape, **model_args(cfg))
     return source
 
 
-def validate_input(cfg: PipelineConfig, progress: Progress):
+def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool = True):
     """Open the source and read it once: every data error surfaces here, before training."""
-    source = open_input(cfg)
+    source = open_input(cfg, check_model=check_model)
     with progress.stage("validate", f"{cfg.data.source}: {source.n_rows} rows"):
         ds = read_dataset(source)
         if source.dim is not None and source.n_rows * source.dim * 4 <= CACHE_BYTES:
@@ -105,12 +112,17 @@ def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
     ds, info = validated or validate_input(cfg, progress)
     save_config(cfg, run_dir)
     gpu = use_gpu(cfg.train.use_gpu)
+    model = model_args(cfg)
+    if cfg.model.refines:
+        from engine.models.dec import check_base
+
+        check_base(cfg.model.base)
     if hasattr(progress, "set_epochs"):
         progress.set_epochs(cfg.train.epochs)
-    with progress.stage("train", f"{cfg.model.name}, {cfg.train.num_workers} worker(s)"
+    with progress.stage("train", f"{model['name']}, {cfg.train.num_workers} worker(s)"
                         + (" on GPU" if gpu else "")):
         train_encoder(ds.select_columns([X]), in_dim=info.dim, shift=info.shift, scale=info.scale,
-                      model=model_args(cfg), train=cfg.train, seed=cfg.seed, run_dir=run_dir,
+                      model=model, train=cfg.train, seed=cfg.seed, run_dir=run_dir,
                       config_hash=cfg.hash(), image_shape=info.image_shape, use_gpu=gpu,
                       on_epoch=progress.epoch)
     _record(run_dir, data=info.to_json())
@@ -118,33 +130,98 @@ def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
 
 
 def model_args(cfg: PipelineConfig) -> dict[str, Any]:
-    """The model's build options: `model.*`, with n_clusters taken from cluster.k when it is not set."""
-    args = cfg.model.model_dump()
+    """The train stage's build options (`model.*`, `base` for dec / idec), n_clusters from cluster.k when unset."""
+    args = cfg.model.pretrain_options()
     if args["n_clusters"] is None:
         args["n_clusters"] = cfg.cluster.k
     return args
+
+
+def refine_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None) -> dict[str, Any]:
+    """dec / idec: k-means on the pretrained model's embeddings, then DEC / IDEC refinement into refined/."""
+    from engine.runtime import use_gpu
+    from engine.train.refine import initial_centers, refine_model
+
+    if not cfg.model.refines:
+        raise ConfigError(f"model.name={cfg.model.name!r} has no refine stage; it is for dec and idec")
+    model_dir = run_dir / "model"
+    read_manifest(model_dir, stage="train")
+    ds, dim, n_rows = _input(cfg, validated)
+    with progress.stage("refine init", f"k-means k={cfg.cluster.k} on the pretrained embeddings"):
+        centers, initial = initial_centers(ds, model_dir, dim=dim, n_rows=n_rows, cluster=cfg.cluster,
+                                           seed=cfg.seed, work_dir=run_dir, batch_size=cfg.embed.batch_size,
+                                           concurrency=cfg.embed.concurrency, use_gpu=use_gpu(cfg.embed.use_gpu),
+                                           callback=progress.iteration)
+        progress.info(", ".join(f"{k} {v:.4g}" for k, v in initial.items()))
+    r, gpu = cfg.refine, use_gpu(cfg.train.use_gpu)
+    if hasattr(progress, "set_epochs"):
+        progress.set_epochs(math.ceil(r.max_iter / r.update_interval) + 1)
+    with progress.stage("refine", f"{cfg.model.name}, {cfg.train.num_workers} worker(s)" + (" on GPU" if gpu else "")):
+        summary = refine_model(ds, pretrained=model_dir, centers=centers, name=cfg.model.name, refine=r,
+                               num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
+                               seed=cfg.seed, run_dir=run_dir, config_hash=cfg.hash(), use_gpu=gpu, initial=initial,
+                               on_update=lambda record: progress.epoch({"epoch": int(record["update"]), **record}))
+        progress.info(f"{summary['iterations']} steps, {summary['updates']} target updates, stopped by "
+                      f"{summary['stopped']}")
+    _record(run_dir, refine=summary)
+    return summary
+
+
+def model_dir_for(cfg: PipelineConfig, run_dir: Path) -> tuple[Path, str]:
+    """The folder of the model the embed stage uses and its stage: refined/ for dec / idec, else model/."""
+    return (run_dir / "refined", "refine") if cfg.model.refines else (run_dir / "model", "train")
+
+
+def _input(cfg: PipelineConfig, validated=None):
+    """(dataset, dimension, rows) of the configured input: the validated one when given, else read again."""
+    source = open_source(cfg.data)
+    if validated is not None:
+        return validated[0], validated[1].dim, source.n_rows
+    ds = read_dataset(source)
+    # Parquet list columns: the dimension is known after one read.
+    return ds, (source.dim if source.dim is not None else describe(ds).dim), source.n_rows
 
 
 def embed_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None) -> dict[str, Any]:
     from engine.embed import embed_dataset
     from engine.runtime import use_gpu
 
-    model_dir = run_dir / "model"
-    read_manifest(model_dir, stage="train")
-    source = open_source(cfg.data)
-    if validated is not None:
-        ds, dim = validated[0], validated[1].dim
-    else:
-        ds = read_dataset(source)
-        # Parquet list columns: the dimension is known after one read.
-        dim = source.dim if source.dim is not None else describe(ds).dim
-    with progress.stage("embed", f"{source.n_rows} rows, {cfg.embed.concurrency} actor(s)"):
+    model_dir, stage = model_dir_for(cfg, run_dir)
+    read_manifest(model_dir, stage=stage)
+    ds, dim, n_rows = _input(cfg, validated)
+    with progress.stage("embed", f"{n_rows} rows, {cfg.embed.concurrency} actor(s)"):
         manifest = embed_dataset(ds, model_dir, run_dir / "embeddings", dim=dim,
-                                 expected_rows=source.n_rows, config_hash=cfg.hash(),
+                                 expected_rows=n_rows, config_hash=cfg.hash(),
                                  batch_size=cfg.embed.batch_size, concurrency=cfg.embed.concurrency,
                                  use_gpu=use_gpu(cfg.embed.use_gpu))
         progress.info(f"{manifest['rows']} embeddings of dimension {manifest['latent_dim']} "
                       f"in {len(manifest['files'])} shard(s)")
+    return manifest
+
+
+def import_embeddings(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:
+    """Make `cfg.data` (a parquet source of vectors made elsewhere) the run's embeddings, for `dce cluster`.
+
+    The validating pass (dimension, NaN/inf with file and row, duplicate ids) reads every row before
+    anything is written; then `run_dir/embeddings/` (`id`, `z`, `label`) is written with its manifest, so
+    every cluster method and `dce evaluate` read it as they read a pipeline run's embeddings. The source
+    files are not changed.
+    """
+    from engine.data.schema import LABEL, Z
+    from engine.data.shards import write_dataset
+
+    ds, info = validate_input(cfg, progress, check_model=False)
+
+    def to_embeddings(batch):
+        cols = [ID, X] + ([LABEL] if LABEL in batch.column_names else [])
+        return batch.select(cols).rename_columns([ID, Z] + cols[2:])
+
+    with progress.stage("import", str(cfg.data.path)):
+        save_config(cfg, run_dir)
+        manifest = write_dataset(ds.map_batches(to_embeddings, batch_format="pyarrow"), run_dir / "embeddings",
+                                 stage="embed", config_hash=cfg.hash(), expected_rows=info.n_rows,
+                                 latent_dim=info.dim, imported_from=str(cfg.data.path))
+        progress.info(f"{manifest['rows']} vectors of dimension {info.dim} in {len(manifest['files'])} shard(s)")
     return manifest
 
 
@@ -156,45 +233,103 @@ def cluster_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dic
     rows = read_manifest(embeddings, stage="embed")["rows"]
     if c.k > rows:
         raise ConfigError(f"cluster.k={c.k} should be <= the number of embeddings ({rows})")
-    with progress.stage("cluster", f"{c.method} k={c.k} on {rows} rows"):
+    method = cfg.model.name if cfg.model.refines else c.method
+    if not cfg.model.refines and (c.method not in ("kmeans", "sharded", "sample_assign", "two_level")
+                                  or c.manifold != "none"):
+        return _cluster_in_memory(cfg, run_dir, progress, rows)
+    with progress.stage("cluster", f"{method} k={c.k} on {rows} rows"):
         km = _fit_clusters(cfg, embeddings, run_dir, progress)
         progress.info(f"inertia {km.inertia_:.6g} after {km.n_iter_} iteration(s)")
         centroids = km.cluster_centers_
         tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
         np.save(tmp, centroids)
         os.replace(tmp, run_dir / "centroids.npy")
-        summary = {"method": c.method, "k": c.k, "inertia": float(km.inertia_), "n_iter": int(km.n_iter_),
+        summary = {"method": method, "k": c.k, "inertia": float(km.inertia_), "n_iter": int(km.n_iter_),
                    "history": km.history_}
         _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
-    if c.method != "sample_assign":  # sample_assign has written its assignments already
+    if method != "sample_assign":  # sample_assign has written its assignments already
         with progress.stage("assign", f"{rows} rows"):
             assign_shards(embeddings, centroids, run_dir / "assignments", config_hash=cfg.hash(),
-                          concurrency=cfg.embed.concurrency, backend=c.backend)
+                          concurrency=cfg.embed.concurrency, backend=c.backend, spherical=c.spherical)
+    return summary
+
+
+def _cluster_in_memory(cfg: PipelineConfig, run_dir: Path, progress: Progress, rows: int) -> dict[str, Any]:
+    """Methods without centroids to assign shards with (gmm, agglomerative, hdbscan, dbscan) and any method
+    after a manifold step: labels computed in this process, then written as the assignments.
+
+    Whatever the method, centroids.npy holds each cluster's mean embedding, `distance` is a row's Euclidean
+    distance to it in the latent space (NaN for noise, label -1) and inertia sums the squared distances of
+    the rows in clusters; cluster.json adds the number of clusters found and the count and share of noise.
+    """
+    from engine.cluster import cluster_means, fit_labels
+    from engine.cluster.shards import load_vectors, write_assignments
+
+    c = cfg.cluster
+    what = c.method if c.manifold == "none" else f"{c.manifold} + {c.method}"
+    with progress.stage("cluster", f"{what} on {rows} rows"):
+        ids, z, _ = load_vectors(run_dir / "embeddings")
+        labels, info = fit_labels(z, c, cfg.seed)
+        centroids, distance = cluster_means(z, labels)
+        inertia = float(np.nansum(np.square(distance.astype(np.float64))))
+        progress.info(f"{info['n_clusters']} clusters, {info['n_noise']} noise row(s), inertia {inertia:.6g}")
+        tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
+        np.save(tmp, centroids)
+        os.replace(tmp, run_dir / "centroids.npy")
+        summary = {"method": c.method, "k": c.k, "inertia": inertia, **info}
+        _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
+        write_assignments(ids, labels, distance, run_dir / "assignments", config_hash=cfg.hash(),
+                          rows_per_file=cfg.data.rows_per_shard, k=int(len(centroids)), n_noise=info["n_noise"])
     return summary
 
 
 def _fit_clusters(cfg: PipelineConfig, embeddings: Path, run_dir: Path, progress: Progress):
     """The fitted estimator for `cluster.method`; its inertia is over every row."""
-    from engine.cluster import KMeans
+    from engine.cluster import KMeans, TwoLevelKMeans
     from engine.cluster._sharded import ShardedKMeans, fit_sample_then_assign
     from engine.cluster.shards import load_vectors
 
     c = cfg.cluster
-    if c.method == "kmeans":
+    if cfg.model.refines:
+        return _refined_centers(cfg, embeddings, run_dir)
+    if c.method in ("kmeans", "two_level"):
         _, z, _ = load_vectors(embeddings)
-        return KMeans(n_clusters=c.k, init=c.init, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
-                      backend=c.backend, callback=progress.iteration).fit(z)
+        common = dict(n_clusters=c.k, init=c.init, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
+                      backend=c.backend, spherical=c.spherical, callback=progress.iteration)
+        if c.method == "two_level":
+            return TwoLevelKMeans(n_coarse=c.n_coarse, refine_iter=c.refine_iter, **common).fit(z)
+        return KMeans(**common).fit(z)
     if c.method == "sharded":
         return ShardedKMeans(n_clusters=c.k, init=c.init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
-                             backend=c.backend, num_actors=c.num_actors).fit(embeddings)
+                             backend=c.backend, num_actors=c.num_actors, spherical=c.spherical).fit(embeddings)
     km, manifest = fit_sample_then_assign(embeddings, run_dir / "assignments", c.k, c.sample_size, init=c.init,
                                           max_iter=c.max_iter, tol=c.tol, seed=cfg.seed, backend=c.backend,
                                           num_actors=c.num_actors, config_hash=cfg.hash(),
-                                          concurrency=cfg.embed.concurrency)
+                                          concurrency=cfg.embed.concurrency, spherical=c.spherical)
     # The sample's inertia is not the data's: the assignments' distances give the inertia over every row.
     table = read_table(run_dir / "assignments", stage="assign", columns=["distance"])
     km.inertia_ = float(np.sum(np.square(table.column("distance").to_numpy().astype(np.float64))))
     return km
+
+
+def _refined_centers(cfg: PipelineConfig, embeddings: Path, run_dir: Path):
+    """dec / idec: the refined centres, no new k-means; argmax_j q_ij is the nearest centre, so the assign
+    stage's nearest-centre labels are DEC's labels. `n_iter_` counts refinement steps."""
+    from engine.cluster import assign
+    from engine.cluster.shards import load_vectors
+    from engine.train import load_checkpoint
+
+    model_dir, stage = model_dir_for(cfg, run_dir)
+    read_manifest(model_dir, stage=stage)
+    state = load_checkpoint(model_dir)
+    centers = state["state_dict"]["centers"].numpy()
+    if len(centers) != cfg.cluster.k:
+        raise ConfigError(f"cluster.k={cfg.cluster.k} but {model_dir} was refined with {len(centers)} centres; "
+                          f"run the refine stage again for another k")
+    _, z, _ = load_vectors(embeddings)
+    _, sq = assign(z, centers, backend=cfg.cluster.backend)
+    return SimpleNamespace(cluster_centers_=centers, inertia_=float(np.sum(sq, dtype=np.float64)),
+                           n_iter_=int(state["epoch"]), history_=[])
 
 
 def evaluate_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:
@@ -258,8 +393,10 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
         _record(run_dir, seconds={name: seconds[name]})
         return result
 
-    # Train and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
+    # Train, refine and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
     timed("train", train_stage, validated)
+    if cfg.model.refines:
+        timed("refine", refine_stage, validated)
     timed("embed", embed_stage, validated)
     timed("cluster", cluster_stage)
     metrics = timed("evaluate", evaluate_stage)

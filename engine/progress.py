@@ -67,7 +67,9 @@ class RichProgress(Progress):
 
     def iteration(self, record: dict[str, Any]) -> None:
         if self._status is not None:
-            self._status.update(f"[bold cyan]{self._name}[/] restart {record.get('run', 0) + 1} "
+            where = f"{record['level']} " if "level" in record else ""
+            where += f"part {record['part']} " if "part" in record else f"restart {record.get('run', 1)} "
+            self._status.update(f"[bold cyan]{self._name}[/] {where}"
                                 f"iteration {record['iter']}  objective {record['objective']:.6g}")
 
     def info(self, message: str) -> None:

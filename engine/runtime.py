@@ -50,6 +50,8 @@ def _quiet_ray_data(verbose: bool) -> None:
     if not verbose:
         for name in ("ray.data", "ray.train", "ray.tune", "ray._private", "ray"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # Its one warning says that the bars are off, which is what quiet asked for.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def resources() -> Resources:

@@ -121,12 +121,14 @@ def test_bad_settings():
         config_from_dict({"model": {"name": "gan", "n_clusters": 0}})
 
 
-def test_every_builder_accepts_every_model_setting():
-    # The pipeline passes all of model.* to whichever model is named.
+def test_every_builder_takes_the_model_settings_it_declares():
+    # The pipeline passes all of model.* to whichever model is named; each keeps only its own settings.
     for name in model_names():
-        options = {**ModelConfig(name=name, hidden=[8]).model_dump(), "n_clusters": 3}
-        model = build_model(in_dim=6, **options)
-        assert model.encode(torch.zeros(2, 6)).shape[0] == 2
+        options = {**ModelConfig(name=name, hidden=[8], channels=[4], kernels=[3]).model_dump(), "n_clusters": 3}
+        model = build_model(in_dim=64, image_shape=[8, 8], **options)
+        assert model.encode(torch.zeros(2, 64)).shape[0] == 2
+    assert "noise_sigma" not in build_model("mlp_ae", in_dim=6, noise_sigma=0.5, channels=[4]).build_args
+    assert build_model("gan", in_dim=6, n_clusters=3, channels=[4]).build_args["n_clusters"] == 3
 
 
 def test_pipeline_fills_n_clusters_from_cluster_k():

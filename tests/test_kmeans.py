@@ -623,7 +623,7 @@ def test_faiss_gpu_backend_uses_one_gpu(monkeypatch):
     [
         ("auto", 1, True, "faiss-gpu"),
         ("auto", 0, True, "torch"),
-        ("auto", 0, False, "faiss-cpu"),
+        ("auto", 0, False, "torch"),
         ("faiss", 0, True, "faiss-cpu"),
         ("faiss", 2, False, "faiss-gpu"),
         ("torch", 1, False, "torch"),

@@ -65,6 +65,7 @@ def test_noise_counts_as_wrong_for_acc_and_as_a_cluster_for_nmi_ari():
     # Were noise matched like a cluster, it would take class 2 and give 1.0.
     assert clustering_accuracy(y_true, y_pred) == pytest.approx(4 / 6)
     result = evaluate(y_pred, labels_true=y_true)
+    assert result["noise_fraction"] == pytest.approx(2 / 6)
     assert result["nmi"] == pytest.approx(1.0)
     assert result["ari"] == pytest.approx(1.0)
     confusion = confusion_after_matching(y_true, y_pred)
@@ -82,7 +83,7 @@ def test_evaluate_matches_sklearn(blobs):
     result = evaluate(pred, labels_true=y, X=X, inertia=12.5)
     assert tuple(result) == KEYS
     assert set(result) == {"acc", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz",
-                           "inertia"}
+                           "inertia", "noise_fraction"}
     assert result["acc"] == pytest.approx(np.mean(((pred - 1) % 4) == y))
     assert result["nmi"] == pytest.approx(skm.normalized_mutual_info_score(y, pred))
     assert result["ari"] == pytest.approx(skm.adjusted_rand_score(y, pred))
@@ -95,7 +96,7 @@ def test_evaluate_matches_sklearn(blobs):
 
 def test_missing_inputs_give_none(blobs):
     X, y = blobs
-    assert evaluate(y) == dict.fromkeys(KEYS)
+    assert evaluate(y) == {**dict.fromkeys(KEYS), "noise_fraction": 0.0}
     no_labels = evaluate(y, X=X)
     assert no_labels["acc"] is None and no_labels["nmi"] is None and no_labels["ari"] is None
     assert no_labels["silhouette"] is not None

@@ -21,12 +21,14 @@ from engine.data import read_manifest, read_table
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parent.parent
-METRIC_KEYS = {"acc", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz", "inertia"}
+METRIC_KEYS = {"acc", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz", "inertia",
+               "noise_fraction"}
 TINY = [
     "--set", "data.source=blobs", "--set", "data.n_samples=400", "--set", "data.n_features=6",
     "--set", "data.centers=4", "--set", "data.rows_per_shard=100", "--set", "data.normalize=standard",
     "--set", "model.hidden=[32]", "--set", "model.latent_dim=3", "--set", "train.epochs=3",
     "--set", "train.batch_size=64", "--set", "cluster.k=4", "--set", "cluster.n_init=2",
+    "--set", "cluster.method=kmeans", "--set", "cluster.manifold=none",
 ]
 
 
@@ -97,7 +99,7 @@ def test_train_alone_then_the_other_stages(ray_local, tmp_path):
     assert set(json.loads((out / "metrics.json").read_text())) == METRIC_KEYS
 
 
-@pytest.mark.parametrize("method", ["sharded", "sample_assign"])
+@pytest.mark.parametrize("method", ["sharded", "sample_assign", "two_level"])
 def test_cluster_methods_at_scale(tiny_run, method):
     """`dce cluster` with the distributed methods: every id once, the blobs found, inertia near in-memory."""
     assert invoke("cluster", tiny_run, "--set", "cluster.k=4", "--set", "cluster.method=kmeans",
@@ -112,6 +114,51 @@ def test_cluster_methods_at_scale(tiny_run, method):
     np.testing.assert_array_equal(np.sort(_ids(tiny_run / "assignments", "assign")), np.arange(400))
     assert invoke("evaluate", tiny_run, "--quiet").exit_code == 0
     assert json.loads((tiny_run / "metrics.json").read_text())["ari"] > 0.9
+
+
+def test_spherical_clustering_of_a_run(tiny_run):
+    result = invoke("cluster", tiny_run, "--set", "cluster.k=4", "--set", "cluster.spherical=true", "--quiet")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(np.linalg.norm(np.load(tiny_run / "centroids.npy"), axis=1), 1.0, rtol=1e-5)
+    distance = read_table(tiny_run / "assignments", stage="assign", columns=["distance"]).column("distance")
+    assert distance.to_numpy().max() <= 2.0  # of unit rows to unit centroids
+
+
+def test_prepare_then_cluster_parquet_embeddings(ray_local, tmp_path):
+    """`dce prepare` writes any source as Parquet shards; `dce cluster` takes Parquet made elsewhere."""
+    data = tmp_path / "blobs"
+    result = invoke("prepare", "--set", "data.source=blobs", "--set", "data.n_samples=500", "--set",
+                    "data.n_features=5", "--set", "data.centers=3", "--set", "data.rows_per_shard=200",
+                    "--out", data)
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(data, stage="input")
+    assert manifest["rows"] == 500 and len(manifest["files"]) == 3
+    np.testing.assert_array_equal(np.sort(_ids(data, "input")), np.arange(500))
+
+    # Vectors written by another tool: no manifest, other column names, ids not 0..n-1.
+    rng = np.random.default_rng(0)
+    centers = np.array([[0, 0, 0], [20, 0, 0], [0, 20, 0]], dtype=np.float32)
+    labels = np.arange(300) % 3
+    vecs = (rng.standard_normal((300, 3)) + centers[labels]).astype(np.float32)
+    ext = tmp_path / "external"
+    ext.mkdir()
+    for i in range(2):
+        part = slice(150 * i, 150 * (i + 1))
+        pq.write_table(pa.table({"key": np.arange(1000, 1300)[part], "emb": list(vecs[part]),
+                                 "truth": labels[part]}), ext / f"part-{i}.parquet")
+    out = tmp_path / "run"
+    result = invoke("cluster", ext, "--column", "emb", "--id-column", "key", "--label-column", "truth",
+                    "--set", "cluster.k=3", "--set", "cluster.method=sharded", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert read_manifest(out / "embeddings", stage="embed")["rows"] == 300
+    np.testing.assert_array_equal(np.sort(_ids(out / "assignments", "assign")), np.arange(1000, 1300))
+    assert invoke("evaluate", out, "--quiet").exit_code == 0
+    assert json.loads((out / "metrics.json").read_text())["acc"] == 1.0
+
+    # Bad input names the column; a run directory refuses --config/--out.
+    _assert_clean_failure(invoke("cluster", ext, "--column", "nope", "--out", tmp_path / "bad"), "nope",
+                          tmp_path / "bad")
+    _assert_clean_failure(invoke("cluster", out, "--out", tmp_path / "other"), "is a run directory")
 
 
 def test_datasets_lists_sources():

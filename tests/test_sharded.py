@@ -197,3 +197,38 @@ def test_sample_then_assign_writes_every_id_once(ray_local, blobs, embeddings, t
     # Trained on a third of well-separated blobs: as good as training on all of them, within 5%.
     assert model.score(blobs) >= 1.05 * -KMeans(K, seed=0).fit(blobs).inertia_
     assert_no_shard_actors(ray_local)
+
+
+@pytest.mark.ray
+def test_spherical_equals_kmeans_spherical(ray_local, blobs, shards, embeddings, tmp_path):
+    from engine.cluster._sharded import fit_sample_then_assign
+    from engine.data.shards import read_table
+
+    X = blobs + 5.0  # away from the origin, so directions differ between blobs
+    init = X[np.random.default_rng(1).choice(len(X), K, replace=False)]
+    ref = KMeans(K, init=init, max_iter=6, tol=0, spherical=True).fit(X)
+    model = ShardedKMeans(K, init=init, max_iter=6, tol=0, spherical=True).fit([s + 5.0 for s in shards])
+    np.testing.assert_allclose(np.linalg.norm(model.cluster_centers_, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(model.cluster_centers_, ref.cluster_centers_, rtol=1e-4, atol=1e-5)
+    assert model.inertia_ == pytest.approx(ref.inertia_, rel=1e-4)
+    np.testing.assert_array_equal(model.predict(X), ref.predict(X))
+
+    # sample_assign: distances are those of the unit rows (so at most 2), to unit centroids.
+    out = tmp_path / "assignments"
+    km, _ = fit_sample_then_assign(embeddings, out, K, sample_size=300, num_actors=1, concurrency=1,
+                                   spherical=True)
+    np.testing.assert_allclose(np.linalg.norm(km.cluster_centers_, axis=1), 1.0, rtol=1e-5)
+    table = read_table(out, stage="assign")
+    assert table.column("distance").to_numpy().max() <= 2.0
+    unit = blobs / np.linalg.norm(blobs, axis=1, keepdims=True)
+    order = np.argsort(table.column("id").to_numpy())
+    np.testing.assert_array_equal(table.column("cluster").to_numpy()[order], km.predict(unit))
+    assert_no_shard_actors(ray_local)
+
+
+def test_spherical_zero_row_is_named(blobs):
+    rows = blobs[:20].copy()
+    rows[7] = 0
+    actor = ShardActor([rows], ["part-3.parquet"], spherical=True)
+    with pytest.raises(DataError, match=r"part-3.parquet: column 'z' row 7 is all zeros"):
+        actor.load()

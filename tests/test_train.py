@@ -109,7 +109,7 @@ def trained(ray_local, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     epochs_seen = []
     model_dir = train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
-                              model=cfg.model.model_dump(), train=cfg.train, seed=0, run_dir=run_dir,
+                              model=cfg.model.pretrain_options(), train=cfg.train, seed=0, run_dir=run_dir,
                               config_hash=cfg.hash(), on_epoch=epochs_seen.append)
     return cfg, ds, info, run_dir, model_dir, epochs_seen
 

@@ -189,6 +189,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             params["init"] = None
         meta = {
             "format": _SAVE_FORMAT,
+            "estimator": type(self).__name__,
             "params": params,
             "inertia": self.inertia_,
             "n_iter": self.n_iter_,
@@ -213,6 +214,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             raise CheckpointError(f"{path}: not a saved KMeans model ({e})") from e
         if meta.get("format") != _SAVE_FORMAT:
             raise CheckpointError(f"{path}: format {meta.get('format')!r}, expected {_SAVE_FORMAT!r}")
+        if meta.get("estimator", "KMeans") != cls.__name__:
+            raise CheckpointError(f"{path}: holds a {meta['estimator']}; load it with {meta['estimator']}.load")
         params = meta["params"]
         if init is not None:
             params["init"] = init

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from engine.cluster._kmeans import KMeans, _check_int
+from engine.cluster._kmeans import KMeans, _check_int, _renormalise, _unit_rows
 from engine.cluster._stats import (
     PartialStats,
     as_float32_matrix,
@@ -50,12 +50,13 @@ class ShardActor:
     """
 
     def __init__(self, shards: Sequence[Shard], names: Sequence[str], column: str = Z, backend: str = "auto",
-                 first_shard: int = 0):
+                 first_shard: int = 0, spherical: bool = False):
         self._shards = list(shards)
         self._names = list(names)
         self._column = column
         self._backend = backend
         self._first_shard = first_shard  # global index of this actor's first shard, for per-shard seeds
+        self._spherical = spherical  # rows are L2-normalised once, at load
         self._X = np.zeros((0, 0), dtype=np.float32)
         self._shard_rows: list[int] = []
         self._labels: np.ndarray | None = None  # assignment of the last partial_stats, for the repair
@@ -78,6 +79,8 @@ class ShardActor:
                     f"{parts[0].shape[1]}"
                 )
             check_finite(X, name=self._column, where=name)
+            if self._spherical:
+                X = _unit_rows(X, name=f"{name}: column '{self._column}'")
             parts.append(X)
             info.append((name, X.shape[0], X.shape[1]))
         self._shards = []  # the rows now live in self._X; drop the inputs
@@ -103,6 +106,12 @@ class ShardActor:
         self._labels, self._sq = assign(self._X, centroids, backend=self._backend)
         stats = stats_from_assignment(self._X, self._labels, self._sq, centroids.shape[0])
         return stats.sums, stats.counts, stats.sse
+
+    def peak_rss(self) -> int:
+        """This process's peak resident memory in bytes (Linux reports kibibytes), for memory checks."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def farthest_member(self, cluster: int) -> tuple[float, int, np.ndarray] | None:
         """(squared distance, local index, row) of the member of `cluster` farthest from its centroid, as
@@ -173,6 +182,8 @@ class ShardedKMeans(BaseEstimator):
         however they are grouped into actors (up to float rounding of the sums).
     num_actors : actors holding the shards (contiguous groups of shards); default min(shards, cluster CPUs).
     column : the vector column of Parquet shards.
+    spherical : cosine k-means as `KMeans(spherical=True)`: each actor normalises its rows once at load,
+        and the centroids are re-normalised after each update.
 
     Each actor takes 1 CPU (and a GPU share when the cluster has GPUs, for the "auto" backend), actors are
     spread over the nodes, every actor reads only its own files, and all are killed when fit returns.
@@ -193,6 +204,7 @@ class ShardedKMeans(BaseEstimator):
         backend: str = "auto",
         num_actors: int | None = None,
         column: str = Z,
+        spherical: bool = False,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -202,6 +214,7 @@ class ShardedKMeans(BaseEstimator):
         self.backend = backend
         self.num_actors = num_actors
         self.column = column
+        self.spherical = spherical
 
     def fit(self, source: str | Path | Sequence[str | Path] | Sequence[np.ndarray], y: Any = None) -> ShardedKMeans:
         """Cluster the rows of `source`: a complete embeddings folder, Parquet paths, or numpy shards."""
@@ -212,7 +225,7 @@ class ShardedKMeans(BaseEstimator):
         # What the shapes alone can tell is checked here, before any actor starts.
         _check_shapes(_shapes(shards, names, self.column), self.column, self.n_clusters)
         num_actors = _actor_count(self.num_actors, len(shards))
-        actors = _start_actors(shards, names, num_actors, self.column, self.backend)
+        actors = _start_actors(shards, names, num_actors, self.column, self.backend, self.spherical)
         try:
             sizes = self._load(actors)
             self.n_samples_ = int(sizes.sum())
@@ -220,7 +233,7 @@ class ShardedKMeans(BaseEstimator):
             init = self._check_init(self.n_features_in_)
             rng = np.random.default_rng(self.seed)
             if isinstance(init, np.ndarray):
-                centroids = init.copy()
+                centroids = _unit_rows(init, name="init") if self.spherical else init.copy()
             elif init == "random":
                 centroids = _gather(actors, sizes, rng.choice(self.n_samples_, size=self.n_clusters, replace=False))
             else:
@@ -239,6 +252,8 @@ class ShardedKMeans(BaseEstimator):
             raise DataError(
                 f"X has {X.shape[1]} features, but ShardedKMeans was fitted with {self.n_features_in_} features."
             )
+        if self.spherical:
+            X = _unit_rows(X)
         return assign(X, self.cluster_centers_, backend=self.backend)[0]
 
     # --- settings -------------------------------------------------------------------------------------
@@ -261,6 +276,8 @@ class ShardedKMeans(BaseEstimator):
             )
         if not isinstance(self.column, str) or not self.column:
             raise ConfigError(f"column should be a column name, got {self.column!r}.")
+        if not isinstance(self.spherical, bool | np.bool_):
+            raise ConfigError(f"spherical should be True or False, got {self.spherical!r}.")
 
     def _check_init(self, n_features: int) -> str | np.ndarray:
         if isinstance(self.init, str):
@@ -298,6 +315,8 @@ class ShardedKMeans(BaseEstimator):
             stats = self._stats(actors, ray.put(centroids))
             new, empty = stats.centroids(centroids)
             repaired = _split_largest(actors, stats, new, empty) if empty.size else 0
+            if self.spherical:
+                _renormalise(new, centroids)
             objective = stats.sse
             record = lloyd_record(it, centroids, new, objective, previous_objective, repaired, start)
             centroids = new
@@ -345,7 +364,8 @@ class ShardedKMeans(BaseEstimator):
         logger.debug("k-means||: %d candidates for k=%d", C.shape[0], k)
         seeds = kmeans_plusplus(C, k, sample_weight=weights, seed=int(rng.integers(2**31)))
         # Weighted Lloyd on the candidates, as Spark's k-means|| does: a better start for the full Lloyd.
-        local = KMeans(k, init=seeds, max_iter=self.max_iter, tol=self.tol, backend=self.backend)
+        local = KMeans(k, init=seeds, max_iter=self.max_iter, tol=self.tol, backend=self.backend,
+                       spherical=self.spherical)
         return local.fit(C, sample_weight=weights).cluster_centers_
 
 
@@ -423,7 +443,8 @@ def _actor_count(num_actors: int | None, n_shards: int) -> int:
     return max(1, min(n_shards, int(ray.cluster_resources().get("CPU", 1))))
 
 
-def _start_actors(shards: list[Shard], names: list[str], num_actors: int, column: str, backend: str) -> list:
+def _start_actors(shards: list[Shard], names: list[str], num_actors: int, column: str, backend: str,
+                  spherical: bool = False) -> list:
     import ray
 
     from engine.runtime import init_ray
@@ -438,7 +459,8 @@ def _start_actors(shards: list[Shard], names: list[str], num_actors: int, column
     # Contiguous groups keep the global row order (actor 0's rows first), as KMeans sees the concatenation.
     groups = np.array_split(np.arange(len(shards)), num_actors)
     return [
-        remote.remote([shards[i] for i in g], [names[i] for i in g], column, backend, int(g[0])) for g in groups
+        remote.remote([shards[i] for i in g], [names[i] for i in g], column, backend, int(g[0]), spherical)
+        for g in groups
     ]
 
 
@@ -516,13 +538,17 @@ def fit_sample_then_assign(
     config_hash: str = "",
     batch_size: int = 65536,
     concurrency: int = 2,
+    column: str = Z,
+    stage: str | None = "embed",
+    spherical: bool = False,
 ) -> tuple[KMeans, dict[str, Any]]:
     """Train `KMeans` on a seeded sample of an embeddings folder, then assign every row with Ray Data.
 
     The sample (sample_size rows drawn uniformly without replacement; all rows when there are fewer) is
     gathered from shard actors, so no process reads more than its share of the files; the actors are
     killed before the assignment starts. Returns the fitted model and the manifest of `out_dir`, which
-    holds `id, cluster, distance` for every embedding row exactly once.
+    holds `id, cluster, distance` for every embedding row exactly once. `column` and `stage` read another
+    vector column of another complete folder (e.g. `x` of input shards, stage "input").
     """
     import ray
 
@@ -533,14 +559,14 @@ def fit_sample_then_assign(
     _check_int("seed", seed, minimum=0)
     if num_actors is not None:
         _check_int("num_actors", num_actors, minimum=1)
-    read_manifest(embeddings, stage="embed")
+    read_manifest(embeddings, stage=stage)
     shards, names = _resolve_source(embeddings)
-    shapes = _shapes(shards, names, Z)
-    _check_shapes(shapes, Z, n_clusters)
+    shapes = _shapes(shards, names, column)
+    _check_shapes(shapes, column, n_clusters)
     n_samples = sum(rows for _, rows, _ in shapes)
     check_n_clusters(n_clusters, min(sample_size, n_samples))
 
-    actors = _start_actors(shards, names, _actor_count(num_actors, len(shards)), Z, backend)
+    actors = _start_actors(shards, names, _actor_count(num_actors, len(shards)), column, backend, spherical)
     try:
         sizes = np.array([sum(rows for _, rows, _ in info) for info in _get([a.load.remote() for a in actors])])
         rng = np.random.default_rng(seed)
@@ -549,7 +575,9 @@ def fit_sample_then_assign(
     finally:
         for actor in actors:
             ray.kill(actor)
-    model = KMeans(n_clusters, init=init, max_iter=max_iter, tol=tol, seed=seed, backend=backend).fit(sample)
+    model = KMeans(n_clusters, init=init, max_iter=max_iter, tol=tol, seed=seed, backend=backend,
+                   spherical=spherical).fit(sample)
     manifest = assign_shards(embeddings, model.cluster_centers_, out_dir, config_hash=config_hash,
-                             batch_size=batch_size, concurrency=concurrency, backend=backend)
+                             batch_size=batch_size, concurrency=concurrency, backend=backend, column=column,
+                             stage=stage, spherical=spherical)
     return model, manifest

@@ -67,8 +67,8 @@ def assign(
     """Nearest centroid of every row by squared L2: (labels int64[n], squared distances float32[n]).
 
     backend: "faiss" (GPU when the faiss build has GPUs, else CPU), "torch" (blocked matmul on CUDA when
-    available, else CPU), or "auto" (faiss GPU when the faiss build has GPUs, else torch on CUDA, else
-    faiss CPU: measured fastest on idle cores; torch is faster when the cores are oversubscribed).
+    available, else CPU), or "auto" (faiss GPU when the faiss build has GPUs, else torch: measured
+    fastest on CPU, see `resolve_backend`).
     A GPU backend uses one GPU, the current device (the one Ray assigned to the task or actor).
     """
     X = as_float32_matrix(X)
@@ -158,12 +158,11 @@ def resolve_backend(backend: str) -> str:
         return "torch"
     if faiss.get_num_gpus() > 0:
         return "faiss-gpu"
-    if backend == "auto" and torch.cuda.is_available():
-        return "torch"  # the GPU path when the faiss build has none
-    # On CPU, benchmarks/kmeans_inmemory.py (1M x 64, k=1024, 20 iterations, 2 idle cores) ran KMeans in
-    # 26.8 s on faiss vs 29.3 s on torch. When the cores are oversubscribed (other jobs, several Ray actors
-    # per node) torch's one-range-per-thread GEMM degrades far less: 25-62 vs 16-24 GFLOP/s for faiss.knn
-    # at n=100k-300k on a loaded machine, so pass backend="torch" there.
+    if backend == "auto":
+        # torch on CUDA when the faiss build has no GPU; on CPU too: one GEMM range per thread with numpy's
+        # vectorised argmin ran at the matmul peak (1M x 64, k=1024), faiss.knn at 70-85% of it, and
+        # faiss's OpenMP barriers degrade far more when the cores are shared with other work.
+        return "torch"
     return "faiss-cpu"
 
 
@@ -329,7 +328,7 @@ def _assign_torch_cpu(
     """
     n, k = X.shape[0], C.shape[0]
     workers = max(1, min(torch.get_num_threads(), -(-n // block)))
-    X_t, labels_t, best_t = torch.from_numpy(X), torch.from_numpy(labels), torch.from_numpy(sq_distances)
+    X_t = torch.from_numpy(X)
 
     def run(rows: range) -> PartialStats | None:
         with torch.inference_mode():  # thread-local, so entered in every worker
@@ -337,8 +336,12 @@ def _assign_torch_cpu(
             for start in range(rows.start, rows.stop, block):
                 stop = min(start + block, rows.stop)
                 # ||c||^2 - 2 x.c ranks the centroids for a row; ||x||^2 is added to the winner only.
-                dist = torch.addmm(c_sq, X_t[start:stop], C.T, alpha=-2.0, out=buffer[: stop - start])
-                torch.min(dist, dim=1, out=(best_t[start:stop], labels_t[start:stop]))
+                dist = torch.addmm(c_sq, X_t[start:stop], C.T, alpha=-2.0, out=buffer[: stop - start]).numpy()
+                # numpy's row argmin is vectorised: 10 G elements/s on one core here, torch.min(dim=1) with
+                # indices 0.5 G, which cost more than the GEMM itself (k=1024, d=64).
+                best = dist.argmin(axis=1)
+                labels[start:stop] = best
+                sq_distances[start:stop] = np.take_along_axis(dist, best[:, None], axis=1)[:, 0]
         part = slice(rows.start, rows.stop)
         sq_distances[part] += x_sq[part]
         # The expansion can dip just below 0 for points on a centroid.

@@ -25,13 +25,18 @@ def load_vectors(folder: str | Path, *, stage: str = "embed") -> tuple[np.ndarra
     return table.column(ID).to_numpy(), z, labels
 
 
-def assign_batch(batch: pa.Table, centroids: np.ndarray, backend: str = "auto") -> pa.Table:
-    """Nearest centroid and its Euclidean distance for each row of an embeddings batch."""
+def assign_batch(batch: pa.Table, centroids: np.ndarray, backend: str = "auto", column: str = Z,
+                 spherical: bool = False) -> pa.Table:
+    """Nearest centroid and its Euclidean distance for each row of an embeddings batch (of the unit-norm
+    row when spherical)."""
+    from engine.cluster._kmeans import _unit_rows
     from engine.cluster._stats import assign
 
-    z = vectors_to_numpy(batch.column(Z), name=Z)
+    z = vectors_to_numpy(batch.column(column), name=column)
+    if spherical:
+        z = _unit_rows(z, name=f"column '{column}'")
     if z.shape[1] != centroids.shape[1]:
-        raise DataError(f"embeddings have {z.shape[1]} dimensions but the centroids have {centroids.shape[1]}")
+        raise DataError(f"column '{column}' has {z.shape[1]} dimensions but the centroids have {centroids.shape[1]}")
     labels, sq = assign(z, centroids, backend=backend)
     return pa.table({
         ID: batch.column(ID),
@@ -41,21 +46,54 @@ def assign_batch(batch: pa.Table, centroids: np.ndarray, backend: str = "auto") 
 
 
 def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | Path, *, config_hash: str,
-                  batch_size: int = 65536, concurrency: int = 2, backend: str = "auto") -> dict[str, Any]:
-    """Write `id, cluster, distance` (Euclidean) for every embedding row into `out_dir`, atomically."""
+                  batch_size: int = 65536, concurrency: int = 2, backend: str = "auto", column: str = Z,
+                  stage: str | None = "embed", spherical: bool = False) -> dict[str, Any]:
+    """Write `id, cluster, distance` (Euclidean) for every row of a complete folder into `out_dir`, atomically.
+
+    By default the folder holds embeddings (`z`); `column` and `stage` name another vector column and
+    manifest stage, e.g. `x` of input shards written by `prepare_source` (stage "input", None for any).
+    spherical: rows are L2-normalised first, as `KMeans(spherical=True)` does.
+    """
     from ray.data import TaskPoolStrategy
 
     from engine.data.shards import read_manifest
 
-    manifest = read_manifest(embeddings, stage="embed")
+    manifest = read_manifest(embeddings, stage=stage)
     expected = manifest["rows"]
-    ds = read_shards(embeddings, stage="embed", columns=[ID, Z])
+    ds = read_shards(embeddings, stage=stage, columns=[ID, column])
     # Stateless tasks, not an actor pool: the centroids are small enough to travel with each task, and
     # tasks reuse warm worker processes instead of starting actors.
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    out = ds.map_batches(assign_batch, fn_kwargs={"centroids": centroids, "backend": backend},
+    out = ds.map_batches(assign_batch, fn_kwargs={"centroids": centroids, "backend": backend, "column": column,
+                                                      "spherical": spherical},
                          batch_size=batch_size, batch_format="pyarrow",
                          compute=TaskPoolStrategy(size=max(1, min(concurrency, len(manifest["files"])))),
                          num_cpus=1)
     return write_dataset(out, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected,
                          k=int(len(centroids)))
+
+
+def write_assignments(ids: np.ndarray, labels: np.ndarray, distances: np.ndarray, out_dir: str | Path, *,
+                      config_hash: str, rows_per_file: int = 1_000_000, **extra: Any) -> dict[str, Any]:
+    """Write `id, cluster, distance` held in this process into `out_dir`, atomically, with the manifest
+    `assign_shards` writes: for clusterings computed in memory (no centroids to assign shards with)."""
+    import pyarrow.parquet as pq
+
+    from engine.data.shards import staged_folder, write_manifest
+
+    n = len(ids)
+    if not len(labels) == len(distances) == n:
+        raise DataError(f"{out_dir}: {n} ids but {len(labels)} labels and {len(distances)} distances")
+    table = pa.table({
+        ID: pa.array(np.asarray(ids, dtype=np.int64)),
+        CLUSTER: pa.array(np.asarray(labels, dtype=np.int32)),
+        DISTANCE: pa.array(np.asarray(distances, dtype=np.float32)),
+    })
+    with staged_folder(out_dir) as tmp:
+        files = []
+        for i, start in enumerate(range(0, max(n, 1), rows_per_file)):
+            files.append(f"assignments-{i:05d}.parquet")
+            pq.write_table(table.slice(start, rows_per_file), tmp / files[-1])
+        manifest = write_manifest(tmp, stage=STAGE, config_hash=config_hash, rows=n,
+                                  schema=str(pq.read_schema(tmp / files[0])), files=files, **extra)
+    return manifest

@@ -36,6 +36,9 @@ class MLPAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         noisy = F.dropout(x, self.cfg.dropout, self.training) if self.cfg.dropout else x
         z = self.encoder(noisy)
@@ -59,10 +62,8 @@ def _mlp(widths: list[int]) -> nn.Sequential:
 
 @register_model("mlp_ae")
 def build_mlp_autoencoder(*, in_dim: int, latent_dim: int = 10, hidden: list[int] | None = None,
-                          dropout: float = 0.0, n_clusters: int | None = None, noise_sigma: float = 0.1,
-                          beta_n: float = 10.0, beta_c: float = 10.0, critic_steps: int = 5, gp_weight: float = 10.0,
-                          output_activation: str = "linear") -> MLPAutoencoder:
-    # The cluster count and the gan settings do not apply to an autoencoder.
+                          dropout: float = 0.0) -> MLPAutoencoder:
+    # Images reach an MLP as flat rows: it takes no image_shape.
     return MLPAutoencoder(MLPAutoencoderConfig(in_dim=in_dim, latent_dim=latent_dim,
                                                hidden=list(hidden) if hidden is not None else [500, 500, 2000],
                                                dropout=dropout))

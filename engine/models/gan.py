@@ -188,8 +188,7 @@ def _mlp(widths: list[int], batch_norm: bool = False) -> nn.Sequential:
 def build_cluster_gan(*, in_dim: int, n_clusters: int | None = None, latent_dim: int = 10,
                       hidden: list[int] | None = None, noise_sigma: float = 0.1, beta_n: float = 10.0,
                       beta_c: float = 10.0, critic_steps: int = 5, gp_weight: float = 10.0,
-                      output_activation: Literal["linear", "sigmoid"] = "linear", dropout: float = 0.0) -> ClusterGAN:
-    # dropout is the autoencoders' input noise; the GAN's noise is its latent.
+                      output_activation: Literal["linear", "sigmoid"] = "linear") -> ClusterGAN:
     if n_clusters is None:
         raise ConfigError("model.n_clusters is not set: the gan model needs the number of clusters "
                           "(the pipeline takes cluster.k)")

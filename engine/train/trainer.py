@@ -112,11 +112,12 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
 
     from engine.models import build_model
 
-    build_model(in_dim=in_dim, **model)  # bad model settings fail here, before any worker starts
+    shape = list(image_shape) if image_shape else None
+    build_model(in_dim=in_dim, image_shape=shape, **model)  # bad model settings fail here, before any worker starts
     run_dir = Path(run_dir).resolve()
     queue = Queue() if on_epoch is not None else None
     loop_config = {
-        "model": {"in_dim": in_dim, **model},
+        "model": {"in_dim": in_dim, "image_shape": shape, **model},
         "seed": seed,
         "lr": train.lr,
         "weight_decay": train.weight_decay,
@@ -125,7 +126,7 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
         "checkpoint_every": train.checkpoint_every,
         "shift": np.asarray(shift, dtype=np.float32).tolist(),
         "scale": np.asarray(scale, dtype=np.float32).tolist(),
-        "image_shape": list(image_shape) if image_shape else None,
+        "image_shape": shape,
         "config_hash": config_hash,
         "progress": queue,
     }

@@ -1,0 +1,216 @@
+"""Out-of-core k-means: 10M x 64 blobs in Parquet shards, ShardedKMeans and sample_assign, with peak memory.
+
+Generates the data once with `prepare_source` (Ray Data tasks, streaming) unless --data already holds it,
+then runs, in one Ray session:
+  sharded        ShardedKMeans over --num-actors shard actors (k-means|| init, exact Lloyd);
+  sample_assign  KMeans on a seeded --sample-size sample, then every row assigned by Ray Data tasks;
+  in_memory      engine.KMeans in the driver on a --subset rows subset (the reference; run last, so its memory
+                 does not count against the out-of-core runs).
+A sampler thread polls (/proc, Linux) the RSS of the driver and of every process Ray started for this session
+(actors, tasks) every 0.2 s; each result reports the driver's peak and the largest other process's peak in that phase,
+against its share (bytes of data / number of actors). Inertia is compared on the subset: the SSE of the
+subset's rows to each method's centroids over the SSE to the in-memory centroids.
+
+    python benchmarks/kmeans_out_of_core.py --n 10000000 --d 64 --k 1024 --iters 20 --record
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import append_section  # noqa: E402
+
+GIB = 1 << 30
+
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, RSS bytes, command) of every process, from /proc (Linux)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry.name}/statm") as f:
+                rss = int(f.read().split()[1]) * page
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")[0].decode(errors="replace")[:60]
+        except (OSError, IndexError, ValueError):
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        out[int(entry.name)] = (ppid, rss, cmd)
+    return out
+
+
+class PeakRSS:
+    """Peak resident memory of this process and of every process below it (Ray's workers), per phase."""
+
+    def __init__(self, interval: float = 0.2):
+        self._pid = os.getpid()
+        self._interval = interval
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._driver = 0
+        self._others: dict[int, tuple[int, str]] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            procs = _processes()
+            below, frontier = set(), [self._pid]
+            while frontier:
+                parent = frontier.pop()
+                kids = [pid for pid, (ppid, _, _) in procs.items() if ppid == parent and pid not in below]
+                below.update(kids)
+                frontier.extend(kids)
+            with self._lock:
+                self._driver = max(self._driver, procs.get(self._pid, (0, 0, ""))[1])
+                for pid in below:
+                    _, rss, cmd = procs[pid]
+                    if rss > self._others.get(pid, (0, ""))[0]:
+                        self._others[pid] = (rss, cmd)
+            self._stop.wait(self._interval)
+
+    def phase(self) -> dict:
+        """Peaks since the last call, then reset."""
+        time.sleep(2 * self._interval)
+        with self._lock:
+            top = max(self._others.values(), default=(0, ""))
+            out = {"driver_peak_rss_gib": self._driver / GIB, "largest_worker_peak_rss_gib": top[0] / GIB,
+                   "largest_worker": top[1]}
+            self._driver, self._others = 0, {}
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def subset_inertia(X: np.ndarray, centroids: np.ndarray) -> float:
+    from engine.cluster import assign
+
+    _, sq = assign(X, centroids)
+    return float(sq.astype(np.float64).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=10_000_000)
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--k", type=int, default=1024)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--rows-per-shard", type=int, default=250_000)
+    parser.add_argument("--num-actors", type=int, default=2)
+    parser.add_argument("--sample-size", type=int, default=1_000_000)
+    parser.add_argument("--subset", type=int, default=1_000_000, help="rows of the in-memory reference")
+    parser.add_argument("--data", default=None, help="folder for the blobs shards (kept; default: a temp dir)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+
+    from engine.cluster import KMeans, ShardedKMeans
+    from engine.cluster._sharded import fit_sample_then_assign
+    from engine.config import BlobsSource
+    from engine.data import read_manifest, read_table
+    from engine.data.prepare import prepare_source
+    from engine.data.schema import X, vectors_to_numpy
+    from engine.data.shards import shard_paths
+    from engine.runtime import init_ray
+
+    monitor = PeakRSS()
+    init_ray()
+    data = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="dce-blobs-"))
+    shard_bytes = args.n * args.d * 4
+    results = []
+
+    def report(name: str, seconds: float, **fields) -> None:
+        r = {"bench": "kmeans_out_of_core", "impl": name, "n": args.n, "d": args.d, "k": args.k,
+             "iters": args.iters, "seconds": round(seconds, 2), **monitor.phase(), **fields}
+        r["data_gib"] = shard_bytes / GIB
+        r["share_gib"] = shard_bytes / GIB / args.num_actors
+        results.append(r)
+        print(json.dumps(r), flush=True)
+
+    cfg = BlobsSource(n_samples=args.n, n_features=args.d, centers=args.k, seed=args.seed,
+                      rows_per_shard=args.rows_per_shard)
+    try:
+        manifest = read_manifest(data, stage="input")
+        if manifest["rows"] != args.n:
+            raise ValueError(f"{data} holds {manifest['rows']} rows, not {args.n}")
+    except Exception:  # noqa: BLE001 - no usable data there yet: generate it
+        monitor.phase()
+        t0 = time.perf_counter()
+        prepare_source(cfg, data)
+        report("generate", time.perf_counter() - t0)
+
+    monitor.phase()
+    t0 = time.perf_counter()
+    sharded = ShardedKMeans(args.k, init="k-means||", max_iter=args.iters, tol=0, seed=args.seed,
+                            num_actors=args.num_actors, column=X).fit(data)
+    report("sharded", time.perf_counter() - t0, inertia_per_row=sharded.inertia_ / args.n)
+
+    out = Path(tempfile.mkdtemp(prefix="dce-assign-")) / "assignments"
+    t0 = time.perf_counter()
+    sampled, _ = fit_sample_then_assign(data, out, args.k, args.sample_size, max_iter=args.iters, tol=0,
+                                        seed=args.seed, num_actors=args.num_actors, column=X, stage="input")
+    seconds = time.perf_counter() - t0
+    distance = read_table(out, stage="assign", columns=["distance"]).column("distance").to_numpy()
+    report("sample_assign", seconds, inertia_per_row=float(np.square(distance.astype(np.float64)).sum()) / args.n,
+           sample_size=args.sample_size)
+    shutil.rmtree(out.parent, ignore_errors=True)
+
+    # The reference: the first --subset rows in this process.
+    parts, rows = [], 0
+    for path in shard_paths(data, stage="input"):
+        import pyarrow.parquet as pq
+
+        parts.append(vectors_to_numpy(pq.read_table(path, columns=[X]).column(X)))
+        rows += len(parts[-1])
+        if rows >= args.subset:
+            break
+    sub = np.concatenate(parts)[: args.subset]
+    t0 = time.perf_counter()
+    ref = KMeans(args.k, max_iter=args.iters, tol=0, seed=args.seed).fit(sub)
+    ref_sse = subset_inertia(sub, ref.cluster_centers_)
+    report("in_memory_subset", time.perf_counter() - t0, rows=len(sub), inertia_per_row=ref_sse / len(sub))
+    for r in results:
+        if r["impl"] in ("sharded", "sample_assign"):
+            model = sharded if r["impl"] == "sharded" else sampled
+            r["subset_inertia_ratio"] = subset_inertia(sub, model.cluster_centers_) / ref_sse
+            print(json.dumps({"impl": r["impl"], "subset_inertia_ratio": r["subset_inertia_ratio"]}), flush=True)
+    monitor.close()
+
+    if args.record:
+        header = ["step", "seconds", "driver peak RSS (GiB)", "largest worker peak RSS (GiB)", "share (GiB)",
+                  "inertia / row", "subset inertia / in-memory"]
+        table = [[r["impl"], f"{r['seconds']:.1f}", f"{r['driver_peak_rss_gib']:.2f}",
+                  f"{r['largest_worker_peak_rss_gib']:.2f}", f"{r['share_gib']:.2f}",
+                  f"{r['inertia_per_row']:.3f}" if "inertia_per_row" in r else "",
+                  f"{r['subset_inertia_ratio']:.4f}" if "subset_inertia_ratio" in r else ""] for r in results]
+        notes = (f"n={args.n}, d={args.d}, k={args.k}, {args.iters} Lloyd iterations (tol 0), "
+                 f"{args.rows_per_shard} rows per shard, {args.num_actors} shard actors, sample_assign sample "
+                 f"{args.sample_size}; reference: engine.KMeans (k-means++) in memory on the first {args.subset} "
+                 f"rows. `python benchmarks/kmeans_out_of_core.py {' '.join(sys.argv[1:])}`. RSS sampled every "
+                 "0.2 s per process (psutil); 'share' = data bytes / actors.")
+        append_section("k-means out of core (ShardedKMeans, sample_assign)", header, table, notes)
+    if not args.data:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

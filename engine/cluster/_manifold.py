@@ -1,0 +1,43 @@
+"""The optional manifold step before clustering: UMAP of the embeddings (umap-learn, the `umap` extra)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from engine.config import UmapConfig, check_installed
+from engine.errors import ConfigError
+
+
+def umap_reduce(z: np.ndarray, cfg: UmapConfig, n_components: int, *, seed: int = 0) -> np.ndarray:
+    """z (n, d) embedded by UMAP into (n, n_components) float32, seeded and therefore single-threaded.
+
+    N2D (McConville et al. 2019) clusters an autoencoder's latent space after this step: UMAP keeps the
+    local neighbourhoods, so clusters that curve through the latent space become compact blobs that a
+    Gaussian mixture or k-means separates.
+    """
+    n = z.shape[0]
+    if cfg.n_neighbors >= n:
+        raise ConfigError(f"cluster.umap.n_neighbors={cfg.n_neighbors} should be < the number of rows ({n})")
+    # UMAP's spectral initialisation needs n_components + 1 eigenvectors of an n x n graph.
+    if n_components >= n - 1:
+        raise ConfigError(
+            f"cluster.umap.n_components={n_components} should be < the number of rows - 1 ({n - 1})"
+        )
+    check_installed("umap", extra="umap", key="cluster.manifold")
+    import umap
+
+    reducer = umap.UMAP(n_components=n_components, n_neighbors=cfg.n_neighbors, min_dist=cfg.min_dist,
+                        metric=cfg.metric, random_state=seed, n_jobs=1)
+    with warnings.catch_warnings():
+        # A seeded UMAP is single-threaded by design; umap-learn warns about it every time.
+        warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
+        try:
+            out = reducer.fit_transform(z)
+        except ValueError as e:
+            if "metric" in str(e).lower():
+                raise ConfigError(f"cluster.umap.metric={cfg.metric!r}: {e}") from None
+            raise
+    return np.ascontiguousarray(out, dtype=np.float32)
+

@@ -1,0 +1,156 @@
+"""Clustering beyond k-means for embeddings held in memory: Gaussian mixture, Ward, HDBSCAN, DBSCAN.
+
+`fit_labels(z, cfg.cluster, seed)` is what the pipeline calls: the optional manifold step (UMAP), then the
+configured method, giving one label per row (int32, -1 = noise for the density-based methods). The
+centroids and distances the assignments carry are then computed in the latent space by `cluster_means`,
+the same way for every method, so `distance` and `inertia` compare across methods.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from engine.config import ClusterConfig
+from engine.errors import ConfigError, DataError
+from engine.metrics import NOISE
+
+# Ward on the points keeps a condensed n x n distance matrix (float64): 20,000 rows are 1.6 GB.
+WARD_MAX_ROWS = 20_000
+IN_MEMORY_METHODS = ("kmeans", "gmm", "agglomerative", "hdbscan", "dbscan")
+DBSCAN_MIN_SAMPLES = 5  # scikit-learn's default
+
+
+def fit_labels(z: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """Labels (n,) int32 of every row of z for `cfg.method` after `cfg.manifold`, and facts about the fit.
+
+    Cluster labels are 0..n_clusters-1 with no gaps (a Gaussian component that wins no row is dropped);
+    noise is -1. The facts (a JSON-able dict) hold n_clusters, n_noise, noise_fraction, seconds, and the
+    method's own figures (gmm: converged, n_iter, lower_bound, bic; agglomerative: micro_clusters).
+    """
+    if cfg.method not in IN_MEMORY_METHODS:
+        raise ConfigError(f"cluster.method={cfg.method} is not an in-memory method ({', '.join(IN_MEMORY_METHODS)})")
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    if z.ndim != 2 or z.shape[0] == 0:
+        raise DataError(f"expected a non-empty (rows, dims) matrix of embeddings, got shape {z.shape}")
+    n = z.shape[0]
+    if cfg.method not in ("hdbscan", "dbscan") and cfg.k > n:
+        raise ConfigError(f"cluster.k={cfg.k} should be <= the number of rows ({n})")
+    if cfg.method == "agglomerative":
+        _check_ward_size(cfg, n)
+    info: dict[str, Any] = {"method": cfg.method, "manifold": cfg.manifold}
+    started = time.perf_counter()
+    x = z
+    if cfg.manifold == "umap":
+        from engine.cluster._manifold import umap_reduce
+
+        n_components = cfg.umap.n_components or cfg.k
+        x = umap_reduce(z, cfg.umap, n_components, seed=seed)
+        info["umap"] = {**cfg.umap.model_dump(), "n_components": n_components,
+                        "seconds": round(time.perf_counter() - started, 3)}
+    fit_started = time.perf_counter()
+    fit = {"kmeans": _kmeans, "gmm": _gmm, "agglomerative": _agglomerative, "hdbscan": _hdbscan,
+           "dbscan": _dbscan}[cfg.method]
+    raw, method_info = fit(x, cfg, seed)
+    labels = _compact(raw)
+    n_noise = int(np.count_nonzero(labels == NOISE))
+    info.update(method_info)
+    info.update({"n_clusters": int(labels.max()) + 1 if n_noise < n else 0, "n_noise": n_noise,
+                 "noise_fraction": n_noise / n, "fit_seconds": round(time.perf_counter() - fit_started, 3)})
+    return labels, info
+
+
+def cluster_means(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids (n_clusters, d) float32 = the mean row of each cluster, and each row's Euclidean distance
+    (float32) to its cluster's centroid; NaN for noise, which belongs to no cluster."""
+    z = np.asarray(z, dtype=np.float64)
+    labels = np.asarray(labels)
+    kept = labels != NOISE
+    k = int(labels[kept].max()) + 1 if kept.any() else 0
+    counts = np.bincount(labels[kept], minlength=k).astype(np.float64)
+    if k and (counts == 0).any():
+        raise DataError(f"cluster {int(np.flatnonzero(counts == 0)[0])} has no rows; labels must be 0..k-1")
+    sums = np.zeros((k, z.shape[1]))
+    np.add.at(sums, labels[kept], z[kept])
+    centroids = sums / np.maximum(counts, 1)[:, None]
+    distance = np.full(len(labels), np.nan, dtype=np.float32)
+    distance[kept] = np.linalg.norm(z[kept] - centroids[labels[kept]], axis=1)
+    return centroids.astype(np.float32), distance
+
+
+# ---- the methods: (x, cfg, seed) -> (labels with -1 for noise, facts) -------------------------------
+
+
+def _kmeans(x: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    from engine.cluster._kmeans import KMeans
+
+    km = KMeans(n_clusters=cfg.k, init=cfg.init, n_init=cfg.n_init, max_iter=cfg.max_iter, tol=cfg.tol, seed=seed,
+                backend=cfg.backend).fit(x)
+    return km.labels_, {"n_iter": int(km.n_iter_), "fitted_inertia": float(km.inertia_)}
+
+
+def _gmm(x: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    from sklearn.mixture import GaussianMixture
+
+    gm = GaussianMixture(n_components=cfg.k, covariance_type=cfg.covariance_type, tol=cfg.tol,
+                         max_iter=cfg.max_iter, n_init=cfg.n_init, random_state=seed)
+    # fit_predict, not fit then predict: its labels agree with the final EM step.
+    labels = gm.fit_predict(x)
+    return labels, {"covariance_type": cfg.covariance_type, "converged": bool(gm.converged_),
+                    "n_iter": int(gm.n_iter_), "lower_bound": float(gm.lower_bound_), "bic": float(gm.bic(x))}
+
+
+def _agglomerative(x: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    from sklearn.cluster import AgglomerativeClustering
+
+    ward = AgglomerativeClustering(n_clusters=cfg.k, linkage="ward")
+    if cfg.micro_clusters is None:
+        return ward.fit_predict(x), {"linkage": "ward", "micro_clusters": None}
+    from engine.cluster._kmeans import KMeans
+
+    if cfg.micro_clusters > x.shape[0]:
+        raise ConfigError(f"cluster.micro_clusters={cfg.micro_clusters} should be <= the number of rows "
+                          f"({x.shape[0]})")
+    # Ward merges the micro-cluster centroids unweighted: each micro-cluster counts once, whatever its size.
+    micro = KMeans(n_clusters=cfg.micro_clusters, n_init=1, max_iter=cfg.max_iter, tol=cfg.tol, seed=seed,
+                   backend=cfg.backend).fit(x)
+    merged = ward.fit_predict(micro.cluster_centers_)
+    return merged[micro.labels_], {"linkage": "ward", "micro_clusters": cfg.micro_clusters}
+
+
+def _hdbscan(x: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    from sklearn.cluster import HDBSCAN
+
+    if cfg.min_cluster_size > x.shape[0]:
+        raise ConfigError(f"cluster.min_cluster_size={cfg.min_cluster_size} should be <= the number of rows "
+                          f"({x.shape[0]})")
+    labels = HDBSCAN(min_cluster_size=cfg.min_cluster_size, min_samples=cfg.min_samples, copy=False).fit_predict(x)
+    return labels, {"min_cluster_size": cfg.min_cluster_size, "min_samples": cfg.min_samples}
+
+
+def _dbscan(x: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
+    from sklearn.cluster import DBSCAN
+
+    min_samples = cfg.min_samples or DBSCAN_MIN_SAMPLES
+    labels = DBSCAN(eps=cfg.eps, min_samples=min_samples).fit_predict(x)
+    return labels, {"eps": cfg.eps, "min_samples": min_samples}
+
+
+def _check_ward_size(cfg: ClusterConfig, n: int) -> None:
+    if cfg.micro_clusters is None and n > WARD_MAX_ROWS:
+        raise ConfigError(
+            f"cluster.method=agglomerative on {n} rows: Ward on the points needs O(n^2) memory and is refused "
+            f"above {WARD_MAX_ROWS} rows; set cluster.micro_clusters (e.g. {10 * cfg.k} = 10*k) to run Ward on "
+            "the centroids of a k-means over-clustering"
+        )
+
+
+def _compact(labels: np.ndarray) -> np.ndarray:
+    """Labels renumbered 0..m-1 in their sorted order, without gaps (noise stays -1), as int32."""
+    labels = np.asarray(labels)
+    out = np.full(labels.shape, NOISE, dtype=np.int32)
+    kept = labels != NOISE
+    _, out[kept] = np.unique(labels[kept], return_inverse=True)
+    return out

@@ -1,0 +1,129 @@
+"""FederatedClient: one partition's rows, kept in one process; only sums, counts and SSE ever leave it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.cluster import KMeans, PartialStats, partial_stats
+from engine.federated import secure
+from engine.federated.partitions import label_counts, read_partition
+from engine.federated.privacy import Noise, add_noise, clip_rows, suppress_small
+
+
+@dataclass(frozen=True)
+class Release:
+    """How a client turns its statistics into the message it sends, for one round.
+
+    noise: DP noise (None: none); noise_shares: clients summed by secure aggregation, over which the Gaussian
+    noise is split; min_count: suppression threshold; counts_only: send the counts alone; share_sse: send the
+    SSE (never under DP); participants and attempt: the secure-aggregation round (participants None: in clear).
+    """
+
+    round: int
+    noise: Noise | None = None
+    noise_shares: int = 1
+    min_count: int = 0
+    counts_only: bool = False
+    share_sse: bool = True
+    participants: tuple[str, ...] | None = None
+    attempt: int = 0
+
+
+class FederatedClient:
+    """The client of one partition: reads only that partition and answers the server's requests.
+
+    Every answer is an aggregate over the partition, shaped by the request's centroids (k rows) or the local
+    k (k' rows): sums (k, d), counts (k,) and an SSE, after the privacy transform and, with secure aggregation,
+    as one masked uint64 vector. Plain class: Ray wraps it with `ray.remote`, and it works in-process too.
+    """
+
+    def __init__(self, name: str, source: Any, column: str | None = None, label_column: str | None = None,
+                 backend: str = "auto", clip_norm: float | None = None):
+        self.name = name
+        self._source = source
+        self._column = column
+        self._label_column = label_column
+        self._backend = backend
+        self._clip_norm = clip_norm
+        self._X = np.zeros((0, 0), dtype=np.float32)
+        self._keys: secure.KeyPair | None = None
+        self._shared: dict[str, bytes] = {}
+        # DP noise must be unknown to the server: OS entropy, never a seed the server could know.
+        self._rng = np.random.default_rng()
+        self.node_id: str | None = None
+
+    def load(self) -> dict[str, Any]:
+        """Read the partition; returns its size, dimension, label counts and the node it is on.
+
+        A separate call rather than the constructor, so a DataError reaches the server as itself.
+        """
+        X, labels = read_partition(self.name, self._source, self._column, self._label_column)
+        self._source = None  # the rows now live in self._X
+        if self._clip_norm is not None and X.shape[0]:
+            X = clip_rows(X, self._clip_norm)
+        self._X = X
+        self.node_id = _node_id()
+        return {"rows": int(X.shape[0]), "dim": int(X.shape[1]), "labels": label_counts(labels),
+                "node_id": self.node_id}
+
+    # --- secure aggregation: key agreement ----------------------------------------------------------
+
+    def public_key(self) -> int:
+        """This client's Diffie-Hellman public key (a fresh key pair per client)."""
+        if self._keys is None:
+            self._keys = secure.KeyPair()
+        return self._keys.public
+
+    def agree_keys(self, public_keys: dict[str, int]) -> None:
+        """Derive the secret shared with every other client from the public keys the server relayed."""
+        if self._keys is None:
+            self._keys = secure.KeyPair()
+        self._shared = {peer: self._keys.shared_secret(key, peer)
+                        for peer, key in public_keys.items() if peer != self.name}
+
+    # --- the requests -------------------------------------------------------------------------------
+
+    def local_kmeans(self, n_clusters: int, seed: int, max_iter: int, tol: float, release: Release) -> dict:
+        """k-FED's local step: k-means with k' clusters on this partition; sends sums and counts (k' rows)."""
+        km = KMeans(n_clusters, init="k-means++", n_init=1, max_iter=max_iter, tol=tol, seed=seed,
+                    backend=self._backend).fit(self._X)
+        return self._message(partial_stats(self._X, km.cluster_centers_, backend=self._backend), release)
+
+    def lloyd(self, centroids: np.ndarray, local_steps: int, release: Release) -> dict:
+        """Stats of this partition for the broadcast centroids; with local_steps > 1, those of the last of that
+        many local Lloyd steps (FedAvg style: the server weights the local centroids by their counts).
+
+        The SSE sent is that of the broadcast centroids, so the server's sum is the global inertia.
+        """
+        stats = partial_stats(self._X, centroids, backend=self._backend)
+        sse = stats.sse
+        local = np.asarray(centroids, dtype=np.float32)
+        for _ in range(local_steps - 1):
+            local, _ = stats.centroids(local)
+            stats = partial_stats(self._X, local, backend=self._backend)
+        return self._message(PartialStats(stats.sums, stats.counts, sse), release)
+
+    def _message(self, stats: PartialStats, release: Release) -> dict:
+        """The privacy transform, then the clear or masked message."""
+        sums, counts = stats.sums, stats.counts
+        if release.noise is not None:
+            sums, counts = add_noise(sums, counts, release.noise, self._rng, release.noise_shares)
+        sums, counts, suppressed = suppress_small(sums, counts, release.min_count)
+        sse = stats.sse if release.share_sse and release.noise is None else None
+        if release.participants is None:
+            if release.counts_only:
+                return {"counts": counts, "suppressed": suppressed}
+            return {"sums": sums, "counts": counts, "sse": sse, "suppressed": suppressed}
+        values = counts if release.counts_only else np.concatenate([sums.ravel(), counts, [sse or 0.0]])
+        view = secure.masked(values, self.name, self._shared, list(release.participants), release.round,
+                             release.attempt)
+        return {"masked": view}
+
+
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

@@ -1,0 +1,194 @@
+"""Clustering beyond k-means (gmm, Ward, HDBSCAN, DBSCAN), the UMAP step, noise, and the pipeline with them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+from sklearn.metrics import adjusted_rand_score
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.cluster import KMeans, cluster_means, fit_labels
+from engine.cluster._other import WARD_MAX_ROWS
+from engine.config import ClusterConfig, check_installed, config_from_dict
+from engine.data import read_manifest, read_table
+from engine.errors import ConfigError
+from engine.metrics import evaluate
+
+HAS_UMAP = importlib.util.find_spec("umap") is not None
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    """Four well separated blobs in 5-D, 300 rows."""
+    x, y = make_blobs(n_samples=300, n_features=5, centers=4, cluster_std=0.6, center_box=(-10, 10), random_state=3)
+    return x.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def blobs_and_outlier(blobs):
+    """The blobs and one row far from all of them, last."""
+    x, y = blobs
+    return np.vstack([x, np.full((1, x.shape[1]), 100.0, dtype=np.float32)]), np.append(y, 4)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"method": "gmm"},
+        {"method": "gmm", "covariance_type": "diag", "n_init": 1},
+        {"method": "agglomerative"},
+        {"method": "agglomerative", "micro_clusters": 40},
+        {"method": "hdbscan", "min_cluster_size": 20},
+        {"method": "dbscan", "eps": 1.5},
+    ],
+    ids=lambda s: "-".join(str(v) for v in s.values()),
+)
+def test_each_method_recovers_the_blobs(blobs, settings):
+    x, y = blobs
+    labels, info = fit_labels(x, ClusterConfig(k=4, **settings), seed=0)
+    assert labels.dtype == np.int32 and labels.shape == (len(x),)
+    assert adjusted_rand_score(y, labels) > 0.9
+    assert info["n_clusters"] == 4 and info["noise_fraction"] < 0.05
+    assert set(np.unique(labels[labels >= 0])) == {0, 1, 2, 3}
+
+
+def test_gmm_is_seeded(blobs):
+    x, _ = blobs
+    cfg = ClusterConfig(k=4, method="gmm", n_init=1)
+    a, info = fit_labels(x, cfg, seed=1)
+    np.testing.assert_array_equal(a, fit_labels(x, cfg, seed=1)[0])
+    assert info["converged"] and np.isfinite(info["bic"])
+
+
+@pytest.mark.parametrize("settings", [{"method": "hdbscan", "min_cluster_size": 20},
+                                      {"method": "dbscan", "eps": 1.5}], ids=["hdbscan", "dbscan"])
+def test_density_methods_label_a_far_outlier_noise(blobs_and_outlier, settings):
+    x, y = blobs_and_outlier
+    labels, info = fit_labels(x, ClusterConfig(k=4, **settings), seed=0)
+    assert labels[-1] == -1
+    assert info["n_noise"] == np.count_nonzero(labels == -1) >= 1
+    assert info["noise_fraction"] == pytest.approx(info["n_noise"] / len(x))
+    assert adjusted_rand_score(y[:-1], labels[:-1]) > 0.9
+    # Noise has no centroid: no distance, and it is left out of the centroids and the inertia.
+    centroids, distance = cluster_means(x, labels)
+    assert np.isnan(distance[-1]) and np.isfinite(distance[labels >= 0]).all()
+    assert centroids.shape == (info["n_clusters"], x.shape[1])
+    # Metrics over every row: the outlier counts as wrong for acc, and noise_fraction reports it.
+    metrics = evaluate(labels, labels_true=y, X=x)
+    assert metrics["noise_fraction"] == pytest.approx(info["noise_fraction"])
+    assert metrics["acc"] <= 1 - metrics["noise_fraction"] + 1e-9
+
+
+def test_agglomerative_over_clustering_maps_micro_labels_to_every_row(blobs):
+    x, y = blobs
+    labels, info = fit_labels(x, ClusterConfig(k=4, method="agglomerative", micro_clusters=40), seed=5)
+    assert info["micro_clusters"] == 40
+    assert (labels >= 0).all() and len(labels) == len(x)
+    # The same seeded over-clustering: every micro-cluster's rows got one and the same label.
+    micro = KMeans(n_clusters=40, n_init=1, max_iter=100, tol=1e-4, seed=5).fit(x).labels_
+    for m in np.unique(micro):
+        assert len(np.unique(labels[micro == m])) == 1
+    assert len(np.unique(micro)) == 40 > len(np.unique(labels)) == 4
+
+
+def test_ward_on_too_many_points_is_refused_before_any_compute():
+    z = np.zeros((WARD_MAX_ROWS + 1, 2), dtype=np.float32)
+    with pytest.raises(ConfigError, match=r"Ward on the points .* set cluster.micro_clusters \(e.g. 40 = 10\*k\)"):
+        fit_labels(z, ClusterConfig(k=4, method="agglomerative"))
+
+
+def test_cluster_means_are_the_mean_rows():
+    z = np.array([[0, 0], [2, 0], [10, 10], [5, 5]], dtype=np.float32)
+    centroids, distance = cluster_means(z, np.array([0, 0, 1, -1]))
+    np.testing.assert_allclose(centroids, [[1, 0], [10, 10]])
+    np.testing.assert_allclose(distance[:3], [1, 1, 0])
+    assert np.isnan(distance[3])
+
+
+# ---- settings and their errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cluster", "message"),
+    [
+        ({"method": "spectral"}, r"'cluster.method': Input should be 'kmeans', .*'dbscan' \(got 'spectral'\)"),
+        ({"method": "gmm", "covariance_type": "round"}, r"'cluster.covariance_type': Input should be 'full'"),
+        ({"manifold": "tsne"}, r"'cluster.manifold': Input should be 'none' or 'umap'"),
+        ({"umap": {"n_neighbours": 5}}, r"unknown key 'cluster.umap.n_neighbours'"),
+        ({"umap": {"min_dist": -1}}, r"'cluster.umap.min_dist': Input should be greater than or equal to 0"),
+        ({"method": "agglomerative", "micro_clusters": 5}, r"cluster.micro_clusters=5 should be >= cluster.k=10"),
+        ({"method": "sharded", "manifold": "umap"}, r"cluster.manifold=umap needs an in-memory method"),
+    ],
+)
+def test_bad_cluster_settings_name_the_key(cluster, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"cluster": cluster})
+
+
+def test_k_larger_than_the_data_names_the_key(blobs):
+    x, _ = blobs
+    with pytest.raises(ConfigError, match=r"cluster.k=10 should be <= the number of rows \(5\)"):
+        fit_labels(x[:5], ClusterConfig(k=10, method="gmm"))
+    with pytest.raises(ConfigError, match=r"cluster.micro_clusters=400 should be <= the number of rows \(300\)"):
+        fit_labels(x, ClusterConfig(k=4, method="agglomerative", micro_clusters=400))
+
+
+def test_a_missing_extra_names_the_key_and_the_install_command():
+    # The path taken when umap-learn is not installed, with a module that is certainly absent.
+    with pytest.raises(ConfigError, match=r"^cluster.manifold needs the Python module 'dce_absent_module', "
+                                          r"which is not installed; .*pip install 'deep-cluster-engine\[umap\]'$"):
+        check_installed("dce_absent_module", extra="umap", key="cluster.manifold")
+
+
+@pytest.mark.skipif(not HAS_UMAP, reason="umap-learn is not installed (pip install -e '.[umap]')")
+def test_umap_then_gmm_recovers_the_blobs(blobs):
+    x, y = blobs
+    cfg = ClusterConfig(k=4, method="gmm", manifold="umap", umap={"n_components": 2, "n_neighbors": 15})
+    labels, info = fit_labels(x, cfg, seed=0)
+    assert adjusted_rand_score(y, labels) > 0.9
+    assert info["umap"]["n_components"] == 2 and info["umap"]["min_dist"] == 0.0
+    with pytest.raises(ConfigError, match=r"cluster.umap.n_neighbors=15 should be < the number of rows \(10\)"):
+        fit_labels(x[:10], cfg.model_copy(update={"k": 2}))
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not HAS_UMAP, reason="umap-learn is not installed (pip install -e '.[umap]')")
+def test_pipeline_with_umap_gmm_then_hdbscan_on_digits(ray_local, tmp_path):
+    out = tmp_path / "n2d"
+    sets = ["model.hidden=[64]", "model.latent_dim=10", "train.epochs=3", "train.num_workers=1",
+            "cluster.method=gmm", "cluster.manifold=umap", "cluster.n_init=2",
+            # N2D's own settings, not the default config's (which may be tuned for 50 epochs).
+            "cluster.umap.n_neighbors=20", "cluster.covariance_type=full"]
+    result = CliRunner().invoke(app, ["run", *[a for s in sets for a in ("--set", s)], "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    # 3 epochs of a small autoencoder; plain k-means on such latents gets ~0.6-0.7.
+    assert metrics["acc"] > 0.6 and metrics["noise_fraction"] == 0.0
+    summary = json.loads((out / "cluster.json").read_text())
+    assert summary["method"] == "gmm" and summary["manifold"] == "umap" and summary["umap"]["n_components"] == 10
+    assert summary["inertia"] == pytest.approx(metrics["inertia"]) and summary["inertia"] > 0
+    table = read_table(out / "assignments", stage="assign")
+    np.testing.assert_array_equal(np.sort(table.column("id").to_numpy()), np.arange(1797))
+    assert str(table.schema.field("cluster").type) == "int32" and str(table.schema.field("distance").type) == "float"
+    assert np.load(out / "centroids.npy").shape == (10, 10)
+
+    # The cluster stage alone with a density method: noise is kept as -1 and reported.
+    result = CliRunner().invoke(app, ["cluster", str(out), "--set", "cluster.method=hdbscan",
+                                      "--set", "cluster.min_cluster_size=30", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "cluster.json").read_text())
+    assert summary["method"] == "hdbscan" and summary["n_clusters"] >= 2
+    assert read_manifest(out / "assignments", stage="assign")["n_noise"] == summary["n_noise"]
+    clusters = read_table(out / "assignments", stage="assign").column("cluster").to_numpy()
+    assert np.count_nonzero(clusters == -1) == summary["n_noise"]
+    assert CliRunner().invoke(app, ["evaluate", str(out), "--quiet"]).exit_code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["noise_fraction"] == pytest.approx(summary["noise_fraction"])
