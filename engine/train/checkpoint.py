@@ -16,9 +16,9 @@ FILENAME = "checkpoint.pt"
 
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, shift: np.ndarray, scale: np.ndarray,
-                    epoch: int, history: list[dict[str, float]], optimizer: dict | None = None,
+                    epoch: int, history: list[dict[str, float]], optimizers: dict[str, dict] | None = None,
                     image_shape: tuple[int, ...] | None = None, config_hash: str = "") -> None:
-    """Write a checkpoint file atomically (temp file + rename)."""
+    """Write a checkpoint file atomically (temp file + rename); `optimizers` maps names to their state dicts."""
     from engine import __version__
 
     module = model.module if hasattr(model, "module") else model  # unwrap DDP
@@ -34,7 +34,7 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, shift: np.ndarr
         },
         "epoch": int(epoch),
         "history": [{k: float(v) for k, v in h.items()} for h in history],
-        "optimizer": optimizer,
+        "optimizers": optimizers,
         "config_hash": config_hash,
     }
     path = Path(path)
