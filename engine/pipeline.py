@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import storage
 from engine.config import PipelineConfig, config_from_dict
 from engine.data import open_source, read_dataset, read_manifest, read_table
 from engine.data.describe import DatasetInfo, describe
@@ -30,7 +31,7 @@ CACHE_BYTES = 2 << 30
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: Path | str  # a local path or an object-store URI
     metrics: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -38,8 +39,11 @@ class RunResult:
 # ---- run directory ---------------------------------------------------------------------------------
 
 
-def run_dir_for(cfg: PipelineConfig, out: str | Path | None) -> Path:
-    return Path(out) if out is not None else Path("runs") / cfg.name
+def run_dir_for(cfg: PipelineConfig, out: str | Path | None) -> Path | str:
+    """`out` (a local path or an object-store URI such as s3://bucket/runs/name), else runs/<name>."""
+    if out is None:
+        return Path("runs") / cfg.name
+    return str(out) if storage.is_uri(out) else Path(out)
 
 
 def save_config(cfg: PipelineConfig, run_dir: Path) -> None:
@@ -51,10 +55,10 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     """The resolved config saved in a run directory, with optional overrides."""
     import yaml
 
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
+    path = storage.join(run_dir, CONFIG_FILE)
+    if not storage.is_file(path):
         raise IncompleteResultError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    return config_from_dict(yaml.safe_load(path.read_text()) or {}, overrides, source=str(path))
+    return config_from_dict(yaml.safe_load(storage.read_text(path)) or {}, overrides, source=str(path))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -362,15 +366,22 @@ def match_by_id(ids: np.ndarray, other_ids: np.ndarray, values: np.ndarray, *, w
 def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress: Progress | None = None,
                  verbose: bool = False) -> RunResult:
     """Run every stage into the run directory and return the metrics."""
+    from engine.rundir import open_run_dir
     from engine.runtime import init_ray
 
     progress = progress or Progress()
-    run_dir = run_dir_for(cfg, out)
+    location = run_dir_for(cfg, out)
     started = time.time()
     open_input(cfg)  # file, column and k checks before Ray starts
     with progress.stage("ray"):
         res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
         progress.info(res.describe())
+    with open_run_dir(location, cfg.ray, nodes=res.nodes) as run:
+        return _run_stages(cfg, run, progress, res, started)
+
+
+def _run_stages(cfg: PipelineConfig, run, progress: Progress, res, started: float) -> RunResult:
+    run_dir = run.local
     # The run directory is created only once the input has been read and found valid.
     validated = validate_input(cfg, progress)
     save_config(cfg, run_dir)
@@ -383,6 +394,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
         result = stage(cfg, run_dir, progress, *args)
         seconds[name] = round(time.perf_counter() - t0, 3)
         _record(run_dir, seconds={name: seconds[name]})
+        run.publish()  # an object-store run directory gets each stage as soon as it is complete
         return result
 
     # Train, refine and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
@@ -393,7 +405,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     timed("cluster", cluster_stage)
     metrics = timed("evaluate", evaluate_stage)
     _record(run_dir, finished=time.time())
-    return RunResult(run_dir=run_dir, metrics=metrics, seconds=seconds)
+    return RunResult(run_dir=run.location, metrics=metrics, seconds=seconds)
 
 
 def versions() -> dict[str, str]:
