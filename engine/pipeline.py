@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,10 @@ from engine.data.describe import DatasetInfo, describe
 from engine.data.schema import CLUSTER, ID, X
 from engine.errors import ConfigError, DataError, IncompleteResultError
 from engine.progress import Progress
+
+if TYPE_CHECKING:
+    from engine.rundir import RunDir
+    from engine.runtime import Resources
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -380,7 +384,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
         return _run_stages(cfg, run, progress, res, started)
 
 
-def _run_stages(cfg: PipelineConfig, run, progress: Progress, res, started: float) -> RunResult:
+def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resources, started: float) -> RunResult:
     run_dir = run.local
     # The run directory is created only once the input has been read and found valid.
     validated = validate_input(cfg, progress)

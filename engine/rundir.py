@@ -31,15 +31,15 @@ def check_shared(run_dir: str | os.PathLike[str], ray_cfg: Any, nodes: int) -> N
     if storage.is_local(run_dir):
         if not ray_cfg.shared_storage:
             raise ConfigError(
-                f"--out {run_dir}: a local path, but the Ray cluster has {nodes} nodes and their workers write the "
-                "run's outputs where they run; use a shared path (NFS mounted on every node, with "
-                "ray.shared_storage=true) or an object store URI (s3://bucket/runs/name, gs://..., hdfs://...)")
+                f"run directory {run_dir} (--out, RUN_DIR): a local path, but the Ray cluster has {nodes} nodes and "
+                "their workers write the run's outputs where they run; use a shared path (NFS mounted on every node, "
+                "with ray.shared_storage=true) or an object store URI (s3://bucket/runs/name, gs://..., hdfs://...)")
     elif not (ray_cfg.shared_storage and ray_cfg.staging_dir):
         staging = ray_cfg.staging_dir or tempfile.gettempdir()
         raise ConfigError(
-            f"--out {run_dir}: an object-store run directory is staged in ray.staging_dir={staging}, but the Ray "
-            f"cluster has {nodes} nodes and their workers write where they run; set ray.staging_dir to a shared "
-            "path (NFS mounted on every node) and ray.shared_storage=true")
+            f"run directory {run_dir} (--out, RUN_DIR): an object-store run is staged in ray.staging_dir={staging}, "
+            f"but the Ray cluster has {nodes} nodes and their workers write where they run; set ray.staging_dir to a "
+            "shared path (NFS mounted on every node) and ray.shared_storage=true")
 
 
 class RunDir:
@@ -87,7 +87,8 @@ class RunDir:
 
 @contextlib.contextmanager
 def open_run_dir(run_dir: str | Path, ray_cfg: Any, *, nodes: int, fetch: bool = False) -> Iterator[RunDir]:
-    """The run directory for this process's stages, checked for a multi-node cluster.
+    """The run directory for this process's stages, checked for a multi-node cluster of `nodes` alive nodes
+    (1 where only this process writes).
 
     A local path is used as it is. A URI gets a staging folder (filled with the run's completed outputs when
     `fetch`, for a stage that reads earlier ones); what the stages complete is published when the block ends

@@ -55,7 +55,8 @@ def node_names() -> dict[str, str]:
 
 def test_local_run_dir_is_refused_on_several_nodes(cluster, tmp_path, capsys):
     cfg = load_config("digits", TINY)
-    with pytest.raises(ConfigError, match=r"--out .*run: a local path, but the Ray cluster has 3 nodes.*"
+    with pytest.raises(ConfigError, match=r"run directory .*run \(--out, RUN_DIR\): a local path, but the Ray cluster "
+                                          r"has 3 nodes.*"
                                           r"ray.shared_storage=true\) or an object store URI"):
         run_pipeline(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything is written

@@ -16,7 +16,7 @@ from jobs import embed as embed_job
 from jobs import pipeline as pipeline_job
 from jobs import train_encoder as train_job
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 ROWS = 300
 TINY = [

@@ -63,7 +63,8 @@ def _ray_cfg(**kw):
 
 def test_local_run_dir_is_refused_on_a_multi_node_cluster_unless_declared_shared(tmp_path, s3):
     check_shared(tmp_path / "run", _ray_cfg(), nodes=1)
-    with pytest.raises(ConfigError, match=r"--out .*run: a local path, but the Ray cluster has 3 nodes.*"
+    with pytest.raises(ConfigError, match=r"run directory .*run \(--out, RUN_DIR\): a local path, but the Ray cluster "
+                                          r"has 3 nodes.*"
                                           r"ray.shared_storage=true.*object store URI \(s3://"):
         check_shared(tmp_path / "run", _ray_cfg(), nodes=3)
     check_shared(tmp_path / "run", _ray_cfg(shared_storage=True), nodes=3)
