@@ -32,8 +32,10 @@ TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
 def pipeline_entrypoint(out: Path, epochs: int) -> list[str]:
+    # k-means, not the default UMAP + GMM: this module tests submission, and UMAP alone takes minutes on a busy machine.
     return ["python", "-m", "jobs.pipeline", "--config", "configs/digits.yaml", "--set", f"train.epochs={epochs}",
-            "--set", "cluster.n_init=1", "--out", str(out)]
+            "--set", "cluster.method=kmeans", "--set", "cluster.manifold=none", "--set", "cluster.n_init=1",
+            "--out", str(out)]
 
 
 @pytest.fixture(scope="module")

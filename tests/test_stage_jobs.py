@@ -87,3 +87,35 @@ def test_pipeline_and_stage_job_on_an_s3_run_directory(ray_local, tmp_path, caps
         assert json.loads(storage.read_text(storage.join(uri, "cluster.json")))["k"] == 4
         metrics = json.loads(storage.read_text(storage.join(uri, "metrics.json")))
         assert metrics["inertia"] < result["metrics"]["inertia"]
+
+
+def test_shard_folders_on_s3_are_written_by_ray_data_and_committed_by_their_manifest(ray_local):
+    import ray.data
+
+    from engine.data import read_manifest, read_shards, read_table, staged_folder, write_dataset
+    from engine.data.shards import write_manifest
+    from engine.errors import DataError, IncompleteResultError
+
+    with s3_server() as s3:
+        folder = s3.uri("shards")
+        ds = ray.data.range(250, override_num_blocks=3)
+        manifest = write_dataset(ds, folder, stage="input", config_hash="h", expected_rows=250)
+        assert manifest["rows"] == 250 and storage.files(folder) == sorted([storage.MANIFEST, *manifest["files"]])
+        assert read_manifest(folder, stage="input") == manifest
+        assert sorted(read_table(folder).column("id").to_pylist()) == list(range(250))
+        # Ray Data tasks read the shards by their URIs, in worker processes.
+        assert sorted(read_shards(folder).to_pandas()["id"]) == list(range(250))
+
+        # A rewrite that fails its row check leaves no result behind, not the old one under a new manifest.
+        with pytest.raises(DataError, match="wrote 250 rows but the input has 999"):
+            write_dataset(ds, folder, stage="input", config_hash="h", expected_rows=999)
+        with pytest.raises(IncompleteResultError, match="no _manifest.json"):
+            read_manifest(folder)
+        assert storage.files(folder) == []
+
+        single = s3.uri("single")
+        with staged_folder(single) as tmp:
+            (tmp / "a.txt").write_text("a")
+            write_manifest(tmp, stage="x", config_hash="h", files=["a.txt"])
+        assert storage.files(single) == [storage.MANIFEST, "a.txt"]
+        assert read_manifest(single, stage="x")["files"] == ["a.txt"]
