@@ -13,7 +13,10 @@ import uuid
 from pathlib import Path
 from typing import IO
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+
+from engine.errors import ConfigError
 
 MANIFEST = "_manifest.json"
 _CHUNK = 8 << 20
@@ -26,7 +29,10 @@ def is_uri(path: str | os.PathLike[str]) -> bool:
 def resolve(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     """The filesystem of `path` and the path inside it (absolute for local paths)."""
     if is_uri(path):
-        return pafs.FileSystem.from_uri(str(path))
+        try:
+            return pafs.FileSystem.from_uri(str(path))
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a path or a URI that pyarrow.fs can open ({e})") from None
     return pafs.LocalFileSystem(), str(Path(path).resolve())
 
 

@@ -25,6 +25,8 @@ def test_join_keeps_uri_options_at_the_end():
     assert storage.join("/tmp/runs/x/", "model") == "/tmp/runs/x/model"
     assert storage.is_local("/tmp/x") and storage.is_local("file:///tmp/x")
     assert not storage.is_local("s3://b/x?endpoint_override=127.0.0.1:1&scheme=http")
+    with pytest.raises(ConfigError, match=r"nosuch://b/x: not a path or a URI that pyarrow.fs can open"):
+        storage.resolve("nosuch://b/x")
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
