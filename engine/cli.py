@@ -84,7 +84,7 @@ def _run_dir(cfg, run_dir: str | Path, verbose: bool, *, fetch: bool) -> Iterato
     and published for an object-store URI)."""
     from engine.rundir import open_run_dir
 
-    with open_run_dir(run_dir, cfg.ray, nodes=_runtime(cfg, verbose).nodes, fetch=fetch) as run:
+    with open_run_dir(run_dir, cfg.ray, nodes=_runtime(cfg, verbose).worker_nodes, fetch=fetch) as run:
         yield run.local
 
 

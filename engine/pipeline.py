@@ -380,7 +380,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     with progress.stage("ray"):
         res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
         progress.info(res.describe())
-    with open_run_dir(location, cfg.ray, nodes=res.nodes) as run:
+    with open_run_dir(location, cfg.ray, nodes=res.worker_nodes) as run:
         return _run_stages(cfg, run, progress, res, started)
 
 

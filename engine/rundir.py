@@ -5,6 +5,14 @@ that folder must be on storage every node mounts (`ray.shared_storage: true` say
 there. An object-store run directory (s3://, gs://, hdfs://, any pyarrow URI) is written in `ray.staging_dir` and
 each completed stage folder is uploaded with its manifest last: on a store that cannot rename, a folder without its
 manifest is incomplete and never read as a result.
+
+On a multi-node cluster the staging folder must itself be shared until the stages write to the store directly.
+engine.storage and the shard folders (engine/data/shards.py: write_dataset from Ray Data's tasks, staged_folder,
+the readers) already take URIs; what is left: Ray Train's storage_path as the URI in engine/train/trainer.py and
+refine.py (no Path.resolve(); the final model/ copy through staged_folder); embed.py loading the checkpoint from a
+URI; pipeline.py joining run-dir paths with storage.join and writing config.yaml, run.json, centroids.npy,
+cluster.json and metrics.json with storage.write_text / write_bytes; cluster/_sharded.py opening URI shards. Then
+`open_run_dir` yields the URI itself, and Ray Train's own state (train/, for resuming) lives there too.
 """
 
 from __future__ import annotations

@@ -58,5 +58,5 @@ def stage_run(run_dir: str, config: str | None, overrides: list[str]) -> Iterato
     # [1] Inside `ray job submit`, RAY_ADDRESS is set: init_ray joins that cluster, not a new one.
     res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
     # [2] The run directory must be one every node sees; an object-store one is staged and published here.
-    with open_run_dir(run_dir, cfg.ray, nodes=res.nodes, fetch=True) as run:
+    with open_run_dir(run_dir, cfg.ray, nodes=res.worker_nodes, fetch=True) as run:
         yield cfg, run

@@ -59,6 +59,15 @@ def test_files_round_trip_and_folder_copy_writes_the_manifest_last(where, s3, tm
     assert storage.files(dst) == []
 
 
+def test_a_driver_node_without_cpus_counts_the_worker_nodes_to_come():
+    from engine.runtime import Resources
+
+    common = dict(cpus=8, gpus=0, address="a", local=False)
+    assert Resources(nodes=3, driver_cpus=2, **common).worker_nodes == 3
+    # cluster.yaml's head: CPU 0, workers autoscaled from zero, so one alive node now but others will write.
+    assert Resources(nodes=1, driver_cpus=0, **common).worker_nodes == 2
+
+
 def _ray_cfg(**kw):
     return SimpleNamespace(**{"shared_storage": False, "staging_dir": None, **kw})
 
