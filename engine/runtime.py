@@ -16,7 +16,7 @@ class Resources:
     nodes: int
     address: str
     local: bool
-    driver_cpus: float = 0.0  # CPUs of the node this process runs on
+    driver_cpus: float  # CPUs of the node this process runs on
 
     @property
     def worker_nodes(self) -> int:
