@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,9 +19,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions
                   help="Deep Cluster Engine: train an encoder, embed, cluster and evaluate on Ray.")
 
 ConfigArg = Annotated[str | None, typer.Argument(help="Config file or name in configs/ (default: digits).")]
-RunDirArg = Annotated[Path, typer.Argument(help="Run directory written by `dce run` or `dce train`.")]
+RunDirArg = Annotated[str, typer.Argument(help="Run directory written by `dce run` or `dce train` (a path or "
+                                             "an object store URI).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a setting: section.key=value.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<name>).")]
+OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory, a path or an object store URI "
+                                            "such as s3://bucket/runs/name (default: runs/<name>).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own logs.")]
 
@@ -75,6 +78,16 @@ def _runtime(cfg, verbose: bool):
     return init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
 
 
+@contextlib.contextmanager
+def _run_dir(cfg, run_dir: str | Path, verbose: bool, *, fetch: bool) -> Iterator[Path]:
+    """Ray started or joined, then the local folder the stages write (checked on a multi-node cluster; staged
+    and published for an object-store URI)."""
+    from engine.rundir import open_run_dir
+
+    with open_run_dir(run_dir, cfg.ray, nodes=_runtime(cfg, verbose).worker_nodes, fetch=fetch) as run:
+        yield run.local
+
+
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -119,9 +132,11 @@ def train(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, qui
     cfg = load_config(config, set_)
     run_dir = run_dir_for(cfg, out)
     open_input(cfg)  # file, column and k checks before Ray starts
-    _runtime(cfg, verbose)
-    train_stage(cfg, run_dir, _progress(quiet))
-    typer.echo(str(run_dir / "model"))
+    with _run_dir(cfg, run_dir, verbose, fetch=False) as local:
+        train_stage(cfg, local, _progress(quiet))
+    from engine import storage
+
+    typer.echo(storage.join(run_dir, "model"))
 
 
 def _stage_command(stage: str) -> Callable[..., None]:
@@ -131,8 +146,8 @@ def _stage_command(stage: str) -> Callable[..., None]:
 
         _quiet_env(verbose)
         cfg = pipeline.load_run_config(run_dir, set_)
-        _runtime(cfg, verbose)
-        result = getattr(pipeline, f"{stage}_stage")(cfg, run_dir, _progress(quiet))
+        with _run_dir(cfg, run_dir, verbose, fetch=True) as local:
+            result = getattr(pipeline, f"{stage}_stage")(cfg, local, _progress(quiet))
         if stage == "evaluate":
             _print_metrics(result, str(run_dir)) if not quiet else typer.echo(json.dumps(result))
         else:
@@ -148,12 +163,12 @@ app.command("embed", help="Embed the run's data with its model; writes RUN_DIR/e
 @app.command("cluster")
 @friendly_errors
 def cluster(
-    path: Annotated[Path, typer.Argument(help="A run directory, or Parquet embeddings: a folder, file or glob.")],
+    path: Annotated[str, typer.Argument(help="A run directory, or Parquet embeddings: a folder, file or glob.")],
     config: Annotated[str | None, typer.Option("--config", "-c", help="Config for Parquet embeddings "
                                                 "(its cluster section; default: digits).")] = None,
     set_: SetOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory for Parquet embeddings "
-                                             "(default: runs/<name>).")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory for Parquet embeddings "
+                                            "(default: runs/<name>).")] = None,
     column: Annotated[str, typer.Option(help="Vector column of Parquet embeddings.")] = "z",
     id_column: Annotated[str | None, typer.Option(help="Id column of Parquet embeddings ('' numbers the rows)."
                                                   )] = "id",
@@ -166,12 +181,13 @@ def cluster(
     PATH is a run directory (its embeddings/), or embeddings made elsewhere as Parquet (a folder, file or
     glob): they are checked, imported into the run directory --out, and clustered there.
     """
-    from engine import pipeline
+    from engine import pipeline, storage
     from engine.config import config_from_dict, load_config
 
     _quiet_env(verbose)
     progress = _progress(quiet)
-    if (path / pipeline.CONFIG_FILE).is_file():
+    is_run = storage.is_file(storage.join(path, pipeline.CONFIG_FILE))
+    if is_run:
         if config is not None or out is not None:
             from engine.errors import ConfigError
 
@@ -179,7 +195,6 @@ def cluster(
                               "--out (for Parquet embeddings) do not apply")
         cfg = pipeline.load_run_config(path, set_)
         run_dir = path
-        _runtime(cfg, verbose)
     else:
         if path.is_dir() and not any(path.rglob("*.parquet")):
             from engine.errors import IncompleteResultError
@@ -191,9 +206,10 @@ def cluster(
         cfg = config_from_dict({**load_config(config, set_).to_dict(), "data": data}, source=f"{path}")
         run_dir = pipeline.run_dir_for(cfg, out)
         pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
-        _runtime(cfg, verbose)
-        pipeline.import_embeddings(cfg, run_dir, progress)
-    summary = pipeline.cluster_stage(cfg, run_dir, progress)
+    with _run_dir(cfg, run_dir, verbose, fetch=is_run) as local:
+        if not is_run:
+            pipeline.import_embeddings(cfg, local, progress)
+        summary = pipeline.cluster_stage(cfg, local, progress)
     if not quiet:
         typer.echo(f"{run_dir}: {summary['method']} k={summary['k']}, inertia {summary['inertia']:.6g}")
     else:

@@ -332,6 +332,13 @@ class RayConfig(_Section):
     """Cluster to join; RAY_ADDRESS wins when set. None starts an embedded local Ray."""
     num_cpus: int | None = Field(default=None, ge=1)
     num_gpus: int | None = Field(default=None, ge=0)
+    shared_storage: bool = False
+    """The run directory, a local path, is on storage that every node mounts at the same path (NFS and the
+    like). Without it a local run directory is refused on a multi-node cluster: workers write the run's outputs
+    on the node they run on. Also covers `staging_dir`."""
+    staging_dir: str | None = None
+    """Local folder where the stages of an object-store run directory (s3://, gs://, ...) are written before
+    each is uploaded (default: the system temp dir). On a multi-node cluster: shared, with `shared_storage`."""
 
 
 # Methods that cluster the embeddings where they lie (shard actors, Ray Data), never all in one process.

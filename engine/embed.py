@@ -75,8 +75,9 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
         fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": use_gpu},
         batch_size=batch_size,
         batch_format="pyarrow",
-        # min_size=1: a small input with one block must not wait for the whole pool to start.
-        compute=ActorPoolStrategy(min_size=1, max_size=concurrency),
+        # min_size=1: a small input with one block must not wait for the whole pool to start; initial_size: the
+        # whole pool is asked for at once (over the cluster's nodes), not grown only under a sustained backlog.
+        compute=ActorPoolStrategy(min_size=1, max_size=concurrency, initial_size=concurrency),
         num_cpus=1,
         num_gpus=1 if use_gpu else 0,
     )
