@@ -90,13 +90,15 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
 @app.command()
 @friendly_errors
 def run(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False,
-        verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text) -> None:
-    """Run the whole pipeline: train, (refine for dec / idec,) embed, cluster, evaluate."""
+        verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text,
+        no_report: Annotated[bool, typer.Option("--no-report", help="Skip the report stage "
+                                                "(report.enabled=false).")] = False) -> None:
+    """Run the whole pipeline: train, (refine for dec / idec,) embed, cluster, evaluate, report."""
     from engine.config import load_config
     from engine.pipeline import run_pipeline
 
     _quiet_env(verbose)
-    cfg = load_config(config, set_)
+    cfg = load_config(config, [*(set_ or []), *(["report.enabled=false"] if no_report else [])])
     result = run_pipeline(cfg, out, progress=_progress(quiet, log_format), verbose=verbose)
     if log_format == LogFormat.json:
         typer.echo(json.dumps({"run_dir": str(result.run_dir), "metrics": result.metrics,
@@ -145,19 +147,53 @@ app.command("refine", help="dec / idec: refine the run's pretrained model; write
     friendly_errors(_stage_command("refine")))
 app.command("embed", help="Embed the run's data with its model; writes RUN_DIR/embeddings/.")(
     friendly_errors(_stage_command("embed")))
+EmbeddingsPathArg = Annotated[Path, typer.Argument(help="A run directory, or Parquet embeddings: a folder, "
+                                                  "file or glob.")]
+EmbeddingsConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Config for Parquet embeddings "
+                                                         "(its cluster section; default: digits).")]
+EmbeddingsOutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run directory for Parquet embeddings "
+                                                       "(default: runs/<name>).")]
+ColumnOpt = Annotated[str, typer.Option(help="Vector column of Parquet embeddings.")]
+IdColumnOpt = Annotated[str | None, typer.Option(help="Id column of Parquet embeddings ('' numbers the rows).")]
+LabelColumnOpt = Annotated[str | None, typer.Option(help="Optional label column of Parquet embeddings.")]
+
+
+def _run_or_embeddings(path: Path, config: str | None, set_: list[str] | None, out: Path | None, column: str,
+                       id_column: str | None, label_column: str | None, verbose: bool, progress):
+    """(config, run directory) of PATH: a run directory as it is, or Parquet embeddings made elsewhere,
+    checked and imported into the run directory --out. Ray is connected on return."""
+    from engine import pipeline
+    from engine.config import config_from_dict, load_config
+
+    if (path / pipeline.CONFIG_FILE).is_file():
+        if config is not None or out is not None:
+            from engine.errors import ConfigError
+
+            raise ConfigError(f"{path} is a run directory: it has its own config and outputs, so --config and "
+                              "--out (for Parquet embeddings) do not apply")
+        cfg = pipeline.load_run_config(path, set_)
+        _runtime(cfg, verbose)
+        return cfg, path
+    data = {"source": "parquet", "path": str(path), "column": column, "id_column": id_column or None,
+            "label_column": label_column, "normalize": "none"}
+    cfg = config_from_dict({**load_config(config, set_).to_dict(), "data": data}, source=f"{path}")
+    run_dir = pipeline.run_dir_for(cfg, out)
+    pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
+    _runtime(cfg, verbose)
+    pipeline.import_embeddings(cfg, run_dir, progress)
+    return cfg, run_dir
+
+
 @app.command("cluster")
 @friendly_errors
 def cluster(
-    path: Annotated[Path, typer.Argument(help="A run directory, or Parquet embeddings: a folder, file or glob.")],
-    config: Annotated[str | None, typer.Option("--config", "-c", help="Config for Parquet embeddings "
-                                                "(its cluster section; default: digits).")] = None,
+    path: EmbeddingsPathArg,
+    config: EmbeddingsConfigOpt = None,
     set_: SetOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory for Parquet embeddings "
-                                             "(default: runs/<name>).")] = None,
-    column: Annotated[str, typer.Option(help="Vector column of Parquet embeddings.")] = "z",
-    id_column: Annotated[str | None, typer.Option(help="Id column of Parquet embeddings ('' numbers the rows)."
-                                                  )] = "id",
-    label_column: Annotated[str | None, typer.Option(help="Optional label column of Parquet embeddings.")] = None,
+    out: EmbeddingsOutOpt = None,
+    column: ColumnOpt = "z",
+    id_column: IdColumnOpt = "id",
+    label_column: LabelColumnOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -167,27 +203,10 @@ def cluster(
     glob): they are checked, imported into the run directory --out, and clustered there.
     """
     from engine import pipeline
-    from engine.config import config_from_dict, load_config
 
     _quiet_env(verbose)
     progress = _progress(quiet)
-    if (path / pipeline.CONFIG_FILE).is_file():
-        if config is not None or out is not None:
-            from engine.errors import ConfigError
-
-            raise ConfigError(f"{path} is a run directory: it has its own config and outputs, so --config and "
-                              "--out (for Parquet embeddings) do not apply")
-        cfg = pipeline.load_run_config(path, set_)
-        run_dir = path
-        _runtime(cfg, verbose)
-    else:
-        data = {"source": "parquet", "path": str(path), "column": column, "id_column": id_column or None,
-                "label_column": label_column, "normalize": "none"}
-        cfg = config_from_dict({**load_config(config, set_).to_dict(), "data": data}, source=f"{path}")
-        run_dir = pipeline.run_dir_for(cfg, out)
-        pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
-        _runtime(cfg, verbose)
-        pipeline.import_embeddings(cfg, run_dir, progress)
+    cfg, run_dir = _run_or_embeddings(path, config, set_, out, column, id_column, label_column, verbose, progress)
     summary = pipeline.cluster_stage(cfg, run_dir, progress)
     if not quiet:
         typer.echo(f"{run_dir}: {summary['method']} k={summary['k']}, inertia {summary['inertia']:.6g}")
@@ -197,6 +216,103 @@ def cluster(
 
 app.command("evaluate", help="Metrics of RUN_DIR's assignments; writes metrics.json.")(
     friendly_errors(_stage_command("evaluate")))
+
+
+@app.command()
+@friendly_errors
+def report(run_dir: RunDirArg, set_: SetOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = False,
+           log_format: LogFormatOpt = LogFormat.text) -> None:
+    """(Re)build RUN_DIR/report/index.html, one self-contained page, and its PNGs (--set report.map=umap ...)."""
+    from engine import pipeline
+
+    _quiet_env(verbose)
+    cfg = pipeline.load_run_config(run_dir, set_)
+    _runtime(cfg, verbose)  # the image section reads sample rows of the input with Ray Data
+    index = pipeline.report_stage(cfg, run_dir, _progress(quiet, log_format))
+    typer.echo(json.dumps({"report": str(index)}) if log_format == LogFormat.json else str(index))
+
+
+@app.command("sweep-k")
+@friendly_errors
+def sweep_k(
+    path: EmbeddingsPathArg,
+    k: Annotated[str, typer.Option("--k", help="The ks to try: a range 2..30 or a list 2,4,8.")] = "2..30",
+    config: EmbeddingsConfigOpt = None,
+    set_: SetOpt = None,
+    out: EmbeddingsOutOpt = None,
+    column: ColumnOpt = "z",
+    id_column: IdColumnOpt = "id",
+    label_column: LabelColumnOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
+) -> None:
+    """K-means of the embeddings for each k (one Ray task per k); inertia, silhouette, Davies-Bouldin,
+    Calinski-Harabasz, a plot and the suggested k (highest silhouette) in RUN_DIR/sweep_k/.
+
+    PATH is a run directory or Parquet embeddings (imported into --out, as `dce cluster` does).
+    """
+    from engine.sweep_k import RULE, SWEEP_DIR, parse_k_range, sweep_run
+
+    _quiet_env(verbose)
+    ks = parse_k_range(k)  # before Ray starts
+    progress = _progress(quiet, log_format)
+    cfg, run_dir = _run_or_embeddings(path, config, set_, out, column, id_column, label_column, verbose, progress)
+
+    def on_result(r: dict[str, Any]) -> None:
+        progress.info(f"k={r['k']}: " + ", ".join(
+            f"{key} {'—' if r[key] is None else f'{r[key]:.4g}'}"
+            for key in ("inertia", "silhouette", "davies_bouldin", "calinski_harabasz")))
+
+    with progress.stage("sweep-k", f"k = {ks[0]}..{ks[-1]} ({len(ks)} values)"):
+        sweep = sweep_run(run_dir, cfg, ks, on_result=on_result)
+    if log_format == LogFormat.json:
+        typer.echo(json.dumps({"run_dir": str(run_dir), **sweep}))
+    elif quiet:
+        typer.echo(str(run_dir / SWEEP_DIR))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        keys = ("inertia", "silhouette", "davies_bouldin", "calinski_harabasz")
+        table = Table(title=f"{run_dir / SWEEP_DIR}: suggested k = {sweep['suggested_k']} ({RULE})")
+        for name in ("k", *keys):
+            table.add_column(name, justify="right")
+        for r in sweep["results"]:
+            table.add_row(str(r["k"]), *("—" if r[key] is None else f"{r[key]:.4g}" for key in keys))
+        Console().print(table)
+
+
+@app.command()
+@friendly_errors
+def assign(
+    run_dir: RunDirArg,
+    input_: Annotated[Path, typer.Option("--input", "-i", help="New rows: Parquet (a file, folder or glob) with "
+                                         "the run's raw input column, or a .npy matrix / images.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the assignments (id, cluster, distance).")],
+    column: Annotated[str, typer.Option(help="Vector column of Parquet input.")] = "x",
+    id_column: Annotated[str | None, typer.Option(help="Id column of Parquet input ('' numbers the rows).")] = "id",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
+) -> None:
+    """Embed new rows with the run's model (and its input normalisation) and give each its nearest centroid,
+    streaming with Ray Data; writes --out like RUN_DIR/assignments/."""
+    from engine.assign import assign_source, input_source, load_run, open_new_rows
+    from engine.runtime import use_gpu
+
+    _quiet_env(verbose)
+    progress = _progress(quiet, log_format)
+    run = load_run(run_dir)
+    source = open_new_rows(run, input_source(input_, column=column, id_column=id_column or None))
+    _runtime(run.config, verbose)  # after every check on the run and the input
+    with progress.stage("assign", f"{source.n_rows} rows of {input_} to {len(run.centroids)} clusters"):
+        manifest = assign_source(run, source, out, use_gpu=use_gpu(run.config.embed.use_gpu))
+        progress.info(f"{manifest['rows']} rows in {len(manifest['files'])} shard(s)")
+    if log_format == LogFormat.json:
+        typer.echo(json.dumps({"out": str(out), "rows": manifest["rows"], "k": manifest["k"]}))
+    else:
+        typer.echo(str(out))
 
 
 @app.command()
