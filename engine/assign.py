@@ -154,12 +154,15 @@ def input_source(path: str | Path, *, column: str = X, id_column: str | None = I
 def open_new_rows(run: Run, data: Any) -> Any:
     """Open the source of new rows (file and column checks) and check its width against the run's model, before
     any compute; returns the opened `Source`."""
-    from engine.data import open_source
+    from engine.data import open_source, read_shard
 
     source = open_source(data)
-    if source.dim is not None and source.dim != run.in_dim:
-        raise DataError(f"{data.path}: the rows have {source.dim} features but the run's model "
-                        f"({run.checkpoint}) takes {run.in_dim}")
+    # Parquet list columns: the first row group tells. A wrong width found later, inside a Ray Data actor,
+    # would reach the user wrapped in Ray's exceptions instead of as one line.
+    dim = source.dim if source.dim is not None else read_shard(data, source.specs[0]).column(X).type.list_size
+    if dim != run.in_dim:
+        raise DataError(f"{data.path}: the rows have {dim} features but the run's model ({run.checkpoint}) takes "
+                        f"{run.in_dim}")
     return source
 
 

@@ -252,12 +252,14 @@ def sweep_k(
 
     PATH is a run directory or Parquet embeddings (imported into --out, as `dce cluster` does).
     """
-    from engine.sweep_k import RULE, SWEEP_DIR, parse_k_range, sweep_run
+    from engine.data import read_manifest
+    from engine.sweep_k import RULE, SWEEP_DIR, check_ks, parse_k_range, sweep_run
 
     _quiet_env(verbose)
     ks = parse_k_range(k)  # before Ray starts
     progress = _progress(quiet, log_format)
     cfg, run_dir = _run_or_embeddings(path, config, set_, out, column, id_column, label_column, verbose, progress)
+    check_ks(ks, read_manifest(run_dir / "embeddings", stage="embed")["rows"])
 
     def on_result(r: dict[str, Any]) -> None:
         progress.info(f"k={r['k']}: " + ", ".join(

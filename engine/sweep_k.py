@@ -23,6 +23,10 @@ from engine.errors import ConfigError
 
 RULE = "highest silhouette (sampled); ties go to the smaller k"
 SWEEP_DIR = "sweep_k"
+# Estimated multiply-adds one Ray task should hold at least: below it, starting one more worker process (and its
+# torch import, seconds on a small machine) costs more than running its ks in a task already started.
+MIN_TASK_WORK = 5e9
+LLOYD_ITERATIONS = 20  # typical iterations of one k-means run, for the work estimate only
 
 
 def parse_k_range(text: str) -> list[int]:
@@ -72,25 +76,43 @@ def suggest_k(results: list[dict[str, Any]]) -> int | None:
     return min(scored, key=lambda r: (-r["silhouette"], r["k"]))["k"]
 
 
+def score_ks(z: np.ndarray, ks: list[int], **options: Any) -> list[dict[str, Any]]:
+    """`score_k` for each k, one after the other (the body of one Ray task)."""
+    return [score_k(z, k, **options) for k in ks]
+
+
+def task_groups(ks: list[int], n_rows: int, dim: int, n_init: int, parallel: int) -> list[list[int]]:
+    """The ks split over at most `parallel` tasks, fewer when the work is small (see MIN_TASK_WORK); round robin,
+    so each task gets small and large ks alike."""
+    work = sum(n_rows * dim * k * n_init * LLOYD_ITERATIONS for k in ks)
+    n_tasks = max(1, min(len(ks), parallel, int(work // MIN_TASK_WORK)))
+    return [ks[i::n_tasks] for i in range(n_tasks)]
+
+
 def sweep_k(z: np.ndarray, ks: list[int], *, n_init: int = 3, max_iter: int = 100, tol: float = 1e-4,
             seed: int = 0, backend: str = "auto", spherical: bool = False, silhouette_sample: int = 10_000,
             on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Score every k of `ks` on z, one Ray task per k on the connected Ray (started if none): z is put in the
-    object store once and every task reads that copy. Returns {"rule", "suggested_k", "results"}."""
+    """Score every k of `ks` on z with Ray tasks on the connected Ray (started if none): z is put in the object
+    store once and every task reads that copy; the ks are spread over up to one task per CPU of the cluster, fewer
+    when the data are small. Returns {"rule", "suggested_k", "results"}."""
     import ray
 
-    check_ks(sorted(ks), len(z))
-    score = ray.remote(num_cpus=1)(score_k)
-    ref = ray.put(np.ascontiguousarray(z, dtype=np.float32))
+    ks = sorted(ks)
+    check_ks(ks, len(z))
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    score = ray.remote(num_cpus=1)(score_ks)
+    ref = ray.put(z)
     options = dict(n_init=n_init, max_iter=max_iter, tol=tol, seed=seed, backend=backend, spherical=spherical,
                    silhouette_sample=silhouette_sample)
-    pending = [score.remote(ref, k, **options) for k in sorted(ks)]
+    groups = task_groups(ks, len(z), z.shape[1], n_init, int(ray.cluster_resources().get("CPU", 1)))
+    pending = [score.remote(ref, group, **options) for group in groups]
     results = []
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        results.append(ray.get(done[0]))
-        if on_result is not None:
-            on_result(results[-1])
+        for result in ray.get(done[0]):
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
     results.sort(key=lambda r: r["k"])
     return {"rule": RULE, "suggested_k": suggest_k(results), "results": results}
 

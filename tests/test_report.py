@@ -236,6 +236,9 @@ def test_assign_refuses_bad_runs_and_inputs(digits_run, tmp_path):
     assert_clean_failure(invoke("assign", digits_run, "--input", narrow, "--out", tmp_path / "a"),
                          r"narrow\.parquet: the rows have 60 features but the run's model .* takes 64")
     assert not (tmp_path / "a").exists()
+    np.save(tmp_path / "narrow.npy", x)
+    assert_clean_failure(invoke("assign", digits_run, "--input", tmp_path / "narrow.npy", "--out", tmp_path / "a"),
+                         r"narrow\.npy: the rows have 60 features")
     with pytest.raises(DataError, match=r"the rows to assign have 60 features .* takes 64"):
         engine.load_run(digits_run).assign(x)
     assert_clean_failure(invoke("assign", digits_run, "--input", parquet, "--column", "pixels", "--out",
