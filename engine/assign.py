@@ -40,7 +40,8 @@ class Assigner:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from engine.cluster.shards import assign_batch
 
-        x = vectors_to_numpy(batch.column(X), name=X, where=self.where)
+        # Writable: Arrow's zero-copy buffers are read-only, which torch.from_numpy warns about.
+        x = np.require(vectors_to_numpy(batch.column(X), name=X, where=self.where), requirements="W")
         if x.shape[1] != self.in_dim:
             raise DataError(f"{self.where}: column '{X}' has {x.shape[1]} features but the run's model "
                             f"({self.checkpoint}) takes {self.in_dim}")

@@ -263,14 +263,23 @@ def _history(run_dir: Path, cfg: PipelineConfig, facts: dict[str, Any]) -> list[
     return [(stage, x, records) for stage, x, records in found if records]
 
 
+def history_terms(records: list[dict[str, Any]]) -> list[str]:
+    """The numeric terms of a history in order of first appearance (a record may lack some, e.g. refine's first
+    update has no loss yet)."""
+    terms: dict[str, None] = {}
+    for record in records:
+        terms.update((k, None) for k, v in record.items()
+                     if k not in _NOT_TERMS and isinstance(v, int | float) and not isinstance(v, bool))
+    return list(terms)
+
+
 def _curves_section(page: _Page, run_dir: Path, cfg: PipelineConfig, facts: dict[str, Any]) -> None:
     from matplotlib.ticker import MaxNLocator
 
     histories = _history(run_dir, cfg, facts)
     panels = []
     for stage, x_key, records in histories:
-        terms = [k for k in records[0] if k not in _NOT_TERMS and isinstance(records[0][k], int | float)]
-        panels += [(stage, x_key, term, records) for term in terms]
+        panels += [(stage, x_key, term, records) for term in history_terms(records)]
     if not panels:
         page.add("curves", _note("No training history: this run has no trained model (e.g. imported embeddings)."))
         return
@@ -285,8 +294,7 @@ def _curves_section(page: _Page, run_dir: Path, cfg: PipelineConfig, facts: dict
         ax.set_xlabel(x_key)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    rows = [(stage, len(records), ", ".join(k for k in records[0] if k not in _NOT_TERMS))
-            for stage, _, records in histories]
+    rows = [(stage, len(records), ", ".join(history_terms(records))) for stage, _, records in histories]
     page.add("curves", _table(rows, ("stage", "records", "terms")),
              page.figure(fig, "curves", "loss terms per epoch"))
 

@@ -172,6 +172,30 @@ def test_sweep_k_suggests_five_on_five_blobs(ray_local, tmp_path):
                                                                   r"embeddings \(600\)")
 
 
+def test_curves_take_any_loss_terms_and_published_figures_by_data_set():
+    """No Ray: the GAN's g_loss / d_loss are curves like any model's terms; MNIST gets the papers' ACC."""
+    from engine.config import config_from_dict
+    from engine.report import PUBLISHED, history_terms, known_dataset
+
+    history = [{"epoch": 1, "g_loss": 1.2, "d_loss": 0.7, "seconds": 3.0, "rows": 100.0},
+               {"epoch": 2, "g_loss": 1.0, "d_loss": 0.6, "encoder_loss": 0.2, "seconds": 3.0, "rows": 100.0}]
+    assert history_terms(history) == ["g_loss", "d_loss", "encoder_loss"]
+    mnist = config_from_dict({"data": {"source": "idx", "images": ["data/mnist/train-images-idx3-ubyte.gz"]}})
+    assert known_dataset(mnist) == "mnist"
+    assert ("DEC", 0.843) in [(method, acc) for method, _, acc in PUBLISHED["mnist"]]
+    assert known_dataset(config_from_dict({})) is None  # digits: nothing to cite
+
+
+def test_sweep_k_spreads_the_work_over_tasks_only_when_it_pays():
+    from engine.sweep_k import parse_k_range, task_groups
+
+    ks = parse_k_range("2..30")
+    assert ks == list(range(2, 31)) and parse_k_range("8, 2,4") == [2, 4, 8]
+    assert task_groups(ks, 1797, 10, 10, parallel=4) == [ks]  # small: one task, one worker start
+    groups = task_groups(ks, 1_000_000, 10, 10, parallel=4)
+    assert len(groups) == 4 and sorted(k for g in groups for k in g) == ks
+
+
 def _digits_parquet(path: Path, n_features: int = 64) -> np.ndarray:
     from sklearn.datasets import load_digits
 
@@ -187,6 +211,7 @@ def test_assign_reproduces_the_run(digits_run, tmp_path):
     out = tmp_path / "assigned"
     result = invoke("assign", digits_run, "--input", tmp_path / "digits.parquet", "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out) and not result.stderr.strip()  # --quiet: no progress
     run = read_table(digits_run / "assignments", stage="assign").sort_by("id")
     new = read_table(out, stage="assign").sort_by("id")
     assert new.column("id").equals(run.column("id"))
