@@ -209,7 +209,8 @@ def project_2d(z: np.ndarray, method: str, seed: int) -> np.ndarray:
     if method == "tsne":
         from sklearn.manifold import TSNE
 
-        return TSNE(n_components=2, init="pca", random_state=seed,
+        # Barnes-Hut's tree pays off on large samples only: on a few hundred rows the exact gradient is ~7x faster.
+        return TSNE(n_components=2, init="pca", random_state=seed, method="exact" if len(z) <= 500 else "barnes_hut",
                     perplexity=min(30.0, max(1.0, (len(z) - 1) / 3))).fit_transform(z)
     from sklearn.decomposition import PCA
 
@@ -376,6 +377,36 @@ def _decoded_centroids(run_dir: Path, cfg: PipelineConfig) -> np.ndarray | None:
     return (x / state["input"]["scale"] + state["input"]["shift"]).numpy()
 
 
+def _mosaic(grid: list[list[np.ndarray]]) -> np.ndarray:
+    """Images from `_as_image`, one list per row, tiled with a 1-pixel gap: one imshow instead of one Axes per
+    image (Axes cost ~30 ms each to draw)."""
+    first = next(img for row in grid for img in row)
+    h, w = first.shape[:2]
+    cols = max(len(row) for row in grid)
+    # Grey gaps are NaN (drawn blank by the colormap); colour gaps are white.
+    out = np.full(((h + 1) * len(grid) - 1, (w + 1) * cols - 1, *first.shape[2:]), np.nan if first.ndim == 2 else 1.0,
+                  dtype=np.float32)
+    for i, row in enumerate(grid):
+        for j, img in enumerate(row):
+            out[i * (h + 1): i * (h + 1) + h, j * (w + 1): j * (w + 1) + w] = img
+    return out
+
+
+def _mosaic_figure(grid: list[list[np.ndarray]], row_labels: list[str], title: str):
+    mosaic = _mosaic(grid)
+    cols = max(len(row) for row in grid)
+    fig = _figure(0.55 * cols + 1.0, 0.55 * len(grid) + 0.6)
+    ax = fig.add_subplot()
+    ax.imshow(mosaic, cmap="gray_r", interpolation="nearest")
+    h = grid[0][0].shape[0]
+    ax.set_yticks([i * (h + 1) + (h - 1) / 2 for i in range(len(grid))], row_labels, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(title, fontsize=9)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    return fig
+
+
 def _images_section(page: _Page, run_dir: Path, cfg: PipelineConfig, ids: np.ndarray, pred: np.ndarray,
                     facts: dict[str, Any]) -> None:
     shape = _image_shape(facts)
@@ -384,36 +415,26 @@ def _images_section(page: _Page, run_dir: Path, cfg: PipelineConfig, ids: np.nda
         return
     per = cfg.report.images_per_cluster
     clusters = [int(c) for c in np.unique(pred) if c != NOISE][:_MAX_IMAGE_CLUSTERS]
+    if not clusters:
+        page.add("images", _note("Every row is noise: no cluster to show."))
+        return
     rng = np.random.default_rng(cfg.seed)
     chosen = {c: np.sort(rng.choice(ids[pred == c], size=min(per, int((pred == c).sum())), replace=False))
               for c in clusters}
-    rows = _rows_by_id(cfg, np.concatenate(list(chosen.values()))) if chosen else {}
-    fig = _figure(0.9 * per + 0.8, 0.9 * max(len(clusters), 1) + 0.3)
-    grid = fig.add_gridspec(max(len(clusters), 1), per)
-    for i, c in enumerate(clusters):
-        for j, row_id in enumerate(chosen[c]):
-            ax = fig.add_subplot(grid[i, j])
-            ax.imshow(_as_image(rows[int(row_id)], shape), cmap="gray_r")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(str(c), rotation=0, labelpad=12, va="center")
-    parts = [_note(f"Up to {per} seeded random rows (report.images_per_cluster) of each cluster, one cluster a row"
+    rows = _rows_by_id(cfg, np.concatenate(list(chosen.values())))
+    grid = [[_as_image(rows[int(i)], shape) for i in chosen[c]] for c in clusters]
+    fig = _mosaic_figure(grid, [str(c) for c in clusters], "one cluster a row")
+    parts = [_note(f"Up to {per} seeded random rows (report.images_per_cluster) of each cluster"
                    + (f"; the first {_MAX_IMAGE_CLUSTERS} clusters." if len(clusters) == _MAX_IMAGE_CLUSTERS
                       else ".")),
              page.figure(fig, "samples", "sample images per cluster")]
     decoded = _decoded_centroids(run_dir, cfg)
     if decoded is not None:
-        shown = decoded[:_MAX_IMAGE_CLUSTERS]
-        cols = min(len(shown), 10)
-        n_rows = -(-len(shown) // cols)
-        fig = _figure(1.0 * cols + 0.4, 1.1 * n_rows + 0.2)
-        for i, row in enumerate(shown):
-            ax = fig.add_subplot(n_rows, cols, i + 1)
-            ax.imshow(_as_image(row, shape), cmap="gray_r")
-            ax.set_title(str(i), fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
+        shown = [_as_image(row, shape) for row in decoded[:_MAX_IMAGE_CLUSTERS]]
+        grid = [shown[i:i + 10] for i in range(0, len(shown), 10)]
+        fig = _mosaic_figure(grid, [f"{i}-{i + len(g) - 1}" for i, g in zip(range(0, len(shown), 10), grid,
+                                                                             strict=True)],
+                             "clusters left to right")
         parts += ["<h3>Centroids decoded</h3>", _note("Each cluster's centroid run through the model's decoder."),
                   page.figure(fig, "centroids", "centroids decoded by the model's decoder")]
     else:

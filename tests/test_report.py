@@ -139,11 +139,11 @@ def test_chromium_check_catches_a_broken_page(tmp_path):
 
 def test_report_rebuilds_with_another_map(digits_run, report):
     before = json.loads((report.parent / "_manifest.json").read_text())["time"]
-    result = invoke("report", digits_run, "--set", "report.map=tsne", "--set", "report.sample=300", "--quiet")
+    result = invoke("report", digits_run, "--set", "report.map=tsne", "--set", "report.sample=150", "--quiet")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(report) and not result.stderr.strip()
     assert json.loads((report.parent / "_manifest.json").read_text())["time"] > before
-    assert "tsne (report.map) of a seeded sample of 300 of 1797 rows" in report.read_text()
+    assert "tsne (report.map) of a seeded sample of 150 of 1797 rows" in report.read_text()
 
 
 def test_sweep_k_suggests_five_on_five_blobs(ray_local, tmp_path):
