@@ -147,6 +147,8 @@ app.command("refine", help="dec / idec: refine the run's pretrained model; write
     friendly_errors(_stage_command("refine")))
 app.command("embed", help="Embed the run's data with its model; writes RUN_DIR/embeddings/.")(
     friendly_errors(_stage_command("embed")))
+
+
 EmbeddingsPathArg = Annotated[Path, typer.Argument(help="A run directory, or Parquet embeddings: a folder, "
                                                   "file or glob.")]
 EmbeddingsConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Config for Parquet embeddings "
@@ -247,8 +249,8 @@ def sweep_k(
     verbose: VerboseOpt = False,
     log_format: LogFormatOpt = LogFormat.text,
 ) -> None:
-    """K-means of the embeddings for each k (one Ray task per k); inertia, silhouette, Davies-Bouldin,
-    Calinski-Harabasz, a plot and the suggested k (highest silhouette) in RUN_DIR/sweep_k/.
+    """K-means of the embeddings for each k (Ray tasks sharing one copy of them): inertia, silhouette,
+    Davies-Bouldin, Calinski-Harabasz, a plot and the suggested k (highest silhouette) in RUN_DIR/sweep_k/.
 
     PATH is a run directory or Parquet embeddings (imported into --out, as `dce cluster` does).
     """
