@@ -18,15 +18,16 @@ STAGE = "embed"
 class Embedder:
     """A Ray Data callable class: each actor loads the checkpoint once and encodes batches."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool = False):
+    def __init__(self, checkpoint: str, use_gpu: bool = False, one_thread: bool = True):
         import torch
 
         from engine.train.checkpoint import model_from_checkpoint
 
         state = load_checkpoint(checkpoint)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and one_thread:
             # One Ray CPU slot per actor: more intra-op threads would fight the other actors for cores.
+            # In a user's own process (one_thread=False) the process's setting is left alone.
             torch.set_num_threads(1)
         self.model = model_from_checkpoint(state).eval().to(self.device)
         self.shift = state["input"]["shift"].to(self.device)

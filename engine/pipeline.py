@@ -1,4 +1,4 @@
-"""Stage orchestration over a run directory: prepare, train, (refine,) embed, cluster, evaluate."""
+"""Stage orchestration over a run directory: prepare, train, (refine,) embed, cluster, evaluate, report."""
 
 from __future__ import annotations
 
@@ -357,6 +357,16 @@ def evaluate_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> di
     return metrics
 
 
+def report_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> Path:
+    """report/index.html (self-contained) and its PNGs, from the run's results (see engine.report)."""
+    from engine.report import build_report
+
+    with progress.stage("report", f"{cfg.report.map} map"):
+        index = build_report(run_dir, cfg)
+        progress.info(str(index))
+    return index
+
+
 def match_by_id(ids: np.ndarray, other_ids: np.ndarray, values: np.ndarray, *, where: str) -> np.ndarray:
     """`values` (keyed by `other_ids`) reordered to `ids`; both id sets must be equal, each id exactly once."""
     if len(other_ids) != len(ids):
@@ -416,6 +426,8 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
     timed("embed", embed_stage, validated)
     timed("cluster", cluster_stage)
     metrics = timed("evaluate", evaluate_stage)
+    if cfg.report.enabled:
+        timed("report", report_stage)
     _record(run_dir, finished=time.time())
     return RunResult(run_dir=run.location, metrics=metrics, seconds=seconds)
 
