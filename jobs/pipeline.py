@@ -8,7 +8,7 @@ import sys
 
 from engine.config import load_config
 from engine.errors import find_engine_error, user_message
-from engine.pipeline import run_pipeline
+from engine.pipeline import config_for_resume, run_pipeline
 from engine.progress import JsonProgress
 
 
@@ -18,12 +18,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. cluster.k=12 (repeatable)")
     parser.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="continue a killed run with its saved config; finished stages are skipped")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.resume:
+            cfg = config_for_resume(args.resume, overrides=args.overrides, config=args.config, out=args.out)
+        else:
+            cfg = load_config(args.config, args.overrides)
         # [1] Inside `ray job submit`, RAY_ADDRESS is set: run_pipeline joins that cluster, not a new one.
         # [2] Training (Ray Train), embedding and assignment (Ray Data) are scheduled on the cluster.
-        result = run_pipeline(cfg, args.out, progress=JsonProgress(sys.stdout))
+        result = run_pipeline(cfg, args.resume or args.out, progress=JsonProgress(sys.stdout),
+                              resume=bool(args.resume))
     except Exception as e:
         err = find_engine_error(e)
         if err is None:

@@ -13,9 +13,12 @@ from typing import Any
 import numpy as np
 
 from engine.data.shards import staged_folder, write_manifest
+from engine.errors import CheckpointError
 from engine.train.checkpoint import FILENAME, load_checkpoint
 
 log = logging.getLogger(__name__)
+
+TRAIN_DIR = "train"
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -35,13 +38,16 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(**config["model"])
-    optimizer_state, start_epoch, history = None, 0, []
+    optimizer_state, start_epoch, history, starts = None, 0, [], []
+    # Set after a worker died (FailureConfig) or when a resumed run finds Ray Train's snapshot in run_dir/train.
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
             state = load_checkpoint(Path(d) / FILENAME)
         model.load_state_dict(state["state_dict"])
         optimizer_state, start_epoch, history = state["optimizer"], state["epoch"], state["history"]
+        starts = state.get("starts") or [0]
+    starts = [*starts, start_epoch]
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     if optimizer_state is not None:
@@ -85,7 +91,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 save_checkpoint(Path(d) / FILENAME, model=model, shift=config["shift"], scale=config["scale"],
                                 epoch=epoch, history=history, optimizer=optimizer.state_dict(),
-                                image_shape=config["image_shape"], config_hash=config["config_hash"])
+                                image_shape=config["image_shape"], config_hash=config["config_hash"],
+                                starts=starts)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -95,12 +102,15 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, model: dict[str, Any],
                   train: Any, seed: int, run_dir: str | Path, config_hash: str,
-                  image_shape: tuple[int, ...] | None = None, use_gpu: bool = False, max_failures: int = 0,
+                  image_shape: tuple[int, ...] | None = None, use_gpu: bool = False, resume: bool = False,
                   on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """Train an encoder on `ds` (input schema) with Ray Train and write `run_dir/model/` atomically.
 
-    Ray Train's own state (per-epoch checkpoints, used to resume) lives in `run_dir/train/`; the finished
-    checkpoint is copied to `run_dir/model/checkpoint.pt` with a manifest.
+    Ray Train's own state (a checkpoint every `train.checkpoint_every` epochs: weights, optimizer, epoch,
+    history) lives in `run_dir/train/`; a dead worker restarts every worker from the latest one, up to
+    `train.max_failures` times. `resume` continues from the latest checkpoint there (a killed run); without
+    it training starts afresh. The finished checkpoint is copied to `run_dir/model/checkpoint.pt` with a
+    manifest; its `starts` are the epochs each attempt started from.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -111,6 +121,11 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     shape = list(image_shape) if image_shape else None
     build_model(in_dim=in_dim, image_shape=shape, **model)  # bad model settings fail here, before any worker starts
     run_dir = Path(run_dir).resolve()
+    if resume:
+        check_resumable(run_dir / TRAIN_DIR, config_hash)
+    else:
+        # Ray Train restores from any snapshot it finds under storage_path/name: a fresh run must not.
+        shutil.rmtree(run_dir / TRAIN_DIR, ignore_errors=True)
     queue = Queue() if on_epoch is not None else None
     loop_config = {
         "model": {"in_dim": in_dim, "image_shape": shape, **model},
@@ -134,12 +149,13 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
             resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name="train",
+            name=TRAIN_DIR,
             storage_path=str(run_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
         ),
         datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
     )
     stop = threading.Event()
     poller = None
@@ -163,8 +179,29 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
         state = load_checkpoint(tmp / FILENAME)
         write_manifest(tmp, stage="train", config_hash=config_hash, rows=None, files=[FILENAME],
                        epochs=state["epoch"], final_loss=state["history"][-1]["loss"] if state["history"] else None,
-                       num_workers=train.num_workers, use_gpu=use_gpu)
+                       num_workers=train.num_workers, use_gpu=use_gpu, starts=state.get("starts", [0]))
     return model_dir
+
+
+def check_resumable(train_dir: Path, config_hash: str) -> None:
+    """The latest Ray Train checkpoint under `train_dir`, if any, must come from the same config."""
+    latest = max(train_dir.glob(f"checkpoint_*/{FILENAME}"), default=None, key=lambda p: p.parent.name)
+    if latest is None:
+        return
+    found = load_checkpoint(latest).get("config_hash")
+    if found != config_hash:
+        raise CheckpointError(f"{latest}: written with another config (hash {found}, this run's is {config_hash}); "
+                              f"start a fresh run instead of resuming")
+
+
+def _ordered_ingest():
+    """Ray Train's ingest options with the block order kept: with one worker and a seed, training is then
+    reproducible, and a run resumed from a checkpoint ends with the weights of an uninterrupted one."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _drain(queue, on_epoch, stop: threading.Event) -> None:
