@@ -94,6 +94,7 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
         compute=ActorPoolStrategy(min_size=1, max_size=concurrency),
         num_cpus=1,
         num_gpus=1 if use_gpu else 0,
+        # Ray 2.60 takes these only as plain remote args (deprecated for named ones that do not exist yet).
         max_restarts=max_restarts,
         max_task_retries=max_restarts,
     )

@@ -139,7 +139,9 @@ def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool
     with progress.stage("validate", f"{cfg.data.source}: {source.n_rows} rows"):
         ds = read_dataset(source)
         if source.dim is not None and source.n_rows * source.dim * 4 <= CACHE_BYTES:
-            # Small inputs are read once into the object store and reused by every later stage.
+            # Small inputs are read once into the object store and reused by every later stage; in source
+            # order, so a seeded run trains on the same batches every time (and a resumed run as an uninterrupted one).
+            ds.context.execution_options.preserve_order = True
             ds = ds.materialize()
         info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape, source=cfg.data.source)
         progress.info(f"{info.n_rows} rows x {info.dim} features"

@@ -17,7 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
+from engine.cli import app
 from engine.cluster import KMeans, ShardedKMeans
 from engine.config import config_from_dict
 from engine.data import open_source, read_dataset, read_manifest, read_table
@@ -103,7 +105,9 @@ def test_resume_refuses_overrides_and_needs_a_run_directory(tmp_path):
         config_for_resume(tmp_path, config="digits", out=tmp_path / "x")
     with pytest.raises(IncompleteResultError, match=r"not a run directory \(no config.yaml\)"):
         config_for_resume(tmp_path / "nothing")
-    # The job entry point gives the same one-line error and exit code 2.
+    # `dce run --resume` and the job entry point give the same one-line error and exit code 2.
+    result = CliRunner().invoke(app, ["run", "--resume", str(tmp_path), "--set", "seed=1"])
+    assert result.exit_code == 2 and "error: --set cannot be used with --resume" in result.output
     run = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--resume", str(tmp_path), "--set", "seed=1"],
                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 2 and "error: --set cannot be used with --resume" in run.stderr
