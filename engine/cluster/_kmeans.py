@@ -194,6 +194,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         # Plain Python values, so numpy scalars given as settings survive JSON.
         params = {k: v.item() if isinstance(v, np.generic) else v for k, v in self.get_params().items()}
         params["callback"] = None  # code, not data: a loaded model has none
+        if "checkpoint" in params:  # subclasses may not take one
+            params["checkpoint"] = None  # the fit's scratch file, not part of the model
         arrays = {"cluster_centers": self.cluster_centers_}
         if not isinstance(params["init"], str):
             arrays["init"] = np.asarray(params["init"], dtype=np.float32)
