@@ -73,8 +73,7 @@ def finished_stages(cfg: PipelineConfig, run_dir: Path) -> set[str]:
     """The stages of a run that a resumed run skips: in pipeline order, each with a complete folder newer
     than the run's start and than its input, made with the run's config. The first stage that is missing,
     half-written (no manifest) or stale is redone, and so is every later one."""
-    run = run_dir / RUN_FILE
-    newer_than = float(json.loads(run.read_text()).get("started", 0)) if run.is_file() else 0.0
+    newer_than = float(_read_run(run_dir).get("started", 0))
     model_dir, model_stage = model_dir_for(cfg, run_dir)
     chain = [("train", run_dir / "model", "train", ())]
     if cfg.model.refines:
@@ -140,7 +139,7 @@ def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool
         ds = read_dataset(source)
         if source.dim is not None and source.n_rows * source.dim * 4 <= CACHE_BYTES:
             # Small inputs are read once into the object store and reused by every later stage; in source
-            # order, so a seeded run trains on the same batches every time (and a resumed run as an uninterrupted one).
+            # order, so a seeded run trains on the same batches every time, resumed or not.
             ds.context.execution_options.preserve_order = True
             ds = ds.materialize()
         info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape, source=cfg.data.source)

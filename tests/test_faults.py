@@ -25,7 +25,7 @@ from engine.config import config_from_dict
 from engine.data import open_source, read_dataset, read_manifest, read_table
 from engine.data.describe import describe
 from engine.embed import embed_dataset
-from engine.errors import ConfigError, IncompleteResultError
+from engine.errors import CheckpointError, ConfigError, IncompleteResultError
 from engine.models import build_model
 from engine.pipeline import config_for_resume, finished_stages, run_pipeline, save_config
 from engine.train import load_checkpoint, save_checkpoint, train_encoder
@@ -145,6 +145,16 @@ def test_training_worker_killed_resumes_from_its_checkpoint(ray_local, tmp_path)
     assert len(state["starts"]) == 2 and state["starts"][0] == 0 and 0 < state["starts"][1] < 5
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5]
     assert read_manifest(model_dir, stage="train")["starts"] == state["starts"]
+
+    # A resumed run (`--resume` after the driver died) continues from the latest checkpoint in train/: here one
+    # more epoch; a snapshot written with another config is refused before any worker starts.
+    more = cfg.train.model_copy(update={"epochs": 6, "num_workers": 1})
+    common = dict(in_dim=info.dim, shift=info.shift, scale=info.scale, model=cfg.model.pretrain_options(),
+                  train=more, seed=cfg.seed, run_dir=tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: written with another config .* start a fresh run"):
+        train_encoder(ds.select_columns(["x"]), **common, config_hash="another")
+    state = load_checkpoint(train_encoder(ds.select_columns(["x"]), **common, config_hash=cfg.hash()))
+    assert state["starts"][-1] == 5 and [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.ray
