@@ -64,6 +64,9 @@ def main() -> None:
     parser.add_argument("--dp-rounds", type=int, default=5)
     parser.add_argument("--server-rows", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embeddings", default=None, metavar="RUN_DIR",
+                        help="cluster a run's embeddings (RUN_DIR/embeddings, with their labels) instead of blobs; "
+                             "--n, --d, --box are then ignored and DP clips at the rows' largest norm")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
@@ -75,9 +78,27 @@ def main() -> None:
 
     init_ray()
     rng = np.random.default_rng(args.seed)
-    centers = rng.uniform(-args.box, args.box, size=(args.k, args.d)).astype(np.float32)
-    X, labels = make_blobs(args.n, centers, rng)
-    server_points = make_blobs(args.server_rows, centers, rng)[0]  # in-distribution, not part of any partition
+    if args.embeddings:
+        from engine.cluster.shards import load_vectors
+
+        _, X, labels = load_vectors(Path(args.embeddings) / "embeddings")
+        if labels is None:
+            raise SystemExit(f"{args.embeddings}: the embeddings have no labels to split by")
+        # Server-side init points: a held-out random sample, taken out of every partition.
+        held, rest = np.split(rng.permutation(X.shape[0]), [args.server_rows])
+        server_points, X, labels = X[held], X[rest], labels[rest]
+        args.n, args.d = X.shape
+        # Read off the data, so not itself private: a benchmark convenience (a deployment fixes it in advance).
+        clip_norm = float(np.linalg.norm(X, axis=1).max())
+        data = (f"embeddings of `{args.embeddings}` (n={args.n}, d={args.d}, {len(np.unique(labels))} labels; DP "
+                "clip_norm = the largest row norm)")
+    else:
+        centers = rng.uniform(-args.box, args.box, size=(args.k, args.d)).astype(np.float32)
+        X, labels = make_blobs(args.n, centers, rng)
+        server_points = make_blobs(args.server_rows, centers, rng)[0]  # in-distribution, not part of any partition
+        clip_norm = (args.box + 4.0) * np.sqrt(args.d)
+        data = (f"Blobs n={args.n}, d={args.d}, k={args.k} (unit variance, centres uniform in "
+                f"[-{args.box:g}, {args.box:g}]^d)")
     t0 = time.perf_counter()
     ref = KMeans(args.k, n_init=10, max_iter=300, seed=args.seed).fit(X)
     ref_seconds = time.perf_counter() - t0
@@ -85,7 +106,6 @@ def main() -> None:
                 "ari_to_centralised": 1.0, "rounds": int(ref.n_iter_), "bytes_up": 0, "bytes_down": 0,
                 "seconds": ref_seconds, "inertia": float(ref.inertia_)}]
     print(json.dumps(results[0]), flush=True)
-    clip_norm = (args.box + 4.0) * np.sqrt(args.d)
     epsilons = [float(e) for e in args.epsilons.split(",") if e]
 
     for n_parts in (int(p) for p in args.partitions.split(",")):
@@ -129,13 +149,13 @@ def main() -> None:
                  for r in results]
         command = f"python benchmarks/federated.py {' '.join(sys.argv[1:])}"
         notes = (
-            f"Blobs n={args.n}, d={args.d}, k={args.k} (unit variance, centres uniform in "
-            f"[-{args.box:g}, {args.box:g}]^d), seed {args.seed}; `{command}`. One Ray actor per partition on one "
+            f"{data}, seed {args.seed}; `{command}`. One Ray actor per partition on one "
             "machine; seconds include starting the actors. DP: (eps, 1e-6) over the whole run, secure aggregation, "
             f"clip_norm {clip_norm:.1f}, init from {args.server_rows} server-side points, {args.dp_rounds} rounds. "
             f"Python {platform.python_version()}."
         )
-        append_section("Federated k-means (one_shot vs rounds vs centralised, DP)", header, table, notes)
+        append_section(f"Federated k-means on {'embeddings' if args.embeddings else 'blobs'} (one_shot vs rounds vs "
+                       "centralised, DP)", header, table, notes)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,11 @@ def cluster(
         run_dir = path
         _runtime(cfg, verbose)
     else:
+        if path.is_dir() and not any(path.rglob("*.parquet")):
+            from engine.errors import IncompleteResultError
+
+            raise IncompleteResultError(f"{path}: not a run directory (no {pipeline.CONFIG_FILE}) and no Parquet "
+                                        "embeddings in it")
         data = {"source": "parquet", "path": str(path), "column": column, "id_column": id_column or None,
                 "label_column": label_column, "normalize": "none"}
         cfg = config_from_dict({**load_config(config, set_).to_dict(), "data": data}, source=f"{path}")

@@ -86,7 +86,8 @@ REFINED_MODELS = ("dec", "idec")
 class ModelConfig(_Section):
     name: str = "mlp_ae"
     """mlp_ae (DEC's MLP autoencoder), conv_ae (DCEC's convolutional autoencoder, image sources only), vae,
-    or dec / idec (pretrain `base`, then refine it with the DEC clustering head, see `refine`)."""
+    dec / idec (pretrain `base`, then refine it with the DEC clustering head, see `refine`), or gan
+    (ClusterGAN: a WGAN-GP generator and critic with an encoder that inverts the generator)."""
     latent_dim: int = Field(default=10, ge=1)
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [500, 500, 2000])
     """mlp_ae, vae: encoder layer widths; the decoder mirrors them (DEC's d-500-500-2000-latent)."""
@@ -103,6 +104,23 @@ class ModelConfig(_Section):
     [0, 1] (data.normalize: max or minmax on non-negative data)."""
     base: str = "mlp_ae"
     """dec / idec: the registered autoencoder the train stage pretrains before the refine stage."""
+    n_clusters: int | None = Field(default=None, ge=1)
+    """Clusters of a model with its own cluster head (gan: the size of the one-hot code); None takes
+    cluster.k. The pipeline still runs k-means with cluster.k on the embeddings."""
+    noise_sigma: float = Field(default=0.1, gt=0)
+    """gan: standard deviation of the continuous latent z_n (ClusterGAN's 0.1: small, so that the
+    one-hot code decides the mode)."""
+    beta_n: float = Field(default=10.0, ge=0)
+    """gan: weight of the encoder's noise reconstruction loss mse(z_n, E_n(G(z)))."""
+    beta_c: float = Field(default=10.0, ge=0)
+    """gan: weight of the encoder's code cross-entropy CE(z_c, E_c(G(z)))."""
+    critic_steps: int = Field(default=5, ge=1)
+    """gan: critic (discriminator) updates per generator update (WGAN-GP's n_critic)."""
+    gp_weight: float = Field(default=10.0, ge=0)
+    """gan: weight of the WGAN-GP gradient penalty (lambda)."""
+    output_activation: Literal["linear", "sigmoid"] = "linear"
+    """gan: the generator's output layer; sigmoid for inputs scaled to [0, 1] (normalize: max or minmax),
+    as the paper does for images; linear for any other range."""
 
     @model_validator(mode="after")
     def _check_conv_layers(self) -> ModelConfig:

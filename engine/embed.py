@@ -61,6 +61,16 @@ def _without_ids(batch: pa.Table, done: np.ndarray) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch.column(ID), value_set=pa.array(done))))
 
 
+def _embedding_dim(state: dict[str, Any], dim: int) -> int:
+    """Features of the model's embedding, found by encoding one row: not every model's is its latent_dim."""
+    import torch
+
+    from engine.train.checkpoint import model_from_checkpoint
+
+    with torch.inference_mode():
+        return int(model_from_checkpoint(state).eval().encode(torch.zeros(1, dim)).shape[1])
+
+
 def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, expected_rows: int,
                   config_hash: str, batch_size: int = 4096, concurrency: int = 2, use_gpu: bool = False,
                   max_restarts: int = 3) -> dict[str, Any]:
@@ -75,7 +85,7 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
     checkpoint = str(Path(checkpoint).resolve())
     state = load_checkpoint(checkpoint)
     check_input_dim(state, dim, where=checkpoint)
-    latent = int(state["model"].get("latent_dim", 0))
+    latent = _embedding_dim(state, dim)
     from ray.data import ActorPoolStrategy
 
     model_file = Path(checkpoint) / FILENAME if Path(checkpoint).is_dir() else Path(checkpoint)

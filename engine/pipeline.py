@@ -128,7 +128,7 @@ def open_input(cfg: PipelineConfig, *, check_model: bool = True):
     if cfg.cluster.k > source.n_rows:
         raise ConfigError(f"cluster.k={cfg.cluster.k} should be <= the number of rows ({source.n_rows})")
     if check_model and source.dim is not None:  # Parquet list columns: train_encoder checks after reading
-        build_model(in_dim=source.dim, image_shape=source.image_shape, **cfg.model.pretrain_options())
+        build_model(in_dim=source.dim, image_shape=source.image_shape, **model_args(cfg))
     return source
 
 
@@ -156,7 +156,7 @@ def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
     ds, info = validated or validate_input(cfg, progress)
     save_config(cfg, run_dir)
     gpu = use_gpu(cfg.train.use_gpu)
-    model = cfg.model.pretrain_options()
+    model = model_args(cfg)
     if cfg.model.refines:
         from engine.models.dec import check_base
 
@@ -171,6 +171,14 @@ def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
                       on_epoch=progress.epoch)
     _record(run_dir, data=info.to_json())
     return info
+
+
+def model_args(cfg: PipelineConfig) -> dict[str, Any]:
+    """The train stage's build options (`model.*`, `base` for dec / idec), n_clusters from cluster.k when unset."""
+    args = cfg.model.pretrain_options()
+    if args["n_clusters"] is None:
+        args["n_clusters"] = cfg.cluster.k
+    return args
 
 
 def refine_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None) -> dict[str, Any]:

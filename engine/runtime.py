@@ -36,7 +36,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
             # Logical CPUs are scheduling slots: training workers and the Ray Data tasks that feed them
             # must fit at the same time, so a small machine gets at least 4.
             cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
-            ray.init(num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
+            # address="local": a new Ray for this process, never a `ray start` head that happens to run on the
+            # machine (ray.init() alone would join it, and refuse num_cpus there).
+            ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
         _quiet_ray_data(verbose)
     return resources()
 

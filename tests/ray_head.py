@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -107,19 +108,26 @@ def start_ray_head(num_cpus: int = 4, timeout: float = 120.0) -> RayHead:
 
 
 def _wait_for_job_api(head: RayHead, timeout: float) -> None:
+    """Until the head accepts a job: its job API answers before its dashboard agent has registered, and a
+    submission in between fails with 500 "No available agent" (seen on a loaded machine)."""
     deadline = time.monotonic() + timeout
-    request = urllib.request.Request(f"{head.dashboard_url}/api/jobs/", headers=head.auth_header)
+    probe = urllib.request.Request(f"{head.dashboard_url}/api/jobs/", data=json.dumps({"entrypoint": "true"}).encode(),
+                                   headers={**head.auth_header, "Content-Type": "application/json"}, method="POST")
+    last = ""
     while True:
         if head.process.poll() is not None:
             raise RuntimeError(f"`ray start --head` exited with {head.process.returncode}:\n{head.log()}")
         try:
-            with urllib.request.urlopen(request, timeout=5) as r:
+            with urllib.request.urlopen(probe, timeout=10) as r:
                 if r.status == 200:
                     return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        except urllib.error.HTTPError as e:
+            last = f"{e.code}: {e.read()[:200]!r}"
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+            last = str(e)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"Ray job API at {head.dashboard_url} did not answer in {timeout:g} s:\n{head.log()}")
+            raise TimeoutError(f"Ray job API at {head.dashboard_url} did not accept a job in {timeout:g} s "
+                               f"(last answer {last}):\n{head.log()}")
         time.sleep(1)
 
 

@@ -148,7 +148,8 @@ def test_prepare_then_cluster_parquet_embeddings(ray_local, tmp_path):
                                  "truth": labels[part]}), ext / f"part-{i}.parquet")
     out = tmp_path / "run"
     result = invoke("cluster", ext, "--column", "emb", "--id-column", "key", "--label-column", "truth",
-                    "--set", "cluster.k=3", "--set", "cluster.method=sharded", "--out", out, "--quiet")
+                    "--set", "cluster.k=3", "--set", "cluster.method=sharded", "--set", "cluster.manifold=none",
+                    "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     assert read_manifest(out / "embeddings", stage="embed")["rows"] == 300
     np.testing.assert_array_equal(np.sort(_ids(out / "assignments", "assign")), np.arange(1000, 1300))
@@ -256,7 +257,7 @@ def test_incomplete_run_directory(tmp_path):
 
 @pytest.mark.slow
 def test_default_dce_run_quality_and_time(tmp_path):
-    """`dce run` with no arguments: the digits demo in under 3 minutes, ACC >= 0.78 and NMI >= 0.74."""
+    """`dce run` with no arguments: the digits demo in under 3 minutes, ACC >= 0.85 and NMI >= 0.80."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     t0 = time.perf_counter()
@@ -269,7 +270,8 @@ def test_default_dce_run_quality_and_time(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ("acc", "nmi", "ari"):
         assert key in proc.stdout  # the metrics table is printed
-    assert metrics["acc"] >= 0.78 and metrics["nmi"] >= 0.74, metrics
+    # N2D measured ACC 0.932 for seed 0 here (0.877-0.941 over seeds 0-2); AE + k-means alone scores about 0.79.
+    assert metrics["acc"] >= 0.85 and metrics["nmi"] >= 0.80, metrics
     assert seconds < 180, f"dce run took {seconds:.0f} s"
-    for stage in ("validate", "train", "embed", "cluster", "assign", "evaluate"):
+    for stage in ("validate", "train", "embed", "cluster", "umap + gmm", "evaluate"):
         assert stage in proc.stderr  # progress for each stage

@@ -1,11 +1,13 @@
-"""Encoders built by name: MLP and convolutional autoencoders, VAE, and the DEC/IDEC clustering heads."""
+"""Encoders built by name: MLP and convolutional autoencoders, VAE, ClusterGAN, and the DEC/IDEC clustering heads."""
 
-from engine.models import autoencoder, conv_autoencoder, dec, vae  # noqa: F401  (register every model)
+from engine.models import autoencoder, conv_autoencoder, dec, gan, vae  # noqa: F401  (register every model)
 from engine.models.autoencoder import MLPAutoencoder, MLPAutoencoderConfig
 from engine.models.conv_autoencoder import ConvAutoencoder, ConvAutoencoderConfig
 from engine.models.dec import DEC, DECConfig
+from engine.models.gan import ClusterGAN, ClusterGANConfig
 from engine.models.registry import build_model, model_names, register_model
 from engine.models.vae import VAE, VAEConfig
 
-__all__ = ["DEC", "VAE", "ConvAutoencoder", "ConvAutoencoderConfig", "DECConfig", "MLPAutoencoder",
+__all__ = ["DEC", "VAE", "ClusterGAN", "ClusterGANConfig", "ConvAutoencoder", "ConvAutoencoderConfig", "DECConfig",
+           "MLPAutoencoder",
            "MLPAutoencoderConfig", "VAEConfig", "build_model", "model_names", "register_model"]

@@ -61,11 +61,9 @@ def _mlp(widths: list[int]) -> nn.Sequential:
 
 
 @register_model("mlp_ae")
-def build_mlp_autoencoder(*, in_dim: int, image_shape: list[int] | None = None, latent_dim: int = 10,
-                          hidden: list[int] | None = None, dropout: float = 0.0, channels: list[int] | None = None,
-                          kernels: list[int] | None = None, beta: float = 1.0,
-                          recon_loss: str = "mse") -> MLPAutoencoder:
-    # Images are flattened rows to an MLP; image_shape and the conv_ae/vae settings do not apply.
+def build_mlp_autoencoder(*, in_dim: int, latent_dim: int = 10, hidden: list[int] | None = None,
+                          dropout: float = 0.0) -> MLPAutoencoder:
+    # Images reach an MLP as flat rows: it takes no image_shape.
     return MLPAutoencoder(MLPAutoencoderConfig(in_dim=in_dim, latent_dim=latent_dim,
                                                hidden=list(hidden) if hidden is not None else [500, 500, 2000],
                                                dropout=dropout))

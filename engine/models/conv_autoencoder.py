@@ -108,10 +108,8 @@ def _check(cfg: ConvAutoencoderConfig) -> None:
 
 @register_model("conv_ae")
 def build_conv_autoencoder(*, in_dim: int, image_shape: list[int] | None = None, latent_dim: int = 10,
-                           hidden: list[int] | None = None, dropout: float = 0.0, channels: list[int] | None = None,
-                           kernels: list[int] | None = None, beta: float = 1.0,
-                           recon_loss: str = "mse") -> ConvAutoencoder:
-    # hidden, beta and recon_loss are the MLP and VAE settings; the convolutions take channels and kernels.
+                           dropout: float = 0.0, channels: list[int] | None = None,
+                           kernels: list[int] | None = None) -> ConvAutoencoder:
     return ConvAutoencoder(ConvAutoencoderConfig(
         in_dim=in_dim, image_shape=image_shape, latent_dim=latent_dim,
         channels=list(channels) if channels is not None else [32, 64, 128],

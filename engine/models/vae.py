@@ -97,10 +97,9 @@ class VAE(nn.Module):
 
 
 @register_model("vae")
-def build_vae(*, in_dim: int, image_shape: list[int] | None = None, latent_dim: int = 10,
-              hidden: list[int] | None = None, dropout: float = 0.0, channels: list[int] | None = None,
-              kernels: list[int] | None = None, beta: float = 1.0, recon_loss: str = "mse") -> VAE:
-    # An MLP VAE: images are flattened rows, and the conv_ae settings (channels, kernels) do not apply.
+def build_vae(*, in_dim: int, latent_dim: int = 10, hidden: list[int] | None = None, dropout: float = 0.0,
+              beta: float = 1.0, recon_loss: str = "mse") -> VAE:
+    # An MLP VAE: images reach it as flat rows.
     return VAE(VAEConfig(in_dim=in_dim, latent_dim=latent_dim,
                          hidden=list(hidden) if hidden is not None else [500, 500, 2000],
                          beta=beta, recon_loss=recon_loss, dropout=dropout))

@@ -1,41 +1,88 @@
-"""The model-agnostic training loop in plain torch (no Ray): epochs of batches, callbacks at epoch end."""
+"""The model-agnostic training loop in plain torch (no Ray): epochs of batches, callbacks at epoch end.
+
+A model trains by its single `loss(x, forward)` under one Adam optimizer, unless it brings its own steps:
+`configure_optimizers(lr, weight_decay) -> {name: optimizer}` and
+`train_step(x, optimizers, forward) -> {term: float}` (with a `loss` term), e.g. a GAN's alternating
+critic and generator updates. `forward` is the DDP wrapper of the model (or the model): every step's
+forward must go through it, since DDP all-reduces only the gradients of a backward its forward armed.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
+from engine.errors import CheckpointError
+
 EpochBatches = Callable[[int], Iterable[torch.Tensor]]
 """epoch -> the batches of that epoch (already on the model's device)."""
 
+Optimizers = torch.optim.Optimizer | Mapping[str, torch.optim.Optimizer]
 
-def run_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-              batches: Iterable[torch.Tensor]) -> dict[str, float]:
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (or the model)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def configure_optimizers(model: torch.nn.Module, lr: float, weight_decay: float) -> dict[str, torch.optim.Optimizer]:
+    """The model's own named optimizers, or one Adam over all its parameters."""
+    core = unwrap(model)
+    if hasattr(core, "configure_optimizers"):
+        return dict(core.configure_optimizers(lr, weight_decay))
+    return {"model": torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)}
+
+
+def load_optimizer_states(optimizers: Mapping[str, torch.optim.Optimizer], states: Mapping[str, Any],
+                          *, where: str = "checkpoint") -> None:
+    """Restore each named optimizer's state; the names must be those the checkpoint was saved with."""
+    if set(states) != set(optimizers):
+        raise CheckpointError(f"{where}: holds the state of optimizers {sorted(states)} but the model "
+                              f"trains with {sorted(optimizers)}")
+    for name, opt in optimizers.items():
+        opt.load_state_dict(states[name])
+
+
+def run_epoch(model: torch.nn.Module, optimizer: Optimizers, batches: Iterable[torch.Tensor]) -> dict[str, float]:
     """One pass: returns row-weighted sums of each loss term and the row count (for exact averaging)."""
     model.train()
-    core = model.module if hasattr(model, "module") else model
+    core = unwrap(model)
+    if hasattr(core, "train_step"):
+        def step(x: torch.Tensor) -> dict[str, float]:
+            return core.train_step(x, optimizer, forward=model)
+    else:
+        single = optimizer if isinstance(optimizer, torch.optim.Optimizer) else _only(optimizer)
+
+        def step(x: torch.Tensor) -> dict[str, float]:
+            single.zero_grad(set_to_none=True)
+            # The model computes its own loss terms; it gets the wrapper to call for the forward.
+            loss, terms = core.loss(x, forward=model)
+            loss.backward()
+            single.step()
+            return {"loss": float(loss.detach()), **terms}
+
     sums: dict[str, float] = {}
     rows = 0
     for x in batches:
-        optimizer.zero_grad(set_to_none=True)
-        # The forward must go through the DDP wrapper (it arms the gradient all-reduce); the loss
-        # terms are the model's own, so the model gets the wrapper to call.
-        loss, terms = core.loss(x, forward=model)
-        loss.backward()
-        optimizer.step()
+        terms = step(x)
         n = x.shape[0]
         rows += n
-        sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * n
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v * n
     sums["rows"] = float(rows)
     return sums
 
 
-def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch_batches: EpochBatches, *,
+def _only(optimizers: Mapping[str, torch.optim.Optimizer]) -> torch.optim.Optimizer:
+    if len(optimizers) != 1:
+        raise ValueError(f"a model without train_step trains with one optimizer, got {sorted(optimizers)}")
+    return next(iter(optimizers.values()))
+
+
+def train(model: torch.nn.Module, optimizer: Optimizers, epoch_batches: EpochBatches, *,
           epochs: int, start_epoch: int = 0,
           reduce: Callable[[dict[str, float]], dict[str, float]] = lambda s: s,
           on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, float]]:

@@ -30,7 +30,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     from engine.data.schema import X, vectors_to_numpy
     from engine.models import build_model
     from engine.train.checkpoint import save_checkpoint
-    from engine.train.loop import train
+    from engine.train.loop import configure_optimizers, load_optimizer_states, train
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -38,20 +38,23 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(**config["model"])
-    optimizer_state, start_epoch, history, starts = None, 0, [], []
+    optimizer_states, start_epoch, history, starts = None, 0, [], []
     # Set after a worker died (FailureConfig) or when a resumed run finds Ray Train's snapshot in run_dir/train.
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
             state = load_checkpoint(Path(d) / FILENAME)
         model.load_state_dict(state["state_dict"])
-        optimizer_state, start_epoch, history = state["optimizer"], state["epoch"], state["history"]
+        optimizer_states, start_epoch, history = state.get("optimizers") or {}, state["epoch"], state["history"]
         starts = state.get("starts") or [0]
     starts = [*starts, start_epoch]
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    # A model with its own train_step (a GAN) runs steps that use only some of its parameters; DDP must
+    # look for the unused ones or it waits forever for their gradients.
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": True} if hasattr(model, "train_step") else None)
+    optimizers = configure_optimizers(model, config["lr"], config["weight_decay"])
+    if optimizer_states is not None:
+        load_optimizer_states(optimizers, optimizer_states, where="the checkpoint to resume from")
 
     shift = torch.as_tensor(np.asarray(config["shift"], dtype=np.float32), device=device)
     scale = torch.as_tensor(np.asarray(config["scale"], dtype=np.float32), device=device)
@@ -90,13 +93,14 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             checkpoint = None
             if rank == 0:
                 save_checkpoint(Path(d) / FILENAME, model=model, shift=config["shift"], scale=config["scale"],
-                                epoch=epoch, history=history, optimizer=optimizer.state_dict(),
+                                epoch=epoch, history=history,
+                                optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
                                 image_shape=config["image_shape"], config_hash=config["config_hash"],
                                 starts=starts)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    train(model, optimizer, epoch_batches, epochs=epochs, start_epoch=start_epoch, reduce=reduce,
+    train(model, optimizers, epoch_batches, epochs=epochs, start_epoch=start_epoch, reduce=reduce,
           on_epoch_end=on_epoch_end)
 
 

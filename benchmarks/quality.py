@@ -1,0 +1,125 @@
+"""Clustering quality of whole `dce run` pipelines over seeds, beside k-means on the raw pixels, in one Ray session.
+
+    python benchmarks/quality.py --configs digits digits_conv digits_vae digits_idec digits_gan --seeds 3 --record
+    python benchmarks/quality.py --configs mnist_ae mnist_idec --seeds 1 --record
+
+One JSON line per (config, seed), and one for the peer (scikit-learn KMeans on the pixels, same k and
+restarts) per data set and seed. With --record, one table per data set is appended to RESULTS.md, with
+the published accuracy of each method where the literature has one for that data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from record import append_section  # noqa: E402
+
+# ACC on all 70,000 MNIST digits as the papers report it (../shared/data/README.md gathers them).
+PUBLISHED_ACC = {
+    "mnist": {"kmeans_pixels": "0.53", "mlp_ae + kmeans": "0.82-0.88 (AE + k-means)", "dec": "0.84-0.87 (DEC)",
+              "idec": "0.88 (IDEC)", "conv_ae + kmeans": "0.85 (DCEC's CAE + k-means)",
+              "vae + kmeans": "0.94 (VaDE, a VAE with a GMM prior)", "gan + kmeans": "0.91-0.95 (ClusterGAN)",
+              "mlp_ae + umap + gmm": "0.979 (N2D)"},
+}
+
+
+def _pixels(cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The configured data set's raw rows and labels, shard by shard, for the pixel peer.
+
+    Unscaled: the sources' `normalize: max` is one global factor, which k-means is invariant to.
+    """
+    import pyarrow as pa
+
+    from engine.data.schema import vectors_to_numpy
+    from engine.data.sources import open_source, read_shard
+
+    source = open_source(cfg.data)
+    table = pa.concat_tables([read_shard(cfg.data, spec) for spec in source.specs])
+    return vectors_to_numpy(table.column("x"), name="x"), table.column("label").to_numpy()
+
+
+def _steps(cfg) -> str:
+    model = cfg.model.name
+    if model in ("dec", "idec"):
+        return model
+    return " + ".join([model, *([cfg.cluster.manifold] if cfg.cluster.manifold != "none" else []), cfg.cluster.method])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["digits"], help="config names or files")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="applied to every config")
+    parser.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+
+    from sklearn.cluster import KMeans as SKKMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from engine.config import load_config
+    from engine.metrics import clustering_accuracy
+    from engine.pipeline import run_pipeline
+    from engine.runtime import init_ray
+
+    init_ray()
+    rows: dict[str, list[dict]] = {}  # data set -> result lines
+    peers_done: set[tuple[str, int]] = set()
+    for name in args.configs:
+        for seed in range(args.seeds):
+            cfg = load_config(name, [*args.overrides, f"seed={seed}"])
+            dataset = cfg.data.source if cfg.data.source != "idx" else Path(cfg.data.path).parent.name
+            if (dataset, seed) not in peers_done:
+                x, y = _pixels(cfg)
+                t0 = time.perf_counter()
+                pred = SKKMeans(cfg.cluster.k, n_init=cfg.cluster.n_init, random_state=seed).fit_predict(x)
+                peer = {"bench": "quality", "data": dataset, "impl": "kmeans_pixels", "config": "scikit-learn",
+                        "seed": seed, "acc": clustering_accuracy(y, pred), "nmi": normalized_mutual_info_score(y, pred),
+                        "ari": adjusted_rand_score(y, pred), "seconds": time.perf_counter() - t0}
+                print(json.dumps(peer), flush=True)
+                rows.setdefault(dataset, []).append(peer)
+                peers_done.add((dataset, seed))
+            with tempfile.TemporaryDirectory() as out:
+                t0 = time.perf_counter()
+                result = run_pipeline(cfg, Path(out) / "run")
+                seconds = time.perf_counter() - t0
+            line = {"bench": "quality", "data": dataset, "impl": _steps(cfg), "config": name, "seed": seed,
+                    "epochs": cfg.train.epochs, "workers": cfg.train.num_workers, "seconds": seconds,
+                    "stage_seconds": result.seconds, **{k: result.metrics[k] for k in ("acc", "nmi", "ari")}}
+            print(json.dumps(line), flush=True)
+            rows.setdefault(dataset, []).append(line)
+
+    if args.record:
+        for dataset, lines in rows.items():
+            _record(dataset, lines, args)
+
+
+def _record(dataset: str, lines: list[dict], args) -> None:
+    def stat(group: list[dict], key: str) -> str:
+        v = np.array([r[key] for r in group])
+        return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+    table = []
+    for config in dict.fromkeys(r["config"] for r in lines):
+        group = [r for r in lines if r["config"] == config]
+        impl = group[0]["impl"]
+        label = "k-means on the pixels (scikit-learn)" if impl == "kmeans_pixels" else f"`{config}`: {impl}"
+        table.append([label, stat(group, "acc"), stat(group, "nmi"), stat(group, "ari"), group[0].get("epochs", "-"),
+                      f"{np.mean([r['seconds'] for r in group]):.0f}", PUBLISHED_ACC.get(dataset, {}).get(impl, "-")])
+    seeds = sorted({r["seed"] for r in lines})
+    append_section(f"Clustering quality on {dataset} (`benchmarks/quality.py`), seeds {seeds[0]}..{seeds[-1]}",
+                   ["method", "ACC", "NMI", "ARI", "epochs", "seconds (mean, whole run)", "published ACC"], table,
+                   notes="Seconds include Ray Train start-up, embedding and clustering through Ray Data; one Ray "
+                         "session for the whole benchmark. Overrides: " + (" ".join(args.overrides) or "none") + ".")
+
+
+if __name__ == "__main__":
+    main()
