@@ -24,8 +24,9 @@ from engine.cluster import KMeans, ShardedKMeans
 from engine.config import config_from_dict
 from engine.data import open_source, read_dataset, read_manifest, read_table
 from engine.data.describe import describe
+from engine.data.shards import commit_partial, completed_ids, partial_folder, write_shard
 from engine.embed import embed_dataset
-from engine.errors import CheckpointError, ConfigError, IncompleteResultError
+from engine.errors import CheckpointError, ConfigError, DataError, IncompleteResultError
 from engine.models import build_model
 from engine.pipeline import config_for_resume, finished_stages, run_pipeline, save_config
 from engine.train import load_checkpoint, save_checkpoint, train_encoder
@@ -95,6 +96,30 @@ def test_kmeans_continues_from_its_checkpoint(tmp_path):
     Y = X[::-1].copy()
     other = KMeans(12, **settings, checkpoint=state, checkpoint_every=5).fit(Y)
     np.testing.assert_array_equal(other.cluster_centers_, KMeans(12, **settings).fit(Y).cluster_centers_)
+
+
+def test_partial_folder_keeps_recorded_shards_only(tmp_path):
+    out = tmp_path / "embeddings"
+    part = partial_folder(out, {"model": "a"})
+    shard = pa.table({"id": pa.array([4, 2, 7], pa.int64()), "z": [[0.0], [1.0], [2.0]]})
+    record = write_shard(shard, part, prefix="embed")
+    assert write_shard(shard, part, prefix="embed") == record  # a redone block overwrites its own shard
+    # A crash mid-write leaves files without a completion record: they are deleted, never counted.
+    pq.write_table(shard, part / "embed-halfwritten.parquet")
+    (part / ".embed-x.parquet.tmp-1").write_bytes(b"PAR1")
+    np.testing.assert_array_equal(np.sort(completed_ids(part)), [2, 4, 7])
+    assert sorted(p.name for p in part.glob("*.parquet")) == [record["file"]]
+    assert partial_folder(out, {"model": "a"}) == part and len(completed_ids(part)) == 3  # same key: kept
+    with pytest.raises(DataError, match=r"embeddings: wrote 3 rows but the input has 4"):
+        commit_partial(part, out, stage="embed", config_hash="h", expected_rows=4)
+    assert not part.exists() and not out.exists()
+    part = partial_folder(out, {"model": "a"})
+    write_shard(shard, part, prefix="embed")
+    assert len(completed_ids(partial_folder(out, {"model": "b"}))) == 0  # another model: emptied
+    write_shard(shard, part, prefix="embed")
+    manifest = commit_partial(part, out, stage="embed", config_hash="h", expected_rows=3)
+    assert manifest["files"] == [record["file"]] and sorted(p.name for p in out.iterdir()) == [
+        "_manifest.json", record["file"]]
 
 
 def test_resume_refuses_overrides_and_needs_a_run_directory(tmp_path):
