@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -112,9 +113,10 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
 
     Ray Train's own state (a checkpoint every `train.checkpoint_every` epochs: weights, optimizer, epoch,
     history) lives in `run_dir/train/`; a dead worker restarts every worker from the latest one, up to
-    `train.max_failures` times. `resume` continues from the latest checkpoint there (a killed run); without
-    it training starts afresh. The finished checkpoint is copied to `run_dir/model/checkpoint.pt` with a
-    manifest; its `starts` are the epochs each attempt started from.
+    `train.max_failures` times. `resume` continues from the latest checkpoint there (a killed run, or more
+    epochs), which must be of the same model; without it training starts afresh. The finished checkpoint is
+    copied to `run_dir/model/checkpoint.pt` with a manifest; its `starts` are the epochs each attempt started
+    from.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -123,10 +125,11 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     from engine.models import build_model
 
     shape = list(image_shape) if image_shape else None
-    build_model(in_dim=in_dim, image_shape=shape, **model)  # bad model settings fail here, before any worker starts
+    # Bad model settings fail here, before any worker starts.
+    build_args = build_model(in_dim=in_dim, image_shape=shape, **model).build_args
     run_dir = Path(run_dir).resolve()
     if resume:
-        check_resumable(run_dir / TRAIN_DIR, config_hash)
+        check_resumable(run_dir / TRAIN_DIR, build_args)
     else:
         # Ray Train restores from any snapshot it finds under storage_path/name: a fresh run must not.
         shutil.rmtree(run_dir / TRAIN_DIR, ignore_errors=True)
@@ -187,14 +190,17 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     return model_dir
 
 
-def check_resumable(train_dir: Path, config_hash: str) -> None:
-    """The latest Ray Train checkpoint under `train_dir`, if any, must come from the same config."""
+def check_resumable(train_dir: Path, build_args: dict[str, Any]) -> None:
+    """The latest Ray Train checkpoint under `train_dir`, if any, must be of the model `build_args` builds
+    (training settings such as epochs or lr may differ); the error names the settings that differ."""
     latest = max(train_dir.glob(f"checkpoint_*/{FILENAME}"), default=None, key=lambda p: p.parent.name)
     if latest is None:
         return
-    found = load_checkpoint(latest).get("config_hash")
-    if found != config_hash:
-        raise CheckpointError(f"{latest}: written with another config (hash {found}, this run's is {config_hash}); "
+    saved, now = (json.loads(json.dumps(args, default=list)) for args in (load_checkpoint(latest)["model"], build_args))
+    differ = [f"{k}={saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+              if saved.get(k) != now.get(k)]
+    if differ:
+        raise CheckpointError(f"{latest}: a checkpoint of another model ({'; '.join(differ)}); set them back, or "
                               f"start a fresh run instead of resuming")
 
 
