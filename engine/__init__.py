@@ -16,6 +16,7 @@ __all__ = [
     "IncompleteResultError",
     "KMeans",
     "__version__",
+    "load_run",
 ]
 
 
@@ -25,4 +26,8 @@ def __getattr__(name: str) -> Any:
         from engine.cluster import KMeans
 
         return KMeans
+    if name == "load_run":
+        from engine.assign import load_run
+
+        return load_run
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

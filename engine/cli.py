@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,9 +19,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions
                   help="Deep Cluster Engine: train an encoder, embed, cluster and evaluate on Ray.")
 
 ConfigArg = Annotated[str | None, typer.Argument(help="Config file or name in configs/ (default: digits).")]
-RunDirArg = Annotated[Path, typer.Argument(help="Run directory written by `dce run` or `dce train`.")]
+RunDirArg = Annotated[str, typer.Argument(help="Run directory written by `dce run` or `dce train` (a path or "
+                                             "an object store URI).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a setting: section.key=value.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<name>).")]
+OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory, a path or an object store URI "
+                                            "such as s3://bucket/runs/name (default: runs/<name>).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's own logs.")]
 
@@ -75,6 +78,16 @@ def _runtime(cfg, verbose: bool):
     return init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
 
 
+@contextlib.contextmanager
+def _run_dir(cfg, run_dir: str | Path, verbose: bool, *, fetch: bool) -> Iterator[Path]:
+    """Ray started or joined, then the local folder the stages write (checked on a multi-node cluster; staged
+    and published for an object-store URI)."""
+    from engine.rundir import open_run_dir
+
+    with open_run_dir(run_dir, cfg.ray, nodes=_runtime(cfg, verbose).worker_nodes, fetch=fetch) as run:
+        yield run.local
+
+
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -91,17 +104,24 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
 @friendly_errors
 def run(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False,
         verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text,
+        no_report: Annotated[bool, typer.Option("--no-report", help="Skip the report stage "
+                                                "(report.enabled=false).")] = False,
         resume: Annotated[Path | None, typer.Option("--resume", metavar="RUN_DIR", help=(
             "Continue a killed run with its saved config: finished stages are skipped."))] = None) -> None:
-    """Run the whole pipeline: train, (refine for dec / idec,) embed, cluster, evaluate."""
+    """Run the whole pipeline: train, (refine for dec / idec,) embed, cluster, evaluate, report."""
     from engine.config import load_config
     from engine.pipeline import config_for_resume, run_pipeline
 
     _quiet_env(verbose)
     if resume is not None:
+        if no_report:
+            from engine.errors import ConfigError
+
+            raise ConfigError("--no-report cannot be used with --resume: a resumed run continues with its saved "
+                              "config (report.enabled)")
         cfg, out = config_for_resume(resume, overrides=set_, config=config, out=out), resume
     else:
-        cfg = load_config(config, set_)
+        cfg = load_config(config, [*(set_ or []), *(["report.enabled=false"] if no_report else [])])
     result = run_pipeline(cfg, out, progress=_progress(quiet, log_format), verbose=verbose,
                           resume=resume is not None)
     if log_format == LogFormat.json:
@@ -125,9 +145,11 @@ def train(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, qui
     cfg = load_config(config, set_)
     run_dir = run_dir_for(cfg, out)
     open_input(cfg)  # file, column and k checks before Ray starts
-    _runtime(cfg, verbose)
-    train_stage(cfg, run_dir, _progress(quiet))
-    typer.echo(str(run_dir / "model"))
+    with _run_dir(cfg, run_dir, verbose, fetch=False) as local:
+        train_stage(cfg, local, _progress(quiet))
+    from engine import storage
+
+    typer.echo(storage.join(run_dir, "model"))
 
 
 def _stage_command(stage: str) -> Callable[..., None]:
@@ -137,8 +159,8 @@ def _stage_command(stage: str) -> Callable[..., None]:
 
         _quiet_env(verbose)
         cfg = pipeline.load_run_config(run_dir, set_)
-        _runtime(cfg, verbose)
-        result = getattr(pipeline, f"{stage}_stage")(cfg, run_dir, _progress(quiet))
+        with _run_dir(cfg, run_dir, verbose, fetch=True) as local:
+            result = getattr(pipeline, f"{stage}_stage")(cfg, local, _progress(quiet))
         if stage == "evaluate":
             _print_metrics(result, str(run_dir)) if not quiet else typer.echo(json.dumps(result))
         else:
@@ -151,33 +173,31 @@ app.command("refine", help="dec / idec: refine the run's pretrained model; write
     friendly_errors(_stage_command("refine")))
 app.command("embed", help="Embed the run's data with its model; writes RUN_DIR/embeddings/.")(
     friendly_errors(_stage_command("embed")))
-@app.command("cluster")
-@friendly_errors
-def cluster(
-    path: Annotated[Path, typer.Argument(help="A run directory, or Parquet embeddings: a folder, file or glob.")],
-    config: Annotated[str | None, typer.Option("--config", "-c", help="Config for Parquet embeddings "
-                                                "(its cluster section; default: digits).")] = None,
-    set_: SetOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory for Parquet embeddings "
-                                             "(default: runs/<name>).")] = None,
-    column: Annotated[str, typer.Option(help="Vector column of Parquet embeddings.")] = "z",
-    id_column: Annotated[str | None, typer.Option(help="Id column of Parquet embeddings ('' numbers the rows)."
-                                                  )] = "id",
-    label_column: Annotated[str | None, typer.Option(help="Optional label column of Parquet embeddings.")] = None,
-    quiet: QuietOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    """Cluster with the config's cluster.method; writes centroids.npy, cluster.json and assignments/.
 
-    PATH is a run directory (its embeddings/), or embeddings made elsewhere as Parquet (a folder, file or
-    glob): they are checked, imported into the run directory --out, and clustered there.
-    """
-    from engine import pipeline
+
+EmbeddingsPathArg = Annotated[str, typer.Argument(help="A run directory, or Parquet embeddings: a folder, "
+                                                  "file or glob.")]
+EmbeddingsConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Config for Parquet embeddings "
+                                                         "(its cluster section; default: digits).")]
+EmbeddingsOutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory for Parquet embeddings "
+                                                       "(default: runs/<name>).")]
+ColumnOpt = Annotated[str, typer.Option(help="Vector column of Parquet embeddings.")]
+IdColumnOpt = Annotated[str | None, typer.Option(help="Id column of Parquet embeddings ('' numbers the rows).")]
+LabelColumnOpt = Annotated[str | None, typer.Option(help="Optional label column of Parquet embeddings.")]
+
+
+@contextlib.contextmanager
+def _run_or_embeddings(path: str, config: str | None, set_: list[str] | None, out: str | None, column: str,
+                       id_column: str | None, label_column: str | None, verbose: bool,
+                       progress) -> Iterator[tuple[Any, str, Path]]:
+    """(config, run directory, its local folder) of PATH: a run directory as it is, or Parquet embeddings made
+    elsewhere, checked and imported into the run directory --out. Ray is connected inside; an object-store
+    run directory is published on exit, as every stage command does."""
+    from engine import pipeline, storage
     from engine.config import config_from_dict, load_config
 
-    _quiet_env(verbose)
-    progress = _progress(quiet)
-    if (path / pipeline.CONFIG_FILE).is_file():
+    is_run = storage.is_file(storage.join(path, pipeline.CONFIG_FILE))
+    if is_run:
         if config is not None or out is not None:
             from engine.errors import ConfigError
 
@@ -185,9 +205,9 @@ def cluster(
                               "--out (for Parquet embeddings) do not apply")
         cfg = pipeline.load_run_config(path, set_)
         run_dir = path
-        _runtime(cfg, verbose)
     else:
-        if path.is_dir() and not any(path.rglob("*.parquet")):
+        folder = Path(path)
+        if folder.is_dir() and not any(folder.rglob("*.parquet")):
             from engine.errors import IncompleteResultError
 
             raise IncompleteResultError(f"{path}: not a run directory (no {pipeline.CONFIG_FILE}) and no Parquet "
@@ -197,9 +217,37 @@ def cluster(
         cfg = config_from_dict({**load_config(config, set_).to_dict(), "data": data}, source=f"{path}")
         run_dir = pipeline.run_dir_for(cfg, out)
         pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
-        _runtime(cfg, verbose)
-        pipeline.import_embeddings(cfg, run_dir, progress)
-    summary = pipeline.cluster_stage(cfg, run_dir, progress)
+    with _run_dir(cfg, run_dir, verbose, fetch=is_run) as local:
+        if not is_run:
+            pipeline.import_embeddings(cfg, local, progress)
+        yield cfg, str(run_dir), local
+
+
+@app.command("cluster")
+@friendly_errors
+def cluster(
+    path: EmbeddingsPathArg,
+    config: EmbeddingsConfigOpt = None,
+    set_: SetOpt = None,
+    out: EmbeddingsOutOpt = None,
+    column: ColumnOpt = "z",
+    id_column: IdColumnOpt = "id",
+    label_column: LabelColumnOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Cluster with the config's cluster.method; writes centroids.npy, cluster.json and assignments/.
+
+    PATH is a run directory (its embeddings/), or embeddings made elsewhere as Parquet (a folder, file or
+    glob): they are checked, imported into the run directory --out, and clustered there.
+    """
+    from engine import pipeline
+
+    _quiet_env(verbose)
+    progress = _progress(quiet)
+    with _run_or_embeddings(path, config, set_, out, column, id_column, label_column, verbose,
+                            progress) as (cfg, run_dir, local):
+        summary = pipeline.cluster_stage(cfg, local, progress)
     if not quiet:
         typer.echo(f"{run_dir}: {summary['method']} k={summary['k']}, inertia {summary['inertia']:.6g}")
     else:
@@ -208,6 +256,113 @@ def cluster(
 
 app.command("evaluate", help="Metrics of RUN_DIR's assignments; writes metrics.json.")(
     friendly_errors(_stage_command("evaluate")))
+
+
+@app.command()
+@friendly_errors
+def report(run_dir: RunDirArg, set_: SetOpt = None, quiet: QuietOpt = False, verbose: VerboseOpt = False,
+           log_format: LogFormatOpt = LogFormat.text) -> None:
+    """(Re)build RUN_DIR/report/index.html, one self-contained page, and its PNGs (--set report.map=umap ...)."""
+    from engine import pipeline
+
+    _quiet_env(verbose)
+    from engine import storage
+
+    cfg = pipeline.load_run_config(run_dir, set_)
+    # Ray too: the image section reads sample rows of the input with Ray Data.
+    with _run_dir(cfg, run_dir, verbose, fetch=True) as local:
+        index = pipeline.report_stage(cfg, local, _progress(quiet, log_format))
+    index = storage.join(run_dir, str(index.relative_to(local)))
+    typer.echo(json.dumps({"report": index}) if log_format == LogFormat.json else index)
+
+
+@app.command("sweep-k")
+@friendly_errors
+def sweep_k(
+    path: EmbeddingsPathArg,
+    k: Annotated[str, typer.Option("--k", help="The ks to try: a range 2..30 or a list 2,4,8.")] = "2..30",
+    config: EmbeddingsConfigOpt = None,
+    set_: SetOpt = None,
+    out: EmbeddingsOutOpt = None,
+    column: ColumnOpt = "z",
+    id_column: IdColumnOpt = "id",
+    label_column: LabelColumnOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
+) -> None:
+    """K-means of the embeddings for each k (Ray tasks sharing one copy of them): inertia, silhouette,
+    Davies-Bouldin, Calinski-Harabasz, a plot and the suggested k (highest silhouette) in RUN_DIR/sweep_k/.
+
+    PATH is a run directory or Parquet embeddings (imported into --out, as `dce cluster` does).
+    """
+    from engine.data import read_manifest
+    from engine.sweep_k import RULE, SWEEP_DIR, check_ks, parse_k_range, sweep_run
+
+    _quiet_env(verbose)
+    ks = parse_k_range(k)  # before Ray starts
+    progress = _progress(quiet, log_format)
+    with _run_or_embeddings(path, config, set_, out, column, id_column, label_column, verbose,
+                            progress) as (cfg, run_dir, local):
+        check_ks(ks, read_manifest(local / "embeddings", stage="embed")["rows"])
+
+        def on_result(r: dict[str, Any]) -> None:
+            progress.info(f"k={r['k']}: " + ", ".join(
+                f"{key} {'—' if r[key] is None else f'{r[key]:.4g}'}"
+                for key in ("inertia", "silhouette", "davies_bouldin", "calinski_harabasz")))
+
+        with progress.stage("sweep-k", f"k = {ks[0]}..{ks[-1]} ({len(ks)} values)"):
+            sweep = sweep_run(local, cfg, ks, on_result=on_result)
+    from engine import storage
+
+    where = storage.join(run_dir, SWEEP_DIR)
+    if log_format == LogFormat.json:
+        typer.echo(json.dumps({"run_dir": str(run_dir), **sweep}))
+    elif quiet:
+        typer.echo(where)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        keys = ("inertia", "silhouette", "davies_bouldin", "calinski_harabasz")
+        table = Table(title=f"{where}: suggested k = {sweep['suggested_k']} ({RULE})")
+        for name in ("k", *keys):
+            table.add_column(name, justify="right")
+        for r in sweep["results"]:
+            table.add_row(str(r["k"]), *("—" if r[key] is None else f"{r[key]:.4g}" for key in keys))
+        Console().print(table)
+
+
+@app.command()
+@friendly_errors
+def assign(
+    run_dir: RunDirArg,
+    input_: Annotated[Path, typer.Option("--input", "-i", help="New rows: Parquet (a file, folder or glob) with "
+                                         "the run's raw input column, or a .npy matrix / images.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the assignments (id, cluster, distance).")],
+    column: Annotated[str, typer.Option(help="Vector column of Parquet input.")] = "x",
+    id_column: Annotated[str | None, typer.Option(help="Id column of Parquet input ('' numbers the rows).")] = "id",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    log_format: LogFormatOpt = LogFormat.text,
+) -> None:
+    """Embed new rows with the run's model (and its input normalisation) and give each its nearest centroid,
+    streaming with Ray Data; writes --out like RUN_DIR/assignments/."""
+    from engine.assign import assign_source, input_source, load_run, open_new_rows
+    from engine.runtime import use_gpu
+
+    _quiet_env(verbose)
+    progress = _progress(quiet, log_format)
+    run = load_run(run_dir)
+    source = open_new_rows(run, input_source(input_, column=column, id_column=id_column or None))
+    _runtime(run.config, verbose)  # after every check on the run and the input
+    with progress.stage("assign", f"{source.n_rows} rows of {input_} to {len(run.centroids)} clusters"):
+        manifest = assign_source(run, source, out, use_gpu=use_gpu(run.config.embed.use_gpu))
+        progress.info(f"{manifest['rows']} rows in {len(manifest['files'])} shard(s)")
+    if log_format == LogFormat.json:
+        typer.echo(json.dumps({"out": str(out), "rows": manifest["rows"], "k": manifest["k"]}))
+    else:
+        typer.echo(str(out))
 
 
 @app.command()

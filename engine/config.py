@@ -337,11 +337,31 @@ class EvaluateConfig(_Section):
     silhouette_sample: int = Field(default=10_000, ge=2)
 
 
+class ReportConfig(_Section):
+    """The report stage: report/index.html (self-contained) and its PNGs; `dce report RUN_DIR` rebuilds it."""
+
+    enabled: bool = True
+    """`dce run` ends with the report stage (`dce run --no-report` skips it too)."""
+    map: Literal["pca", "umap", "tsne"] = "pca"
+    """2-D map of the latent space: PCA (cheap), UMAP (the `umap` extra) or t-SNE (scikit-learn)."""
+    sample: int = Field(default=5000, ge=10)
+    """Rows of the map: a seeded sample when the run has more."""
+    images_per_cluster: int = Field(default=8, ge=1)
+    """Image data: sample rows shown per cluster."""
+
+
 class RayConfig(_Section):
     address: str | None = None
     """Cluster to join; RAY_ADDRESS wins when set. None starts an embedded local Ray."""
     num_cpus: int | None = Field(default=None, ge=1)
     num_gpus: int | None = Field(default=None, ge=0)
+    shared_storage: bool = False
+    """The run directory, a local path, is on storage that every node mounts at the same path (NFS and the
+    like). Without it a local run directory is refused on a multi-node cluster: workers write the run's outputs
+    on the node they run on. Also covers `staging_dir`."""
+    staging_dir: str | None = None
+    """Local folder where the stages of an object-store run directory (s3://, gs://, ...) are written before
+    each is uploaded (default: the system temp dir). On a multi-node cluster: shared, with `shared_storage`."""
 
 
 # Methods that cluster the embeddings where they lie (shard actors, Ray Data), never all in one process.
@@ -359,6 +379,7 @@ class PipelineConfig(_Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     federated: FederatedConfig = Field(default_factory=FederatedConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -401,6 +422,8 @@ class PipelineConfig(_Section):
             raise ValueError(f"cluster.micro_clusters={c.micro_clusters} should be >= cluster.k={c.k}")
         if c.manifold == "umap":
             check_installed("umap", extra="umap", key="cluster.manifold")
+        if self.report.map == "umap":
+            check_installed("umap", extra="umap", key="report.map")
         return self
 
     @model_validator(mode="after")

@@ -21,15 +21,16 @@ class Embedder:
     """A Ray Data callable class: each actor loads the checkpoint once and encodes batches; with `out_dir`
     (a partial folder) it writes each batch there as a shard and returns the shard's record instead."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool = False, out_dir: str | None = None):
+    def __init__(self, checkpoint: str, use_gpu: bool = False, one_thread: bool = True, out_dir: str | None = None):
         import torch
 
         from engine.train.checkpoint import model_from_checkpoint
 
         state = load_checkpoint(checkpoint)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and one_thread:
             # One Ray CPU slot per actor: more intra-op threads would fight the other actors for cores.
+            # In a user's own process (one_thread=False) the process's setting is left alone.
             torch.set_num_threads(1)
         self.model = model_from_checkpoint(state).eval().to(self.device)
         self.shift = state["input"]["shift"].to(self.device)
@@ -83,7 +84,8 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
     written as a shard of the partial folder `.NAME.partial` with its completion record. A dead actor is
     replaced (up to `max_restarts` times) and its blocks redone, overwriting their own shards. After a
     crash, a rerun with the same checkpoint and config embeds only the rows no completed shard holds. The
-    folder becomes `out_dir`, with its manifest, once every row is written.
+    folder becomes `out_dir`, with its manifest, once every row is written. An object-store `out_dir` is
+    written by Ray Data's tasks in place (`write_dataset`), without the partial folder.
     """
     checkpoint = str(Path(checkpoint).resolve())
     state = load_checkpoint(checkpoint)
@@ -91,6 +93,25 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
     latent = _embedding_dim(state, dim)
     from ray.data import ActorPoolStrategy
 
+    from engine import storage
+    from engine.data.shards import write_dataset
+
+    pool = dict(
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        # min_size=1: a small input with one block must not wait for the whole pool to start; initial_size: the
+        # whole pool is asked for at once (over the cluster's nodes), not grown only under a sustained backlog.
+        compute=ActorPoolStrategy(min_size=1, max_size=concurrency, initial_size=concurrency),
+        num_cpus=1,
+        num_gpus=1 if use_gpu else 0,
+        # Ray 2.60 takes these only as plain remote args (deprecated for named ones that do not exist yet).
+        max_restarts=max_restarts,
+        max_task_retries=max_restarts,
+    )
+    if not storage.is_local(out_dir):
+        out = ds.map_batches(Embedder, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": use_gpu}, **pool)
+        return write_dataset(out, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected_rows,
+                             latent_dim=latent, checkpoint=checkpoint, resumed_rows=0)
     model_file = Path(checkpoint) / FILENAME if Path(checkpoint).is_dir() else Path(checkpoint)
     key = {"stage": STAGE, "config_hash": config_hash, "rows": expected_rows,
            "checkpoint_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest()}
@@ -98,19 +119,8 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
     done = completed_ids(part)
     if done.size:
         ds = ds.map_batches(_without_ids, fn_kwargs={"done": np.sort(done)}, batch_format="pyarrow")
-    records = ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": use_gpu, "out_dir": str(part)},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        # min_size=1: a small input with one block must not wait for the whole pool to start.
-        compute=ActorPoolStrategy(min_size=1, max_size=concurrency),
-        num_cpus=1,
-        num_gpus=1 if use_gpu else 0,
-        # Ray 2.60 takes these only as plain remote args (deprecated for named ones that do not exist yet).
-        max_restarts=max_restarts,
-        max_task_retries=max_restarts,
-    )
+    records = ds.map_batches(Embedder, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": use_gpu,
+                                                              "out_dir": str(part)}, **pool)
     for _ in records.iter_batches(batch_size=None):
         pass  # the shards are on disk; the records only drive the stream
     return commit_partial(part, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected_rows,

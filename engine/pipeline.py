@@ -1,4 +1,4 @@
-"""Stage orchestration over a run directory: prepare, train, (refine,) embed, cluster, evaluate."""
+"""Stage orchestration over a run directory: prepare, train, (refine,) embed, cluster, evaluate, report."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine import storage
 from engine.config import PipelineConfig, config_from_dict
 from engine.data import open_source, read_dataset, read_manifest, read_table
 from engine.data.describe import DatasetInfo, describe
@@ -21,6 +22,10 @@ from engine.data.schema import CLUSTER, ID, X
 from engine.data.shards import partial_folder
 from engine.errors import ConfigError, DataError, IncompleteResultError
 from engine.progress import Progress
+
+if TYPE_CHECKING:
+    from engine.rundir import RunDir
+    from engine.runtime import Resources
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -31,7 +36,7 @@ CACHE_BYTES = 2 << 30
 
 @dataclass
 class RunResult:
-    run_dir: Path
+    run_dir: Path | str  # a local path or an object-store URI
     metrics: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -39,8 +44,11 @@ class RunResult:
 # ---- run directory ---------------------------------------------------------------------------------
 
 
-def run_dir_for(cfg: PipelineConfig, out: str | Path | None) -> Path:
-    return Path(out) if out is not None else Path("runs") / cfg.name
+def run_dir_for(cfg: PipelineConfig, out: str | Path | None) -> Path | str:
+    """`out` (a local path or an object-store URI such as s3://bucket/runs/name), else runs/<name>."""
+    if out is None:
+        return Path("runs") / cfg.name
+    return str(out) if storage.is_uri(out) else Path(out)
 
 
 def save_config(cfg: PipelineConfig, run_dir: Path) -> None:
@@ -52,10 +60,10 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     """The resolved config saved in a run directory, with optional overrides."""
     import yaml
 
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
+    path = storage.join(run_dir, CONFIG_FILE)
+    if not storage.is_file(path):
         raise IncompleteResultError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    return config_from_dict(yaml.safe_load(path.read_text()) or {}, overrides, source=str(path))
+    return config_from_dict(yaml.safe_load(storage.read_text(path)) or {}, overrides, source=str(path))
 
 
 def config_for_resume(run_dir: str | Path, *, overrides: list[str] | None = None, config: str | None = None,
@@ -410,6 +418,16 @@ def evaluate_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> di
     return metrics
 
 
+def report_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> Path:
+    """report/index.html (self-contained) and its PNGs, from the run's results (see engine.report)."""
+    from engine.report import build_report
+
+    with progress.stage("report", f"{cfg.report.map} map"):
+        index = build_report(run_dir, cfg)
+        progress.info(str(index))
+    return index
+
+
 def match_by_id(ids: np.ndarray, other_ids: np.ndarray, values: np.ndarray, *, where: str) -> np.ndarray:
     """`values` (keyed by `other_ids`) reordered to `ids`; both id sets must be equal, each id exactly once."""
     if len(other_ids) != len(ids):
@@ -434,18 +452,27 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
 
     resume: continue a killed run in `out` (with the config saved there, see `config_for_resume`): finished
     stages are skipped, training continues from its last checkpoint, embedding keeps its completed shards
-    and k-means its last saved centroids.
+    and k-means its last saved centroids. An object-store run directory resumes from its published (finished)
+    stages only.
     """
+    from engine.rundir import open_run_dir
     from engine.runtime import init_ray
 
     progress = progress or Progress()
-    run_dir = run_dir_for(cfg, out)
+    location = run_dir_for(cfg, out)
     started = time.time()
     open_input(cfg)  # file, column and k checks before Ray starts
-    done = finished_stages(cfg, run_dir) if resume else set()
     with progress.stage("ray"):
         res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
         progress.info(res.describe())
+    with open_run_dir(location, cfg.ray, nodes=res.worker_nodes, fetch=resume) as run:
+        return _run_stages(cfg, run, progress, res, started, resume)
+
+
+def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resources, started: float,
+                resume: bool) -> RunResult:
+    run_dir = run.local
+    done = finished_stages(cfg, run_dir) if resume else set()
     # The run directory is created only once the input has been read and found valid; a resumed run whose
     # model and embeddings are finished does not read it again.
     validated = validate_input(cfg, progress) if _model_stages(cfg) - done else None
@@ -466,6 +493,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
         result = stage(cfg, run_dir, progress, *args, **kwargs)
         seconds[name] = round(time.perf_counter() - t0, 3)
         _record(run_dir, seconds={name: seconds[name]})
+        run.publish()  # an object-store run directory gets each stage as soon as it is complete
         return result
 
     # Train, refine and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
@@ -475,8 +503,10 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     timed("embed", embed_stage, validated)
     timed("cluster", cluster_stage)
     metrics = timed("evaluate", evaluate_stage)
+    if cfg.report.enabled:
+        timed("report", report_stage)
     _record(run_dir, finished=time.time())
-    return RunResult(run_dir=run_dir, metrics=metrics, seconds=seconds)
+    return RunResult(run_dir=run.location, metrics=metrics, seconds=seconds)
 
 
 def _model_stages(cfg: PipelineConfig) -> set[str]:

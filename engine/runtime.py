@@ -16,6 +16,13 @@ class Resources:
     nodes: int
     address: str
     local: bool
+    driver_cpus: float  # CPUs of the node this process runs on
+
+    @property
+    def worker_nodes(self) -> int:
+        """Nodes whose workers may write a run's outputs: the alive ones, and one more when this process's node
+        has no CPU for workers (an autoscaling cluster's head, before its worker nodes are up)."""
+        return self.nodes if self.driver_cpus > 0 else self.nodes + 1
 
     def describe(self) -> str:
         where = "embedded local Ray" if self.local else f"Ray cluster at {self.address}"
@@ -62,10 +69,12 @@ def resources() -> Resources:
     total = ray.cluster_resources()
     ctx = ray.get_runtime_context()
     address = ctx.gcs_address
-    nodes = len([n for n in ray.nodes() if n.get("Alive")])
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = len(alive)
     local = not (os.environ.get("RAY_ADDRESS") or "") and nodes == 1
+    driver_cpus = sum(n["Resources"].get("CPU", 0.0) for n in alive if n["NodeID"] == ctx.get_node_id())
     return Resources(cpus=total.get("CPU", 0.0), gpus=total.get("GPU", 0.0), nodes=nodes, address=address,
-                     local=local)
+                     local=local, driver_cpus=driver_cpus)
 
 
 def use_gpu(setting: bool | str) -> bool:

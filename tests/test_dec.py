@@ -274,7 +274,7 @@ def _normalised_input(run_dir):
 @pytest.mark.ray
 def test_refine_stage_writes_the_refined_model(idec_run):
     run = json.loads((idec_run / "run.json").read_text())
-    assert set(run["seconds"]) == {"train", "refine", "embed", "cluster", "evaluate"}
+    assert set(run["seconds"]) == {"train", "refine", "embed", "cluster", "evaluate", "report"}
     refine = run["refine"]
     manifest = read_manifest(idec_run / "refined", stage="refine")
     assert manifest["rows"] == 400 and manifest["num_workers"] == 2

@@ -59,7 +59,8 @@ def test_run_directory_layout(tiny_run):
     assert metrics["ari"] > 0.9
     assert np.load(tiny_run / "centroids.npy").shape == (4, 3)
     run = json.loads((tiny_run / "run.json").read_text())
-    assert set(run["seconds"]) == {"train", "embed", "cluster", "evaluate"}
+    assert set(run["seconds"]) == {"train", "embed", "cluster", "evaluate", "report"}
+    assert read_manifest(tiny_run / "report", stage="report")["files"][0] == "index.html"
     # The saved config is the resolved one, overrides applied.
     assert "n_samples: 400" in (tiny_run / "config.yaml").read_text()
 

@@ -1,4 +1,9 @@
-"""Atomic result folders: written to a temporary sibling, checked, given a `_manifest.json`, renamed into place."""
+"""Atomic result folders: written to a temporary sibling, checked, given a `_manifest.json`, renamed into place.
+
+On an object store (a pyarrow URI such as s3://...), which cannot rename a folder, the manifest written last is the
+commit: the old manifest is removed first, the files are written in place, and a folder without its manifest is
+never read as a result.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,10 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine import storage
 from engine.data.schema import ID
 from engine.errors import DataError, IncompleteResultError
 
-MANIFEST = "_manifest.json"
+MANIFEST = storage.MANIFEST
 
 
 def engine_version() -> str:
@@ -33,8 +40,16 @@ def engine_version() -> str:
 def staged_folder(out_dir: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `out_dir`; on success it replaces `out_dir`, on error it is removed.
 
-    `out_dir` never holds a half-written result: either the old complete folder or the new one.
+    `out_dir` never holds a half-written result: either the old complete folder or the new one. On an object store
+    the folder is written locally and uploaded on success, its manifest last.
     """
+    if not storage.is_local(out_dir):
+        with tempfile.TemporaryDirectory(prefix="dce-stage-") as tmp:
+            yield Path(tmp)
+            if not (Path(tmp) / MANIFEST).is_file():
+                raise RuntimeError(f"{out_dir}: staged folder finished without a {MANIFEST}")
+            storage.copy(tmp, out_dir)
+        return
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -165,7 +180,7 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(folder: Path, *, stage: str, config_hash: str, rows: int | None = None,
+def write_manifest(folder: str | Path, *, stage: str, config_hash: str, rows: int | None = None,
                    schema: str | None = None, files: list[str] | None = None, **extra: Any) -> dict[str, Any]:
     manifest = {
         "stage": stage,
@@ -177,19 +192,19 @@ def write_manifest(folder: Path, *, stage: str, config_hash: str, rows: int | No
         "time": time.time(),
         **extra,
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=2))
     return manifest
 
 
 def read_manifest(folder: str | Path, *, stage: str | None = None) -> dict[str, Any]:
-    """The manifest of a complete folder; a folder without one is incomplete and raises."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+    """The manifest of a complete folder (a local path or a URI); a folder without one is incomplete and raises."""
+    path = storage.join(folder, MANIFEST)
+    if not storage.is_file(path):
         raise IncompleteResultError(
             f"{folder}: no {MANIFEST}; this folder is missing or was never completed, so it is not a result"
         )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise IncompleteResultError(f"{path}: unreadable manifest ({e})") from None
     if stage is not None and manifest.get("stage") != stage:
@@ -202,8 +217,12 @@ def write_dataset(ds, out_dir: str | Path, *, stage: str, config_hash: str, expe
     """Write a Ray Dataset as Parquet shards into `out_dir`, atomically, with a manifest.
 
     When `expected_rows` is given the written row count must equal it: a stage never loses or duplicates
-    rows silently.
+    rows silently. To an object store URI, Ray Data's write tasks write the shards in place from whichever node
+    they run on, and the manifest commits the folder.
     """
+    if not storage.is_local(out_dir):
+        return _write_dataset_to_store(ds, str(out_dir), stage=stage, config_hash=config_hash,
+                                       expected_rows=expected_rows, **extra)
     with staged_folder(out_dir) as tmp:
         ds.write_parquet(str(tmp))
         files = sorted(p.name for p in tmp.glob("*.parquet"))
@@ -216,9 +235,31 @@ def write_dataset(ds, out_dir: str | Path, *, stage: str, config_hash: str, expe
     return manifest
 
 
+def _write_dataset_to_store(ds, out_dir: str, *, stage: str, config_hash: str, expected_rows: int | None,
+                            **extra: Any) -> dict[str, Any]:
+    storage.delete(storage.join(out_dir, MANIFEST))  # the old result stops being one before any file changes
+    storage.delete(out_dir)
+    fs, path = storage.resolve(out_dir)
+    try:
+        ds.write_parquet(path, filesystem=fs)
+        files = [f for f in storage.files(out_dir) if f.endswith(".parquet") and "/" not in f]
+        rows = sum(pq.ParquetFile(f"{path}/{f}", filesystem=fs).metadata.num_rows for f in files)
+        if expected_rows is not None and rows != expected_rows:
+            raise DataError(f"{out_dir}: wrote {rows} rows but the input has {expected_rows}")
+        schema = str(pq.read_schema(f"{path}/{files[0]}", filesystem=fs)) if files else None
+        manifest = write_manifest(out_dir, stage=stage, config_hash=config_hash, rows=rows, schema=schema,
+                                  files=files, **extra)
+    except BaseException:
+        storage.delete(out_dir)
+        raise
+    return manifest
+
+
 def shard_paths(folder: str | Path, *, stage: str | None = None) -> list[str]:
-    """The Parquet files of a complete folder, as listed in its manifest."""
+    """The Parquet files of a complete folder, as listed in its manifest (URIs for a folder on an object store)."""
     manifest = read_manifest(folder, stage=stage)
+    if storage.is_uri(folder):
+        return [storage.join(folder, f) for f in manifest.get("files") or []]
     return [str(Path(folder) / f) for f in manifest.get("files") or []]
 
 

@@ -165,7 +165,11 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
     progress.info("partitions: " + ", ".join(
         f"{name} {p['rows']} rows" + (f" / {len(p['labels'])} labels" if p["labels"] else "")
         for name, p in summary["partitions"].items()))
-    _write(cfg, run_dir, km, built, summary)
+    from engine.rundir import open_run_dir
+
+    # Only this process writes the outputs, so any local path will do; an object-store URI is staged and uploaded.
+    with open_run_dir(run_dir, cfg.ray, nodes=1) as run:
+        _write(cfg, run.local, km, built, summary)
     return FederatedResult(run_dir, summary)
 
 

@@ -1,0 +1,190 @@
+"""New rows into a finished run's clusters: its model, its input normalisation and its centroids.
+
+`load_run(RUN_DIR).assign(X)` does it in this process; `assign_source` streams a Parquet or .npy input through
+a Ray Data actor pool into `id, cluster, distance` shards (`dce assign`). Both run the same `Assigner`: the
+embed stage's encoder (`Embedder`, which applies the normalisation stored in the checkpoint) and the assign
+stage's nearest-centroid step (`assign_batch`), so the training rows get exactly the run's own labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from engine.data.schema import CLUSTER, ID, X, Z, check_finite, vector_array, vectors_to_numpy
+from engine.errors import CheckpointError, ConfigError, DataError, IncompleteResultError
+
+# Methods whose labels are "the nearest centroid": the only ones a new row can be given without refitting.
+CENTROID_METHODS = ("kmeans", "sharded", "sample_assign", "two_level")
+
+
+class Assigner:
+    """Embed a batch of input rows (`id`, `x`) with the run's model, then label each with its nearest centroid.
+
+    A Ray Data callable class (each actor loads the checkpoint once) and the in-process path of `Run.assign`.
+    """
+
+    def __init__(self, checkpoint: str, centroids: np.ndarray, *, backend: str = "auto", spherical: bool = False,
+                 use_gpu: bool = False, one_thread: bool = True, where: str = "input"):
+        from engine.embed import Embedder
+
+        self.embedder = Embedder(checkpoint, use_gpu=use_gpu, one_thread=one_thread)
+        self.in_dim = int(self.embedder.shift.shape[0])
+        self.checkpoint = checkpoint
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self.backend, self.spherical, self.where = backend, spherical, where
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from engine.cluster.shards import assign_batch
+
+        # Writable: Arrow's zero-copy buffers are read-only, which torch.from_numpy warns about.
+        x = np.require(vectors_to_numpy(batch.column(X), name=X, where=self.where), requirements="W")
+        if x.shape[1] != self.in_dim:
+            raise DataError(f"{self.where}: column '{X}' has {x.shape[1]} features but the run's model "
+                            f"({self.checkpoint}) takes {self.in_dim}")
+        z = pa.table({ID: batch.column(ID), Z: vector_array(self.embedder.encode(x))})
+        return assign_batch(z, self.centroids, backend=self.backend, spherical=self.spherical)
+
+
+class Run:
+    """A finished run, loaded to assign new rows: config, model checkpoint and centroids (see `load_run`)."""
+
+    def __init__(self, run_dir: Path, config: Any, checkpoint: Path, centroids: np.ndarray, in_dim: int):
+        self.run_dir = run_dir
+        self.config = config
+        self.checkpoint = checkpoint
+        self.centroids = centroids
+        self.in_dim = in_dim
+        self._assigner: Assigner | None = None
+
+    def assign(self, rows: Any, batch_size: int | None = None) -> np.ndarray:
+        """Cluster labels (n,) int32 of `rows`, a (n, features) matrix or (n, h, w) images of raw input as the
+        run's data source gave it (the run's normalisation is applied here): the nearest centroid in the
+        latent space, as the run's own assign stage gives it."""
+        x = np.asarray(rows, dtype=np.float32)
+        if x.ndim > 2:
+            x = x.reshape(len(x), -1)
+        if x.ndim != 2:
+            raise DataError(f"the rows to assign should be a (rows, features) matrix, got shape {x.shape}")
+        if x.shape[1] != self.in_dim:
+            raise DataError(f"the rows to assign have {x.shape[1]} features but the run's model ({self.checkpoint}) "
+                            f"takes {self.in_dim}")
+        check_finite(x, name="rows", where="rows to assign")
+        if self._assigner is None:
+            c = self.config.cluster
+            self._assigner = Assigner(str(self.checkpoint), self.centroids, backend=c.backend,
+                                      spherical=c.spherical, one_thread=False, where="rows to assign")
+        step = batch_size or self.config.embed.batch_size
+        labels = np.empty(len(x), dtype=np.int32)
+        for start in range(0, len(x), step):
+            part = x[start:start + step]
+            batch = pa.table({ID: pa.array(np.arange(start, start + len(part), dtype=np.int64)),
+                              X: vector_array(part)})
+            labels[start:start + len(part)] = self._assigner(batch).column(CLUSTER).to_numpy()
+        return labels
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Open a finished run to assign new rows; refuses what cannot give the run's own labels.
+
+    Errors name the file or setting: a folder that is no run (no config.yaml), a method whose labels are not
+    "nearest centroid" (cluster.method gmm, agglomerative, hdbscan, dbscan, or cluster.manifold umap: the run
+    keeps their labels, not a fitted model), a missing or unfinished model/ (refined/ for dec, idec),
+    assignments/ or centroids.npy, results written by another engine version, centroids of another latent size.
+    """
+    from engine.pipeline import load_run_config, model_dir_for
+    from engine.train.checkpoint import FILENAME, load_checkpoint
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    c = cfg.cluster
+    if not cfg.model.refines:
+        if c.method not in CENTROID_METHODS:
+            raise ConfigError(
+                f"{run_dir}: cluster.method={c.method} labels rows without centroids to assign new rows to, and the "
+                f"run keeps no fitted {c.method}, only its labels; assigning new rows needs cluster.method "
+                f"{', '.join(CENTROID_METHODS)} (or model.name dec / idec)")
+        if c.manifold != "none":
+            raise ConfigError(f"{run_dir}: cluster.manifold={c.manifold}: the run clustered a {c.manifold} reduction "
+                              f"it does not keep, so new rows cannot be placed in it; assigning new rows needs "
+                              f"cluster.manifold none")
+    model_dir, stage = model_dir_for(cfg, run_dir)
+    check_manifest(model_dir, stage)
+    check_manifest(run_dir / "assignments", "assign")
+    state = load_checkpoint(model_dir / FILENAME)
+    path = run_dir / "centroids.npy"
+    if not path.is_file():
+        raise IncompleteResultError(f"{path}: not found; cluster the run first (dce cluster {run_dir})")
+    try:
+        centroids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: not a readable .npy file ({e})") from None
+    latent = state["model"].get("latent_dim")
+    if centroids.ndim != 2 or (latent is not None and centroids.shape[1] != int(latent)):
+        raise CheckpointError(f"{path}: centroids of shape {centroids.shape} do not fit the model's latent "
+                              f"dimension {latent} ({model_dir / FILENAME})")
+    return Run(run_dir, cfg, model_dir / FILENAME, centroids, int(state["model"]["in_dim"]))
+
+
+def check_manifest(folder: Path, stage: str) -> dict[str, Any]:
+    """The manifest of a complete result folder written by this engine version, else an error naming it."""
+    from engine import __version__
+    from engine.data import read_manifest
+    from engine.data.shards import MANIFEST
+
+    manifest = read_manifest(folder, stage=stage)
+    version = manifest.get("engine_version")
+    if version != __version__:
+        raise CheckpointError(f"{folder / MANIFEST}: written by engine version {version}, this is {__version__}; "
+                              f"rerun the run's stages with this version")
+    return manifest
+
+
+def input_source(path: str | Path, *, column: str = X, id_column: str | None = ID) -> Any:
+    """The data source config of new rows: a .npy matrix (or images), else Parquet (a file, folder or glob)."""
+    from engine.config import NpySource, ParquetSource
+
+    if str(path).endswith(".npy"):
+        return NpySource(path=str(path))
+    return ParquetSource(path=str(path), column=column, id_column=id_column)
+
+
+def open_new_rows(run: Run, data: Any) -> Any:
+    """Open the source of new rows (file and column checks) and check its width against the run's model, before
+    any compute; returns the opened `Source`."""
+    from engine.data import open_source, read_shard
+
+    source = open_source(data)
+    # Parquet list columns: the first row group tells. A wrong width found later, inside a Ray Data actor,
+    # would reach the user wrapped in Ray's exceptions instead of as one line.
+    dim = source.dim if source.dim is not None else read_shard(data, source.specs[0]).column(X).type.list_size
+    if dim != run.in_dim:
+        raise DataError(f"{data.path}: the rows have {dim} features but the run's model ({run.checkpoint}) takes "
+                        f"{run.in_dim}")
+    return source
+
+
+def assign_source(run: Run, source: Any, out_dir: str | Path, *, batch_size: int | None = None,
+                  concurrency: int | None = None, use_gpu: bool = False) -> dict[str, Any]:
+    """Embed and assign every row of an opened source (`open_new_rows`) into `out_dir` (`id`, `cluster`,
+    `distance`), streaming through a Ray Data actor pool, atomically with a manifest; returns the manifest."""
+    from ray.data import ActorPoolStrategy
+
+    from engine.data import read_dataset, write_dataset
+
+    c, where = run.config.cluster, str(source.config.path)
+    out = read_dataset(source).map_batches(
+        Assigner,
+        fn_constructor_kwargs={"checkpoint": str(run.checkpoint.resolve()), "centroids": run.centroids,
+                               "backend": c.backend, "spherical": c.spherical, "use_gpu": use_gpu, "where": where},
+        batch_size=batch_size or run.config.embed.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=concurrency or run.config.embed.concurrency),
+        num_cpus=1,
+        num_gpus=1 if use_gpu else 0,
+    )
+    return write_dataset(out, out_dir, stage="assign", config_hash=run.config.hash(), expected_rows=source.n_rows,
+                         k=int(len(run.centroids)), run_dir=str(run.run_dir), input=where)

@@ -1,0 +1,121 @@
+"""The stage job entry points (jobs.train_encoder, jobs.embed, jobs.cluster) in-process on a tiny run, and the
+pipeline and a stage job on an object-store run directory (a real S3 API from moto's server)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from s3_server import s3_server
+
+from engine import storage
+from jobs import cluster as cluster_job
+from jobs import embed as embed_job
+from jobs import pipeline as pipeline_job
+from jobs import train_encoder as train_job
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROWS = 300
+TINY = [
+    "--set", "data.source=blobs", "--set", f"data.n_samples={ROWS}", "--set", "data.n_features=6",
+    "--set", "data.centers=3", "--set", "data.rows_per_shard=100", "--set", "data.normalize=standard",
+    "--set", "model.hidden=[16]", "--set", "model.latent_dim=3", "--set", "train.epochs=2",
+    "--set", "train.batch_size=64", "--set", "cluster.k=3", "--set", "cluster.n_init=2",
+    "--set", "cluster.method=kmeans", "--set", "cluster.manifold=none",
+]
+
+
+def result_line(capsys) -> dict:
+    """The job's result: the last line of its stdout (progress lines come before it)."""
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_stage_jobs_run_one_after_another(ray_local, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_job.main(["--config", "digits", *TINY, "--out", str(run)]) == 0
+    assert result_line(capsys)["model"] == str(run / "model")
+    assert json.loads((run / "model" / "_manifest.json").read_text())["stage"] == "train"
+
+    assert embed_job.main([str(run)]) == 0
+    assert result_line(capsys) == {"run_dir": str(run), "rows": ROWS, "latent_dim": 3}
+
+    # The run's own config, with an override: k=2 on three blobs.
+    assert cluster_job.main([str(run), "--set", "cluster.k=2"]) == 0
+    result = result_line(capsys)
+    assert result["cluster"]["k"] == 2 and result["metrics"]["acc"] > 0.5
+    assert np.load(run / "centroids.npy").shape == (2, 3)
+    assert json.loads((run / "metrics.json").read_text()) == result["metrics"]
+
+
+def test_stage_job_errors_are_one_line(ray_local, tmp_path, capsys):
+    assert embed_job.main([str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nothing'}: not a run directory (no config.yaml)"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("name: run\n")
+    assert cluster_job.main([str(tmp_path / "run")]) == 2
+    assert "embeddings: no _manifest.json" in capsys.readouterr().err
+    assert train_job.main(["--set", "cluster.k=0", "--out", str(tmp_path / "x")]) == 2
+    assert "cluster.k" in capsys.readouterr().err
+
+
+def test_pipeline_and_stage_job_on_an_s3_run_directory(ray_local, tmp_path, capsys):
+    with s3_server() as s3:
+        uri = s3.uri("runs/tiny")
+        staging = ["--set", f"ray.staging_dir={tmp_path / 'staging'}"]
+        assert pipeline_job.main(["--config", "digits", *TINY, *staging, "--out", uri]) == 0
+        result = result_line(capsys)
+        assert result["run_dir"] == uri and result["metrics"]["ari"] > 0.9
+        names = storage.files(uri)
+        for name in ("config.yaml", "run.json", "centroids.npy", "cluster.json", "metrics.json",
+                     "model/checkpoint.pt", "model/_manifest.json", "embeddings/_manifest.json",
+                     "assignments/_manifest.json"):
+            assert name in names, (name, names)
+        assert not any(n.startswith("train/") for n in names)  # Ray Train's own state stays in staging
+        manifest = json.loads(storage.read_text(storage.join(uri, "assignments", "_manifest.json")))
+        fs, path = storage.resolve(storage.join(uri, "assignments"))
+        ids = np.concatenate([pq.read_table(f"{path}/{f}", filesystem=fs, columns=["id"]).column("id").to_numpy()
+                              for f in manifest["files"]])
+        np.testing.assert_array_equal(np.sort(ids), np.arange(ROWS))  # every id exactly once
+        assert list((tmp_path / "staging").iterdir()) == []  # staging removed after the run
+
+        # A stage job on the same URI: the run's config and embeddings come down, the new outputs go up.
+        assert cluster_job.main([uri, "--set", "cluster.k=4", *staging]) == 0
+        assert result_line(capsys)["cluster"]["k"] == 4
+        assert json.loads(storage.read_text(storage.join(uri, "cluster.json")))["k"] == 4
+        metrics = json.loads(storage.read_text(storage.join(uri, "metrics.json")))
+        assert metrics["inertia"] < result["metrics"]["inertia"]
+
+
+def test_shard_folders_on_s3_are_written_by_ray_data_and_committed_by_their_manifest(ray_local):
+    import ray.data
+
+    from engine.data import read_manifest, read_shards, read_table, staged_folder, write_dataset
+    from engine.data.shards import write_manifest
+    from engine.errors import DataError, IncompleteResultError
+
+    with s3_server() as s3:
+        folder = s3.uri("shards")
+        ds = ray.data.range(250, override_num_blocks=3)
+        manifest = write_dataset(ds, folder, stage="input", config_hash="h", expected_rows=250)
+        assert manifest["rows"] == 250 and storage.files(folder) == sorted([storage.MANIFEST, *manifest["files"]])
+        assert read_manifest(folder, stage="input") == manifest
+        assert sorted(read_table(folder).column("id").to_pylist()) == list(range(250))
+        # Ray Data tasks read the shards by their URIs, in worker processes.
+        assert sorted(read_shards(folder).to_pandas()["id"]) == list(range(250))
+
+        # A rewrite that fails its row check leaves no result behind, not the old one under a new manifest.
+        with pytest.raises(DataError, match="wrote 250 rows but the input has 999"):
+            write_dataset(ds, folder, stage="input", config_hash="h", expected_rows=999)
+        with pytest.raises(IncompleteResultError, match="no _manifest.json"):
+            read_manifest(folder)
+        assert storage.files(folder) == []
+
+        single = s3.uri("single")
+        with staged_folder(single) as tmp:
+            (tmp / "a.txt").write_text("a")
+            write_manifest(tmp, stage="x", config_hash="h", files=["a.txt"])
+        assert storage.files(single) == [storage.MANIFEST, "a.txt"]
+        assert read_manifest(single, stage="x")["files"] == ["a.txt"]
