@@ -40,6 +40,7 @@ TINY = {
     "train": {"epochs": 2, "batch_size": 64, "num_workers": 1, "checkpoint_every": 1},
     "embed": {"batch_size": 20, "concurrency": 1},
     "cluster": {"method": "kmeans", "manifold": "none", "k": 4, "n_init": 2},
+    "report": {"enabled": False},
 }
 
 
