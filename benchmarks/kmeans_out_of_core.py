@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--subset", type=int, default=1_000_000, help="rows of the in-memory reference")
     parser.add_argument("--data", default=None, help="folder for the blobs shards (kept; default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", default="sharded,sample_assign,reference",
+                        help="which to run, comma-separated (the reference gives the subset inertia ratios)")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
@@ -158,41 +160,50 @@ def main() -> None:
         prepare_source(cfg, data)
         report("generate", time.perf_counter() - t0)
 
+    steps = set(args.steps.split(","))
+    models = {}
     monitor.phase()
     t0 = time.perf_counter()
-    sharded = ShardedKMeans(args.k, init="k-means||", max_iter=args.iters, tol=0, seed=args.seed,
-                            num_actors=args.num_actors, column=X).fit(data)
-    report("sharded", time.perf_counter() - t0, inertia_per_row=sharded.inertia_ / args.n)
+    if "sharded" in steps:
+        sharded = ShardedKMeans(args.k, init="k-means||", max_iter=args.iters, tol=0, seed=args.seed,
+                                num_actors=args.num_actors, column=X).fit(data)
+        report("sharded", time.perf_counter() - t0, inertia_per_row=sharded.inertia_ / args.n)
+        models["sharded"] = sharded
 
-    out = Path(tempfile.mkdtemp(prefix="dce-assign-")) / "assignments"
-    t0 = time.perf_counter()
-    sampled, _ = fit_sample_then_assign(data, out, args.k, args.sample_size, max_iter=args.iters, tol=0,
-                                        seed=args.seed, num_actors=args.num_actors, column=X, stage="input")
-    seconds = time.perf_counter() - t0
-    distance = read_table(out, stage="assign", columns=["distance"]).column("distance").to_numpy()
-    report("sample_assign", seconds, inertia_per_row=float(np.square(distance.astype(np.float64)).sum()) / args.n,
-           sample_size=args.sample_size)
-    shutil.rmtree(out.parent, ignore_errors=True)
+    if "sample_assign" in steps:
+        out = Path(tempfile.mkdtemp(prefix="dce-assign-")) / "assignments"
+        monitor.phase()
+        t0 = time.perf_counter()
+        sampled, _ = fit_sample_then_assign(data, out, args.k, args.sample_size, max_iter=args.iters, tol=0,
+                                            seed=args.seed, num_actors=args.num_actors, column=X, stage="input")
+        seconds = time.perf_counter() - t0
+        distance = read_table(out, stage="assign", columns=["distance"]).column("distance").to_numpy()
+        report("sample_assign", seconds,
+               inertia_per_row=float(np.square(distance.astype(np.float64)).sum()) / args.n,
+               sample_size=args.sample_size)
+        models["sample_assign"] = sampled
+        shutil.rmtree(out.parent, ignore_errors=True)
 
     # The reference: the first --subset rows in this process.
-    parts, rows = [], 0
-    for path in shard_paths(data, stage="input"):
-        import pyarrow.parquet as pq
+    if "reference" in steps:
+        parts, rows = [], 0
+        for path in shard_paths(data, stage="input"):
+            import pyarrow.parquet as pq
 
-        parts.append(vectors_to_numpy(pq.read_table(path, columns=[X]).column(X)))
-        rows += len(parts[-1])
-        if rows >= args.subset:
-            break
-    sub = np.concatenate(parts)[: args.subset]
-    t0 = time.perf_counter()
-    ref = KMeans(args.k, max_iter=args.iters, tol=0, seed=args.seed).fit(sub)
-    ref_sse = subset_inertia(sub, ref.cluster_centers_)
-    report("in_memory_subset", time.perf_counter() - t0, rows=len(sub), inertia_per_row=ref_sse / len(sub))
-    for r in results:
-        if r["impl"] in ("sharded", "sample_assign"):
-            model = sharded if r["impl"] == "sharded" else sampled
-            r["subset_inertia_ratio"] = subset_inertia(sub, model.cluster_centers_) / ref_sse
-            print(json.dumps({"impl": r["impl"], "subset_inertia_ratio": r["subset_inertia_ratio"]}), flush=True)
+            parts.append(vectors_to_numpy(pq.read_table(path, columns=[X]).column(X)))
+            rows += len(parts[-1])
+            if rows >= args.subset:
+                break
+        sub = np.concatenate(parts)[: args.subset]
+        t0 = time.perf_counter()
+        ref = KMeans(args.k, max_iter=args.iters, tol=0, seed=args.seed).fit(sub)
+        ref_sse = subset_inertia(sub, ref.cluster_centers_)
+        report("in_memory_subset", time.perf_counter() - t0, rows=len(sub), inertia_per_row=ref_sse / len(sub))
+        for r in results:
+            if r["impl"] in ("sharded", "sample_assign"):
+                model = models[r["impl"]]
+                r["subset_inertia_ratio"] = subset_inertia(sub, model.cluster_centers_) / ref_sse
+                print(json.dumps({"impl": r["impl"], "subset_inertia_ratio": r["subset_inertia_ratio"]}), flush=True)
     monitor.close()
 
     if args.record:
