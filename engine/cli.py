@@ -105,14 +105,25 @@ def _print_metrics(metrics: dict[str, Any], title: str) -> None:
 def run(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False,
         verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text,
         no_report: Annotated[bool, typer.Option("--no-report", help="Skip the report stage "
-                                                "(report.enabled=false).")] = False) -> None:
+                                                "(report.enabled=false).")] = False,
+        resume: Annotated[Path | None, typer.Option("--resume", metavar="RUN_DIR", help=(
+            "Continue a killed run with its saved config: finished stages are skipped."))] = None) -> None:
     """Run the whole pipeline: train, (refine for dec / idec,) embed, cluster, evaluate, report."""
     from engine.config import load_config
-    from engine.pipeline import run_pipeline
+    from engine.pipeline import config_for_resume, run_pipeline
 
     _quiet_env(verbose)
-    cfg = load_config(config, [*(set_ or []), *(["report.enabled=false"] if no_report else [])])
-    result = run_pipeline(cfg, out, progress=_progress(quiet, log_format), verbose=verbose)
+    if resume is not None:
+        if no_report:
+            from engine.errors import ConfigError
+
+            raise ConfigError("--no-report cannot be used with --resume: a resumed run continues with its saved "
+                              "config (report.enabled)")
+        cfg, out = config_for_resume(resume, overrides=set_, config=config, out=out), resume
+    else:
+        cfg = load_config(config, [*(set_ or []), *(["report.enabled=false"] if no_report else [])])
+    result = run_pipeline(cfg, out, progress=_progress(quiet, log_format), verbose=verbose,
+                          resume=resume is not None)
     if log_format == LogFormat.json:
         typer.echo(json.dumps({"run_dir": str(result.run_dir), "metrics": result.metrics,
                                "seconds": result.seconds}))

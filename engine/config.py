@@ -160,7 +160,11 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     checkpoint_every: int = Field(default=10, ge=1)
     """Epochs between checkpoints reported to Ray Train (the last epoch always is). Progress is shown
-    every epoch, and every epoch's losses are kept in the checkpoint's history."""
+    every epoch, and every epoch's losses are kept in the checkpoint's history. A worker that dies, or a
+    run resumed with `--resume`, restarts from the latest one."""
+    max_failures: int = Field(default=3, ge=-1)
+    """Worker failures Ray Train recovers from (restarting every worker from the latest checkpoint) before
+    the run fails; -1: no limit."""
 
 
 class RefineConfig(_Section):
@@ -189,6 +193,9 @@ class EmbedConfig(_Section):
     batch_size: int = Field(default=4096, ge=1)
     concurrency: int = Field(default=2, ge=1)
     """Embedding actors; each loads the checkpoint once."""
+    max_restarts: int = Field(default=3, ge=0)
+    """Times a dead embedding actor is replaced (and an assignment task retried); its blocks are redone and
+    their shards overwritten, so no id is written twice."""
     use_gpu: bool | Literal["auto"] = "auto"
 
 
@@ -236,6 +243,9 @@ class ClusterConfig(_Section):
     """two_level: coarse clusters (default round(sqrt(k)))."""
     refine_iter: int = Field(default=0, ge=0)
     """two_level: full Lloyd iterations over all k centroids after the two levels."""
+    checkpoint_every: int = Field(default=10, ge=1)
+    """kmeans, sharded: Lloyd iterations between saved centroids, from which an interrupted cluster stage
+    resumes (`dce run --resume`)."""
     covariance_type: Literal["full", "tied", "diag", "spherical"] = "full"
     """gmm: shape of each component's covariance (scikit-learn's GaussianMixture)."""
     micro_clusters: int | None = Field(default=None, ge=2)

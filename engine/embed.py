@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -9,16 +10,18 @@ import numpy as np
 import pyarrow as pa
 
 from engine.data.schema import ID, LABEL, X, Z, vector_array, vectors_to_numpy
-from engine.data.shards import write_dataset
-from engine.train.checkpoint import check_input_dim, load_checkpoint
+from engine.data.shards import commit_partial, completed_ids, partial_folder, write_shard
+from engine.train.checkpoint import FILENAME, check_input_dim, load_checkpoint
 
 STAGE = "embed"
+RECORD = pa.schema([("file", pa.string()), ("rows", pa.int64())])
 
 
 class Embedder:
-    """A Ray Data callable class: each actor loads the checkpoint once and encodes batches."""
+    """A Ray Data callable class: each actor loads the checkpoint once and encodes batches; with `out_dir`
+    (a partial folder) it writes each batch there as a shard and returns the shard's record instead."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool = False, one_thread: bool = True):
+    def __init__(self, checkpoint: str, use_gpu: bool = False, one_thread: bool = True, out_dir: str | None = None):
         import torch
 
         from engine.train.checkpoint import model_from_checkpoint
@@ -32,6 +35,7 @@ class Embedder:
         self.model = model_from_checkpoint(state).eval().to(self.device)
         self.shift = state["input"]["shift"].to(self.device)
         self.scale = state["input"]["scale"].to(self.device)
+        self.out_dir = out_dir
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         import torch
@@ -41,11 +45,24 @@ class Embedder:
             return self.model.encode((t - self.shift) * self.scale).float().cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.out_dir is not None and batch.num_rows == 0:
+            return RECORD.empty_table()
         z = self.encode(vectors_to_numpy(batch.column(X)))
         cols: dict[str, Any] = {ID: batch.column(ID), Z: vector_array(z)}
         if LABEL in batch.column_names:
             cols[LABEL] = batch.column(LABEL)
-        return pa.table(cols)
+        table = pa.table(cols)
+        if self.out_dir is None:
+            return table
+        return pa.Table.from_pylist([write_shard(table, self.out_dir, prefix=STAGE)], schema=RECORD)
+
+
+def _without_ids(batch: pa.Table, done: np.ndarray) -> pa.Table:
+    """The rows of `batch` whose id is not in `done` (sorted): a binary search per row, not a hash set of every
+    done id built again for each batch."""
+    ids = batch.column(ID).to_numpy()
+    found = done[np.minimum(np.searchsorted(done, ids), len(done) - 1)] == ids
+    return batch.filter(pa.array(~found))
 
 
 def _embedding_dim(state: dict[str, Any], dim: int) -> int:
@@ -59,11 +76,16 @@ def _embedding_dim(state: dict[str, Any], dim: int) -> int:
 
 
 def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, expected_rows: int,
-                  config_hash: str, batch_size: int = 4096, concurrency: int = 2,
-                  use_gpu: bool = False) -> dict[str, Any]:
+                  config_hash: str, batch_size: int = 4096, concurrency: int = 2, use_gpu: bool = False,
+                  max_restarts: int = 3) -> dict[str, Any]:
     """Embed every row of `ds` (input schema) into `out_dir`, atomically; returns the manifest.
 
-    Nothing is collected in the driver: input blocks stream through the actor pool into Parquet.
+    Nothing is collected in the driver: input blocks stream through the actor pool, and each batch is
+    written as a shard of the partial folder `.NAME.partial` with its completion record. A dead actor is
+    replaced (up to `max_restarts` times) and its blocks redone, overwriting their own shards. After a
+    crash, a rerun with the same checkpoint and config embeds only the rows no completed shard holds. The
+    folder becomes `out_dir`, with its manifest, once every row is written. An object-store `out_dir` is
+    written by Ray Data's tasks in place (`write_dataset`), without the partial folder.
     """
     checkpoint = str(Path(checkpoint).resolve())
     state = load_checkpoint(checkpoint)
@@ -71,9 +93,10 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
     latent = _embedding_dim(state, dim)
     from ray.data import ActorPoolStrategy
 
-    out = ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": use_gpu},
+    from engine import storage
+    from engine.data.shards import write_dataset
+
+    pool = dict(
         batch_size=batch_size,
         batch_format="pyarrow",
         # min_size=1: a small input with one block must not wait for the whole pool to start; initial_size: the
@@ -81,7 +104,24 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
         compute=ActorPoolStrategy(min_size=1, max_size=concurrency, initial_size=concurrency),
         num_cpus=1,
         num_gpus=1 if use_gpu else 0,
+        # Ray 2.60 takes these only as plain remote args (deprecated for named ones that do not exist yet).
+        max_restarts=max_restarts,
+        max_task_retries=max_restarts,
     )
-    return write_dataset(out, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected_rows,
-                         latent_dim=latent, checkpoint=checkpoint)
-
+    if not storage.is_local(out_dir):
+        out = ds.map_batches(Embedder, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": use_gpu}, **pool)
+        return write_dataset(out, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected_rows,
+                             latent_dim=latent, checkpoint=checkpoint, resumed_rows=0)
+    model_file = Path(checkpoint) / FILENAME if Path(checkpoint).is_dir() else Path(checkpoint)
+    key = {"stage": STAGE, "config_hash": config_hash, "rows": expected_rows,
+           "checkpoint_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest()}
+    part = partial_folder(out_dir, key)
+    done = completed_ids(part)
+    if done.size:
+        ds = ds.map_batches(_without_ids, fn_kwargs={"done": np.sort(done)}, batch_format="pyarrow")
+    records = ds.map_batches(Embedder, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": use_gpu,
+                                                              "out_dir": str(part)}, **pool)
+    for _ in records.iter_batches(batch_size=None):
+        pass  # the shards are on disk; the records only drive the stream
+    return commit_partial(part, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected_rows,
+                          latent_dim=latent, checkpoint=checkpoint, resumed_rows=int(done.size))

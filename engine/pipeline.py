@@ -19,6 +19,7 @@ from engine.config import PipelineConfig, config_from_dict
 from engine.data import open_source, read_dataset, read_manifest, read_table
 from engine.data.describe import DatasetInfo, describe
 from engine.data.schema import CLUSTER, ID, X
+from engine.data.shards import partial_folder
 from engine.errors import ConfigError, DataError, IncompleteResultError
 from engine.progress import Progress
 
@@ -65,6 +66,46 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     return config_from_dict(yaml.safe_load(storage.read_text(path)) or {}, overrides, source=str(path))
 
 
+def config_for_resume(run_dir: str | Path, *, overrides: list[str] | None = None, config: str | None = None,
+                      out: str | Path | None = None) -> PipelineConfig:
+    """The config a resumed run continues with: the one saved in `run_dir`, unchanged."""
+    given = [flag for flag, value in (("--set", overrides), ("a CONFIG", config), ("--out", out)) if value]
+    if given:
+        raise ConfigError(f"{' and '.join(given)} cannot be used with --resume: a resumed run continues with the "
+                          f"config saved in {Path(run_dir) / CONFIG_FILE} and writes into {run_dir}; to change "
+                          f"settings, start a fresh run (dce run CONFIG --set ... --out NEW_DIR)")
+    return load_run_config(run_dir)
+
+
+def finished_stages(cfg: PipelineConfig, run_dir: Path) -> set[str]:
+    """The stages of a run that a resumed run skips: in pipeline order, each with a complete folder newer
+    than the run's start and than its input, made with the run's config. The first stage that is missing,
+    half-written (no manifest) or stale is redone, and so is every later one."""
+    newer_than = float(_read_run(run_dir).get("started", 0))
+    model_dir, model_stage = model_dir_for(cfg, run_dir)
+    chain = [("train", run_dir / "model", "train", ())]
+    if cfg.model.refines:
+        chain.append(("refine", model_dir, model_stage, ()))
+    chain += [("embed", run_dir / "embeddings", "embed", ()),
+              ("cluster", run_dir / "assignments", "assign", ("centroids.npy", "cluster.json"))]
+    done: set[str] = set()
+    for name, folder, stage, files in chain:
+        try:
+            manifest = read_manifest(folder, stage=stage)
+        except IncompleteResultError:
+            break
+        if manifest["time"] < newer_than or any(
+                not (run_dir / f).is_file() or (run_dir / f).stat().st_mtime < newer_than for f in files):
+            break
+        if manifest["config_hash"] != cfg.hash():
+            raise ConfigError(f"{folder} was made with other settings (config hash {manifest['config_hash']}) than "
+                              f"{run_dir / CONFIG_FILE} (hash {cfg.hash()}), e.g. by a stage command with --set; "
+                              f"it cannot be resumed: start a fresh run (dce run CONFIG --out NEW_DIR)")
+        done.add(name)
+        newer_than = manifest["time"]
+    return done
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
@@ -105,7 +146,9 @@ def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool
     with progress.stage("validate", f"{cfg.data.source}: {source.n_rows} rows"):
         ds = read_dataset(source)
         if source.dim is not None and source.n_rows * source.dim * 4 <= CACHE_BYTES:
-            # Small inputs are read once into the object store and reused by every later stage.
+            # Small inputs are read once into the object store and reused by every later stage; in source
+            # order, so a seeded run trains on the same batches every time, resumed or not.
+            ds.context.execution_options.preserve_order = True
             ds = ds.materialize()
         info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape, source=cfg.data.source)
         progress.info(f"{info.n_rows} rows x {info.dim} features"
@@ -113,7 +156,8 @@ def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool
     return ds, info
 
 
-def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None) -> DatasetInfo:
+def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None,
+                resume: bool = False) -> DatasetInfo:
     from engine.runtime import use_gpu
     from engine.train import train_encoder
 
@@ -131,7 +175,7 @@ def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
                         + (" on GPU" if gpu else "")):
         train_encoder(ds.select_columns([X]), in_dim=info.dim, shift=info.shift, scale=info.scale,
                       model=model, train=cfg.train, seed=cfg.seed, run_dir=run_dir,
-                      config_hash=cfg.hash(), image_shape=info.image_shape, use_gpu=gpu,
+                      config_hash=cfg.hash(), image_shape=info.image_shape, use_gpu=gpu, resume=resume,
                       on_epoch=progress.epoch)
     _record(run_dir, data=info.to_json())
     return info
@@ -201,9 +245,10 @@ def embed_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
         manifest = embed_dataset(ds, model_dir, run_dir / "embeddings", dim=dim,
                                  expected_rows=n_rows, config_hash=cfg.hash(),
                                  batch_size=cfg.embed.batch_size, concurrency=cfg.embed.concurrency,
-                                 use_gpu=use_gpu(cfg.embed.use_gpu))
+                                 use_gpu=use_gpu(cfg.embed.use_gpu), max_restarts=cfg.embed.max_restarts)
         progress.info(f"{manifest['rows']} embeddings of dimension {manifest['latent_dim']} "
-                      f"in {len(manifest['files'])} shard(s)")
+                      f"in {len(manifest['files'])} shard(s)"
+                      + (f", {manifest['resumed_rows']} of them kept from before" if manifest["resumed_rows"] else ""))
     return manifest
 
 
@@ -234,19 +279,32 @@ def import_embeddings(cfg: PipelineConfig, run_dir: Path, progress: Progress) ->
 
 
 def cluster_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:
-    from engine.cluster.shards import assign_shards
+    import shutil
 
     c = cfg.cluster
     embeddings = run_dir / "embeddings"
-    rows = read_manifest(embeddings, stage="embed")["rows"]
+    manifest = read_manifest(embeddings, stage="embed")
+    rows = manifest["rows"]
     if c.k > rows:
         raise ConfigError(f"cluster.k={c.k} should be <= the number of embeddings ({rows})")
     method = cfg.model.name if cfg.model.refines else c.method
     if not cfg.model.refines and (c.method not in ("kmeans", "sharded", "sample_assign", "two_level")
                                   or c.manifold != "none"):
         return _cluster_in_memory(cfg, run_dir, progress, rows)
+    # The k-means state of an interrupted cluster stage, for these embeddings and settings only.
+    partial = partial_folder(run_dir / "cluster", {"config_hash": cfg.hash(), "embeddings": manifest["time"]})
+    summary = _cluster_and_assign(cfg, run_dir, progress, rows, method, partial / "kmeans.npz")
+    shutil.rmtree(partial, ignore_errors=True)
+    return summary
+
+
+def _cluster_and_assign(cfg: PipelineConfig, run_dir: Path, progress: Progress, rows: int, method: str,
+                        checkpoint: Path) -> dict[str, Any]:
+    from engine.cluster.shards import assign_shards
+
+    c, embeddings = cfg.cluster, run_dir / "embeddings"
     with progress.stage("cluster", f"{method} k={c.k} on {rows} rows"):
-        km = _fit_clusters(cfg, embeddings, run_dir, progress)
+        km = _fit_clusters(cfg, embeddings, run_dir, progress, checkpoint)
         progress.info(f"inertia {km.inertia_:.6g} after {km.n_iter_} iteration(s)")
         centroids = km.cluster_centers_
         tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
@@ -258,7 +316,8 @@ def cluster_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dic
     if method != "sample_assign":  # sample_assign has written its assignments already
         with progress.stage("assign", f"{rows} rows"):
             assign_shards(embeddings, centroids, run_dir / "assignments", config_hash=cfg.hash(),
-                          concurrency=cfg.embed.concurrency, backend=c.backend, spherical=c.spherical)
+                          concurrency=cfg.embed.concurrency, backend=c.backend, spherical=c.spherical,
+                          max_retries=cfg.embed.max_restarts)
     return summary
 
 
@@ -291,8 +350,9 @@ def _cluster_in_memory(cfg: PipelineConfig, run_dir: Path, progress: Progress, r
     return summary
 
 
-def _fit_clusters(cfg: PipelineConfig, embeddings: Path, run_dir: Path, progress: Progress):
-    """The fitted estimator for `cluster.method`; its inertia is over every row."""
+def _fit_clusters(cfg: PipelineConfig, embeddings: Path, run_dir: Path, progress: Progress, checkpoint: Path):
+    """The fitted estimator for `cluster.method`; its inertia is over every row. kmeans and sharded save their
+    state to `checkpoint` and continue from it."""
     from engine.cluster import KMeans, TwoLevelKMeans
     from engine.cluster._sharded import ShardedKMeans, fit_sample_then_assign
     from engine.cluster.shards import load_vectors
@@ -306,10 +366,11 @@ def _fit_clusters(cfg: PipelineConfig, embeddings: Path, run_dir: Path, progress
                       backend=c.backend, spherical=c.spherical, callback=progress.iteration)
         if c.method == "two_level":
             return TwoLevelKMeans(n_coarse=c.n_coarse, refine_iter=c.refine_iter, **common).fit(z)
-        return KMeans(**common).fit(z)
+        return KMeans(**common, checkpoint=checkpoint, checkpoint_every=c.checkpoint_every).fit(z)
     if c.method == "sharded":
         return ShardedKMeans(n_clusters=c.k, init=c.init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
-                             backend=c.backend, num_actors=c.num_actors, spherical=c.spherical).fit(embeddings)
+                             backend=c.backend, num_actors=c.num_actors, spherical=c.spherical,
+                             checkpoint=checkpoint, checkpoint_every=c.checkpoint_every).fit(embeddings)
     km, manifest = fit_sample_then_assign(embeddings, run_dir / "assignments", c.k, c.sample_size, init=c.init,
                                           max_iter=c.max_iter, tol=c.tol, seed=cfg.seed, backend=c.backend,
                                           num_actors=c.num_actors, config_hash=cfg.hash(),
@@ -386,8 +447,14 @@ def match_by_id(ids: np.ndarray, other_ids: np.ndarray, values: np.ndarray, *, w
 # ---- the whole pipeline ----------------------------------------------------------------------------
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress: Progress | None = None,
-                 verbose: bool = False) -> RunResult:
-    """Run every stage into the run directory and return the metrics."""
+                 verbose: bool = False, resume: bool = False) -> RunResult:
+    """Run every stage into the run directory and return the metrics.
+
+    resume: continue a killed run in `out` (with the config saved there, see `config_for_resume`): finished
+    stages are skipped, training continues from its last checkpoint, embedding keeps its completed shards
+    and k-means its last saved centroids. An object-store run directory resumes from its published (finished)
+    stages only.
+    """
     from engine.rundir import open_run_dir
     from engine.runtime import init_ray
 
@@ -398,29 +465,39 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     with progress.stage("ray"):
         res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
         progress.info(res.describe())
-    with open_run_dir(location, cfg.ray, nodes=res.worker_nodes) as run:
-        return _run_stages(cfg, run, progress, res, started)
+    with open_run_dir(location, cfg.ray, nodes=res.worker_nodes, fetch=resume) as run:
+        return _run_stages(cfg, run, progress, res, started, resume)
 
 
-def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resources, started: float) -> RunResult:
+def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resources, started: float,
+                resume: bool) -> RunResult:
     run_dir = run.local
-    # The run directory is created only once the input has been read and found valid.
-    validated = validate_input(cfg, progress)
+    done = finished_stages(cfg, run_dir) if resume else set()
+    # The run directory is created only once the input has been read and found valid; a resumed run whose
+    # model and embeddings are finished does not read it again.
+    validated = validate_input(cfg, progress) if _model_stages(cfg) - done else None
     save_config(cfg, run_dir)
-    _record(run_dir, name=cfg.name, started=started, config_hash=cfg.hash(), versions=versions(),
-            machine=machine(), ray=res.describe())
+    if resume:
+        _remove_staged_leftovers(run_dir)
+        _record(run_dir, resumed=[*_read_run(run_dir).get("resumed", []), {"time": started, "skipped": sorted(done)}])
+    else:
+        _record(run_dir, name=cfg.name, started=started, config_hash=cfg.hash(), versions=versions(),
+                machine=machine(), ray=res.describe())
     seconds: dict[str, float] = {}
 
-    def timed(name: str, stage, *args):
+    def timed(name: str, stage, *args, **kwargs):
+        if name in done:
+            progress.info(f"{name}: finished before, skipped")
+            return None
         t0 = time.perf_counter()
-        result = stage(cfg, run_dir, progress, *args)
+        result = stage(cfg, run_dir, progress, *args, **kwargs)
         seconds[name] = round(time.perf_counter() - t0, 3)
         _record(run_dir, seconds={name: seconds[name]})
         run.publish()  # an object-store run directory gets each stage as soon as it is complete
         return result
 
     # Train, refine and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
-    timed("train", train_stage, validated)
+    timed("train", train_stage, validated, resume=resume)
     if cfg.model.refines:
         timed("refine", refine_stage, validated)
     timed("embed", embed_stage, validated)
@@ -430,6 +507,25 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
         timed("report", report_stage)
     _record(run_dir, finished=time.time())
     return RunResult(run_dir=run.location, metrics=metrics, seconds=seconds)
+
+
+def _model_stages(cfg: PipelineConfig) -> set[str]:
+    """The stages that read the input data."""
+    return {"train", "refine", "embed"} if cfg.model.refines else {"train", "embed"}
+
+
+def _remove_staged_leftovers(run_dir: Path) -> None:
+    """Temporary folders of stages a killed run was writing (`staged_folder`): never results, never reused."""
+    import shutil
+
+    for path in run_dir.glob(".*.tmp-*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_run(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def versions() -> dict[str, str]:

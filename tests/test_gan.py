@@ -206,7 +206,7 @@ def _ray_cfg(**train):
     })
 
 
-def _train(cfg, run_dir):
+def _train(cfg, run_dir, resume=False):
     from engine.data import open_source, read_dataset
     from engine.data.describe import describe
     from engine.pipeline import model_args
@@ -216,7 +216,7 @@ def _train(cfg, run_dir):
     info = describe(ds, normalize=cfg.data.normalize)
     model_dir = train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
                               model=model_args(cfg), train=cfg.train, seed=cfg.seed, run_dir=run_dir,
-                              config_hash=cfg.hash())
+                              config_hash=cfg.hash(), resume=resume)
     return ds, info, model_dir
 
 
@@ -265,7 +265,7 @@ def test_ray_embeddings_have_the_configured_shape(gan_run, tmp_path):
 def test_ray_resume_restores_both_optimizers(gan_run):
     """A second run on the same run directory with more epochs continues from the last checkpoint."""
     cfg, _, _, run_dir, first = gan_run
-    _train(_ray_cfg(epochs=5), run_dir)
+    _train(_ray_cfg(epochs=5), run_dir, resume=True)
     state = load_checkpoint(run_dir / "model")
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5]
     assert state["history"][:3] == first["history"]

@@ -341,6 +341,8 @@ def test_sklearn_api_conventions(blobs):
         "spherical": False,
         "max_points_per_centroid": None,
         "callback": None,
+        "checkpoint": None,
+        "checkpoint_every": 10,
     }
     copy = clone(model)
     assert copy is not model and copy.get_params() == params

@@ -65,6 +65,11 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         n_training_samples_; labels_ and inertia_ still cover every row.
     callback : None or a callable given each iteration's history record as soon as the iteration ends,
         as a new dict with "run" (1-based, of n_init) added, e.g. to drive a progress display.
+    checkpoint : None or an .npz path: every `checkpoint_every` iterations, and after each run, the fit's
+        state (current run and iteration, centroids, the best run so far) is saved there atomically; a fit
+        that finds a state of the same data and settings continues from it and ends with the result of an
+        uninterrupted fit. A state of other data or settings is replaced. The file is kept after fit.
+    checkpoint_every : iterations between two saves of the state.
 
     A cluster left empty by an iteration is re-seeded by splitting the largest cluster: its centroid
     moves to the member of the largest cluster farthest from that cluster's centroid (deterministic).
@@ -90,6 +95,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         spherical: bool = False,
         max_points_per_centroid: int | None = None,
         callback: Callable[[dict[str, Any]], object] | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 10,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -102,6 +109,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         self.spherical = spherical
         self.max_points_per_centroid = max_points_per_centroid
         self.callback = callback
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
 
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> KMeans:
         """Cluster X (n_samples, n_features); y is ignored; sample_weight (n_samples,) >= 0."""
@@ -120,22 +129,24 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         x_sq = row_sq_norms(X)
         train_x_sq = x_sq if train_X is X else row_sq_norms(train_X)
 
-        # A generator, so only the best run so far is held; min keeps the first of equals.
-        runs = (
-            self._lloyd(
-                train_X,
-                train_w,
-                train_x_sq,
-                self._initial_centroids(train_X, train_w, init, np.random.default_rng(child)),
-                backend,
-                run,
-            )
-            for run, child in enumerate(run_seqs, start=1)
-        )
-        best = min(runs, key=lambda r: r["inertia"])
+        saved = _FitState(self.checkpoint, self._fingerprint(train_X, train_w, init, n_init))
+        start, best = saved.load()
+        for run, child in enumerate(run_seqs, start=1):
+            if run < start.get("run", 1):
+                continue  # finished before the interruption: its result is in `best` if it was the best
+            resume = start if run == start.get("run") and "centroids" in start else None
+            centroids = resume["centroids"] if resume else self._initial_centroids(
+                train_X, train_w, init, np.random.default_rng(child))
+            result = self._lloyd(train_X, train_w, train_x_sq, centroids, backend, run, resume=resume,
+                                 save=lambda state, best=best: saved.save(state, best))
+            if best is None or result["inertia"] < best["inertia"]:  # the first of equals is kept
+                best = result
+            saved.save({"run": run + 1}, best)
         centroids = best["centroids"]
         if train_X is X:
-            labels, inertia = best["labels"], best["inertia"]
+            labels, inertia = best.get("labels"), best["inertia"]
+            if labels is None:  # the best run was restored from the checkpoint
+                labels = _assign(X, centroids, backend, x_sq)[0]
         else:
             labels, sq_distances = _assign(X, centroids, backend, x_sq)
             inertia = float(sq_distances.astype(np.float64) @ w)
@@ -183,6 +194,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         # Plain Python values, so numpy scalars given as settings survive JSON.
         params = {k: v.item() if isinstance(v, np.generic) else v for k, v in self.get_params().items()}
         params["callback"] = None  # code, not data: a loaded model has none
+        if "checkpoint" in params:  # subclasses may not take one
+            params["checkpoint"] = None  # the fit's scratch file, not part of the model
         arrays = {"cluster_centers": self.cluster_centers_}
         if not isinstance(params["init"], str):
             arrays["init"] = np.asarray(params["init"], dtype=np.float32)
@@ -246,6 +259,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             _check_int("max_points_per_centroid", self.max_points_per_centroid, minimum=1)
         if self.callback is not None and not callable(self.callback):
             raise ConfigError(f"callback should be a callable or None, got {self.callback!r}.")
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         backend = resolve_backend(self.backend)
 
         if isinstance(self.init, str):
@@ -311,13 +325,29 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         rows = rng.choice(X.shape[0], size=self.n_clusters, replace=False, p=w / w.sum())
         return X[rows].copy()
 
+    def _fingerprint(self, X: np.ndarray, w: np.ndarray, init: str | np.ndarray, n_init: int) -> dict[str, Any]:
+        """What a saved state must match to be continued: the data, its weights and every setting that
+        changes the result."""
+        if self.checkpoint is None:
+            return {}
+        return {
+            "estimator": type(self).__name__, "shape": list(X.shape), "data": _digest(X, w),
+            "init": init if isinstance(init, str) else _digest(init), "params": {
+                k: getattr(self, k).item() if isinstance(getattr(self, k), np.generic) else getattr(self, k)
+                for k in ("n_clusters", "max_iter", "tol", "seed", "spherical", "max_points_per_centroid")},
+            "n_init": n_init, "backend": resolve_backend(self.backend),
+        }
+
     def _lloyd(
-        self, X: np.ndarray, w: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, backend: str, run: int
+        self, X: np.ndarray, w: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, backend: str, run: int,
+        resume: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
+        """Lloyd iterations from `centroids`, or from a saved state (`resume`: iteration, previous objective,
+        history); `save` is given the state every `checkpoint_every` iterations."""
         log = logger.info if self.verbose else logger.debug
-        history: list[dict[str, Any]] = []
-        previous_objective: float | None = None
-        for it in range(1, self.max_iter + 1):
+        history: list[dict[str, Any]] = list(resume["history"]) if resume else []
+        previous_objective: float | None = resume["previous_objective"] if resume else None
+        for it in range(len(history) + 1, self.max_iter + 1):
             start = time.perf_counter()
             labels, sq_distances, stats = _assign_and_stats(X, centroids, backend, w, x_sq)
             new, empty = stats.centroids(centroids)
@@ -336,6 +366,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             if self.tol > 0 and rel_change is not None and rel_change < self.tol:
                 break
             previous_objective = objective
+            if save is not None and it % self.checkpoint_every == 0 and it < self.max_iter:
+                save({"run": run, "centroids": centroids, "previous_objective": objective, "history": history})
         labels, sq_distances = _assign(X, centroids, backend, x_sq)
         inertia = float(sq_distances.astype(np.float64) @ w)
         log("run done: inertia %.6g after %d iterations", inertia, len(history))
@@ -346,6 +378,74 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             "n_iter": len(history),
             "history": history,
         }
+
+
+_STATE_FORMAT = "engine.cluster.fit-state/1"
+
+
+class _FitState:
+    """The resumable state of a k-means fit in an .npz (arrays + JSON, no pickle), written atomically.
+
+    A state is a dict: "run" (the run to do next, or being done), and while inside a run its "centroids",
+    "previous_objective" and "history"; beside it the best finished run so far (centroids, inertia,
+    n_iter, history). Without a path nothing is saved or loaded.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, fingerprint: dict[str, Any]):
+        self.path = None if path is None else Path(path)
+        self.fingerprint = json.loads(json.dumps(fingerprint, default=float))
+
+    def load(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(state, best) to continue from; ({}, None) when there is no usable state."""
+        if self.path is None or not self.path.is_file():
+            return {}, None
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                arrays = {k: data[k] for k in data.files if k != "meta"}
+        except (OSError, ValueError, KeyError) as e:
+            logger.warning("%s: unreadable k-means state (%s); starting afresh", self.path, e)
+            return {}, None
+        if meta.get("format") != _STATE_FORMAT or meta.get("fingerprint") != self.fingerprint:
+            logger.warning("%s: k-means state of other data or settings; starting afresh", self.path)
+            return {}, None
+        state, best = meta["state"], meta["best"]
+        if "centroids" in arrays:
+            state["centroids"] = arrays["centroids"]
+        if best is not None:
+            best["centroids"] = arrays["best_centroids"]
+        logger.info("%s: continuing k-means at run %s, iteration %d", self.path, state.get("run"),
+                    len(state.get("history", [])) + 1)
+        return state, best
+
+    def save(self, state: dict[str, Any], best: dict[str, Any] | None) -> None:
+        if self.path is None:
+            return
+        arrays = {}
+        if "centroids" in state:
+            arrays["centroids"] = state["centroids"]
+        if best is not None:
+            arrays["best_centroids"] = best["centroids"]
+        meta = {
+            "format": _STATE_FORMAT,
+            "fingerprint": self.fingerprint,
+            "state": {k: v for k, v in state.items() if k != "centroids"},
+            "best": None if best is None else {k: best[k] for k in ("inertia", "n_iter", "history")},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta, default=float)), **arrays)
+        os.replace(tmp, self.path)
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
 
 
 def _unit_rows(X: np.ndarray, name: str = "X") -> np.ndarray:

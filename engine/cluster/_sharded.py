@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from engine.cluster._kmeans import KMeans, _check_int, _renormalise, _unit_rows
+from engine.cluster._kmeans import KMeans, _check_int, _digest, _FitState, _renormalise, _unit_rows
 from engine.cluster._stats import (
     PartialStats,
     as_float32_matrix,
@@ -195,6 +195,9 @@ class ShardedKMeans(BaseEstimator):
     column : the vector column of Parquet shards.
     spherical : cosine k-means as `KMeans(spherical=True)`: each actor normalises its rows once at load,
         and the centroids are re-normalised after each update.
+    checkpoint, checkpoint_every : as `KMeans`: the Lloyd state (iteration, centroids) is saved every
+        `checkpoint_every` iterations, and a fit of the same shards and settings continues from it,
+        without initialising again.
 
     Each actor takes 1 CPU (and a GPU share when the cluster has GPUs, for the "auto" backend), actors are
     spread over the nodes, every actor reads only its own files, and all are killed when fit returns.
@@ -216,6 +219,8 @@ class ShardedKMeans(BaseEstimator):
         num_actors: int | None = None,
         column: str = Z,
         spherical: bool = False,
+        checkpoint: str | Path | None = None,
+        checkpoint_every: int = 10,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -226,6 +231,8 @@ class ShardedKMeans(BaseEstimator):
         self.num_actors = num_actors
         self.column = column
         self.spherical = spherical
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
 
     def fit(self, source: str | Path | Sequence[str | Path] | Sequence[np.ndarray], y: Any = None) -> ShardedKMeans:
         """Cluster the rows of `source`: a complete embeddings folder, Parquet paths, or numpy shards."""
@@ -234,7 +241,10 @@ class ShardedKMeans(BaseEstimator):
         self._check_params()
         shards, names = _resolve_source(source)
         # What the shapes alone can tell is checked here, before any actor starts.
-        _check_shapes(_shapes(shards, names, self.column), self.column, self.n_clusters)
+        shapes = _shapes(shards, names, self.column)
+        _check_shapes(shapes, self.column, self.n_clusters)
+        saved = _FitState(self.checkpoint, self._fingerprint(shards, shapes))
+        resume, _ = saved.load()
         num_actors = _actor_count(self.num_actors, len(shards))
         actors = _start_actors(shards, names, num_actors, self.column, self.backend, self.spherical)
         try:
@@ -243,13 +253,15 @@ class ShardedKMeans(BaseEstimator):
             check_n_clusters(self.n_clusters, self.n_samples_)
             init = self._check_init(self.n_features_in_)
             rng = np.random.default_rng(self.seed)
-            if isinstance(init, np.ndarray):
+            if "centroids" in resume:
+                centroids = resume["centroids"]
+            elif isinstance(init, np.ndarray):
                 centroids = _unit_rows(init, name="init") if self.spherical else init.copy()
             elif init == "random":
                 centroids = _gather(actors, sizes, rng.choice(self.n_samples_, size=self.n_clusters, replace=False))
             else:
                 centroids = self._kmeans_parallel(actors, sizes, rng)
-            self._lloyd(actors, centroids)
+            self._lloyd(actors, centroids, resume=resume or None, save=lambda state: saved.save(state, None))
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -289,6 +301,20 @@ class ShardedKMeans(BaseEstimator):
             raise ConfigError(f"column should be a column name, got {self.column!r}.")
         if not isinstance(self.spherical, bool | np.bool_):
             raise ConfigError(f"spherical should be True or False, got {self.spherical!r}.")
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
+
+    def _fingerprint(self, shards: list[Shard], shapes: list[tuple[str, int, int | None]]) -> dict[str, Any]:
+        """What a saved state must match: each shard (its digest, or its file's size and time) and the
+        settings that change the result."""
+        if self.checkpoint is None:
+            return {}
+        data = [_digest(s) if isinstance(s, np.ndarray) else [s, Path(s).stat().st_size, Path(s).stat().st_mtime_ns]
+                for s in shards]
+        init = self.init if isinstance(self.init, str) else _digest(np.asarray(self.init, dtype=np.float32))
+        return {"estimator": type(self).__name__, "shapes": shapes, "data": data, "init": init,
+                "params": {k: getattr(self, k)
+                           for k in ("n_clusters", "max_iter", "tol", "seed", "column", "spherical")},
+                "backend": resolve_backend(self.backend)}
 
     def _check_init(self, n_features: int) -> str | np.ndarray:
         if isinstance(self.init, str):
@@ -315,13 +341,14 @@ class ShardedKMeans(BaseEstimator):
         parts = _get([a.partial_stats.remote(centroids_ref) for a in actors])
         return sum((PartialStats(*p) for p in parts[1:]), PartialStats(*parts[0]))
 
-    def _lloyd(self, actors: list, centroids: np.ndarray) -> None:
+    def _lloyd(self, actors: list, centroids: np.ndarray, resume: dict[str, Any] | None = None,
+               save=None) -> None:
         """KMeans._lloyd with the rows in the actors: one broadcast and one reduce per iteration."""
         import ray
 
-        history: list[dict[str, Any]] = []
-        previous_objective: float | None = None
-        for it in range(1, self.max_iter + 1):
+        history: list[dict[str, Any]] = list(resume["history"]) if resume else []
+        previous_objective: float | None = resume["previous_objective"] if resume else None
+        for it in range(len(history) + 1, self.max_iter + 1):
             start = time.perf_counter()
             stats = self._stats(actors, ray.put(centroids))
             new, empty = stats.centroids(centroids)
@@ -338,6 +365,8 @@ class ShardedKMeans(BaseEstimator):
             if self.tol > 0 and rel_change is not None and rel_change < self.tol:
                 break
             previous_objective = objective
+            if save is not None and it % self.checkpoint_every == 0 and it < self.max_iter:
+                save({"run": 1, "centroids": centroids, "previous_objective": objective, "history": history})
         self.cluster_centers_ = centroids
         self.inertia_ = self._stats(actors, ray.put(centroids)).sse
         self.n_iter_ = len(history)

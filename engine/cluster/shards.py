@@ -16,10 +16,15 @@ STAGE = "assign"
 
 
 def load_vectors(folder: str | Path, *, stage: str = "embed") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(ids, Z, labels or None) of a complete embeddings folder, read in this process."""
+    """(ids, Z, labels or None) of a complete embeddings folder, read in this process, in id order.
+
+    Id order, not file order: how the rows were split into shards (which differs between an interrupted
+    and resumed embedding and an uninterrupted one) does not change what a seeded clustering finds.
+    """
     table = read_table(folder, stage=stage)
     if table is None or table.num_rows == 0:
         raise DataError(f"{folder}: the embeddings folder holds no rows")
+    table = table.take(np.argsort(table.column(ID).to_numpy(), kind="stable"))
     z = vectors_to_numpy(table.column(Z), name=Z, where=str(folder))
     labels = table.column(LABEL).to_numpy() if LABEL in table.column_names else None
     return table.column(ID).to_numpy(), z, labels
@@ -47,12 +52,14 @@ def assign_batch(batch: pa.Table, centroids: np.ndarray, backend: str = "auto", 
 
 def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | Path, *, config_hash: str,
                   batch_size: int = 65536, concurrency: int = 2, backend: str = "auto", column: str = Z,
-                  stage: str | None = "embed", spherical: bool = False) -> dict[str, Any]:
+                  stage: str | None = "embed", spherical: bool = False, max_retries: int = 3) -> dict[str, Any]:
     """Write `id, cluster, distance` (Euclidean) for every row of a complete folder into `out_dir`, atomically.
 
     By default the folder holds embeddings (`z`); `column` and `stage` name another vector column and
     manifest stage, e.g. `x` of input shards written by `prepare_source` (stage "input", None for any).
-    spherical: rows are L2-normalised first, as `KMeans(spherical=True)` does.
+    spherical: rows are L2-normalised first, as `KMeans(spherical=True)` does. A task whose worker dies is
+    retried up to `max_retries` times and rewrites its own file (Ray Data names it by write and task), so
+    no id is written twice.
     """
     from ray.data import TaskPoolStrategy
 
@@ -68,7 +75,7 @@ def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | 
                                                       "spherical": spherical},
                          batch_size=batch_size, batch_format="pyarrow",
                          compute=TaskPoolStrategy(size=max(1, min(concurrency, len(manifest["files"])))),
-                         num_cpus=1)
+                         num_cpus=1, max_retries=max_retries)
     return write_dataset(out, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected,
                          k=int(len(centroids)))
 

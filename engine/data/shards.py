@@ -8,6 +8,7 @@ never read as a result.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -18,10 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
+from engine.data.schema import ID
 from engine.errors import DataError, IncompleteResultError
 
 MANIFEST = storage.MANIFEST
@@ -53,23 +56,128 @@ def staged_folder(out_dir: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if not (tmp / MANIFEST).is_file():
-            raise RuntimeError(f"{tmp}: staged folder finished without a {MANIFEST}")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old, out)  # put the previous complete result back
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _move_into_place(folder: Path, out: Path) -> None:
+    """Rename a finished folder (it must hold its manifest) to `out`, replacing what was there."""
+    if not (folder / MANIFEST).is_file():
+        raise RuntimeError(f"{folder}: staged folder finished without a {MANIFEST}")
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    try:
+        os.replace(folder, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)  # put the previous complete result back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- resumable folders: shards kept across crashes, each with its completion record -----------------
+
+PARTIAL = "_partial.json"
+DONE = "_done"
+
+
+def partial_folder(out_dir: str | Path, key: dict[str, Any]) -> Path:
+    """`.NAME.partial`, the sibling of `out_dir` where a resumable stage writes its shards one by one.
+
+    It survives a crash; a rerun with the same `key` (what the shards depend on: config hash, model...)
+    reuses its completed shards, any other key empties it first.
+    """
+    out = Path(out_dir)
+    folder = out.parent / f".{out.name}.partial"
+    record = folder / PARTIAL
+    key = json.loads(json.dumps(key))  # as it reads back
+    if folder.exists():
+        try:
+            same = json.loads(record.read_text()) == key
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if same:
+            return folder
+        shutil.rmtree(folder)
+    (folder / DONE).mkdir(parents=True)
+    _write_json(record, key)
+    return folder
+
+
+def write_shard(table: pa.Table, folder: str | Path, *, prefix: str) -> dict[str, Any]:
+    """Write one shard of a partial folder: the Parquet file by rename, then its completion record.
+
+    The name comes from the shard's ids, so a retried block (its actor died) overwrites its own shard
+    instead of adding a second copy of its rows.
+    """
+    folder = Path(folder)
+    ids = np.ascontiguousarray(table.column(ID).to_numpy())
+    name = f"{prefix}-{hashlib.blake2b(ids.tobytes(), digest_size=8).hexdigest()}.parquet"
+    tmp = folder / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, folder / name)
+    record = {"file": name, "rows": table.num_rows}
+    _write_json(folder / DONE / f"{name}.json", record)
+    return record
+
+
+def completed_shards(folder: str | Path) -> list[dict[str, Any]]:
+    """The completion records of a partial folder's shards, by file name; files without one (half-written,
+    or written just before a crash) are deleted, to be written again."""
+    folder = Path(folder)
+    records = {}
+    for path in (folder / DONE).glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue  # a record is written by rename, so this is not ours
+        if (folder / record["file"]).is_file():
+            records[record["file"]] = record
+    for path in folder.iterdir():
+        if path.is_file() and path.name != PARTIAL and path.name not in records:
+            path.unlink()
+    return [records[name] for name in sorted(records)]
+
+
+def completed_ids(folder: str | Path) -> np.ndarray:
+    """The ids in a partial folder's completed shards."""
+    paths = [Path(folder) / r["file"] for r in completed_shards(folder)]
+    if not paths:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([pq.read_table(p, columns=[ID]).column(ID).to_numpy() for p in paths])
+
+
+def commit_partial(folder: str | Path, out_dir: str | Path, *, stage: str, config_hash: str,
+                   expected_rows: int | None = None, **extra: Any) -> dict[str, Any]:
+    """Turn a partial folder whose shards are all written into `out_dir`, with its manifest.
+
+    A row count other than `expected_rows` is a DataError, and the partial folder is discarded.
+    """
+    folder, out = Path(folder), Path(out_dir)
+    records = completed_shards(folder)
+    rows = sum(r["rows"] for r in records)
+    if expected_rows is not None and rows != expected_rows:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise DataError(f"{out}: wrote {rows} rows but the input has {expected_rows}")
+    files = [r["file"] for r in records]
+    schema = str(pq.read_schema(folder / files[0])) if files else None
+    shutil.rmtree(folder / DONE)
+    (folder / PARTIAL).unlink()
+    manifest = write_manifest(folder, stage=stage, config_hash=config_hash, rows=rows, schema=schema, files=files,
+                              **extra)
+    _move_into_place(folder, out)
+    return manifest
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
 
 
 def write_manifest(folder: str | Path, *, stage: str, config_hash: str, rows: int | None = None,

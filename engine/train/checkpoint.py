@@ -17,8 +17,10 @@ FILENAME = "checkpoint.pt"
 
 def save_checkpoint(path: str | Path, *, model: torch.nn.Module, shift: np.ndarray, scale: np.ndarray,
                     epoch: int, history: list[dict[str, float]], optimizers: dict[str, dict] | None = None,
-                    image_shape: tuple[int, ...] | None = None, config_hash: str = "") -> None:
-    """Write a checkpoint file atomically (temp file + rename); `optimizers` maps names to their state dicts."""
+                    image_shape: tuple[int, ...] | None = None, config_hash: str = "",
+                    starts: list[int] | None = None) -> None:
+    """Write a checkpoint file atomically (temp file + rename); `optimizers` maps names to their state dicts;
+    `starts`: the epoch each training attempt started from (more than one after a worker failure or a resume)."""
     from engine import __version__
 
     module = model.module if hasattr(model, "module") else model  # unwrap DDP
@@ -36,6 +38,7 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, shift: np.ndarr
         "history": [{k: float(v) for k, v in h.items()} for h in history],
         "optimizers": optimizers,
         "config_hash": config_hash,
+        "starts": [int(s) for s in starts or [0]],
     }
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -13,9 +14,12 @@ from typing import Any
 import numpy as np
 
 from engine.data.shards import staged_folder, write_manifest
+from engine.errors import CheckpointError
 from engine.train.checkpoint import FILENAME, load_checkpoint
 
 log = logging.getLogger(__name__)
+
+TRAIN_DIR = "train"
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -35,13 +39,16 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     model = build_model(**config["model"])
-    optimizer_states, start_epoch, history = None, 0, []
+    optimizer_states, start_epoch, history, starts = None, 0, [], []
+    # Set after a worker died (FailureConfig) or when a resumed run finds Ray Train's snapshot in run_dir/train.
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
             state = load_checkpoint(Path(d) / FILENAME)
         model.load_state_dict(state["state_dict"])
         optimizer_states, start_epoch, history = state.get("optimizers") or {}, state["epoch"], state["history"]
+        starts = state.get("starts") or [0]
+    starts = [*starts, start_epoch]
     # A model with its own train_step (a GAN) runs steps that use only some of its parameters; DDP must
     # look for the unused ones or it waits forever for their gradients.
     model = ray.train.torch.prepare_model(
@@ -89,7 +96,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 save_checkpoint(Path(d) / FILENAME, model=model, shift=config["shift"], scale=config["scale"],
                                 epoch=epoch, history=history,
                                 optimizers={name: opt.state_dict() for name, opt in optimizers.items()},
-                                image_shape=config["image_shape"], config_hash=config["config_hash"])
+                                image_shape=config["image_shape"], config_hash=config["config_hash"],
+                                starts=starts)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -99,12 +107,16 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, model: dict[str, Any],
                   train: Any, seed: int, run_dir: str | Path, config_hash: str,
-                  image_shape: tuple[int, ...] | None = None, use_gpu: bool = False, max_failures: int = 0,
+                  image_shape: tuple[int, ...] | None = None, use_gpu: bool = False, resume: bool = False,
                   on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """Train an encoder on `ds` (input schema) with Ray Train and write `run_dir/model/` atomically.
 
-    Ray Train's own state (per-epoch checkpoints, used to resume) lives in `run_dir/train/`; the finished
-    checkpoint is copied to `run_dir/model/checkpoint.pt` with a manifest.
+    Ray Train's own state (a checkpoint every `train.checkpoint_every` epochs: weights, optimizer, epoch,
+    history) lives in `run_dir/train/`; a dead worker restarts every worker from the latest one, up to
+    `train.max_failures` times. `resume` continues from the latest checkpoint there (a killed run, or more
+    epochs), which must be of the same model; without it training starts afresh. The finished checkpoint is
+    copied to `run_dir/model/checkpoint.pt` with a manifest; its `starts` are the epochs each attempt started
+    from.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -113,8 +125,14 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     from engine.models import build_model
 
     shape = list(image_shape) if image_shape else None
-    build_model(in_dim=in_dim, image_shape=shape, **model)  # bad model settings fail here, before any worker starts
+    # Bad model settings fail here, before any worker starts.
+    build_args = build_model(in_dim=in_dim, image_shape=shape, **model).build_args
     run_dir = Path(run_dir).resolve()
+    if resume:
+        check_resumable(run_dir / TRAIN_DIR, build_args)
+    else:
+        # Ray Train restores from any snapshot it finds under storage_path/name: a fresh run must not.
+        shutil.rmtree(run_dir / TRAIN_DIR, ignore_errors=True)
     queue = Queue() if on_epoch is not None else None
     loop_config = {
         "model": {"in_dim": in_dim, "image_shape": shape, **model},
@@ -138,12 +156,13 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
             resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name="train",
+            name=TRAIN_DIR,
             storage_path=str(run_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
         ),
         datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
     )
     stop = threading.Event()
     poller = None
@@ -167,8 +186,32 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
         state = load_checkpoint(tmp / FILENAME)
         write_manifest(tmp, stage="train", config_hash=config_hash, rows=None, files=[FILENAME],
                        epochs=state["epoch"], final_loss=state["history"][-1]["loss"] if state["history"] else None,
-                       num_workers=train.num_workers, use_gpu=use_gpu)
+                       num_workers=train.num_workers, use_gpu=use_gpu, starts=state.get("starts", [0]))
     return model_dir
+
+
+def check_resumable(train_dir: Path, build_args: dict[str, Any]) -> None:
+    """The latest Ray Train checkpoint under `train_dir`, if any, must be of the model `build_args` builds
+    (training settings such as epochs or lr may differ); the error names the settings that differ."""
+    latest = max(train_dir.glob(f"checkpoint_*/{FILENAME}"), default=None, key=lambda p: p.parent.name)
+    if latest is None:
+        return
+    saved, now = (json.loads(json.dumps(args, default=list)) for args in (load_checkpoint(latest)["model"], build_args))
+    differ = [f"{k}={saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+              if saved.get(k) != now.get(k)]
+    if differ:
+        raise CheckpointError(f"{latest}: a checkpoint of another model ({'; '.join(differ)}); set them back, or "
+                              f"start a fresh run instead of resuming")
+
+
+def _ordered_ingest():
+    """Ray Train's ingest options with the block order kept: with one worker and a seed, training is then
+    reproducible, and a run resumed from a checkpoint ends with the weights of an uninterrupted one."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def _drain(queue, on_epoch, stop: threading.Event) -> None:
