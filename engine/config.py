@@ -350,6 +350,39 @@ class ReportConfig(_Section):
     """Image data: sample rows shown per cluster."""
 
 
+TRACKING_BACKENDS = {"mlflow": "mlflow", "tensorboard": "tensorboard"}
+"""Each tracking backend and the Python module it needs (both in the `tracking` extra)."""
+
+
+class TrackingConfig(_Section):
+    """Experiment tracking of `dce run` (off by default): the config as parameters, every epoch's training losses,
+    the final metrics and stage times, and (MLflow) config.yaml, metrics.json and report/index.html as artefacts."""
+
+    backend: Literal["none", "mlflow", "tensorboard"] | list[Literal["mlflow", "tensorboard"]] = "none"
+    """none, mlflow, tensorboard, or a list of both (the `tracking` extra installs them)."""
+    uri: str | None = None
+    """mlflow: tracking URI (http://host:5000, databricks, sqlite:///mlflow.db with the full mlflow package, or a
+    file:// folder, which MLflow 3 accepts only with MLFLOW_ALLOW_FILE_STORE=true); None: MLflow's default
+    (MLFLOW_TRACKING_URI when set)."""
+    experiment: str = "deep-cluster-engine"
+    """mlflow: experiment name, created when missing; the MLflow run is named after `name`."""
+    dir: str | None = None
+    """tensorboard: folder of the event files; None: tensorboard/ in the run directory (required for an
+    object-store run directory)."""
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The backends to log to, in order, without repeats; () when tracking is off."""
+        chosen = [self.backend] if isinstance(self.backend, str) else self.backend
+        return tuple(dict.fromkeys(b for b in chosen if b != "none"))
+
+    @model_validator(mode="after")
+    def _check_installed(self) -> TrackingConfig:
+        for backend in self.backends:
+            check_installed(TRACKING_BACKENDS[backend], extra="tracking", key="tracking.backend")
+        return self
+
+
 class RayConfig(_Section):
     address: str | None = None
     """Cluster to join; RAY_ADDRESS wins when set. None starts an embedded local Ray."""
@@ -380,6 +413,7 @@ class PipelineConfig(_Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     federated: FederatedConfig = Field(default_factory=FederatedConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -442,7 +476,10 @@ class PipelineConfig(_Section):
 
     def hash(self) -> str:
         """Stable hash of the resolved config, recorded in every manifest."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        settings = self.to_dict()
+        # Where a run is tracked does not change its results: turning tracking on keeps a run resumable.
+        del settings["tracking"]
+        blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ from engine.progress import Progress
 if TYPE_CHECKING:
     from engine.rundir import RunDir
     from engine.runtime import Resources
+    from engine.tracking import Tracker
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -157,7 +159,8 @@ def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool
 
 
 def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None,
-                resume: bool = False) -> DatasetInfo:
+                resume: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> DatasetInfo:
+    """Train the encoder into model/; `on_epoch` gets every epoch's losses too (after the progress display)."""
     from engine.runtime import use_gpu
     from engine.train import train_encoder
 
@@ -171,12 +174,18 @@ def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
         check_base(cfg.model.base)
     if hasattr(progress, "set_epochs"):
         progress.set_epochs(cfg.train.epochs)
+
+    def epoch_done(record: dict[str, Any]) -> None:
+        progress.epoch(record)
+        if on_epoch is not None:
+            on_epoch(record)
+
     with progress.stage("train", f"{model['name']}, {cfg.train.num_workers} worker(s)"
                         + (" on GPU" if gpu else "")):
         train_encoder(ds.select_columns([X]), in_dim=info.dim, shift=info.shift, scale=info.scale,
                       model=model, train=cfg.train, seed=cfg.seed, run_dir=run_dir,
                       config_hash=cfg.hash(), image_shape=info.image_shape, use_gpu=gpu, resume=resume,
-                      on_epoch=progress.epoch)
+                      on_epoch=epoch_done)
     _record(run_dir, data=info.to_json())
     return info
 
@@ -457,6 +466,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     """
     from engine.rundir import open_run_dir
     from engine.runtime import init_ray
+    from engine.tracking import track_run
 
     progress = progress or Progress()
     location = run_dir_for(cfg, out)
@@ -466,11 +476,13 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
         res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
         progress.info(res.describe())
     with open_run_dir(location, cfg.ray, nodes=res.worker_nodes, fetch=resume) as run:
-        return _run_stages(cfg, run, progress, res, started, resume)
+        tracked = _read_run(run.local).get("tracking", {}) if resume else {}
+        with track_run(cfg, run, mlflow_run_id=tracked.get("mlflow_run_id")) as tracker:
+            return _run_stages(cfg, run, progress, res, started, resume, tracker)
 
 
 def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resources, started: float,
-                resume: bool) -> RunResult:
+                resume: bool, tracker: Tracker) -> RunResult:
     run_dir = run.local
     done = finished_stages(cfg, run_dir) if resume else set()
     # The run directory is created only once the input has been read and found valid; a resumed run whose
@@ -482,7 +494,7 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
         _record(run_dir, resumed=[*_read_run(run_dir).get("resumed", []), {"time": started, "skipped": sorted(done)}])
     else:
         _record(run_dir, name=cfg.name, started=started, config_hash=cfg.hash(), versions=versions(),
-                machine=machine(), ray=res.describe())
+                machine=machine(), ray=res.describe(), **({"tracking": tracker.ids} if tracker.ids else {}))
     seconds: dict[str, float] = {}
 
     def timed(name: str, stage, *args, **kwargs):
@@ -497,7 +509,7 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
         return result
 
     # Train, refine and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
-    timed("train", train_stage, validated, resume=resume)
+    timed("train", train_stage, validated, resume=resume, on_epoch=tracker.train_epoch)
     if cfg.model.refines:
         timed("refine", refine_stage, validated)
     timed("embed", embed_stage, validated)
@@ -506,6 +518,7 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
     if cfg.report.enabled:
         timed("report", report_stage)
     _record(run_dir, finished=time.time())
+    tracker.result(run_dir, metrics, seconds)
     return RunResult(run_dir=run.location, metrics=metrics, seconds=seconds)
 
 
