@@ -350,10 +350,6 @@ class ReportConfig(_Section):
     """Image data: sample rows shown per cluster."""
 
 
-TRACKING_BACKENDS = {"mlflow": "mlflow", "tensorboard": "tensorboard"}
-"""Each tracking backend and the Python module it needs (both in the `tracking` extra)."""
-
-
 class TrackingConfig(_Section):
     """Experiment tracking of `dce run` (off by default): the config as parameters, every epoch's training losses,
     the final metrics and stage times, and (MLflow) config.yaml, metrics.json and report/index.html as artefacts."""
@@ -378,8 +374,8 @@ class TrackingConfig(_Section):
 
     @model_validator(mode="after")
     def _check_installed(self) -> TrackingConfig:
-        for backend in self.backends:
-            check_installed(TRACKING_BACKENDS[backend], extra="tracking", key="tracking.backend")
+        for backend in self.backends:  # each backend's Python module bears its name
+            check_installed(backend, extra="tracking", key="tracking.backend")
         return self
 
 
