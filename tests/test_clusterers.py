@@ -166,7 +166,7 @@ def test_pipeline_with_umap_gmm_then_hdbscan_on_digits(ray_local, tmp_path):
     sets = ["model.hidden=[64]", "model.latent_dim=10", "train.epochs=3", "train.num_workers=1",
             "cluster.method=gmm", "cluster.manifold=umap", "cluster.n_init=2",
             # N2D's own settings, not the default config's (which may be tuned for 50 epochs).
-            "cluster.umap.n_neighbors=20", "cluster.covariance_type=full"]
+            "cluster.umap.n_neighbors=20", "cluster.covariance_type=full", "report.enabled=false"]
     result = CliRunner().invoke(app, ["run", *[a for s in sets for a in ("--set", s)], "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())

@@ -153,7 +153,7 @@ def test_training_worker_killed_resumes_from_its_checkpoint(ray_local, tmp_path)
 
     def kill_a_worker():
         # Once Ray Train has recorded a checkpoint, one of its two workers dies.
-        _wait_for(lambda: snapshot.is_file() and '"checkpoint_dir_name"' in snapshot.read_text(), 120,
+        _wait_for(lambda: snapshot.is_file() and '"checkpoint_dir_name"' in snapshot.read_text(), 600,
                   "the first checkpoint", poll=0.05)
         pids = _wait_for(lambda: _alive_actor_pids("RayTrainWorker"), 30, "the training workers")
         os.kill(pids[-1], signal.SIGKILL)

@@ -12,7 +12,7 @@ from engine.cluster import KMeans
 from engine.data.schema import vector_array
 from engine.federated import FederatedKMeans
 
-pytestmark = [pytest.mark.ray]
+pytestmark = [pytest.mark.ray, pytest.mark.own_cluster]
 
 K = 3
 SIZES = {"a": 90, "b": 110, "c": 70}

@@ -21,7 +21,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray_head import RayHead, ray_cli, start_ray_head
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 
 REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = [".venv*", "runs", ".git", "*.egg-info", "__pycache__", "test-artifacts", ".pytest_cache", ".ruff_cache"]

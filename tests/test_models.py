@@ -234,6 +234,7 @@ def _cfg(folder, name: str, workers: int):
         "train": {"epochs": 8, "batch_size": ROWS, "lr": 1e-2, "num_workers": workers, "checkpoint_every": 8},
         "embed": {"concurrency": 1},
         "cluster": {"k": 10, "n_init": 2},
+        "report": {"enabled": False},
     })
 
 

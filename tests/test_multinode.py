@@ -13,7 +13,7 @@ from engine.errors import ConfigError
 from engine.pipeline import run_pipeline
 from jobs import train_encoder as train_job
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 
 # One scheduling slot per node: two 1-CPU training workers (or embedding actors) cannot share a node.
 NODES = {"head": {"num_cpus": 1}, "worker_a": {"num_cpus": 1}, "worker_b": {"num_cpus": 1}}
@@ -22,7 +22,7 @@ TINY = [
     "data.source=blobs", f"data.n_samples={ROWS}", "data.n_features=6", "data.centers=3",
     "data.rows_per_shard=50", "data.normalize=standard", "model.hidden=[16]", "model.latent_dim=3",
     "train.epochs=1", "train.batch_size=64", "train.num_workers=2", "embed.concurrency=2", "embed.batch_size=25",
-    "cluster.k=3", "cluster.n_init=1", "cluster.method=kmeans", "cluster.manifold=none",
+    "cluster.k=3", "cluster.n_init=1", "cluster.method=kmeans", "cluster.manifold=none", "report.enabled=false",
 ]
 
 
