@@ -198,8 +198,10 @@ def model_args(cfg: PipelineConfig) -> dict[str, Any]:
     return args
 
 
-def refine_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None) -> dict[str, Any]:
-    """dec / idec: k-means on the pretrained model's embeddings, then DEC / IDEC refinement into refined/."""
+def refine_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None,
+                 on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """dec / idec: k-means on the pretrained model's embeddings, then DEC / IDEC refinement into refined/;
+    `on_update` gets every target update's record too (after the progress display)."""
     from engine.runtime import use_gpu
     from engine.train.refine import initial_centers, refine_model
 
@@ -221,11 +223,17 @@ def refine_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validat
         summary = refine_model(ds, pretrained=model_dir, centers=centers, name=cfg.model.name, refine=r,
                                num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
                                seed=cfg.seed, run_dir=run_dir, config_hash=cfg.hash(), use_gpu=gpu, initial=initial,
-                               on_update=lambda record: progress.epoch({"epoch": int(record["update"]), **record}))
+                               on_update=lambda record: _update_done(record, progress, on_update))
         progress.info(f"{summary['iterations']} steps, {summary['updates']} target updates, stopped by "
                       f"{summary['stopped']}")
     _record(run_dir, refine=summary)
     return summary
+
+
+def _update_done(record: dict[str, Any], progress: Progress, on_update) -> None:
+    progress.epoch({"epoch": int(record["update"]), **record})
+    if on_update is not None:
+        on_update(record)
 
 
 def model_dir_for(cfg: PipelineConfig, run_dir: Path) -> tuple[Path, str]:
@@ -511,7 +519,7 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
     # Train, refine and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
     timed("train", train_stage, validated, resume=resume, on_epoch=tracker.train_epoch)
     if cfg.model.refines:
-        timed("refine", refine_stage, validated)
+        timed("refine", refine_stage, validated, on_update=tracker.refine_update)
     timed("embed", embed_stage, validated)
     timed("cluster", cluster_stage)
     metrics = timed("evaluate", evaluate_stage)

@@ -139,6 +139,11 @@ class Tracker:
         """One epoch of training as reported by rank 0: each loss term as `train/<term>`, step = the epoch."""
         self._each("scalars", _scalars(record, "train/"), int(record["epoch"]))
 
+    def refine_update(self, record: dict[str, Any]) -> None:
+        """One DEC / IDEC target update (KL, label change, reconstruction...) as `refine/<term>`, step = the
+        update's number."""
+        self._each("scalars", _scalars(record, "refine/"), int(record["update"]))
+
     def result(self, run_dir: Path, metrics: dict[str, Any], seconds: dict[str, float]) -> None:
         """The final metrics (ACC, NMI, ARI, inertia, ...), each stage's seconds as `time/<stage>`, and the run's
         config.yaml, metrics.json and report/index.html (when the report stage ran) as artefacts."""

@@ -248,7 +248,7 @@ TINY = [
     "--set", "cluster.k=4", "--set", "cluster.n_init=2", "--set", "cluster.method=kmeans",
     "--set", "cluster.manifold=none", "--set", "refine.update_interval=5",
     "--set", "refine.max_iter=400", "--set", "refine.tol=0.01", "--set", "refine.batch_size=64",
-    "--set", "refine.lr=0.003",
+    "--set", "refine.lr=0.003", "--set", "tracking.backend=tensorboard",
 ]
 
 
@@ -291,6 +291,21 @@ def test_refine_stage_writes_the_refined_model(idec_run):
     cluster = json.loads((idec_run / "cluster.json").read_text())
     assert cluster["method"] == "idec" and cluster["n_iter"] == refine["iterations"]
     assert json.loads((idec_run / "metrics.json").read_text())["ari"] > 0.8
+
+
+@pytest.mark.ray
+def test_refinement_is_tracked_per_target_update(idec_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(idec_run / "tensorboard"))
+    events.Reload()
+    history = json.loads((idec_run / "run.json").read_text())["refine"]["history"]
+    kl = events.Scalars("refine/kl_start")
+    assert [e.step for e in kl] == list(range(1, len(history) + 1)) and len(history) > 1
+    assert [e.value for e in kl] == pytest.approx([h["kl_start"] for h in history], rel=1e-6)
+    assert [e.value for e in events.Scalars("refine/label_change")] == pytest.approx(
+        [h["label_change"] for h in history[1:]], rel=1e-6)
+    assert len(events.Scalars("train/loss")) == 3  # the pretraining's epochs, before the refinement's updates
 
 
 @pytest.mark.ray
