@@ -157,7 +157,7 @@ def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool
 
 
 def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None,
-                resume: bool = False) -> DatasetInfo:
+                resume: bool = False, train_storage: str | None = None) -> DatasetInfo:
     from engine.runtime import use_gpu
     from engine.train import train_encoder
 
@@ -176,7 +176,7 @@ def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
         train_encoder(ds.select_columns([X]), in_dim=info.dim, shift=info.shift, scale=info.scale,
                       model=model, train=cfg.train, seed=cfg.seed, run_dir=run_dir,
                       config_hash=cfg.hash(), image_shape=info.image_shape, use_gpu=gpu, resume=resume,
-                      on_epoch=progress.epoch)
+                      on_epoch=progress.epoch, train_storage=train_storage)
     _record(run_dir, data=info.to_json())
     return info
 
@@ -497,7 +497,7 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
         return result
 
     # Train, refine and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
-    timed("train", train_stage, validated, resume=resume)
+    timed("train", train_stage, validated, resume=resume, train_storage=run.train_storage)
     if cfg.model.refines:
         timed("refine", refine_stage, validated)
     timed("embed", embed_stage, validated)
