@@ -255,7 +255,6 @@ class ShardedKMeans(BaseEstimator):
 
     def fit(self, source: str | Path | Sequence[str | Path] | Sequence[np.ndarray], y: Any = None) -> ShardedKMeans:
         """Cluster the rows of `source`: a complete embeddings folder, Parquet paths, or numpy shards."""
-
         self._check_params()
         shards, names = _resolve_source(source)
         # What the shapes alone can tell is checked here, before any actor starts.
