@@ -145,10 +145,10 @@ def train(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, qui
     cfg = load_config(config, set_)
     run_dir = run_dir_for(cfg, out)
     open_input(cfg)  # file, column and k checks before Ray starts
-    with _run_dir(cfg, run_dir, verbose, fetch=False) as local:
-        train_stage(cfg, local, _progress(quiet))
     from engine import storage
 
+    with _run_dir(cfg, run_dir, verbose, fetch=False) as local:
+        train_stage(cfg, local, _progress(quiet), train_storage=None if storage.is_local(run_dir) else str(run_dir))
     typer.echo(storage.join(run_dir, "model"))
 
 

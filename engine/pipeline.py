@@ -159,8 +159,10 @@ def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool
 
 
 def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None,
-                resume: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> DatasetInfo:
-    """Train the encoder into model/; `on_epoch` gets every epoch's losses too (after the progress display)."""
+                resume: bool = False, train_storage: str | None = None,
+                on_epoch: Callable[[dict[str, Any]], None] | None = None) -> DatasetInfo:
+    """Train the encoder into model/; `on_epoch` gets every epoch's losses too (after the progress display).
+    `train_storage`: Ray Train's own state in an object store (an object-store run directory's), else train/."""
     from engine.runtime import use_gpu
     from engine.train import train_encoder
 
@@ -185,7 +187,7 @@ def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
         train_encoder(ds.select_columns([X]), in_dim=info.dim, shift=info.shift, scale=info.scale,
                       model=model, train=cfg.train, seed=cfg.seed, run_dir=run_dir,
                       config_hash=cfg.hash(), image_shape=info.image_shape, use_gpu=gpu, resume=resume,
-                      on_epoch=epoch_done)
+                      on_epoch=epoch_done, train_storage=train_storage)
     _record(run_dir, data=info.to_json())
     return info
 
@@ -517,7 +519,8 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
         return result
 
     # Train, refine and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
-    timed("train", train_stage, validated, resume=resume, on_epoch=tracker.train_epoch)
+    timed("train", train_stage, validated, resume=resume, train_storage=run.train_storage,
+          on_epoch=tracker.train_epoch)
     if cfg.model.refines:
         timed("refine", refine_stage, validated, on_update=tracker.refine_update)
     timed("embed", embed_stage, validated)

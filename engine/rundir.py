@@ -8,11 +8,12 @@ manifest is incomplete and never read as a result.
 
 On a multi-node cluster the staging folder must itself be shared until the stages write to the store directly.
 engine.storage and the shard folders (engine/data/shards.py: write_dataset from Ray Data's tasks, staged_folder,
-the readers) already take URIs; what is left: Ray Train's storage_path as the URI in engine/train/trainer.py and
-refine.py (no Path.resolve(); the final model/ copy through staged_folder); embed.py loading the checkpoint from a
-URI; pipeline.py joining run-dir paths with storage.join and writing config.yaml, run.json, centroids.npy,
-cluster.json and metrics.json with storage.write_text / write_bytes; cluster/_sharded.py opening URI shards. Then
-`open_run_dir` yields the URI itself, and Ray Train's own state (train/, for resuming) lives there too.
+the readers) already take URIs, and Ray Train keeps its state (train/, for resuming) in the store itself
+(`RunDir.train_storage`). What is left: the final model/ copy in engine/train/trainer.py and refine.py through
+staged_folder on the URI (no Path.resolve()); embed.py loading the checkpoint from a URI; pipeline.py joining
+run-dir paths with storage.join and writing config.yaml, run.json, centroids.npy, cluster.json and metrics.json
+with storage.write_text / write_bytes; cluster/_sharded.py opening URI shards. Then `open_run_dir` yields the URI
+itself.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class RunDir:
         self.location = location
         self.local = local
         self.remote = not storage.is_local(location)
+        # Ray Train's state (train/) goes to the store itself, not through `local`: see train_encoder.
+        self.train_storage = str(location) if self.remote else None
         self._published: dict[str, Any] = {}
 
     def fetch(self) -> None:

@@ -11,6 +11,11 @@ import pytest
 from s3_server import s3_server
 
 from engine import storage
+from engine.config import load_config
+from engine.data import open_source, read_dataset
+from engine.data.describe import describe
+from engine.errors import CheckpointError
+from engine.train import load_checkpoint, train_encoder
 from jobs import cluster as cluster_job
 from jobs import embed as embed_job
 from jobs import pipeline as pipeline_job
@@ -73,7 +78,8 @@ def test_pipeline_and_stage_job_on_an_s3_run_directory(ray_local, tmp_path, caps
                      "model/checkpoint.pt", "model/_manifest.json", "embeddings/_manifest.json",
                      "assignments/_manifest.json"):
             assert name in names, (name, names)
-        assert not any(n.startswith("train/") for n in names)  # Ray Train's own state stays in staging
+        # Ray Train's own state went to the store directly, for a resume from any machine.
+        assert any(n.startswith("train/checkpoint_") and n.endswith("/checkpoint.pt") for n in names), names
         manifest = json.loads(storage.read_text(storage.join(uri, "assignments", "_manifest.json")))
         fs, path = storage.resolve(storage.join(uri, "assignments"))
         ids = np.concatenate([pq.read_table(f"{path}/{f}", filesystem=fs, columns=["id"]).column("id").to_numpy()
@@ -87,6 +93,23 @@ def test_pipeline_and_stage_job_on_an_s3_run_directory(ray_local, tmp_path, caps
         assert json.loads(storage.read_text(storage.join(uri, "cluster.json")))["k"] == 4
         metrics = json.loads(storage.read_text(storage.join(uri, "metrics.json")))
         assert metrics["inertia"] < result["metrics"]["inertia"]
+
+        # A resume of the training from an empty staging folder (another machine) reads Ray Train's checkpoints
+        # from the store: it checks the model against the latest one, then continues from it.
+        cfg = load_config("digits", [s for s in TINY if s != "--set"])
+        ds = read_dataset(open_source(cfg.data)).materialize()
+        info = describe(ds, normalize=cfg.data.normalize)
+        ds = ds.select_columns(["x"])
+        common = dict(in_dim=info.dim, shift=info.shift, scale=info.scale, seed=cfg.seed, config_hash=cfg.hash(),
+                      train_storage=uri, train=cfg.train.model_copy(update={"epochs": 3}), resume=True)
+        with pytest.raises(CheckpointError, match=r"s3://.*/train/checkpoint_[^/]*/checkpoint.pt\?.*: a checkpoint of "
+                                                  r"another model \(latent_dim=3 there, 4 now\)"):
+            train_encoder(ds, model={**cfg.model.pretrain_options(), "latent_dim": 4}, run_dir=tmp_path / "b",
+                          **common)
+        model_dir = train_encoder(ds, model=cfg.model.pretrain_options(), run_dir=tmp_path / "b", **common)
+        state = load_checkpoint(model_dir)
+        assert state["starts"] == [0, 2] and [h["epoch"] for h in state["history"]] == [1, 2, 3]
+        assert not (tmp_path / "b" / "train").exists()  # nothing of Ray Train's state in the staging folder
 
 
 def test_shard_folders_on_s3_are_written_by_ray_data_and_committed_by_their_manifest(ray_local):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +41,12 @@ INITS = ("k-means||", "k-means++", "random")
 _PARALLEL_ROUNDS = 2
 _OVERSAMPLING = 2.0
 
+# Redos of one step after shard actors died: a node lost now and then is survived, an actor that dies
+# every time (out of memory on any node) is not retried forever.
+_MAX_REDOS = 3
+
 Shard = str | np.ndarray
+T = TypeVar("T")
 
 
 class ShardActor:
@@ -64,14 +70,18 @@ class ShardActor:
         self._labels: np.ndarray | None = None  # assignment of the last partial_stats, for the repair
         self._sq: np.ndarray | None = None
         self._closest_sq: np.ndarray | None = None  # k-means||: squared distance to the nearest candidate
+        self._info: list[tuple[str, int, int]] | None = None
 
     def load(self) -> list[tuple[str, int, int]]:
-        """Read and check this actor's shards; returns (name, rows, dim) per shard.
+        """Read and check this actor's shards; returns (name, rows, dim) per shard. Loaded once: a second
+        call (a step redone after another actor was replaced) returns the same answer.
 
         A separate call rather than the constructor, so a DataError reaches the driver as itself. The rows
         are copied shard by shard into one array sized from the shards' row counts, so the peak memory is
         this actor's share plus one shard, not twice the share (a list of parts and their concatenation).
         """
+        if self._info is not None:
+            return self._info
         total = sum(_rows(shard) for shard in self._shards)
         X: np.ndarray | None = None
         info: list[tuple[str, int, int]] = []
@@ -97,6 +107,7 @@ class ShardActor:
         self._shards = []  # the rows now live in self._X; drop the inputs
         self._shard_rows = [rows for _, rows, _ in info]
         self._X = X
+        self._info = info
         return info
 
     def count(self) -> int:
@@ -136,11 +147,12 @@ class ShardActor:
     def move_member(self, index: int, cluster: int) -> None:
         self._labels[index] = cluster
 
-    def update_closest(self, candidates: np.ndarray) -> float:
-        """k-means||: fold new candidates into each row's nearest-candidate distance; returns the cost."""
+    def update_closest(self, candidates: np.ndarray, first: bool = False) -> float:
+        """k-means||: fold new candidates into each row's nearest-candidate distance; returns the cost.
+        `first` starts afresh, forgetting the candidates of a seeding redone after an actor was replaced."""
         _, sq = assign(self._X, candidates, backend=self._backend)
         sq = sq.astype(np.float64)
-        self._closest_sq = sq if self._closest_sq is None else np.minimum(self._closest_sq, sq)
+        self._closest_sq = sq if first or self._closest_sq is None else np.minimum(self._closest_sq, sq)
         return float(self._closest_sq.sum())
 
     def oversample(self, expected: float, cost: float, seed: int, round_: int) -> np.ndarray:
@@ -198,9 +210,14 @@ class ShardedKMeans(BaseEstimator):
     checkpoint, checkpoint_every : as `KMeans`: the Lloyd state (iteration, centroids) is saved every
         `checkpoint_every` iterations, and a fit of the same shards and settings continues from it,
         without initialising again.
+    callback : as `KMeans`: given each iteration's history record (with "run": 1) as the iteration ends.
 
     Each actor takes 1 CPU (and a GPU share when the cluster has GPUs, for the "auto" backend), actors are
     spread over the nodes, every actor reads only its own files, and all are killed when fit returns.
+    An actor that dies (its node removed, its process killed) is replaced by a new one that loads the same
+    shards on a live node, and the step it died in (the loading, the seeding, or one Lloyd iteration) is
+    redone, so the result is the one of a fit without the failure. Parquet shards must then be readable
+    from the other nodes (shared storage), as they must be for a multi-node fit anyway.
     Empty clusters are repaired as `KMeans` does (farthest member of the largest cluster).
 
     Fitted attributes: cluster_centers_, inertia_, n_iter_, n_features_in_, n_samples_, history_ (the
@@ -221,6 +238,7 @@ class ShardedKMeans(BaseEstimator):
         spherical: bool = False,
         checkpoint: str | Path | None = None,
         checkpoint_every: int = 10,
+        callback: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -233,11 +251,10 @@ class ShardedKMeans(BaseEstimator):
         self.spherical = spherical
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
+        self.callback = callback
 
     def fit(self, source: str | Path | Sequence[str | Path] | Sequence[np.ndarray], y: Any = None) -> ShardedKMeans:
         """Cluster the rows of `source`: a complete embeddings folder, Parquet paths, or numpy shards."""
-        import ray
-
         self._check_params()
         shards, names = _resolve_source(source)
         # What the shapes alone can tell is checked here, before any actor starts.
@@ -246,25 +263,26 @@ class ShardedKMeans(BaseEstimator):
         saved = _FitState(self.checkpoint, self._fingerprint(shards, shapes))
         resume, _ = saved.load()
         num_actors = _actor_count(self.num_actors, len(shards))
-        actors = _start_actors(shards, names, num_actors, self.column, self.backend, self.spherical)
+        pool = _ShardActors(shards, names, num_actors, self.column, self.backend, self.spherical)
+        actors = pool.actors
         try:
-            sizes = self._load(actors)
+            sizes = pool.survive(lambda: self._load(actors), "loading the shards")
             self.n_samples_ = int(sizes.sum())
             check_n_clusters(self.n_clusters, self.n_samples_)
             init = self._check_init(self.n_features_in_)
-            rng = np.random.default_rng(self.seed)
             if "centroids" in resume:
                 centroids = resume["centroids"]
             elif isinstance(init, np.ndarray):
                 centroids = _unit_rows(init, name="init") if self.spherical else init.copy()
             elif init == "random":
-                centroids = _gather(actors, sizes, rng.choice(self.n_samples_, size=self.n_clusters, replace=False))
+                centroids = pool.survive(lambda: _gather(actors, sizes, np.random.default_rng(self.seed).choice(
+                    self.n_samples_, size=self.n_clusters, replace=False)), "seeding")
             else:
-                centroids = self._kmeans_parallel(actors, sizes, rng)
-            self._lloyd(actors, centroids, resume=resume or None, save=lambda state: saved.save(state, None))
+                centroids = pool.survive(
+                    lambda: self._kmeans_parallel(actors, sizes, np.random.default_rng(self.seed)), "seeding")
+            self._lloyd(pool, centroids, resume=resume or None, save=lambda state: saved.save(state, None))
         finally:
-            for actor in actors:
-                ray.kill(actor)
+            pool.kill()
         return self
 
     def predict(self, X: Any) -> np.ndarray:
@@ -302,6 +320,8 @@ class ShardedKMeans(BaseEstimator):
         if not isinstance(self.spherical, bool | np.bool_):
             raise ConfigError(f"spherical should be True or False, got {self.spherical!r}.")
         _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
+        if self.callback is not None and not callable(self.callback):
+            raise ConfigError(f"callback should be a callable or None, got {self.callback!r}.")
 
     def _fingerprint(self, shards: list[Shard], shapes: list[tuple[str, int, int | None]]) -> dict[str, Any]:
         """What a saved state must match: each shard (its digest, or its file's size and time) and the
@@ -341,18 +361,27 @@ class ShardedKMeans(BaseEstimator):
         parts = _get([a.partial_stats.remote(centroids_ref) for a in actors])
         return sum((PartialStats(*p) for p in parts[1:]), PartialStats(*parts[0]))
 
-    def _lloyd(self, actors: list, centroids: np.ndarray, resume: dict[str, Any] | None = None,
+    def _iteration(self, actors: list, centroids: np.ndarray) -> tuple[PartialStats, np.ndarray, int]:
+        """One Lloyd update from `centroids`: (stats, new centroids, clusters repaired)."""
+        import ray
+
+        stats = self._stats(actors, ray.put(centroids))
+        new, empty = stats.centroids(centroids)
+        repaired = _split_largest(actors, stats, new, empty) if empty.size else 0
+        return stats, new, repaired
+
+    def _lloyd(self, pool: _ShardActors, centroids: np.ndarray, resume: dict[str, Any] | None = None,
                save=None) -> None:
-        """KMeans._lloyd with the rows in the actors: one broadcast and one reduce per iteration."""
+        """KMeans._lloyd with the rows in the actors: one broadcast and one reduce per iteration; an iteration
+        during which an actor died is redone with its replacement."""
         import ray
 
         history: list[dict[str, Any]] = list(resume["history"]) if resume else []
         previous_objective: float | None = resume["previous_objective"] if resume else None
         for it in range(len(history) + 1, self.max_iter + 1):
             start = time.perf_counter()
-            stats = self._stats(actors, ray.put(centroids))
-            new, empty = stats.centroids(centroids)
-            repaired = _split_largest(actors, stats, new, empty) if empty.size else 0
+            stats, new, repaired = pool.survive(functools.partial(self._iteration, pool.actors, centroids),
+                                                f"iteration {it}")
             if self.spherical:
                 _renormalise(new, centroids)
             objective = stats.sse
@@ -360,6 +389,8 @@ class ShardedKMeans(BaseEstimator):
             centroids = new
             rel_change, shift = record["rel_change"], record["shift"]
             history.append(record)
+            if self.callback is not None:
+                self.callback({"run": 1, **record})
             logger.debug("iter %d: objective %.6g, rel %s, shift %.3g, repaired %d", it, objective, rel_change,
                          shift, repaired)
             if self.tol > 0 and rel_change is not None and rel_change < self.tol:
@@ -368,7 +399,8 @@ class ShardedKMeans(BaseEstimator):
             if save is not None and it % self.checkpoint_every == 0 and it < self.max_iter:
                 save({"run": 1, "centroids": centroids, "previous_objective": objective, "history": history})
         self.cluster_centers_ = centroids
-        self.inertia_ = self._stats(actors, ray.put(centroids)).sse
+        centroids_ref = ray.put(centroids)
+        self.inertia_ = pool.survive(lambda: self._stats(pool.actors, centroids_ref).sse, "the inertia")
         self.n_iter_ = len(history)
         self.history_ = history
 
@@ -378,7 +410,7 @@ class ShardedKMeans(BaseEstimator):
 
         k = self.n_clusters
         candidates = [_gather(actors, sizes, rng.integers(self.n_samples_, size=1))]
-        cost = sum(_get([a.update_closest.remote(candidates[0]) for a in actors]))
+        cost = sum(_get([a.update_closest.remote(candidates[0], first=True) for a in actors]))
         for round_ in range(_PARALLEL_ROUNDS):
             if cost <= 0:
                 break  # every row sits on a candidate
@@ -488,25 +520,70 @@ def _actor_count(num_actors: int | None, n_shards: int) -> int:
     return max(1, min(n_shards, int(ray.cluster_resources().get("CPU", 1))))
 
 
-def _start_actors(shards: list[Shard], names: list[str], num_actors: int, column: str, backend: str,
-                  spherical: bool = False) -> list:
-    import ray
+class _ShardActors:
+    """The shard actors of one fit, each holding a contiguous group of shards, and their replacement.
 
-    from engine.runtime import init_ray
+    An actor whose process or node dies (a node removed from the cluster, a killed worker) takes its rows
+    with it; `survive` runs a step of the fit, and when the step fails for a dead actor, starts a new actor
+    for that actor's shards (SPREAD places it on a live node), loads it and runs the step again. Steps are
+    whole Lloyd iterations or the whole seeding, so a redone step gives what it would have given.
+    """
 
-    init_ray()
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    options: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
-    if gpus:
-        # Every backend computes on a GPU when the process has one ("same code path"); share them out.
-        options["num_gpus"] = min(1.0, gpus / num_actors)
-    remote = ray.remote(ShardActor).options(**options)
-    # Contiguous groups keep the global row order (actor 0's rows first), as KMeans sees the concatenation.
-    groups = np.array_split(np.arange(len(shards)), num_actors)
-    return [
-        remote.remote([shards[i] for i in g], [names[i] for i in g], column, backend, int(g[0]), spherical)
-        for g in groups
-    ]
+    def __init__(self, shards: list[Shard], names: list[str], num_actors: int, column: str, backend: str,
+                 spherical: bool = False):
+        import ray
+
+        from engine.runtime import init_ray
+
+        init_ray()
+        gpus = ray.cluster_resources().get("GPU", 0.0)
+        options: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+        if gpus:
+            # Every backend computes on a GPU when the process has one ("same code path"); share them out.
+            options["num_gpus"] = min(1.0, gpus / num_actors)
+        self._remote = ray.remote(ShardActor).options(**options)
+        # Contiguous groups keep the global row order (actor 0's rows first), as KMeans sees the concatenation.
+        groups = np.array_split(np.arange(len(shards)), num_actors)
+        self._args = [([shards[i] for i in g], [names[i] for i in g], column, backend, int(g[0]), spherical)
+                      for g in groups]
+        # Replaced in place, so a step holding this list reaches the new actors when it runs again.
+        self.actors = [self._remote.remote(*args) for args in self._args]
+
+    def survive(self, step: Callable[[], T], what: str) -> T:
+        """`step()`, run again (up to _MAX_REDOS times) after replacing the actors that died during it."""
+        import ray
+
+        redos = 0
+        while True:
+            try:
+                return step()
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+                dead = self._dead()
+                if not dead or redos == _MAX_REDOS:
+                    raise
+                redos += 1
+                logger.warning("%s: %d shard actor(s) died (%s); starting new ones for their shards and redoing "
+                               "the step", what, len(dead), type(e).__name__)
+                for i in dead:
+                    self.actors[i] = self._remote.remote(*self._args[i])
+                _get([self.actors[i].load.remote() for i in dead])
+
+    def _dead(self) -> list[int]:
+        import ray
+
+        dead = []
+        for i, actor in enumerate(self.actors):
+            try:
+                ray.get(actor.count.remote())
+            except ray.exceptions.RayActorError:
+                dead.append(i)
+        return dead
+
+    def kill(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
 
 
 def _get(refs: list) -> list:
@@ -595,7 +672,6 @@ def fit_sample_then_assign(
     holds `id, cluster, distance` for every embedding row exactly once. `column` and `stage` read another
     vector column of another complete folder (e.g. `x` of input shards, stage "input").
     """
-    import ray
 
     from engine.cluster.shards import assign_shards
     from engine.data.shards import read_manifest
@@ -611,15 +687,16 @@ def fit_sample_then_assign(
     n_samples = sum(rows for _, rows, _ in shapes)
     check_n_clusters(n_clusters, min(sample_size, n_samples))
 
-    actors = _start_actors(shards, names, _actor_count(num_actors, len(shards)), column, backend, spherical)
+    pool = _ShardActors(shards, names, _actor_count(num_actors, len(shards)), column, backend, spherical)
+    actors = pool.actors
     try:
-        sizes = np.array([sum(rows for _, rows, _ in info) for info in _get([a.load.remote() for a in actors])])
+        infos = pool.survive(lambda: _get([a.load.remote() for a in actors]), "loading the shards")
+        sizes = np.array([sum(rows for _, rows, _ in info) for info in infos])
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n_samples, size=min(sample_size, n_samples), replace=False))
-        sample = _gather(actors, sizes, rows)
+        sample = pool.survive(lambda: _gather(actors, sizes, rows), "sampling")
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        pool.kill()
     model = KMeans(n_clusters, init=init, max_iter=max_iter, tol=tol, seed=seed, backend=backend,
                    spherical=spherical).fit(sample)
     manifest = assign_shards(embeddings, model.cluster_centers_, out_dir, config_hash=config_hash,

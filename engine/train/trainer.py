@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import storage
 from engine.data.shards import staged_folder, write_manifest
 from engine.errors import CheckpointError
 from engine.train.checkpoint import FILENAME, load_checkpoint
@@ -108,7 +110,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, model: dict[str, Any],
                   train: Any, seed: int, run_dir: str | Path, config_hash: str,
                   image_shape: tuple[int, ...] | None = None, use_gpu: bool = False, resume: bool = False,
-                  on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Path:
+                  on_epoch: Callable[[dict[str, Any]], None] | None = None, train_storage: str | None = None) -> Path:
     """Train an encoder on `ds` (input schema) with Ray Train and write `run_dir/model/` atomically.
 
     Ray Train's own state (a checkpoint every `train.checkpoint_every` epochs: weights, optimizer, epoch,
@@ -116,7 +118,8 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     `train.max_failures` times. `resume` continues from the latest checkpoint there (a killed run, or more
     epochs), which must be of the same model; without it training starts afresh. The finished checkpoint is
     copied to `run_dir/model/checkpoint.pt` with a manifest; its `starts` are the epochs each attempt started
-    from.
+    from. `train_storage` (an object-store URI, the run's own) puts `train/` there instead: the workers upload
+    their checkpoints to the store directly, and a resume reads them from it, from whatever machine it runs on.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -128,11 +131,15 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     # Bad model settings fail here, before any worker starts.
     build_args = build_model(in_dim=in_dim, image_shape=shape, **model).build_args
     run_dir = Path(run_dir).resolve()
+    state_root = train_storage or str(run_dir)
     if resume:
-        check_resumable(run_dir / TRAIN_DIR, build_args)
+        check_resumable(storage.join(state_root, TRAIN_DIR), build_args)
     else:
         # Ray Train restores from any snapshot it finds under storage_path/name: a fresh run must not.
-        shutil.rmtree(run_dir / TRAIN_DIR, ignore_errors=True)
+        storage.delete(storage.join(state_root, TRAIN_DIR))
+    # A URI goes to Ray Train as its pyarrow filesystem and the path in it: Ray's own URI parsing drops
+    # options such as endpoint_override.
+    fs, state_path = storage.resolve(state_root) if storage.is_uri(state_root) else (None, state_root)
     queue = Queue() if on_epoch is not None else None
     loop_config = {
         "model": {"in_dim": in_dim, "image_shape": shape, **model},
@@ -157,7 +164,8 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
         ),
         run_config=ray.train.RunConfig(
             name=TRAIN_DIR,
-            storage_path=str(run_dir),
+            storage_path=state_path,
+            storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
         ),
@@ -190,13 +198,19 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     return model_dir
 
 
-def check_resumable(train_dir: Path, build_args: dict[str, Any]) -> None:
-    """The latest Ray Train checkpoint under `train_dir`, if any, must be of the model `build_args` builds
-    (training settings such as epochs or lr may differ); the error names the settings that differ."""
-    latest = max(train_dir.glob(f"checkpoint_*/{FILENAME}"), default=None, key=lambda p: p.parent.name)
-    if latest is None:
+def check_resumable(train_dir: str | os.PathLike[str], build_args: dict[str, Any]) -> None:
+    """The latest Ray Train checkpoint under `train_dir` (a path or a URI), if any, must be of the model
+    `build_args` builds (training settings such as epochs or lr may differ); the error names the settings
+    that differ."""
+    found = [n for n in storage.files(train_dir)
+             if n.startswith("checkpoint_") and n.count("/") == 1 and n.endswith("/" + FILENAME)]
+    if not found:
         return
-    saved, now = (json.loads(json.dumps(args, default=list)) for args in (load_checkpoint(latest)["model"], build_args))
+    latest = storage.join(train_dir, max(found))
+    with tempfile.TemporaryDirectory() as tmp:
+        storage.copy(latest, Path(tmp) / FILENAME)  # torch.load reads a local file
+        saved = load_checkpoint(Path(tmp) / FILENAME)["model"]
+    saved, now = (json.loads(json.dumps(args, default=list)) for args in (saved, build_args))
     differ = [f"{k}={saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
               if saved.get(k) != now.get(k)]
     if differ:
