@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
+from waiting import wait_for
 
 from engine.cli import app
 from engine.cluster import KMeans, ShardedKMeans
@@ -50,16 +50,6 @@ class Interrupted(Exception):
 
 def _ids(folder: Path, stage: str) -> np.ndarray:
     return np.sort(read_table(folder, stage=stage, columns=["id"]).column("id").to_numpy())
-
-
-def _wait_for(condition, timeout: float, what: str, poll: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _alive_actor_pids(class_part: str) -> list[int]:
@@ -153,9 +143,9 @@ def test_training_worker_killed_resumes_from_its_checkpoint(ray_local, tmp_path)
 
     def kill_a_worker():
         # Once Ray Train has recorded a checkpoint, one of its two workers dies.
-        _wait_for(lambda: snapshot.is_file() and '"checkpoint_dir_name"' in snapshot.read_text(), 600,
-                  "the first checkpoint", poll=0.05)
-        pids = _wait_for(lambda: _alive_actor_pids("RayTrainWorker"), 30, "the training workers")
+        wait_for(lambda: snapshot.is_file() and '"checkpoint_dir_name"' in snapshot.read_text(), 600,
+                 "the first checkpoint", poll=0.05)
+        pids = wait_for(lambda: _alive_actor_pids("RayTrainWorker"), 30, "the training workers")
         os.kill(pids[-1], signal.SIGKILL)
         killed.append(pids[-1])
 
@@ -197,8 +187,8 @@ def test_embedding_actor_killed_every_id_written_once(ray_local, tmp_path):
     killed: list[int] = []
 
     def kill_an_embedder():
-        _wait_for(lambda: done.is_dir() and len(list(done.glob("*.json"))) >= 5, 120, "the first shards")
-        pid = _wait_for(lambda: _alive_actor_pids("Embedder"), 30, "an embedding actor")[0]
+        wait_for(lambda: done.is_dir() and len(list(done.glob("*.json"))) >= 5, 120, "the first shards")
+        pid = wait_for(lambda: _alive_actor_pids("Embedder"), 30, "an embedding actor")[0]
         killed.append(len(list(done.glob("*.json"))))
         os.kill(pid, signal.SIGKILL)
 
@@ -245,7 +235,7 @@ def test_driver_killed_then_resumed_equals_an_uninterrupted_run(ray_local, tmp_p
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = run_dir / ".embeddings.partial" / "_done"
     try:
-        _wait_for(lambda: done.is_dir() and any(done.glob("*.json")) or driver.poll() is not None, 240,
+        wait_for(lambda: done.is_dir() and any(done.glob("*.json")) or driver.poll() is not None, 240,
                   "the first embedding shard")
     finally:
         driver.send_signal(signal.SIGKILL)

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from waiting import wait_for
 
 from engine.cluster import ShardedKMeans
 from engine.config import config_from_dict
@@ -53,16 +54,6 @@ def two_workers(cluster):
     return cluster
 
 
-def _wait_for(condition, timeout: float, what: str, poll: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def _node_of_an_actor(cluster, class_part: str):
     """The worker node of a live actor whose class name contains `class_part`, from the GCS's actor table."""
     from ray._private.state import actors
@@ -99,8 +90,8 @@ def test_node_removed_while_embedding_every_id_written_once(two_workers, tmp_pat
     removed: list[int] = []
 
     def remove_a_node():
-        _wait_for(lambda: done.is_dir() and len(list(done.glob("*.json"))) >= 5, 120, "the first shards")
-        node = _wait_for(lambda: _node_of_an_actor(cluster, "Embedder"), 30, "an embedding actor on a worker")
+        wait_for(lambda: done.is_dir() and len(list(done.glob("*.json"))) >= 5, 120, "the first shards")
+        node = wait_for(lambda: _node_of_an_actor(cluster, "Embedder"), 30, "an embedding actor on a worker")
         removed.append(len(list(done.glob("*.json"))))
         cluster.remove_node(node)
         marker.touch()
