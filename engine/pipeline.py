@@ -133,12 +133,15 @@ def open_input(cfg: PipelineConfig, *, check_model: bool = True):
     """Open the configured source (file and column checks), check k against its row count and (unless the
     source holds embeddings to cluster) the model against its shape (conv_ae needs images)."""
     from engine.models import build_model
+    from engine.train.augment import augment_options
 
     source = open_source(cfg.data)
     if cfg.cluster.k > source.n_rows:
         raise ConfigError(f"cluster.k={cfg.cluster.k} should be <= the number of rows ({source.n_rows})")
     if check_model and source.dim is not None:  # Parquet list columns: train_encoder checks after reading
         build_model(in_dim=source.dim, image_shape=source.image_shape, **model_args(cfg))
+    if check_model:
+        augment_options(cfg.train.augment, source.image_shape)
     return source
 
 

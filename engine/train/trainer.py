@@ -17,6 +17,7 @@ import numpy as np
 from engine import storage
 from engine.data.shards import staged_folder, write_manifest
 from engine.errors import CheckpointError
+from engine.train.augment import augment_options
 from engine.train.checkpoint import FILENAME, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from engine.data.schema import X, vectors_to_numpy
     from engine.models import build_model
+    from engine.train.augment import random_affine
     from engine.train.checkpoint import save_checkpoint
     from engine.train.loop import configure_optimizers, load_optimizer_states, train
 
@@ -65,12 +67,18 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     # train.batch_size is the global batch: each of the `world` workers takes its share, so a run's
     # optimisation does not change with the number of workers.
     batch_size = max(1, config["batch_size"] // world)
+    augment = config["augment"]
 
     def epoch_batches(epoch: int):
+        seed = config["seed"] * 100_003 + epoch * 17 + rank
+        # Seeded per epoch and worker: a resumed run draws the transforms an uninterrupted one would.
+        transforms = torch.Generator().manual_seed(seed) if augment else None
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                         local_shuffle_buffer_size=max(4 * batch_size, 1024),
-                                        local_shuffle_seed=config["seed"] * 100_003 + epoch * 17 + rank):
+                                        local_shuffle_seed=seed):
             x = torch.from_numpy(vectors_to_numpy(batch[X]).copy()).to(device, non_blocking=True)
+            if augment:  # on the raw pixels, so that what moves in from outside is background (0)
+                x = random_affine(x, config["image_shape"], generator=transforms, **augment)
             yield (x - shift) * scale
 
     def reduce(sums: dict[str, float]) -> dict[str, float]:
@@ -103,8 +111,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    train(model, optimizers, epoch_batches, epochs=epochs, start_epoch=start_epoch, reduce=reduce,
-          on_epoch_end=on_epoch_end)
+    train(model, optimizers, epoch_batches, epochs=epochs, start_epoch=start_epoch, precision=config["precision"],
+          reduce=reduce, on_epoch_end=on_epoch_end)
 
 
 def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, model: dict[str, Any],
@@ -128,6 +136,7 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     from engine.models import build_model
 
     shape = list(image_shape) if image_shape else None
+    augment = augment_options(train.augment, shape)
     # Bad model settings fail here, before any worker starts.
     build_args = build_model(in_dim=in_dim, image_shape=shape, **model).build_args
     run_dir = Path(run_dir).resolve()
@@ -154,6 +163,8 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
         "image_shape": shape,
         "config_hash": config_hash,
         "progress": queue,
+        "precision": train.precision,
+        "augment": augment,
     }
     trainer = TorchTrainer(
         _train_loop_per_worker,

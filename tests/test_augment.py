@@ -1,0 +1,126 @@
+"""Training on augmented images (train.augment) and in bfloat16 (train.precision): the transforms, the
+mixed-precision forward, the settings' checks, and one Ray Train run with both."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from engine.config import config_from_dict
+from engine.data import open_source, read_dataset
+from engine.data.describe import describe
+from engine.errors import ConfigError
+from engine.models import build_model
+from engine.pipeline import open_input
+from engine.train import load_checkpoint, train_encoder
+from engine.train.augment import affine, random_affine
+from engine.train.loop import mixed_precision, run_epoch
+
+
+def _bar(height: int = 9, width: int = 9) -> torch.Tensor:
+    """One image with a horizontal bar through the middle row, as a flat row."""
+    img = torch.zeros(height, width)
+    img[height // 2, 2:width - 2] = 1.0
+    return img.reshape(1, -1)
+
+
+# ---- the transforms --------------------------------------------------------------------------------
+
+
+def test_affine_identity_quarter_turn_and_one_pixel_shift():
+    x = _bar()
+    np.testing.assert_allclose(affine(x, (9, 9), torch.zeros(1), torch.zeros(1, 2)), x, atol=1e-6)
+    turned = affine(x, (9, 9), torch.tensor([math.pi / 2]), torch.zeros(1, 2)).reshape(9, 9)
+    np.testing.assert_allclose(turned, x.reshape(9, 9).T, atol=1e-5)  # the bar stands upright
+    moved = affine(x, (9, 9), torch.zeros(1), torch.tensor([[0.0, 1 / 9]])).reshape(9, 9)
+    # One pixel of nine, vertically: the bar moves one row, and nothing is left where it was.
+    np.testing.assert_allclose(moved, torch.roll(x.reshape(9, 9), shifts=-1, dims=0), atol=1e-5)
+
+
+def test_random_affine_is_seeded_bounded_and_keeps_channels():
+    x = torch.rand(64, 2 * 8 * 8)
+    a = random_affine(x, (2, 8, 8), rotation=15, shift=0.1, generator=torch.Generator().manual_seed(3))
+    b = random_affine(x, (2, 8, 8), rotation=15, shift=0.1, generator=torch.Generator().manual_seed(3))
+    c = random_affine(x, (2, 8, 8), rotation=15, shift=0.1, generator=torch.Generator().manual_seed(4))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.allclose(a, x)
+    # Off: the rows come back as they were.
+    np.testing.assert_allclose(random_affine(x, (2, 8, 8), rotation=0, shift=0,
+                                             generator=torch.Generator().manual_seed(3)), x, atol=1e-6)
+    # A rotation of at most 15 degrees never turns the bar upright: its row keeps most of the mass.
+    bars = _bar().repeat(200, 1)
+    out = random_affine(bars, (9, 9), rotation=15, shift=0, generator=torch.Generator().manual_seed(0))
+    assert (out.reshape(200, 9, 9)[:, 3:6].sum(dim=(1, 2)) > 0.9 * out.sum(dim=1)).all()
+
+
+# ---- bfloat16 ----------------------------------------------------------------------------------------
+
+
+def test_mixed_precision_forward_gives_float32_and_close_losses():
+    torch.manual_seed(0)
+    model = build_model("mlp_ae", in_dim=16, latent_dim=3, hidden=[32])
+    x = torch.rand(128, 16)
+    assert mixed_precision(model, "fp32") is model
+    recon, z = mixed_precision(model, "bf16")(x)
+    assert recon.dtype == torch.float32 and z.dtype == torch.float32
+    full, _ = model.loss(x)
+    half, _ = model.loss(x, forward=mixed_precision(model, "bf16"))
+    assert half.item() == pytest.approx(full.item(), rel=2e-2) and half.item() != full.item()
+    with pytest.raises(ValueError, match=r"train.precision='fp16' should be one of \['fp32', 'bf16'\]"):
+        mixed_precision(model, "fp16")
+
+
+def test_bf16_epoch_trains_float32_weights():
+    torch.manual_seed(0)
+    model = build_model("mlp_ae", in_dim=8, latent_dim=2, hidden=[16])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(256, 2) @ torch.randn(2, 8)
+    first = run_epoch(model, opt, x.split(32), precision="bf16")["loss"]
+    for _ in range(4):
+        last = run_epoch(model, opt, x.split(32), precision="bf16")["loss"]
+    assert last < 0.5 * first
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# ---- settings ----------------------------------------------------------------------------------------
+
+
+def test_augment_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"'train.augment.shift'"):
+        config_from_dict({"train": {"augment": {"shift": 0.5}}})
+    with pytest.raises(ConfigError, match=r"'train.augment.rotation'"):
+        config_from_dict({"train": {"augment": {"rotation": -1}}})
+    with pytest.raises(ConfigError, match=r"'train.precision'"):
+        config_from_dict({"train": {"precision": "fp16"}})
+    # Rows without an image shape cannot be rotated: refused before any data is read.
+    blobs = config_from_dict({"data": {"source": "blobs", "n_samples": 100}, "train": {"augment": {"rotation": 10}}})
+    with pytest.raises(ConfigError, match=r"train.augment=.*no image shape.*train.augment.rotation=0"):
+        open_input(blobs)
+    digits = config_from_dict({"train": {"augment": {"rotation": 10}}})
+    assert open_input(digits).image_shape == (8, 8)
+
+
+# ---- Ray Train -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_ray_train_with_augmented_images_in_bf16(ray_local, tmp_path):
+    """The workers transform every batch: the same seed and data give other losses than without the transforms."""
+    runs = {}
+    for name, augment in (("plain", {}), ("augmented", {"rotation": 20, "shift": 0.1})):
+        cfg = config_from_dict({"model": {"latent_dim": 4, "hidden": [32]},
+                                "train": {"epochs": 3, "batch_size": 128, "num_workers": 1, "checkpoint_every": 3,
+                                          "precision": "bf16", "augment": augment}})
+        source = open_source(cfg.data)
+        ds = read_dataset(source).materialize()
+        info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape)
+        model_dir = train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
+                                  model=cfg.model.pretrain_options(), train=cfg.train, seed=0,
+                                  run_dir=tmp_path / name, config_hash=cfg.hash(), image_shape=info.image_shape)
+        runs[name] = [h["loss"] for h in load_checkpoint(model_dir)["history"]]
+    for losses in runs.values():
+        assert len(losses) == 3 and losses[-1] < losses[0]
+    assert not np.allclose(runs["plain"], runs["augmented"], rtol=1e-3)
