@@ -107,7 +107,11 @@ def run(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet
         no_report: Annotated[bool, typer.Option("--no-report", help="Skip the report stage "
                                                 "(report.enabled=false).")] = False,
         resume: Annotated[Path | None, typer.Option("--resume", metavar="RUN_DIR", help=(
-            "Continue a killed run with its saved config: finished stages are skipped."))] = None) -> None:
+            "Continue a killed run with its saved config: finished stages are skipped."))] = None,
+        pretrained: Annotated[Path | None, typer.Option("--pretrained", metavar="RUN_DIR", help=(
+            "Take the trained model of RUN_DIR (or a model/ folder, or a checkpoint.pt) instead of training: "
+            "it must be the model the config builds. Then refine / embed / cluster as configured."))] = None,
+        ) -> None:
     """Run the whole pipeline: train, (refine for dec / idec,) embed, cluster, evaluate, report."""
     from engine.config import load_config
     from engine.pipeline import config_for_resume, run_pipeline
@@ -123,7 +127,7 @@ def run(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet
     else:
         cfg = load_config(config, [*(set_ or []), *(["report.enabled=false"] if no_report else [])])
     result = run_pipeline(cfg, out, progress=_progress(quiet, log_format), verbose=verbose,
-                          resume=resume is not None)
+                          resume=resume is not None, pretrained=pretrained)
     if log_format == LogFormat.json:
         typer.echo(json.dumps({"run_dir": str(result.run_dir), "metrics": result.metrics,
                                "seconds": result.seconds}))

@@ -163,14 +163,24 @@ def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool
 
 def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None,
                 resume: bool = False, train_storage: str | None = None,
-                on_epoch: Callable[[dict[str, Any]], None] | None = None) -> DatasetInfo:
+                on_epoch: Callable[[dict[str, Any]], None] | None = None,
+                pretrained: str | Path | None = None) -> DatasetInfo:
     """Train the encoder into model/; `on_epoch` gets every epoch's losses too (after the progress display).
-    `train_storage`: Ray Train's own state in an object store (an object-store run directory's), else train/."""
+    `train_storage`: Ray Train's own state in an object store (an object-store run directory's), else train/.
+    `pretrained` (a run directory, its model/ or a checkpoint of the model the config builds) is taken as the
+    trained model instead: the later stages (refine, embed, cluster) start from it."""
     from engine.runtime import use_gpu
-    from engine.train import train_encoder
+    from engine.train import adopt_pretrained, train_encoder
 
     ds, info = validated or validate_input(cfg, progress)
     save_config(cfg, run_dir)
+    if pretrained is not None:
+        with progress.stage("train", f"pretrained: {pretrained}"):
+            model_dir = adopt_pretrained(pretrained, in_dim=info.dim, model=model_args(cfg),
+                                         image_shape=info.image_shape, run_dir=run_dir, config_hash=cfg.hash())
+            progress.info(f"{read_manifest(model_dir, stage='train')['epochs']} epochs, trained before")
+        _record(run_dir, data=info.to_json(), pretrained=str(pretrained))
+        return info
     gpu = use_gpu(cfg.train.use_gpu)
     model = model_args(cfg)
     if cfg.model.refines:
@@ -469,8 +479,12 @@ def match_by_id(ids: np.ndarray, other_ids: np.ndarray, values: np.ndarray, *, w
 # ---- the whole pipeline ----------------------------------------------------------------------------
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress: Progress | None = None,
-                 verbose: bool = False, resume: bool = False) -> RunResult:
+                 verbose: bool = False, resume: bool = False, pretrained: str | Path | None = None) -> RunResult:
     """Run every stage into the run directory and return the metrics.
+
+    pretrained: a trained model of the configured model (a run directory, its model/ folder, or a checkpoint
+    file) that the train stage takes instead of training, e.g. to refine or cluster one autoencoder in several
+    ways; a run directory on this machine.
 
     resume: continue a killed run in `out` (with the config saved there, see `config_for_resume`): finished
     stages are skipped, training continues from its last checkpoint, embedding keeps its completed shards
@@ -481,6 +495,8 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     from engine.runtime import init_ray
     from engine.tracking import track_run
 
+    if resume and pretrained is not None:
+        raise ConfigError("--pretrained cannot be used with --resume: a resumed run continues its own training")
     progress = progress or Progress()
     location = run_dir_for(cfg, out)
     started = time.time()
@@ -491,11 +507,11 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     with open_run_dir(location, cfg.ray, nodes=res.worker_nodes, fetch=resume) as run:
         tracked = _read_run(run.local).get("tracking", {}) if resume else {}
         with track_run(cfg, run, mlflow_run_id=tracked.get("mlflow_run_id")) as tracker:
-            return _run_stages(cfg, run, progress, res, started, resume, tracker)
+            return _run_stages(cfg, run, progress, res, started, resume, tracker, pretrained)
 
 
 def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resources, started: float,
-                resume: bool, tracker: Tracker) -> RunResult:
+                resume: bool, tracker: Tracker, pretrained: str | Path | None = None) -> RunResult:
     run_dir = run.local
     done = finished_stages(cfg, run_dir) if resume else set()
     # The run directory is created only once the input has been read and found valid; a resumed run whose
@@ -523,7 +539,7 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
 
     # Train, refine and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
     timed("train", train_stage, validated, resume=resume, train_storage=run.train_storage,
-          on_epoch=tracker.train_epoch)
+          on_epoch=tracker.train_epoch, pretrained=pretrained)
     if cfg.model.refines:
         timed("refine", refine_stage, validated, on_update=tracker.refine_update)
     timed("embed", embed_stage, validated)

@@ -125,6 +125,34 @@ def test_spherical_clustering_of_a_run(tiny_run):
     assert distance.to_numpy().max() <= 2.0  # of unit rows to unit centroids
 
 
+def test_run_from_a_pretrained_model(tiny_run, tmp_path):
+    """--pretrained takes the trained model of another run instead of training: the same weights give the same
+    embeddings, and a config of another model is refused, naming the setting."""
+    out = tmp_path / "again"
+    result = invoke("run", *TINY, "--set", "cluster.method=gmm", "--pretrained", tiny_run, "--out", out,
+                    "--quiet", "--no-report")
+    assert result.exit_code == 0, result.output
+    assert (out / "model/checkpoint.pt").read_bytes() == (tiny_run / "model/checkpoint.pt").read_bytes()
+    manifest = read_manifest(out / "model", stage="train")
+    assert manifest["pretrained"] == str((tiny_run / "model/checkpoint.pt").resolve()) and manifest["epochs"] == 3
+    # Nothing was trained: no Ray Train state in the new run.
+    assert not (out / "train").exists()
+    assert json.loads((out / "run.json").read_text())["pretrained"] == str(tiny_run)
+
+    def embeddings(run: Path) -> np.ndarray:
+        table = read_table(run / "embeddings", stage="embed")
+        return np.asarray(table.column("z").to_pylist())[np.argsort(table.column("id").to_numpy())]
+
+    np.testing.assert_allclose(embeddings(out), embeddings(tiny_run), rtol=1e-6)
+    bad = invoke("run", *TINY, "--set", "model.latent_dim=4", "--pretrained", tiny_run / "model",
+                 "--out", tmp_path / "bad", "--quiet")
+    assert bad.exit_code == 2
+    assert "a checkpoint of another model (latent_dim=3 there, 4 now)" in bad.output
+    assert not (tmp_path / "bad" / "model").exists()
+    both = invoke("run", "--resume", tiny_run, "--pretrained", tiny_run)
+    assert both.exit_code == 2 and "--pretrained cannot be used with --resume" in both.output
+
+
 def test_prepare_then_cluster_parquet_embeddings(ray_local, tmp_path):
     """`dce prepare` writes any source as Parquet shards; `dce cluster` takes Parquet made elsewhere."""
     data = tmp_path / "blobs"

@@ -221,12 +221,45 @@ def check_resumable(train_dir: str | os.PathLike[str], build_args: dict[str, Any
     with tempfile.TemporaryDirectory() as tmp:
         storage.copy(latest, Path(tmp) / FILENAME)  # torch.load reads a local file
         saved = load_checkpoint(Path(tmp) / FILENAME)["model"]
+    check_same_model(saved, build_args, where=latest,
+                     advice="set them back, or start a fresh run instead of resuming")
+
+
+def check_same_model(saved: dict[str, Any], build_args: dict[str, Any], *, where: object, advice: str) -> None:
+    """CheckpointError naming every setting where the checkpoint's model (`saved`) and `build_args` differ."""
     saved, now = (json.loads(json.dumps(args, default=list)) for args in (saved, build_args))
     differ = [f"{k}={saved.get(k)!r} there, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
               if saved.get(k) != now.get(k)]
     if differ:
-        raise CheckpointError(f"{latest}: a checkpoint of another model ({'; '.join(differ)}); set them back, or "
-                              f"start a fresh run instead of resuming")
+        raise CheckpointError(f"{where}: a checkpoint of another model ({'; '.join(differ)}); {advice}")
+
+
+def adopt_pretrained(pretrained: str | os.PathLike[str], *, in_dim: int, model: dict[str, Any],
+                     image_shape: tuple[int, ...] | None, run_dir: str | Path, config_hash: str) -> Path:
+    """Make the trained model in `pretrained` (a run directory, its model/ folder or a checkpoint file) this
+    run's `run_dir/model/`, instead of training: it must be the model the config builds for this input (the
+    error names each setting that differs). Its manifest records where it came from and its epochs."""
+    from engine.data.shards import read_manifest
+    from engine.models import build_model
+
+    source = Path(pretrained)
+    if (source / "model").is_dir():
+        source = source / "model"
+    if source.is_dir():
+        read_manifest(source, stage="train")  # a half-written model/ is not a result
+        source = source / FILENAME
+    state = load_checkpoint(source)
+    shape = list(image_shape) if image_shape else None
+    build_args = build_model(in_dim=in_dim, image_shape=shape, **model).build_args
+    check_same_model(state["model"], build_args, where=source,
+                     advice="set the model section to the pretrained model's settings, or train anew")
+    model_dir = Path(run_dir).resolve() / "model"
+    with staged_folder(model_dir) as tmp:
+        shutil.copy2(source, tmp / FILENAME)
+        write_manifest(tmp, stage="train", config_hash=config_hash, rows=None, files=[FILENAME],
+                       epochs=state["epoch"], final_loss=state["history"][-1]["loss"] if state["history"] else None,
+                       pretrained=str(source.resolve()), starts=state.get("starts", [0]))
+    return model_dir
 
 
 def _ordered_ingest():
