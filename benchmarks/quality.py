@@ -11,6 +11,13 @@ Configs whose train stage is the same (data, train section, seed and the model i
 mnist_n2d and mnist_idec) train once per seed: the later ones start from the first one's model
 (`dce run --pretrained`), and their reported seconds include that run's train stage, so every row's time is
 what the method costs alone. --no-share trains each config anew.
+
+--runs DIR keeps the run directories there, and a later invocation with the same DIR reads back every
+(config, seed) that already finished with the same config (its metrics.json and run.json: wall time, stage
+times, the run it was pretrained by) instead of running it again, so a long table can be built in parts:
+
+    python benchmarks/quality.py --configs mnist_ae mnist_n2d --runs /data/q --seeds 3
+    python benchmarks/quality.py --configs mnist_ae mnist_n2d mnist_idec --runs /data/q --seeds 3 --record
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="append the tables to benchmarks/RESULTS.md")
     parser.add_argument("--no-share", action="store_true", help="train every config anew, even with the same "
                                                                 "train stage as an earlier one")
+    parser.add_argument("--runs", metavar="DIR", help="keep the run directories in DIR and read back the runs "
+                                                     "that finished there before, instead of redoing them")
     parser.add_argument("--replay", metavar="JSONL", help="record the result lines of an earlier run (its stdout) "
                                                          "instead of running anything")
     args = parser.parse_args()
@@ -96,12 +105,19 @@ def main() -> None:
     init_ray()
     rows = {}  # data set -> result lines
     peers_done: set[tuple[str, int]] = set()
-    runs_root = Path(tempfile.mkdtemp(prefix="dce-quality-"))
+    runs_root = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="dce-quality-"))
+    runs_root.mkdir(parents=True, exist_ok=True)
     trained: dict[str, tuple[Path, str, float]] = {}  # train-stage key -> (run dir, config, train seconds)
     for name in args.configs:
         for seed in range(args.seeds):
             cfg = load_config(name, [*args.overrides, f"seed={seed}"])
             dataset = cfg.data.source if cfg.data.source != "idx" else Path(cfg.data.images[0]).parent.name
+            peer_file = runs_root / f"kmeans_pixels-{dataset}-{seed}.json"
+            if (dataset, seed) not in peers_done and peer_file.is_file():
+                peer = json.loads(peer_file.read_text())
+                print(json.dumps(peer), flush=True)
+                rows.setdefault(dataset, []).append(peer)
+                peers_done.add((dataset, seed))
             if (dataset, seed) not in peers_done:
                 x, y = _pixels(cfg)
                 t0 = time.perf_counter()
@@ -110,29 +126,51 @@ def main() -> None:
                         "seed": seed, "acc": clustering_accuracy(y, pred), "nmi": normalized_mutual_info_score(y, pred),
                         "ari": adjusted_rand_score(y, pred), "seconds": time.perf_counter() - t0}
                 print(json.dumps(peer), flush=True)
+                peer_file.write_text(json.dumps(peer))
                 rows.setdefault(dataset, []).append(peer)
                 peers_done.add((dataset, seed))
             key = json.dumps([cfg.data.model_dump(mode="json"), model_args(cfg), cfg.train.model_dump(mode="json"),
                               cfg.seed], sort_keys=True)
             base = None if args.no_share else trained.get(key)
             out = runs_root / f"{Path(name).stem}-{seed}"
-            t0 = time.perf_counter()
-            result = run_pipeline(cfg, out, pretrained=base[0] if base else None)
-            seconds = time.perf_counter() - t0
+            earlier = _finished_run(out, cfg)
+            if earlier is not None:  # finished in an earlier invocation with the same --runs
+                seconds, stage_seconds, metrics = earlier
+            else:
+                t0 = time.perf_counter()
+                result = run_pipeline(cfg, out, pretrained=base[0] if base else None)
+                seconds, stage_seconds, metrics = time.perf_counter() - t0, result.seconds, result.metrics
             if base is None:
-                trained.setdefault(key, (out, name, result.seconds["train"]))
+                trained.setdefault(key, (out, name, stage_seconds["train"]))
             line = {"bench": "quality", "data": dataset, "impl": _steps(cfg), "config": name, "seed": seed,
                     "epochs": cfg.train.epochs, "workers": cfg.train.num_workers,
                     # A shared pretraining counts in full against every method that uses it.
                     "seconds": seconds + (base[2] if base else 0.0), "pretrained_by": base[1] if base else None,
-                    "stage_seconds": result.seconds, **{k: result.metrics[k] for k in ("acc", "nmi", "ari")}}
+                    "stage_seconds": stage_seconds, **{k: metrics[k] for k in ("acc", "nmi", "ari")},
+                    **({"read_back": True} if earlier is not None else {})}
             print(json.dumps(line), flush=True)
             rows.setdefault(dataset, []).append(line)
 
-    shutil.rmtree(runs_root, ignore_errors=True)
+    if not args.runs:
+        shutil.rmtree(runs_root, ignore_errors=True)
     if args.record:
         for dataset, lines in rows.items():
             _record(dataset, lines, args)
+
+
+def _finished_run(out: Path, cfg) -> tuple[float, dict, dict] | None:
+    """(wall seconds, stage seconds, metrics) of a run of exactly this config that finished in `out`; else None.
+
+    A run without its finish time or metrics, or of another config (its hash), is run again (and overwritten).
+    """
+    try:
+        run = json.loads((out / "run.json").read_text())
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not run.get("finished") or run.get("config_hash") != cfg.hash():
+        return None
+    return run["finished"] - run["started"], run["seconds"], metrics
 
 
 def _record(dataset: str, lines: list[dict], args) -> None:
