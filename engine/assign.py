@@ -3,17 +3,21 @@
 `load_run(RUN_DIR).assign(X)` does it in this process; `assign_source` streams a Parquet or .npy input through
 a Ray Data actor pool into `id, cluster, distance` shards (`dce assign`). Both run the same `Assigner`: the
 embed stage's encoder (`Embedder`, which applies the normalisation stored in the checkpoint) and the assign
-stage's nearest-centroid step (`assign_batch`), so the training rows get exactly the run's own labels.
+stage's nearest-centroid step (`assign_batch`), so the training rows get exactly the run's own labels. RUN_DIR is
+a local path or an object-store URI; it is read in this process, and the actors get the loaded model through
+Ray's object store.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from engine import storage
 from engine.data.schema import CLUSTER, ID, X, Z, check_finite, vector_array, vectors_to_numpy
 from engine.errors import CheckpointError, ConfigError, DataError, IncompleteResultError
 
@@ -24,14 +28,15 @@ CENTROID_METHODS = ("kmeans", "sharded", "sample_assign", "two_level")
 class Assigner:
     """Embed a batch of input rows (`id`, `x`) with the run's model, then label each with its nearest centroid.
 
-    A Ray Data callable class (each actor loads the checkpoint once) and the in-process path of `Run.assign`.
+    A Ray Data callable class (each actor builds the model once from `state`, a loaded checkpoint or a Ray object
+    reference to one, see `Embedder`) and the in-process path of `Run.assign`; `checkpoint` names it in errors.
     """
 
-    def __init__(self, checkpoint: str, centroids: np.ndarray, *, backend: str = "auto", spherical: bool = False,
-                 use_gpu: bool = False, one_thread: bool = True, where: str = "input"):
+    def __init__(self, state: Any, centroids: np.ndarray, *, checkpoint: str, backend: str = "auto",
+                 spherical: bool = False, use_gpu: bool = False, one_thread: bool = True, where: str = "input"):
         from engine.embed import Embedder
 
-        self.embedder = Embedder(checkpoint, use_gpu=use_gpu, one_thread=one_thread)
+        self.embedder = Embedder(state, use_gpu=use_gpu, one_thread=one_thread)
         self.in_dim = int(self.embedder.shift.shape[0])
         self.checkpoint = checkpoint
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
@@ -50,14 +55,17 @@ class Assigner:
 
 
 class Run:
-    """A finished run, loaded to assign new rows: config, model checkpoint and centroids (see `load_run`)."""
+    """A finished run, loaded to assign new rows: config, model checkpoint (where it is and its loaded `state`)
+    and centroids (see `load_run`)."""
 
-    def __init__(self, run_dir: Path, config: Any, checkpoint: Path, centroids: np.ndarray, in_dim: int):
+    def __init__(self, run_dir: str | Path, config: Any, checkpoint: str, state: dict[str, Any],
+                 centroids: np.ndarray):
         self.run_dir = run_dir
         self.config = config
         self.checkpoint = checkpoint
+        self.state = state
         self.centroids = centroids
-        self.in_dim = in_dim
+        self.in_dim = int(state["model"]["in_dim"])
         self._assigner: Assigner | None = None
 
     def assign(self, rows: Any, batch_size: int | None = None) -> np.ndarray:
@@ -75,7 +83,7 @@ class Run:
         check_finite(x, name="rows", where="rows to assign")
         if self._assigner is None:
             c = self.config.cluster
-            self._assigner = Assigner(str(self.checkpoint), self.centroids, backend=c.backend,
+            self._assigner = Assigner(self.state, self.centroids, checkpoint=self.checkpoint, backend=c.backend,
                                       spherical=c.spherical, one_thread=False, where="rows to assign")
         step = batch_size or self.config.embed.batch_size
         labels = np.empty(len(x), dtype=np.int32)
@@ -94,11 +102,11 @@ def load_run(run_dir: str | Path) -> Run:
     "nearest centroid" (cluster.method gmm, agglomerative, hdbscan, dbscan, or cluster.manifold umap: the run
     keeps their labels, not a fitted model), a missing or unfinished model/ (refined/ for dec, idec),
     assignments/ or centroids.npy, results written by another engine version, centroids of another latent size.
+    `run_dir` is a local path or an object-store URI.
     """
-    from engine.pipeline import load_run_config, model_dir_for
+    from engine.pipeline import load_run_config, model_folder
     from engine.train.checkpoint import FILENAME, load_checkpoint
 
-    run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     c = cfg.cluster
     if not cfg.model.refines:
@@ -111,25 +119,27 @@ def load_run(run_dir: str | Path) -> Run:
             raise ConfigError(f"{run_dir}: cluster.manifold={c.manifold}: the run clustered a {c.manifold} reduction "
                               f"it does not keep, so new rows cannot be placed in it; assigning new rows needs "
                               f"cluster.manifold none")
-    model_dir, stage = model_dir_for(cfg, run_dir)
+    name, stage = model_folder(cfg)
+    model_dir = storage.join(run_dir, name)
     check_manifest(model_dir, stage)
-    check_manifest(run_dir / "assignments", "assign")
-    state = load_checkpoint(model_dir / FILENAME)
-    path = run_dir / "centroids.npy"
-    if not path.is_file():
+    check_manifest(storage.join(run_dir, "assignments"), "assign")
+    checkpoint = storage.join(model_dir, FILENAME)
+    state = load_checkpoint(checkpoint)
+    path = storage.join(run_dir, "centroids.npy")
+    if not storage.is_file(path):
         raise IncompleteResultError(f"{path}: not found; cluster the run first (dce cluster {run_dir})")
     try:
-        centroids = np.load(path, allow_pickle=False)
+        centroids = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise CheckpointError(f"{path}: not a readable .npy file ({e})") from None
     latent = state["model"].get("latent_dim")
     if centroids.ndim != 2 or (latent is not None and centroids.shape[1] != int(latent)):
         raise CheckpointError(f"{path}: centroids of shape {centroids.shape} do not fit the model's latent "
-                              f"dimension {latent} ({model_dir / FILENAME})")
-    return Run(run_dir, cfg, model_dir / FILENAME, centroids, int(state["model"]["in_dim"]))
+                              f"dimension {latent} ({checkpoint})")
+    return Run(run_dir, cfg, checkpoint, state, centroids)
 
 
-def check_manifest(folder: Path, stage: str) -> dict[str, Any]:
+def check_manifest(folder: str | Path, stage: str) -> dict[str, Any]:
     """The manifest of a complete result folder written by this engine version, else an error naming it."""
     from engine import __version__
     from engine.data import read_manifest
@@ -138,8 +148,8 @@ def check_manifest(folder: Path, stage: str) -> dict[str, Any]:
     manifest = read_manifest(folder, stage=stage)
     version = manifest.get("engine_version")
     if version != __version__:
-        raise CheckpointError(f"{folder / MANIFEST}: written by engine version {version}, this is {__version__}; "
-                              f"rerun the run's stages with this version")
+        raise CheckpointError(f"{storage.join(folder, MANIFEST)}: written by engine version {version}, this is "
+                              f"{__version__}; rerun the run's stages with this version")
     return manifest
 
 
@@ -170,7 +180,9 @@ def open_new_rows(run: Run, data: Any) -> Any:
 def assign_source(run: Run, source: Any, out_dir: str | Path, *, batch_size: int | None = None,
                   concurrency: int | None = None, use_gpu: bool = False) -> dict[str, Any]:
     """Embed and assign every row of an opened source (`open_new_rows`) into `out_dir` (`id`, `cluster`,
-    `distance`), streaming through a Ray Data actor pool, atomically with a manifest; returns the manifest."""
+    `distance`; a local path or an object-store URI), streaming through a Ray Data actor pool, atomically with a
+    manifest; returns the manifest."""
+    import ray
     from ray.data import ActorPoolStrategy
 
     from engine.data import read_dataset, write_dataset
@@ -178,7 +190,7 @@ def assign_source(run: Run, source: Any, out_dir: str | Path, *, batch_size: int
     c, where = run.config.cluster, str(source.config.path)
     out = read_dataset(source).map_batches(
         Assigner,
-        fn_constructor_kwargs={"checkpoint": str(run.checkpoint.resolve()), "centroids": run.centroids,
+        fn_constructor_kwargs={"state": ray.put(run.state), "centroids": run.centroids, "checkpoint": run.checkpoint,
                                "backend": c.backend, "spherical": c.spherical, "use_gpu": use_gpu, "where": where},
         batch_size=batch_size or run.config.embed.batch_size,
         batch_format="pyarrow",

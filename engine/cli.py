@@ -11,9 +11,12 @@ import sys
 from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from engine.rundir import RunDir
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="Deep Cluster Engine: train an encoder, embed, cluster and evaluate on Ray.")
@@ -79,13 +82,13 @@ def _runtime(cfg, verbose: bool):
 
 
 @contextlib.contextmanager
-def _run_dir(cfg, run_dir: str | Path, verbose: bool, *, fetch: bool) -> Iterator[Path]:
-    """Ray started or joined, then the local folder the stages write (checked on a multi-node cluster; staged
-    and published for an object-store URI)."""
+def _run_dir(cfg, run_dir: str | Path, verbose: bool, *, fetch: bool) -> Iterator[RunDir]:
+    """Ray started or joined, then the run directory as the stages see it (checked on a multi-node cluster;
+    staged and published for an object-store URI)."""
     from engine.rundir import open_run_dir
 
     with open_run_dir(run_dir, cfg.ray, nodes=_runtime(cfg, verbose).worker_nodes, fetch=fetch) as run:
-        yield run.local
+        yield run
 
 
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
@@ -151,8 +154,8 @@ def train(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, qui
     open_input(cfg)  # file, column and k checks before Ray starts
     from engine import storage
 
-    with _run_dir(cfg, run_dir, verbose, fetch=False) as local:
-        train_stage(cfg, local, _progress(quiet), train_storage=None if storage.is_local(run_dir) else str(run_dir))
+    with _run_dir(cfg, run_dir, verbose, fetch=False) as run:
+        train_stage(cfg, run, _progress(quiet))
     typer.echo(storage.join(run_dir, "model"))
 
 
@@ -163,8 +166,8 @@ def _stage_command(stage: str) -> Callable[..., None]:
 
         _quiet_env(verbose)
         cfg = pipeline.load_run_config(run_dir, set_)
-        with _run_dir(cfg, run_dir, verbose, fetch=True) as local:
-            result = getattr(pipeline, f"{stage}_stage")(cfg, local, _progress(quiet))
+        with _run_dir(cfg, run_dir, verbose, fetch=True) as run:
+            result = getattr(pipeline, f"{stage}_stage")(cfg, run, _progress(quiet))
         if stage == "evaluate":
             _print_metrics(result, str(run_dir)) if not quiet else typer.echo(json.dumps(result))
         else:
@@ -193,8 +196,8 @@ LabelColumnOpt = Annotated[str | None, typer.Option(help="Optional label column 
 @contextlib.contextmanager
 def _run_or_embeddings(path: str, config: str | None, set_: list[str] | None, out: str | None, column: str,
                        id_column: str | None, label_column: str | None, verbose: bool,
-                       progress) -> Iterator[tuple[Any, str, Path]]:
-    """(config, run directory, its local folder) of PATH: a run directory as it is, or Parquet embeddings made
+                       progress) -> Iterator[tuple[Any, str, RunDir]]:
+    """(config, run directory, the RunDir the stages get) of PATH: a run directory as it is, or Parquet embeddings made
     elsewhere, checked and imported into the run directory --out. Ray is connected inside; an object-store
     run directory is published on exit, as every stage command does."""
     from engine import pipeline, storage
@@ -221,10 +224,10 @@ def _run_or_embeddings(path: str, config: str | None, set_: list[str] | None, ou
         cfg = config_from_dict({**load_config(config, set_).to_dict(), "data": data}, source=f"{path}")
         run_dir = pipeline.run_dir_for(cfg, out)
         pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
-    with _run_dir(cfg, run_dir, verbose, fetch=is_run) as local:
+    with _run_dir(cfg, run_dir, verbose, fetch=is_run) as run:
         if not is_run:
-            pipeline.import_embeddings(cfg, local, progress)
-        yield cfg, str(run_dir), local
+            pipeline.import_embeddings(cfg, run, progress)
+        yield cfg, str(run_dir), run
 
 
 @app.command("cluster")
@@ -250,8 +253,8 @@ def cluster(
     _quiet_env(verbose)
     progress = _progress(quiet)
     with _run_or_embeddings(path, config, set_, out, column, id_column, label_column, verbose,
-                            progress) as (cfg, run_dir, local):
-        summary = pipeline.cluster_stage(cfg, local, progress)
+                            progress) as (cfg, run_dir, run):
+        summary = pipeline.cluster_stage(cfg, run, progress)
     if not quiet:
         typer.echo(f"{run_dir}: {summary['method']} k={summary['k']}, inertia {summary['inertia']:.6g}")
     else:
@@ -274,9 +277,9 @@ def report(run_dir: RunDirArg, set_: SetOpt = None, quiet: QuietOpt = False, ver
 
     cfg = pipeline.load_run_config(run_dir, set_)
     # Ray too: the image section reads sample rows of the input with Ray Data.
-    with _run_dir(cfg, run_dir, verbose, fetch=True) as local:
-        index = pipeline.report_stage(cfg, local, _progress(quiet, log_format))
-    index = storage.join(run_dir, str(index.relative_to(local)))
+    with _run_dir(cfg, run_dir, verbose, fetch=True) as run:
+        index = pipeline.report_stage(cfg, run, _progress(quiet, log_format))
+    index = storage.join(run_dir, str(index.relative_to(run.local)))
     typer.echo(json.dumps({"report": index}) if log_format == LogFormat.json else index)
 
 
@@ -307,8 +310,8 @@ def sweep_k(
     ks = parse_k_range(k)  # before Ray starts
     progress = _progress(quiet, log_format)
     with _run_or_embeddings(path, config, set_, out, column, id_column, label_column, verbose,
-                            progress) as (cfg, run_dir, local):
-        check_ks(ks, read_manifest(local / "embeddings", stage="embed")["rows"])
+                            progress) as (cfg, run_dir, run):
+        check_ks(ks, read_manifest(run.folder("embeddings"), stage="embed")["rows"])
 
         def on_result(r: dict[str, Any]) -> None:
             progress.info(f"k={r['k']}: " + ", ".join(
@@ -316,7 +319,7 @@ def sweep_k(
                 for key in ("inertia", "silhouette", "davies_bouldin", "calinski_harabasz")))
 
         with progress.stage("sweep-k", f"k = {ks[0]}..{ks[-1]} ({len(ks)} values)"):
-            sweep = sweep_run(local, cfg, ks, on_result=on_result)
+            sweep = sweep_run(run, cfg, ks, on_result=on_result)
     from engine import storage
 
     where = storage.join(run_dir, SWEEP_DIR)
@@ -343,7 +346,8 @@ def assign(
     run_dir: RunDirArg,
     input_: Annotated[Path, typer.Option("--input", "-i", help="New rows: Parquet (a file, folder or glob) with "
                                          "the run's raw input column, or a .npy matrix / images.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the assignments (id, cluster, distance).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the assignments (id, cluster, distance): a "
+                                     "path or an object store URI.")],
     column: Annotated[str, typer.Option(help="Vector column of Parquet input.")] = "x",
     id_column: Annotated[str | None, typer.Option(help="Id column of Parquet input ('' numbers the rows).")] = "id",
     quiet: QuietOpt = False,
@@ -364,9 +368,9 @@ def assign(
         manifest = assign_source(run, source, out, use_gpu=use_gpu(run.config.embed.use_gpu))
         progress.info(f"{manifest['rows']} rows in {len(manifest['files'])} shard(s)")
     if log_format == LogFormat.json:
-        typer.echo(json.dumps({"out": str(out), "rows": manifest["rows"], "k": manifest["k"]}))
+        typer.echo(json.dumps({"out": out, "rows": manifest["rows"], "k": manifest["k"]}))
     else:
-        typer.echo(str(out))
+        typer.echo(out)
 
 
 @app.command()

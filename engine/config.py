@@ -407,10 +407,10 @@ class RayConfig(_Section):
     shared_storage: bool = False
     """The run directory, a local path, is on storage that every node mounts at the same path (NFS and the
     like). Without it a local run directory is refused on a multi-node cluster: workers write the run's outputs
-    on the node they run on. Also covers `staging_dir`."""
+    on the node they run on. An object-store run directory needs no such storage."""
     staging_dir: str | None = None
-    """Local folder where the stages of an object-store run directory (s3://, gs://, ...) are written before
-    each is uploaded (default: the system temp dir). On a multi-node cluster: shared, with `shared_storage`."""
+    """Local folder of the driver's where it writes its files of an object-store run directory (s3://, gs://, ...)
+    before each is uploaded (default: the system temp dir); no worker uses it (see engine/rundir.py)."""
 
 
 # Methods that cluster the embeddings where they lie (shard actors, Ray Data), never all in one process.

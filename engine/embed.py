@@ -18,15 +18,22 @@ RECORD = pa.schema([("file", pa.string()), ("rows", pa.int64())])
 
 
 class Embedder:
-    """A Ray Data callable class: each actor loads the checkpoint once and encodes batches; with `out_dir`
-    (a partial folder) it writes each batch there as a shard and returns the shard's record instead."""
+    """A Ray Data callable class: each actor builds the model once from `state`, a loaded checkpoint or a Ray
+    object reference to one, and encodes batches; with `out_dir` (a partial folder) it writes each batch there
+    as a shard and returns the shard's record instead.
 
-    def __init__(self, checkpoint: str, use_gpu: bool = False, one_thread: bool = True, out_dir: str | None = None):
+    The driver loads the checkpoint and ships it through Ray's object store: an actor on another node never
+    opens the driver's files, which that node may not have (an object-store run's staging folder).
+    """
+
+    def __init__(self, state: Any, use_gpu: bool = False, one_thread: bool = True, out_dir: str | None = None):
+        import ray
         import torch
 
         from engine.train.checkpoint import model_from_checkpoint
 
-        state = load_checkpoint(checkpoint)
+        if isinstance(state, ray.ObjectRef):
+            state = ray.get(state)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu" and one_thread:
             # One Ray CPU slot per actor: more intra-op threads would fight the other actors for cores.
@@ -87,16 +94,56 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
     folder becomes `out_dir`, with its manifest, once every row is written. An object-store `out_dir` is
     written by Ray Data's tasks in place (`write_dataset`), without the partial folder.
     """
-    checkpoint = str(Path(checkpoint).resolve())
-    state = load_checkpoint(checkpoint)
-    check_input_dim(state, dim, where=checkpoint)
-    latent = _embedding_dim(state, dim)
-    from ray.data import ActorPoolStrategy
-
     from engine import storage
     from engine.data.shards import write_dataset
 
-    pool = dict(
+    checkpoint, state, latent = _checked(checkpoint, dim)
+    pool = dict(state=state, batch_size=batch_size, concurrency=concurrency, use_gpu=use_gpu,
+                max_restarts=max_restarts)
+    if not storage.is_local(out_dir):
+        return write_dataset(_embedded(ds, **pool), out_dir, stage=STAGE, config_hash=config_hash,
+                             expected_rows=expected_rows, latent_dim=latent, checkpoint=checkpoint, resumed_rows=0)
+    model_file = Path(checkpoint) / FILENAME if Path(checkpoint).is_dir() else Path(checkpoint)
+    key = {"stage": STAGE, "config_hash": config_hash, "rows": expected_rows,
+           "checkpoint_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest()}
+    part = partial_folder(out_dir, key)
+    done = completed_ids(part)
+    if done.size:
+        ds = ds.map_batches(_without_ids, fn_kwargs={"done": np.sort(done)}, batch_format="pyarrow")
+    for _ in _embedded(ds, **pool, out_dir=str(part)).iter_batches(batch_size=None):
+        pass  # the shards are on disk; the records only drive the stream
+    return commit_partial(part, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected_rows,
+                          latent_dim=latent, checkpoint=checkpoint, resumed_rows=int(done.size))
+
+
+def embed_rows(ds, checkpoint: str | Path, *, dim: int, batch_size: int = 4096, concurrency: int = 2,
+               use_gpu: bool = False) -> pa.Table | None:
+    """Every row of `ds` (input schema) embedded (`id`, `z`, `label`) and collected in this process, nothing
+    written (None for no rows): for a caller that needs them all in memory and keeps no copy."""
+    _, state, _ = _checked(checkpoint, dim)
+    out = _embedded(ds, state=state, batch_size=batch_size, concurrency=concurrency, use_gpu=use_gpu)
+    tables = list(out.iter_batches(batch_size=None, batch_format="pyarrow"))
+    return pa.concat_tables(tables) if tables else None
+
+
+def _checked(checkpoint: str | Path, dim: int) -> tuple[str, dict[str, Any], int]:
+    """(absolute path, loaded state, embedding size) of a checkpoint that takes `dim` input features."""
+    checkpoint = str(Path(checkpoint).resolve())
+    state = load_checkpoint(checkpoint)
+    check_input_dim(state, dim, where=checkpoint)
+    return checkpoint, state, _embedding_dim(state, dim)
+
+
+def _embedded(ds, *, state: dict[str, Any], batch_size: int, concurrency: int, use_gpu: bool,
+              max_restarts: int = 3, out_dir: str | None = None):
+    """`ds` through a pool of Embedder actors (shard records instead of rows with `out_dir`); the checkpoint goes
+    to them through Ray's object store."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"state": ray.put(state), "use_gpu": use_gpu, "out_dir": out_dir},
         batch_size=batch_size,
         batch_format="pyarrow",
         # min_size=1: a small input with one block must not wait for the whole pool to start; initial_size: the
@@ -108,20 +155,3 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
         max_restarts=max_restarts,
         max_task_retries=max_restarts,
     )
-    if not storage.is_local(out_dir):
-        out = ds.map_batches(Embedder, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": use_gpu}, **pool)
-        return write_dataset(out, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected_rows,
-                             latent_dim=latent, checkpoint=checkpoint, resumed_rows=0)
-    model_file = Path(checkpoint) / FILENAME if Path(checkpoint).is_dir() else Path(checkpoint)
-    key = {"stage": STAGE, "config_hash": config_hash, "rows": expected_rows,
-           "checkpoint_sha256": hashlib.sha256(model_file.read_bytes()).hexdigest()}
-    part = partial_folder(out_dir, key)
-    done = completed_ids(part)
-    if done.size:
-        ds = ds.map_batches(_without_ids, fn_kwargs={"done": np.sort(done)}, batch_format="pyarrow")
-    records = ds.map_batches(Embedder, fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": use_gpu,
-                                                              "out_dir": str(part)}, **pool)
-    for _ in records.iter_batches(batch_size=None):
-        pass  # the shards are on disk; the records only drive the stream
-    return commit_partial(part, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected_rows,
-                          latent_dim=latent, checkpoint=checkpoint, resumed_rows=int(done.size))

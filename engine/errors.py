@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class EngineError(Exception):
-    """Base of every error the engine raises for bad input or an unusable run directory."""
+    """Base of every error the engine raises for bad input, an unusable run directory or a Ray it cannot start."""
 
 
 class ConfigError(EngineError, ValueError):
@@ -21,6 +21,10 @@ class CheckpointError(EngineError, ValueError):
 
 class IncompleteResultError(EngineError, FileNotFoundError):
     """A stage folder has no `_manifest.json`: it was never finished and is not a result."""
+
+
+class RayStartError(EngineError, RuntimeError):
+    """Ray could not be started or joined; the message names the address (or the local start) and what to try."""
 
 
 def find_engine_error(exc: BaseException) -> EngineError | None:

@@ -23,9 +23,9 @@ from engine.data.schema import CLUSTER, ID, X
 from engine.data.shards import partial_folder
 from engine.errors import ConfigError, DataError, IncompleteResultError
 from engine.progress import Progress
+from engine.rundir import RunDir, as_run_dir, open_run_dir
 
 if TYPE_CHECKING:
-    from engine.rundir import RunDir
     from engine.runtime import Resources
     from engine.tracking import Tracker
 
@@ -74,22 +74,24 @@ def config_for_resume(run_dir: str | Path, *, overrides: list[str] | None = None
     given = [flag for flag, value in (("--set", overrides), ("a CONFIG", config), ("--out", out)) if value]
     if given:
         raise ConfigError(f"{' and '.join(given)} cannot be used with --resume: a resumed run continues with the "
-                          f"config saved in {Path(run_dir) / CONFIG_FILE} and writes into {run_dir}; to change "
+                          f"config saved in {storage.join(run_dir, CONFIG_FILE)} and writes into {run_dir}; to change "
                           f"settings, start a fresh run (dce run CONFIG --set ... --out NEW_DIR)")
     return load_run_config(run_dir)
 
 
-def finished_stages(cfg: PipelineConfig, run_dir: Path) -> set[str]:
+def finished_stages(cfg: PipelineConfig, run_dir: RunDir | Path) -> set[str]:
     """The stages of a run that a resumed run skips: in pipeline order, each with a complete folder newer
     than the run's start and than its input, made with the run's config. The first stage that is missing,
     half-written (no manifest) or stale is redone, and so is every later one."""
+    run = as_run_dir(run_dir)
+    run_dir = run.local
     newer_than = float(_read_run(run_dir).get("started", 0))
     model_dir, model_stage = model_dir_for(cfg, run_dir)
     chain = [("train", run_dir / "model", "train", ())]
     if cfg.model.refines:
         chain.append(("refine", model_dir, model_stage, ()))
-    chain += [("embed", run_dir / "embeddings", "embed", ()),
-              ("cluster", run_dir / "assignments", "assign", ("centroids.npy", "cluster.json"))]
+    chain += [("embed", run.folder("embeddings"), "embed", ()),
+              ("cluster", run.folder("assignments"), "assign", ("centroids.npy", "cluster.json"))]
     done: set[str] = set()
     for name, folder, stage, files in chain:
         try:
@@ -101,8 +103,9 @@ def finished_stages(cfg: PipelineConfig, run_dir: Path) -> set[str]:
             break
         if manifest["config_hash"] != cfg.hash():
             raise ConfigError(f"{folder} was made with other settings (config hash {manifest['config_hash']}) than "
-                              f"{run_dir / CONFIG_FILE} (hash {cfg.hash()}), e.g. by a stage command with --set; "
-                              f"it cannot be resumed: start a fresh run (dce run CONFIG --out NEW_DIR)")
+                              f"{storage.join(run.location, CONFIG_FILE)} (hash {cfg.hash()}), e.g. by a stage "
+                              f"command with --set; it cannot be resumed: start a fresh run (dce run CONFIG --out "
+                              f"NEW_DIR)")
         done.add(name)
         newer_than = manifest["time"]
     return done
@@ -161,17 +164,18 @@ def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool
     return ds, info
 
 
-def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None,
-                resume: bool = False, train_storage: str | None = None,
-                on_epoch: Callable[[dict[str, Any]], None] | None = None,
+def train_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress, validated=None,
+                resume: bool = False, on_epoch: Callable[[dict[str, Any]], None] | None = None,
                 pretrained: str | Path | None = None) -> DatasetInfo:
     """Train the encoder into model/; `on_epoch` gets every epoch's losses too (after the progress display).
-    `train_storage`: Ray Train's own state in an object store (an object-store run directory's), else train/.
+    Ray Train's own state goes to train/, in the store itself for an object-store run directory.
     `pretrained` (a run directory, its model/ or a checkpoint of the model the config builds) is taken as the
     trained model instead: the later stages (refine, embed, cluster) start from it."""
     from engine.runtime import use_gpu
     from engine.train import adopt_pretrained, train_encoder
 
+    run = as_run_dir(run_dir)
+    run_dir = run.local
     ds, info = validated or validate_input(cfg, progress)
     save_config(cfg, run_dir)
     if pretrained is not None:
@@ -200,7 +204,7 @@ def train_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
         train_encoder(ds.select_columns([X]), in_dim=info.dim, shift=info.shift, scale=info.scale,
                       model=model, train=cfg.train, seed=cfg.seed, run_dir=run_dir,
                       config_hash=cfg.hash(), image_shape=info.image_shape, use_gpu=gpu, resume=resume,
-                      on_epoch=epoch_done, train_storage=train_storage)
+                      on_epoch=epoch_done, train_storage=run.train_storage)
     _record(run_dir, data=info.to_json())
     return info
 
@@ -213,13 +217,15 @@ def model_args(cfg: PipelineConfig) -> dict[str, Any]:
     return args
 
 
-def refine_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None,
+def refine_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress, validated=None,
                  on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """dec / idec: k-means on the pretrained model's embeddings, then DEC / IDEC refinement into refined/;
     `on_update` gets every target update's record too (after the progress display)."""
     from engine.runtime import use_gpu
     from engine.train.refine import initial_centers, refine_model
 
+    run = as_run_dir(run_dir)
+    run_dir = run.local
     if not cfg.model.refines:
         raise ConfigError(f"model.name={cfg.model.name!r} has no refine stage; it is for dec and idec")
     model_dir = run_dir / "model"
@@ -227,7 +233,7 @@ def refine_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validat
     ds, dim, n_rows = _input(cfg, validated)
     with progress.stage("refine init", f"k-means k={cfg.cluster.k} on the pretrained embeddings"):
         centers, initial = initial_centers(ds, model_dir, dim=dim, n_rows=n_rows, cluster=cfg.cluster,
-                                           seed=cfg.seed, work_dir=run_dir, batch_size=cfg.embed.batch_size,
+                                           seed=cfg.seed, batch_size=cfg.embed.batch_size,
                                            concurrency=cfg.embed.concurrency, use_gpu=use_gpu(cfg.embed.use_gpu),
                                            callback=progress.iteration)
         progress.info(", ".join(f"{k} {v:.4g}" for k, v in initial.items()))
@@ -237,7 +243,8 @@ def refine_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validat
     with progress.stage("refine", f"{cfg.model.name}, {cfg.train.num_workers} worker(s)" + (" on GPU" if gpu else "")):
         summary = refine_model(ds, pretrained=model_dir, centers=centers, name=cfg.model.name, refine=r,
                                num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
-                               seed=cfg.seed, run_dir=run_dir, config_hash=cfg.hash(), use_gpu=gpu, initial=initial,
+                               seed=cfg.seed, run_dir=run_dir, train_storage=run.train_storage,
+                               config_hash=cfg.hash(), use_gpu=gpu, initial=initial,
                                on_update=lambda record: _update_done(record, progress, on_update))
         progress.info(f"{summary['iterations']} steps, {summary['updates']} target updates, stopped by "
                       f"{summary['stopped']}")
@@ -251,9 +258,15 @@ def _update_done(record: dict[str, Any], progress: Progress, on_update) -> None:
         on_update(record)
 
 
+def model_folder(cfg: PipelineConfig) -> tuple[str, str]:
+    """The name of the folder of the model the embed stage uses and its stage: refined/ for dec / idec, else model/."""
+    return ("refined", "refine") if cfg.model.refines else ("model", "train")
+
+
 def model_dir_for(cfg: PipelineConfig, run_dir: Path) -> tuple[Path, str]:
-    """The folder of the model the embed stage uses and its stage: refined/ for dec / idec, else model/."""
-    return (run_dir / "refined", "refine") if cfg.model.refines else (run_dir / "model", "train")
+    """The folder of the model the embed stage uses (see `model_folder`) and its stage."""
+    name, stage = model_folder(cfg)
+    return run_dir / name, stage
 
 
 def _input(cfg: PipelineConfig, validated=None):
@@ -266,15 +279,16 @@ def _input(cfg: PipelineConfig, validated=None):
     return ds, (source.dim if source.dim is not None else describe(ds).dim), source.n_rows
 
 
-def embed_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validated=None) -> dict[str, Any]:
+def embed_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress, validated=None) -> dict[str, Any]:
     from engine.embed import embed_dataset
     from engine.runtime import use_gpu
 
-    model_dir, stage = model_dir_for(cfg, run_dir)
+    run = as_run_dir(run_dir)
+    model_dir, stage = model_dir_for(cfg, run.local)
     read_manifest(model_dir, stage=stage)
     ds, dim, n_rows = _input(cfg, validated)
     with progress.stage("embed", f"{n_rows} rows, {cfg.embed.concurrency} actor(s)"):
-        manifest = embed_dataset(ds, model_dir, run_dir / "embeddings", dim=dim,
+        manifest = embed_dataset(ds, model_dir, run.folder("embeddings"), dim=dim,
                                  expected_rows=n_rows, config_hash=cfg.hash(),
                                  batch_size=cfg.embed.batch_size, concurrency=cfg.embed.concurrency,
                                  use_gpu=use_gpu(cfg.embed.use_gpu), max_restarts=cfg.embed.max_restarts)
@@ -284,7 +298,7 @@ def embed_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress, validate
     return manifest
 
 
-def import_embeddings(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:
+def import_embeddings(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress) -> dict[str, Any]:
     """Make `cfg.data` (a parquet source of vectors made elsewhere) the run's embeddings, for `dce cluster`.
 
     The validating pass (dimension, NaN/inf with file and row, duplicate ids) reads every row before
@@ -295,6 +309,7 @@ def import_embeddings(cfg: PipelineConfig, run_dir: Path, progress: Progress) ->
     from engine.data.schema import LABEL, Z
     from engine.data.shards import write_dataset
 
+    run = as_run_dir(run_dir)
     ds, info = validate_input(cfg, progress, check_model=False)
 
     def to_embeddings(batch):
@@ -302,19 +317,19 @@ def import_embeddings(cfg: PipelineConfig, run_dir: Path, progress: Progress) ->
         return batch.select(cols).rename_columns([ID, Z] + cols[2:])
 
     with progress.stage("import", str(cfg.data.path)):
-        save_config(cfg, run_dir)
-        manifest = write_dataset(ds.map_batches(to_embeddings, batch_format="pyarrow"), run_dir / "embeddings",
+        save_config(cfg, run.local)
+        manifest = write_dataset(ds.map_batches(to_embeddings, batch_format="pyarrow"), run.folder("embeddings"),
                                  stage="embed", config_hash=cfg.hash(), expected_rows=info.n_rows,
                                  latent_dim=info.dim, imported_from=str(cfg.data.path))
         progress.info(f"{manifest['rows']} vectors of dimension {info.dim} in {len(manifest['files'])} shard(s)")
     return manifest
 
 
-def cluster_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:
+def cluster_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress) -> dict[str, Any]:
     import shutil
 
-    c = cfg.cluster
-    embeddings = run_dir / "embeddings"
+    c, run = cfg.cluster, as_run_dir(run_dir)
+    embeddings = run.folder("embeddings")
     manifest = read_manifest(embeddings, stage="embed")
     rows = manifest["rows"]
     if c.k > rows:
@@ -322,21 +337,21 @@ def cluster_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dic
     method = cfg.model.name if cfg.model.refines else c.method
     if not cfg.model.refines and (c.method not in ("kmeans", "sharded", "sample_assign", "two_level")
                                   or c.manifold != "none"):
-        return _cluster_in_memory(cfg, run_dir, progress, rows)
+        return _cluster_in_memory(cfg, run, progress, rows)
     # The k-means state of an interrupted cluster stage, for these embeddings and settings only.
-    partial = partial_folder(run_dir / "cluster", {"config_hash": cfg.hash(), "embeddings": manifest["time"]})
-    summary = _cluster_and_assign(cfg, run_dir, progress, rows, method, partial / "kmeans.npz")
+    partial = partial_folder(run.local / "cluster", {"config_hash": cfg.hash(), "embeddings": manifest["time"]})
+    summary = _cluster_and_assign(cfg, run, progress, rows, method, partial / "kmeans.npz")
     shutil.rmtree(partial, ignore_errors=True)
     return summary
 
 
-def _cluster_and_assign(cfg: PipelineConfig, run_dir: Path, progress: Progress, rows: int, method: str,
+def _cluster_and_assign(cfg: PipelineConfig, run: RunDir, progress: Progress, rows: int, method: str,
                         checkpoint: Path) -> dict[str, Any]:
     from engine.cluster.shards import assign_shards
 
-    c, embeddings = cfg.cluster, run_dir / "embeddings"
+    c, embeddings, run_dir = cfg.cluster, run.folder("embeddings"), run.local
     with progress.stage("cluster", f"{method} k={c.k} on {rows} rows"):
-        km = _fit_clusters(cfg, embeddings, run_dir, progress, checkpoint)
+        km = _fit_clusters(cfg, embeddings, run, progress, checkpoint)
         progress.info(f"inertia {km.inertia_:.6g} after {km.n_iter_} iteration(s)")
         centroids = km.cluster_centers_
         tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
@@ -347,13 +362,13 @@ def _cluster_and_assign(cfg: PipelineConfig, run_dir: Path, progress: Progress, 
         _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
     if method != "sample_assign":  # sample_assign has written its assignments already
         with progress.stage("assign", f"{rows} rows"):
-            assign_shards(embeddings, centroids, run_dir / "assignments", config_hash=cfg.hash(),
+            assign_shards(embeddings, centroids, run.folder("assignments"), config_hash=cfg.hash(),
                           concurrency=cfg.embed.concurrency, backend=c.backend, spherical=c.spherical,
                           max_retries=cfg.embed.max_restarts)
     return summary
 
 
-def _cluster_in_memory(cfg: PipelineConfig, run_dir: Path, progress: Progress, rows: int) -> dict[str, Any]:
+def _cluster_in_memory(cfg: PipelineConfig, run: RunDir, progress: Progress, rows: int) -> dict[str, Any]:
     """Methods without centroids to assign shards with (gmm, agglomerative, hdbscan, dbscan) and any method
     after a manifold step: labels computed in this process, then written as the assignments.
 
@@ -364,10 +379,10 @@ def _cluster_in_memory(cfg: PipelineConfig, run_dir: Path, progress: Progress, r
     from engine.cluster import cluster_means, fit_labels
     from engine.cluster.shards import load_vectors, write_assignments
 
-    c = cfg.cluster
+    c, run_dir = cfg.cluster, run.local
     what = c.method if c.manifold == "none" else f"{c.manifold} + {c.method}"
     with progress.stage("cluster", f"{what} on {rows} rows"):
-        ids, z, _ = load_vectors(run_dir / "embeddings")
+        ids, z, _ = load_vectors(run.folder("embeddings"))
         labels, info = fit_labels(z, c, cfg.seed)
         centroids, distance = cluster_means(z, labels)
         inertia = float(np.nansum(np.square(distance.astype(np.float64))))
@@ -377,12 +392,12 @@ def _cluster_in_memory(cfg: PipelineConfig, run_dir: Path, progress: Progress, r
         os.replace(tmp, run_dir / "centroids.npy")
         summary = {"method": c.method, "k": c.k, "inertia": inertia, **info}
         _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
-        write_assignments(ids, labels, distance, run_dir / "assignments", config_hash=cfg.hash(),
+        write_assignments(ids, labels, distance, run.folder("assignments"), config_hash=cfg.hash(),
                           rows_per_file=cfg.data.rows_per_shard, k=int(len(centroids)), n_noise=info["n_noise"])
     return summary
 
 
-def _fit_clusters(cfg: PipelineConfig, embeddings: Path, run_dir: Path, progress: Progress, checkpoint: Path):
+def _fit_clusters(cfg: PipelineConfig, embeddings: Path | str, run: RunDir, progress: Progress, checkpoint: Path):
     """The fitted estimator for `cluster.method`; its inertia is over every row. kmeans and sharded save their
     state to `checkpoint` and continue from it."""
     from engine.cluster import KMeans, TwoLevelKMeans
@@ -391,7 +406,7 @@ def _fit_clusters(cfg: PipelineConfig, embeddings: Path, run_dir: Path, progress
 
     c = cfg.cluster
     if cfg.model.refines:
-        return _refined_centers(cfg, embeddings, run_dir)
+        return _refined_centers(cfg, embeddings, run.local)
     if c.method in ("kmeans", "two_level"):
         _, z, _ = load_vectors(embeddings)
         common = dict(n_clusters=c.k, init=c.init, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
@@ -403,17 +418,17 @@ def _fit_clusters(cfg: PipelineConfig, embeddings: Path, run_dir: Path, progress
         return ShardedKMeans(n_clusters=c.k, init=c.init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
                              backend=c.backend, num_actors=c.num_actors, spherical=c.spherical,
                              checkpoint=checkpoint, checkpoint_every=c.checkpoint_every).fit(embeddings)
-    km, manifest = fit_sample_then_assign(embeddings, run_dir / "assignments", c.k, c.sample_size, init=c.init,
+    km, manifest = fit_sample_then_assign(embeddings, run.folder("assignments"), c.k, c.sample_size, init=c.init,
                                           max_iter=c.max_iter, tol=c.tol, seed=cfg.seed, backend=c.backend,
                                           num_actors=c.num_actors, config_hash=cfg.hash(),
                                           concurrency=cfg.embed.concurrency, spherical=c.spherical)
     # The sample's inertia is not the data's: the assignments' distances give the inertia over every row.
-    table = read_table(run_dir / "assignments", stage="assign", columns=["distance"])
+    table = read_table(run.folder("assignments"), stage="assign", columns=["distance"])
     km.inertia_ = float(np.sum(np.square(table.column("distance").to_numpy().astype(np.float64))))
     return km
 
 
-def _refined_centers(cfg: PipelineConfig, embeddings: Path, run_dir: Path):
+def _refined_centers(cfg: PipelineConfig, embeddings: Path | str, run_dir: Path):
     """dec / idec: the refined centres, no new k-means; argmax_j q_ij is the nearest centre, so the assign
     stage's nearest-centre labels are DEC's labels. `n_iter_` counts refinement steps."""
     from engine.cluster import assign
@@ -433,15 +448,16 @@ def _refined_centers(cfg: PipelineConfig, embeddings: Path, run_dir: Path):
                            n_iter_=int(state["epoch"]), history_=[])
 
 
-def evaluate_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> dict[str, Any]:
+def evaluate_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress) -> dict[str, Any]:
     from engine.cluster.shards import load_vectors
     from engine.metrics import evaluate
 
+    run = as_run_dir(run_dir)
+    run_dir, assignments = run.local, run.folder("assignments")
     with progress.stage("evaluate"):
-        ids, z, labels = load_vectors(run_dir / "embeddings")
-        table = read_table(run_dir / "assignments", stage="assign", columns=[ID, CLUSTER])
-        pred = match_by_id(ids, table.column(ID).to_numpy(), table.column(CLUSTER).to_numpy(),
-                           where=str(run_dir / "assignments"))
+        ids, z, labels = load_vectors(run.folder("embeddings"))
+        table = read_table(assignments, stage="assign", columns=[ID, CLUSTER])
+        pred = match_by_id(ids, table.column(ID).to_numpy(), table.column(CLUSTER).to_numpy(), where=str(assignments))
         cluster_file = run_dir / "cluster.json"
         inertia = json.loads(cluster_file.read_text())["inertia"] if cluster_file.is_file() else None
         metrics = evaluate(pred, labels_true=labels, X=z, inertia=inertia,
@@ -450,7 +466,7 @@ def evaluate_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> di
     return metrics
 
 
-def report_stage(cfg: PipelineConfig, run_dir: Path, progress: Progress) -> Path:
+def report_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress) -> Path:
     """report/index.html (self-contained) and its PNGs, from the run's results (see engine.report)."""
     from engine.report import build_report
 
@@ -491,7 +507,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     and k-means its last saved centroids. An object-store run directory resumes from its published (finished)
     stages only.
     """
-    from engine.rundir import open_run_dir
     from engine.runtime import init_ray
     from engine.tracking import track_run
 
@@ -513,7 +528,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
 def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resources, started: float,
                 resume: bool, tracker: Tracker, pretrained: str | Path | None = None) -> RunResult:
     run_dir = run.local
-    done = finished_stages(cfg, run_dir) if resume else set()
+    done = finished_stages(cfg, run) if resume else set()
     # The run directory is created only once the input has been read and found valid; a resumed run whose
     # model and embeddings are finished does not read it again.
     validated = validate_input(cfg, progress) if _model_stages(cfg) - done else None
@@ -531,15 +546,14 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
             progress.info(f"{name}: finished before, skipped")
             return None
         t0 = time.perf_counter()
-        result = stage(cfg, run_dir, progress, *args, **kwargs)
+        result = stage(cfg, run, progress, *args, **kwargs)
         seconds[name] = round(time.perf_counter() - t0, 3)
         _record(run_dir, seconds={name: seconds[name]})
         run.publish()  # an object-store run directory gets each stage as soon as it is complete
         return result
 
     # Train, refine and embed reuse the validated (and, when small, materialised) input instead of re-reading it.
-    timed("train", train_stage, validated, resume=resume, train_storage=run.train_storage,
-          on_epoch=tracker.train_epoch, pretrained=pretrained)
+    timed("train", train_stage, validated, resume=resume, on_epoch=tracker.train_epoch, pretrained=pretrained)
     if cfg.model.refines:
         timed("refine", refine_stage, validated, on_update=tracker.refine_update)
     timed("embed", embed_stage, validated)

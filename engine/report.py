@@ -22,6 +22,7 @@ import numpy as np
 from engine.config import PipelineConfig
 from engine.data.schema import CLUSTER, ID, X
 from engine.metrics import NOISE
+from engine.rundir import RunDir, as_run_dir
 
 REPORT_DIR = "report"
 INDEX = "index.html"
@@ -42,7 +43,7 @@ _NOT_TERMS = {"epoch", "seconds", "rows", "update", "iteration"}
 _MAX_IMAGE_CLUSTERS = 30  # rows of the image grids: more would make an unreadable figure
 
 
-def build_report(run_dir: str | Path, cfg: PipelineConfig | None = None) -> Path:
+def build_report(run_dir: RunDir | str | Path, cfg: PipelineConfig | None = None) -> Path:
     """Write `run_dir/report/` (index.html and one PNG per figure) atomically; returns the index.html path.
 
     Needs the run's embeddings and assignments; the image section reads sample rows of the input through
@@ -53,12 +54,12 @@ def build_report(run_dir: str | Path, cfg: PipelineConfig | None = None) -> Path
     from engine.data.shards import staged_folder, write_manifest
     from engine.pipeline import load_run_config, match_by_id
 
-    run_dir = Path(run_dir)
+    run = as_run_dir(run_dir)
+    run_dir, assignments = run.local, run.folder("assignments")
     cfg = cfg or load_run_config(run_dir)
-    ids, z, labels = load_vectors(run_dir / "embeddings")
-    table = read_table(run_dir / "assignments", stage="assign", columns=[ID, CLUSTER])
-    pred = match_by_id(ids, table.column(ID).to_numpy(), table.column(CLUSTER).to_numpy(),
-                       where=str(run_dir / "assignments"))
+    ids, z, labels = load_vectors(run.folder("embeddings"))
+    table = read_table(assignments, stage="assign", columns=[ID, CLUSTER])
+    pred = match_by_id(ids, table.column(ID).to_numpy(), table.column(CLUSTER).to_numpy(), where=str(assignments))
     facts = _read_json(run_dir / "run.json")
     out = run_dir / REPORT_DIR
     with staged_folder(out) as tmp:
@@ -69,8 +70,8 @@ def build_report(run_dir: str | Path, cfg: PipelineConfig | None = None) -> Path
         _sizes_section(page, pred)
         _images_section(page, run_dir, cfg, ids, pred, facts)
         _confusion_section(page, labels, pred)
-        _run_section(page, run_dir, cfg, facts)
-        (tmp / INDEX).write_text(page.html(f"{cfg.name}: {run_dir}"))
+        _run_section(page, run, cfg, facts)
+        (tmp / INDEX).write_text(page.html(f"{cfg.name}: {run.location}"))
         write_manifest(tmp, stage="report", config_hash=cfg.hash(), files=[INDEX, *page.files], rows=len(ids))
     return out / INDEX
 
@@ -471,10 +472,10 @@ def _confusion_section(page: _Page, labels: np.ndarray | None, pred: np.ndarray)
              page.figure(fig, "confusion", "confusion matrix after Hungarian matching"))
 
 
-def _run_section(page: _Page, run_dir: Path, cfg: PipelineConfig, facts: dict[str, Any]) -> None:
+def _run_section(page: _Page, run: RunDir, cfg: PipelineConfig, facts: dict[str, Any]) -> None:
     seconds = facts.get("seconds") or {}
     started, finished = facts.get("started"), facts.get("finished")
-    when = [("run directory", str(run_dir.resolve()))]
+    when = [("run directory", str(run.location if run.remote else run.local.resolve()))]
     if started:
         when.append(("started", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(started)))))
     if started and finished:

@@ -6,6 +6,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+from engine.errors import RayStartError
+
 log = logging.getLogger(__name__)
 
 
@@ -37,17 +39,32 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if not ray.is_initialized():
         target = os.environ.get("RAY_ADDRESS") or address
         quiet = {} if verbose else {"logging_level": logging.ERROR, "log_to_driver": False}
-        if target:
-            ray.init(address=target, **quiet)
-        else:
-            # Logical CPUs are scheduling slots: training workers and the Ray Data tasks that feed them
-            # must fit at the same time, so a small machine gets at least 4.
-            cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
-            # address="local": a new Ray for this process, never a `ray start` head that happens to run on the
-            # machine (ray.init() alone would join it, and refuse num_cpus there).
-            ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
+        try:
+            if target:
+                ray.init(address=target, **quiet)
+            else:
+                # Logical CPUs are scheduling slots: training workers and the Ray Data tasks that feed them
+                # must fit at the same time, so a small machine gets at least 4.
+                cpus = num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4)
+                # address="local": a new Ray for this process, never a `ray start` head that happens to run on
+                # the machine (ray.init() alone would join it, and refuse num_cpus there).
+                ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
+        except Exception as e:  # ConnectionError, RuntimeError, TimeoutError, ValueError...: Ray names none in common
+            raise RayStartError(_start_failure(target, e)) from e
         _quiet_ray_data(verbose)
     return resources()
+
+
+def _start_failure(target: str | None, error: Exception) -> str:
+    """One line: what could not be started or joined, Ray's reason, and what to try."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    if target:
+        setting = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "ray.address"
+        return (f"could not join the Ray cluster at {target} ({setting}): {reason}; check that the cluster is up "
+                f"(ray status --address {target}) and that {setting} is its address, or unset it to run on a local Ray")
+    return (f"could not start a local Ray: {reason}; see Ray's logs (/tmp/ray/session_latest/logs), check free memory "
+            "and disk space (/dev/shm, /tmp), or set RAY_ADDRESS to join a running cluster")
 
 
 def _quiet_ray_data(verbose: bool) -> None:

@@ -58,6 +58,15 @@ def is_file(path: str | os.PathLike[str]) -> bool:
     return fs.get_file_info(p).type == pafs.FileType.File
 
 
+def size_and_mtime(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """A file's size in bytes and its modification time in nanoseconds (what tells a changed file)."""
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"{path}: no such file")
+    return int(info.size), int(info.mtime_ns or 0)
+
+
 def open_input(path: str | os.PathLike[str]) -> IO[bytes]:
     fs, p = resolve(path)
     return fs.open_input_stream(p)

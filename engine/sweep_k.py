@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import ConfigError
+from engine.rundir import RunDir, as_run_dir
 
 RULE = "highest silhouette (sampled); ties go to the smaller k"
 SWEEP_DIR = "sweep_k"
@@ -139,20 +140,20 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> None:
     fig.savefig(path, format="png", dpi=100)
 
 
-def sweep_run(run_dir: str | Path, cfg: Any, ks: list[int], *,
+def sweep_run(run_dir: RunDir | str | Path, cfg: Any, ks: list[int], *,
               on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Sweep k over `run_dir/embeddings` with the run's cluster settings (n_init, max_iter, tol, backend,
     spherical) and write `run_dir/sweep_k/` (sweep_k.json, sweep_k.png, manifest) atomically."""
     from engine.cluster.shards import load_vectors
     from engine.data.shards import staged_folder, write_manifest
 
-    run_dir = Path(run_dir)
-    _, z, _ = load_vectors(run_dir / "embeddings")
+    run = as_run_dir(run_dir)
+    _, z, _ = load_vectors(run.folder("embeddings"))
     check_ks(sorted(ks), len(z))
     c = cfg.cluster
     sweep = sweep_k(z, ks, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed, backend=c.backend,
                     spherical=c.spherical, silhouette_sample=cfg.evaluate.silhouette_sample, on_result=on_result)
-    with staged_folder(run_dir / SWEEP_DIR) as tmp:
+    with staged_folder(run.local / SWEEP_DIR) as tmp:
         (tmp / "sweep_k.json").write_text(json.dumps(sweep, indent=2))
         plot_sweep(sweep, tmp / "sweep_k.png")
         write_manifest(tmp, stage="sweep_k", config_hash=cfg.hash(), rows=len(z),

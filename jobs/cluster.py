@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         progress = JsonProgress(sys.stdout)
         with stage_run(args.run_dir, args.config, args.overrides) as (cfg, run):
             # [3] cluster.method picks where k-means runs: in the driver, over shard actors, or sample + Ray Data.
-            summary = cluster_stage(cfg, run.local, progress)
-            metrics = evaluate_stage(cfg, run.local, progress)
+            summary = cluster_stage(cfg, run, progress)
+            metrics = evaluate_stage(cfg, run, progress)
         return {"run_dir": args.run_dir, "cluster": {k: v for k, v in summary.items() if k != "history"},
                 "metrics": metrics}
 

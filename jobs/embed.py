@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with stage_run(args.run_dir, args.config, args.overrides) as (cfg, run):
             # [3] A Ray Data actor pool of embed.concurrency encoders streams the input into Parquet shards.
-            manifest = embed_stage(cfg, run.local, JsonProgress(sys.stdout))
+            manifest = embed_stage(cfg, run, JsonProgress(sys.stdout))
         return {"run_dir": args.run_dir, "rows": manifest["rows"], "latent_dim": manifest["latent_dim"]}
 
     return run_job(job)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
         # [2] Ray Train's workers run on the cluster's nodes: the run directory must be one they all see.
         with open_run_dir(location, cfg.ray, nodes=res.worker_nodes) as run:
-            train_stage(cfg, run.local, JsonProgress(sys.stdout), train_storage=run.train_storage)
+            train_stage(cfg, run, JsonProgress(sys.stdout))
         return {"run_dir": str(location), "model": storage.join(location, "model")}
 
     return run_job(job)

@@ -1,10 +1,15 @@
-"""A worker node removed mid-stage from a ray.cluster_utils.Cluster (head + 2 workers): the stage finishes on the
-nodes left, with nothing lost: every id embedded exactly once, and the sharded k-means ends where a fit without the
-failure ends."""
+"""A ray.cluster_utils.Cluster (a head without CPUs + 2 workers): a worker node removed mid-stage, and the stage
+finishes on the nodes left with nothing lost (every id embedded exactly once, the sharded k-means ends where a fit
+without the failure ends); and a run into an s3:// run directory on nodes that share no file system with the driver."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shlex
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,10 +19,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from s3_server import s3_server
+from typer.testing import CliRunner
 from waiting import wait_for
 
+from engine import storage
+from engine.cli import app
 from engine.cluster import ShardedKMeans
-from engine.config import config_from_dict
+from engine.config import config_from_dict, load_config
 from engine.data import open_source, read_dataset, read_table
 from engine.data.describe import describe
 from engine.data.schema import Z, vector_array
@@ -29,6 +38,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 
 # The head has no CPU, so every actor and task runs on a worker node, and removing one always takes work with it.
 WORKER = {"num_cpus": 2}
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +154,75 @@ def test_node_removed_during_sharded_kmeans_its_shards_are_reloaded(two_workers,
     assert seen == list(range(1, 9)) and fitted.n_samples_ == 1200
     np.testing.assert_allclose(fitted.cluster_centers_, reference.cluster_centers_, rtol=1e-5, atol=1e-6)
     assert fitted.inertia_ == pytest.approx(reference.inertia_, rel=1e-6)
+
+
+ROWS = 600
+TINY = [
+    "data.source=blobs", f"data.n_samples={ROWS}", "data.n_features=6", "data.centers=3", "data.rows_per_shard=100",
+    "data.normalize=standard", "model.hidden=[16]", "model.latent_dim=3", "train.epochs=1", "train.batch_size=64",
+    "train.num_workers=2", "embed.concurrency=2", "embed.batch_size=50", "cluster.k=3", "cluster.n_init=1",
+    "cluster.method=kmeans", "cluster.manifold=none", "report.enabled=false",
+]
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "-Urm", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _driver_alone(cluster, staging: Path, *commands: list[str]) -> list[dict]:
+    """Run job commands one after another as a driver in a mount namespace of its own, where `staging` is a fresh
+    tmpfs: the driver writes and reads its staging folder there, while every Ray worker (started by the raylets,
+    outside the namespace) sees only the empty folder below it, as a node without the driver's disk would. A worker
+    that wrote to a staging path would leave its file in that folder. Returns each job's result line."""
+    script = 'mount -t tmpfs tmpfs "$0" && touch "$0/driver-only"' + "".join(
+        " && " + shlex.join([sys.executable, "-m", *cmd]) for cmd in commands)
+    proc = subprocess.run(["unshare", "-Urm", "sh", "-c", script, str(staging)], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": cluster.address})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert list(staging.iterdir()) == []  # nothing of the driver's leaked out, nothing of a worker's got in
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"run_dir"')]
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs mount namespaces (unshare -Urm) to hide the driver's staging "
+                    "folder from the workers")
+def test_s3_run_on_nodes_that_do_not_see_the_drivers_staging_folder(two_workers, tmp_path):
+    """The pipeline, a resumed run and a stage job into an s3:// run directory with ray.shared_storage false, the
+    training workers, embedding actors, shard actors and assignment tasks on two worker nodes, none of which can
+    read the driver's staging folder (ray.staging_dir) or write into it; then `dce assign` of that run."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with s3_server() as s3:
+        uri = s3.uri("runs/nodes")
+        sets = [a for s in [*TINY, f"ray.staging_dir={staging}"] for a in ("--set", s)]
+        [first] = _driver_alone(two_workers, staging, ["jobs.pipeline", "--config", "digits", *sets, "--out", uri])
+        assert first["metrics"]["ari"] > 0.5, first  # three blobs: rows matched to the wrong ids would score ~0
+        names = storage.files(uri)
+        for name in ("config.yaml", "run.json", "centroids.npy", "cluster.json", "metrics.json", "model/checkpoint.pt",
+                     "model/_manifest.json", "embeddings/_manifest.json", "assignments/_manifest.json"):
+            assert name in names, (name, names)
+        assert any(n.startswith("train/checkpoint_") for n in names), names
+
+        # As if the run had died while embedding: the resumed run (on another "machine": a fresh staging folder)
+        # keeps the trained model, embeds again and clusters; then a stage job clusters over shard actors.
+        storage.delete(storage.join(uri, "embeddings", storage.MANIFEST))
+        resumed, clustered = _driver_alone(two_workers, staging, ["jobs.pipeline", "--resume", uri],
+                                           ["jobs.cluster", uri, "--set", "cluster.method=sharded"])
+        assert "train" not in resumed["seconds"] and "embed" in resumed["seconds"], resumed
+        assert resumed["metrics"]["ari"] > 0.5 and clustered["cluster"]["method"] == "sharded", clustered
+        for folder, stage in (("embeddings", "embed"), ("assignments", "assign")):
+            ids = read_table(storage.join(uri, folder), stage=stage, columns=["id"]).column("id").to_numpy()
+            np.testing.assert_array_equal(np.sort(ids), np.arange(ROWS))  # every id exactly once
+
+        # `dce assign` reads the run from the store; its actors get the model through Ray's object store.
+        cfg = load_config("digits", TINY)
+        rows = sorted(read_dataset(open_source(cfg.data)).take_all(), key=lambda r: r["id"])
+        np.save(tmp_path / "new.npy", np.stack([r["x"] for r in rows]).astype(np.float32))  # ids 0..ROWS-1
+        out = s3.uri("assigned")
+        result = CliRunner().invoke(app, ["assign", uri, "--input", str(tmp_path / "new.npy"), "--out", out, "--quiet"])
+        assert result.exit_code == 0, result.output
+        new = read_table(out, stage="assign").sort_by("id")
+        run = read_table(storage.join(uri, "assignments"), stage="assign").sort_by("id")
+        assert new.column("id").equals(run.column("id")) and new.column("cluster").equals(run.column("cluster"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -206,8 +207,6 @@ def _assert_clean_failure(result, pattern: str, out: Path | None = None) -> None
     err = result.stderr.strip()
     assert err.startswith("error: ") and "\n" not in err, err
     assert "Traceback" not in result.output
-    import re
-
     assert re.search(pattern, err), err
     if out is not None:
         assert not out.exists(), f"{out} was created"
@@ -279,6 +278,28 @@ def test_checkpoint_of_other_input_size(tiny_run):
 
 def test_incomplete_run_directory(tmp_path):
     _assert_clean_failure(invoke("cluster", tmp_path), r"not a run directory")
+
+
+def test_a_ray_that_cannot_be_joined_ends_with_one_line(tmp_path):
+    """A real failed start: RAY_ADDRESS at a port where nothing listens."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Ray retries such an address for many minutes by default; these bound its wait to a few seconds.
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_gcs_server_port_wait_time_s": "1",
+           "RAY_py_gcs_connect_timeout_s": "1", "RAY_gcs_rpc_server_connect_timeout_s": "1"}
+    dce = Path(sys.executable).parent / "dce"
+    proc = subprocess.run([str(dce), "run", "--quiet", "--out", str(tmp_path / "r")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.fullmatch(rf"error: could not join the Ray cluster at 127\.0\.0\.1:{port} \(RAY_ADDRESS\): "
+                        r"ConnectionError: .*; check that the cluster is up \(ray status --address .*\) and that "
+                        r"RAY_ADDRESS is its address, or unset it to run on a local Ray",
+                        proc.stderr.strip().splitlines()[-1]), proc.stderr[-3000:]
+    assert not (tmp_path / "r").exists()
 
 
 # ---- the default demo, as the README runs it -------------------------------------------------------

@@ -10,7 +10,7 @@ from s3_server import s3_server
 
 from engine import storage
 from engine.errors import ConfigError
-from engine.rundir import check_shared, open_run_dir
+from engine.rundir import as_run_dir, check_shared, open_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +74,15 @@ def _ray_cfg(**kw):
 
 def test_local_run_dir_is_refused_on_a_multi_node_cluster_unless_declared_shared(tmp_path, s3):
     check_shared(tmp_path / "run", _ray_cfg(), nodes=1)
-    with pytest.raises(ConfigError, match=r"run directory .*run \(--out, RUN_DIR\): a local path, but the Ray cluster "
-                                          r"has 3 nodes.*"
-                                          r"ray.shared_storage=true.*object store URI \(s3://"):
-        check_shared(tmp_path / "run", _ray_cfg(), nodes=3)
+    for local in (tmp_path / "run", f"file://{tmp_path}/run"):
+        with pytest.raises(ConfigError, match=r"run directory .*run \(--out, RUN_DIR\): a local path, but the Ray "
+                                              r"cluster has 3 nodes.*ray.shared_storage=true.*object store URI \(s3://"):
+            check_shared(local, _ray_cfg(), nodes=3)
     check_shared(tmp_path / "run", _ray_cfg(shared_storage=True), nodes=3)
-    # An object-store run is staged locally: on several nodes the staging folder must be declared shared.
-    with pytest.raises(ConfigError, match=r"ray.staging_dir=.* set ray.staging_dir to a shared path"):
-        check_shared(s3.uri("runs/x"), _ray_cfg(shared_storage=True), nodes=2)
-    check_shared(s3.uri("runs/x"), _ray_cfg(shared_storage=True, staging_dir=str(tmp_path)), nodes=2)
-    check_shared(s3.uri("runs/x"), _ray_cfg(), nodes=1)
+    # An object-store run needs no shared file system: what the workers write goes to the store, and only the driver
+    # uses its staging folder, wherever ray.staging_dir puts it.
+    check_shared(s3.uri("runs/x"), _ray_cfg(), nodes=3)
+    check_shared(s3.uri("runs/x"), _ray_cfg(staging_dir=str(tmp_path)), nodes=2)
 
 
 def test_object_store_run_dir_publishes_complete_folders_and_fetches_them_back(tmp_path, s3):
@@ -101,8 +100,17 @@ def test_object_store_run_dir_publishes_complete_folders_and_fetches_them_back(t
         run.publish()
         assert storage.files(storage.join(uri, "model")) == [storage.MANIFEST, "checkpoint.pt"]
     assert list(tmp_path.iterdir()) == []  # the staging folder is gone
+    # The folders Ray's workers write are in the store itself: a stage reads them there, so none is fetched.
+    embeddings = storage.join(uri, "embeddings")
+    storage.write_text(storage.join(embeddings, storage.MANIFEST), json.dumps({"stage": "embed"}))
     with open_run_dir(uri, _ray_cfg(staging_dir=str(tmp_path)), nodes=1, fetch=True) as run:
         assert (run.local / "model" / "checkpoint.pt").read_bytes() == b"weights"
-        assert not (run.local / "unfinished").exists()
+        assert not (run.local / "unfinished").exists() and not (run.local / "embeddings").exists()
+        assert run.folder("embeddings") == embeddings and run.folder("model") == run.local / "model"
         (run.local / "metrics.json").write_text("{}")
     assert storage.read_text(storage.join(uri, "metrics.json")) == "{}"
+    local = as_run_dir(tmp_path / "run")
+    assert local.folder("embeddings") == tmp_path / "run" / "embeddings" and local.train_storage is None
+    with pytest.raises(ConfigError, match=r"s3://.*: an object-store run directory is staged; open it with "
+                                          r"engine.rundir.open_run_dir"):
+        as_run_dir(uri)

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
+from engine import storage
 from engine.cluster._kmeans import KMeans, _check_int, _digest, _FitState, _renormalise, _unit_rows
 from engine.cluster._stats import (
     PartialStats,
@@ -217,7 +218,7 @@ class ShardedKMeans(BaseEstimator):
     An actor that dies (its node removed, its process killed) is replaced by a new one that loads the same
     shards on a live node, and the step it died in (the loading, the seeding, or one Lloyd iteration) is
     redone, so the result is the one of a fit without the failure. Parquet shards must then be readable
-    from the other nodes (shared storage), as they must be for a multi-node fit anyway.
+    from the other nodes (shared storage or an object store), as they must be for a multi-node fit anyway.
     Empty clusters are repaired as `KMeans` does (farthest member of the largest cluster).
 
     Fitted attributes: cluster_centers_, inertia_, n_iter_, n_features_in_, n_samples_, history_ (the
@@ -328,8 +329,7 @@ class ShardedKMeans(BaseEstimator):
         settings that change the result."""
         if self.checkpoint is None:
             return {}
-        data = [_digest(s) if isinstance(s, np.ndarray) else [s, Path(s).stat().st_size, Path(s).stat().st_mtime_ns]
-                for s in shards]
+        data = [_digest(s) if isinstance(s, np.ndarray) else [s, *storage.size_and_mtime(s)] for s in shards]
         init = self.init if isinstance(self.init, str) else _digest(np.asarray(self.init, dtype=np.float32))
         return {"estimator": type(self).__name__, "shapes": shapes, "data": data, "init": init,
                 "params": {k: getattr(self, k)
@@ -462,7 +462,7 @@ def _resolve_source(source: Any) -> tuple[list[Shard], list[str]]:
 
 def _check_paths(paths: list[str]) -> tuple[list[Shard], list[str]]:
     for p in paths:
-        if not Path(p).is_file():
+        if not storage.is_file(p):
             raise DataError(f"{p}: no such Parquet file")
     return list(paths), list(paths)
 

@@ -21,11 +21,15 @@ def load_vectors(folder: str | Path, *, stage: str = "embed") -> tuple[np.ndarra
     Id order, not file order: how the rows were split into shards (which differs between an interrupted
     and resumed embedding and an uninterrupted one) does not change what a seeded clustering finds.
     """
-    table = read_table(folder, stage=stage)
+    return table_vectors(read_table(folder, stage=stage), where=str(folder))
+
+
+def table_vectors(table: pa.Table | None, *, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(ids, Z, labels or None) of embedding rows in this process, in id order (see `load_vectors`)."""
     if table is None or table.num_rows == 0:
-        raise DataError(f"{folder}: the embeddings folder holds no rows")
+        raise DataError(f"{where}: the embeddings folder holds no rows")
     table = table.take(np.argsort(table.column(ID).to_numpy(), kind="stable"))
-    z = vectors_to_numpy(table.column(Z), name=Z, where=str(folder))
+    z = vectors_to_numpy(table.column(Z), name=Z, where=where)
     labels = table.column(LABEL).to_numpy() if LABEL in table.column_names else None
     return table.column(ID).to_numpy(), z, labels
 

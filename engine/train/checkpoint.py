@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -46,15 +47,26 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, shift: np.ndarr
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with `weights_only=True`: tensors and plain containers only, never arbitrary pickle."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILENAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint file, or the one in a folder, from a local path or an object-store URI, with
+    `weights_only=True`: tensors and plain containers only, never arbitrary pickle."""
+    from engine import storage
+
+    if storage.is_uri(path):
+        if not storage.is_file(path):
+            path = storage.join(path, FILENAME)
+        if not storage.is_file(path):
+            raise CheckpointError(f"{path}: checkpoint not found")
+        source: Path | io.BytesIO = io.BytesIO(storage.read_bytes(path))
+    else:
+        path = Path(path)
+        if path.is_dir():
+            path = path / FILENAME
+        if not path.is_file():
+            raise CheckpointError(f"{path}: checkpoint not found")
+        source = path
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -205,14 +205,15 @@ def _refine_loop_per_worker(config: dict[str, Any]) -> None:
 
 def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, refine: Any, num_workers: int,
                  seed: int, run_dir: str | Path, config_hash: str, use_gpu: bool = False, cpus_per_worker: float = 1.0,
-                 initial: dict[str, Any] | None = None,
+                 initial: dict[str, Any] | None = None, train_storage: str | None = None,
                  on_update: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Refine the train-stage model in `pretrained` with DEC or IDEC (`name`) from the initial `centers`.
 
     `ds` holds the input rows (column `x`); `refine` is a RefineConfig. Each of the `num_workers` workers
     holds an exact share of the rows (every row once). Writes `run_dir/refined/` atomically: checkpoint.pt
     (a dec / idec model: encode(x) is the refined encoder), centers.npy, initial_centers.npy and a manifest;
-    Ray Train's own state goes to `run_dir/refine/`. Returns the summary with every update's record.
+    Ray Train's own state goes to `run_dir/refine/`, or under `train_storage` (an object-store URI, the run's
+    own) when given. Returns the summary with every update's record.
     """
     import ray
     import ray.train
@@ -220,6 +221,7 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
 
     from engine.data.schema import X
     from engine.models import build_model
+    from engine.train.trainer import ray_storage
 
     if name not in REFINED_MODELS:
         raise ConfigError(f"model.name={name!r} cannot be refined; choose one of {list(REFINED_MODELS)}")
@@ -244,6 +246,7 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
     shards = ds.split_at_indices([n * i // num_workers for i in range(1, num_workers)]) if num_workers > 1 else [ds]
     local_batch = max(1, min(refine.batch_size // num_workers, n // num_workers))
     run_dir = Path(run_dir).resolve()
+    state_path, fs = ray_storage(train_storage or str(run_dir))
     with _progress_queue(on_update) as queue:
         trainer = TorchTrainer(
             _refine_loop_per_worker,
@@ -258,7 +261,7 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
                 num_workers=num_workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
             ),
-            run_config=ray.train.RunConfig(name=STAGE, storage_path=str(run_dir),
+            run_config=ray.train.RunConfig(name=STAGE, storage_path=state_path, storage_filesystem=fs,
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
             datasets={f"shard_{i}": shard for i, shard in enumerate(shards)},
             # Each worker reads its own whole share; nothing is split (or dropped) by Ray Train.
@@ -283,25 +286,27 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
 
 
 def initial_centers(ds, pretrained: str | Path, *, dim: int, n_rows: int, cluster: Any, seed: int,
-                    work_dir: str | Path, batch_size: int = 4096, concurrency: int = 2, use_gpu: bool = False,
+                    batch_size: int = 4096, concurrency: int = 2, use_gpu: bool = False,
                     callback: Callable[[dict[str, Any]], None] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """K-means (`cluster`, a ClusterConfig) on the pretrained encoder's embeddings of every row of `ds`.
 
+    The embeddings come back to this process, nothing is written: the k-means needs them all here anyway.
     Returns the centres and a summary (inertia, iterations; ACC and NMI of the k-means labels when the
     input has labels: the autoencoder + k-means baseline the refinement starts from).
     """
     from sklearn.metrics import normalized_mutual_info_score
 
     from engine.cluster import KMeans
-    from engine.cluster.shards import load_vectors
-    from engine.embed import embed_dataset
+    from engine.cluster.shards import table_vectors
+    from engine.embed import embed_rows
+    from engine.errors import DataError
     from engine.metrics import clustering_accuracy
 
-    with tempfile.TemporaryDirectory(dir=work_dir, prefix=".pretrained-embeddings-") as tmp:
-        out = Path(tmp) / "embeddings"
-        embed_dataset(ds, pretrained, out, dim=dim, expected_rows=n_rows, config_hash="", batch_size=batch_size,
-                      concurrency=concurrency, use_gpu=use_gpu)
-        _, z, labels = load_vectors(out)
+    table = embed_rows(ds, pretrained, dim=dim, batch_size=batch_size, concurrency=concurrency, use_gpu=use_gpu)
+    where = f"the embeddings of {pretrained}"
+    if table is None or table.num_rows != n_rows:
+        raise DataError(f"{where}: {0 if table is None else table.num_rows} rows but the input has {n_rows}")
+    _, z, labels = table_vectors(table, where=where)
     km = KMeans(n_clusters=cluster.k, init=cluster.init, n_init=cluster.n_init, max_iter=cluster.max_iter,
                 tol=cluster.tol, seed=seed, backend=cluster.backend, callback=callback).fit(z)
     summary: dict[str, Any] = {"inertia": float(km.inertia_), "n_iter": int(km.n_iter_)}

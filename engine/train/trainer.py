@@ -146,9 +146,7 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     else:
         # Ray Train restores from any snapshot it finds under storage_path/name: a fresh run must not.
         storage.delete(storage.join(state_root, TRAIN_DIR))
-    # A URI goes to Ray Train as its pyarrow filesystem and the path in it: Ray's own URI parsing drops
-    # options such as endpoint_override.
-    fs, state_path = storage.resolve(state_root) if storage.is_uri(state_root) else (None, state_root)
+    state_path, fs = ray_storage(state_root)
     queue = Queue() if on_epoch is not None else None
     loop_config = {
         "model": {"in_dim": in_dim, "image_shape": shape, **model},
@@ -209,6 +207,15 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     return model_dir
 
 
+def ray_storage(root: str) -> tuple[str, Any]:
+    """Ray Train's (storage_path, storage_filesystem) for `root`, a local path or a URI. A URI goes to Ray Train as
+    its pyarrow filesystem and the path in it: Ray's own URI parsing drops options such as endpoint_override."""
+    if not storage.is_uri(root):
+        return root, None
+    fs, path = storage.resolve(root)
+    return path, fs
+
+
 def check_resumable(train_dir: str | os.PathLike[str], build_args: dict[str, Any]) -> None:
     """The latest Ray Train checkpoint under `train_dir` (a path or a URI), if any, must be of the model
     `build_args` builds (training settings such as epochs or lr may differ); the error names the settings
@@ -218,9 +225,7 @@ def check_resumable(train_dir: str | os.PathLike[str], build_args: dict[str, Any
     if not found:
         return
     latest = storage.join(train_dir, max(found))
-    with tempfile.TemporaryDirectory() as tmp:
-        storage.copy(latest, Path(tmp) / FILENAME)  # torch.load reads a local file
-        saved = load_checkpoint(Path(tmp) / FILENAME)["model"]
+    saved = load_checkpoint(latest)["model"]
     check_same_model(saved, build_args, where=latest,
                      advice="set them back, or start a fresh run instead of resuming")
 
