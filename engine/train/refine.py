@@ -203,7 +203,8 @@ def _refine_loop_per_worker(config: dict[str, Any]) -> None:
 
 def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, refine: Any, num_workers: int,
                  seed: int, run_dir: str | Path, config_hash: str, use_gpu: bool = False, cpus_per_worker: float = 1.0,
-                 initial: dict[str, Any] | None = None, train_storage: str | None = None,
+                 placement_strategy: str = "PACK", initial: dict[str, Any] | None = None,
+                 train_storage: str | None = None,
                  on_update: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Refine the train-stage model in `pretrained` with DEC or IDEC (`name`) from the initial `centers`.
 
@@ -258,6 +259,7 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
             scaling_config=ray.train.ScalingConfig(
                 num_workers=num_workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                placement_strategy=placement_strategy,
             ),
             run_config=ray.train.RunConfig(name=STAGE, storage_path=state_path, storage_filesystem=fs,
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),

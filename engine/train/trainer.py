@@ -159,6 +159,7 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
             scaling_config=ray.train.ScalingConfig(
                 num_workers=train.num_workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                placement_strategy=train.placement_strategy,
             ),
             run_config=ray.train.RunConfig(
                 name=TRAIN_DIR,
