@@ -174,6 +174,12 @@ class TrainConfig(_Section):
     num_workers: int = Field(default=2, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    """Where Ray puts the workers (of the refine stage too). PACK, Ray's default, fills as few nodes as hold them,
+    so that DDP's gradient exchange stays inside a node. SPREAD puts each on a node of its own where there are
+    enough: CPU workers that would fit on one node then do not share its cores and memory bandwidth with each other
+    and with Ray Data's ingest, while the cluster's other nodes stay idle. Both are best effort: after a node is
+    lost, the workers restart on the nodes left, even several on one."""
     checkpoint_every: int = Field(default=10, ge=1)
     """Epochs between checkpoints reported to Ray Train (the last epoch always is). Progress is shown
     every epoch, and every epoch's losses are kept in the checkpoint's history. A worker that dies, or a

@@ -243,6 +243,7 @@ def refine_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress
     with progress.stage("refine", f"{cfg.model.name}, {cfg.train.num_workers} worker(s)" + (" on GPU" if gpu else "")):
         summary = refine_model(ds, pretrained=model_dir, centers=centers, name=cfg.model.name, refine=r,
                                num_workers=cfg.train.num_workers, cpus_per_worker=cfg.train.cpus_per_worker,
+                               placement_strategy=cfg.train.placement_strategy,
                                seed=cfg.seed, run_dir=run_dir, train_storage=run.train_storage,
                                config_hash=cfg.hash(), use_gpu=gpu, initial=initial,
                                on_update=lambda record: _update_done(record, progress, on_update))

@@ -96,6 +96,30 @@ def test_checkpoint_refuses_pickled_objects_and_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "missing")
 
 
+class TrainerBuilt(Exception):
+    """Carries the arguments of a stand-in TorchTrainer out of train_encoder, before anything runs."""
+
+
+def test_placement_strategy_reaches_ray_trains_scaling_config(tmp_path, monkeypatch):
+    import ray
+    import ray.train.torch
+
+    def trainer(*args, **kwargs):
+        raise TrainerBuilt(kwargs)
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", trainer)
+    for strategy in ("PACK", "SPREAD"):
+        cfg = _blobs_cfg(placement_strategy=strategy)
+        with pytest.raises(TrainerBuilt) as built:
+            train_encoder(None, in_dim=8, shift=np.zeros(8), scale=np.ones(8), model=cfg.model.pretrain_options(),
+                          train=cfg.train, seed=0, run_dir=tmp_path, config_hash=cfg.hash())
+        assert built.value.args[0]["scaling_config"].placement_strategy == strategy
+    assert _blobs_cfg().train.placement_strategy == "PACK"  # Ray's own default
+    with pytest.raises(ConfigError, match=r"'train.placement_strategy': Input should be 'PACK' or 'SPREAD'"):
+        _blobs_cfg(placement_strategy="STRICT_SPREAD")
+    assert not ray.is_initialized()
+
+
 # ---- real Ray Train and Ray Data -------------------------------------------------------------------
 
 

@@ -3,11 +3,9 @@ target distribution that is recomputed from every row every `update_interval` st
 
 from __future__ import annotations
 
-import contextlib
 import math
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -205,7 +203,8 @@ def _refine_loop_per_worker(config: dict[str, Any]) -> None:
 
 def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, refine: Any, num_workers: int,
                  seed: int, run_dir: str | Path, config_hash: str, use_gpu: bool = False, cpus_per_worker: float = 1.0,
-                 initial: dict[str, Any] | None = None, train_storage: str | None = None,
+                 placement_strategy: str = "PACK", initial: dict[str, Any] | None = None,
+                 train_storage: str | None = None,
                  on_update: Callable[[dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Refine the train-stage model in `pretrained` with DEC or IDEC (`name`) from the initial `centers`.
 
@@ -221,7 +220,7 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
 
     from engine.data.schema import X
     from engine.models import build_model
-    from engine.train.trainer import ray_storage
+    from engine.train.trainer import progress_queue, ray_storage
 
     if name not in REFINED_MODELS:
         raise ConfigError(f"model.name={name!r} cannot be refined; choose one of {list(REFINED_MODELS)}")
@@ -247,7 +246,7 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
     local_batch = max(1, min(refine.batch_size // num_workers, n // num_workers))
     run_dir = Path(run_dir).resolve()
     state_path, fs = ray_storage(train_storage or str(run_dir))
-    with _progress_queue(on_update) as queue:
+    with progress_queue(on_update) as queue:
         trainer = TorchTrainer(
             _refine_loop_per_worker,
             train_loop_config={
@@ -260,6 +259,7 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
             scaling_config=ray.train.ScalingConfig(
                 num_workers=num_workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                placement_strategy=placement_strategy,
             ),
             run_config=ray.train.RunConfig(name=STAGE, storage_path=state_path, storage_filesystem=fs,
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
@@ -314,25 +314,3 @@ def initial_centers(ds, pretrained: str | Path, *, dim: int, n_rows: int, cluste
         summary.update(acc=clustering_accuracy(labels, km.labels_),
                        nmi=float(normalized_mutual_info_score(labels, km.labels_)))
     return km.cluster_centers_, summary
-
-
-@contextlib.contextmanager
-def _progress_queue(callback: Callable[[dict[str, float]], None] | None) -> Iterator[Any]:
-    """A Ray queue the rank-0 worker puts records in, drained into `callback` by a driver thread."""
-    from ray.util.queue import Queue
-
-    from engine.train.trainer import _drain, _drain_now
-
-    if callback is None:
-        yield None
-        return
-    queue, stop = Queue(), threading.Event()
-    poller = threading.Thread(target=_drain, args=(queue, callback, stop), daemon=True)
-    poller.start()
-    try:
-        yield queue
-    finally:
-        stop.set()
-        poller.join(timeout=5)
-        _drain_now(queue, callback)
-        queue.shutdown()

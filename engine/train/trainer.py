@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,6 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     """
     import ray.train
     from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
 
     from engine.models import build_model
 
@@ -147,54 +147,42 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
         # Ray Train restores from any snapshot it finds under storage_path/name: a fresh run must not.
         storage.delete(storage.join(state_root, TRAIN_DIR))
     state_path, fs = ray_storage(state_root)
-    queue = Queue() if on_epoch is not None else None
-    loop_config = {
-        "model": {"in_dim": in_dim, "image_shape": shape, **model},
-        "seed": seed,
-        "lr": train.lr,
-        "weight_decay": train.weight_decay,
-        "batch_size": train.batch_size,
-        "epochs": train.epochs,
-        "checkpoint_every": train.checkpoint_every,
-        "shift": np.asarray(shift, dtype=np.float32).tolist(),
-        "scale": np.asarray(scale, dtype=np.float32).tolist(),
-        "image_shape": shape,
-        "config_hash": config_hash,
-        "progress": queue,
-        "precision": train.precision,
-        "augment": augment,
-    }
-    trainer = TorchTrainer(
-        _train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=train.num_workers, use_gpu=use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=TRAIN_DIR,
-            storage_path=state_path,
-            storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-        ),
-        datasets={"train": ds},
-        dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
-    )
-    stop = threading.Event()
-    poller = None
-    if queue is not None:
-        poller = threading.Thread(target=_drain, args=(queue, on_epoch, stop), daemon=True)
-        poller.start()
-    try:
+    with progress_queue(on_epoch) as queue:
+        loop_config = {
+            "model": {"in_dim": in_dim, "image_shape": shape, **model},
+            "seed": seed,
+            "lr": train.lr,
+            "weight_decay": train.weight_decay,
+            "batch_size": train.batch_size,
+            "epochs": train.epochs,
+            "checkpoint_every": train.checkpoint_every,
+            "shift": np.asarray(shift, dtype=np.float32).tolist(),
+            "scale": np.asarray(scale, dtype=np.float32).tolist(),
+            "image_shape": shape,
+            "config_hash": config_hash,
+            "progress": queue,
+            "precision": train.precision,
+            "augment": augment,
+        }
+        trainer = TorchTrainer(
+            _train_loop_per_worker,
+            train_loop_config=loop_config,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=train.num_workers, use_gpu=use_gpu,
+                resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                placement_strategy=train.placement_strategy,
+            ),
+            run_config=ray.train.RunConfig(
+                name=TRAIN_DIR,
+                storage_path=state_path,
+                storage_filesystem=fs,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+                failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            ),
+            datasets={"train": ds},
+            dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
+        )
         result = trainer.fit()
-    finally:
-        stop.set()
-        if poller is not None:
-            poller.join(timeout=5)
-        if queue is not None:
-            _drain_now(queue, on_epoch)
-            queue.shutdown()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     model_dir = run_dir / "model"
@@ -275,6 +263,33 @@ def _ordered_ingest():
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return options
+
+
+@contextlib.contextmanager
+def progress_queue(callback: Callable[[dict[str, Any]], None] | None) -> Iterator[Any]:
+    """A Ray queue the rank-0 worker puts records in, drained into `callback` by a driver thread (None without one).
+
+    The queue's actor is pinned to the driver's node, whose loss ends the run anyway. Placed by Ray on another node,
+    it would die with that node, and every worker group restarted after the loss would fail at its first record."""
+    import ray
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if callback is None:
+        yield None
+        return
+    # No CPU: the driver's node may have none (a head without CPUs), and the actor only passes a record an epoch.
+    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue, stop = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node}), threading.Event()
+    poller = threading.Thread(target=_drain, args=(queue, callback, stop), daemon=True)
+    poller.start()
+    try:
+        yield queue
+    finally:
+        stop.set()
+        poller.join(timeout=5)
+        _drain_now(queue, callback)
+        queue.shutdown()
 
 
 def _drain(queue, on_epoch, stop: threading.Event) -> None:
