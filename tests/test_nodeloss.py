@@ -1,6 +1,7 @@
 """A ray.cluster_utils.Cluster (a head without CPUs + 2 workers): a worker node removed mid-stage, and the stage
 finishes on the nodes left with nothing lost (every id embedded exactly once, the sharded k-means ends where a fit
-without the failure ends); and a run into an s3:// run directory on nodes that share no file system with the driver."""
+without the failure ends, training restarts from its last checkpoint and runs every epoch); and a run into an s3://
+run directory on nodes that share no file system with the driver."""
 
 from __future__ import annotations
 
@@ -27,17 +28,20 @@ from engine import storage
 from engine.cli import app
 from engine.cluster import ShardedKMeans
 from engine.config import config_from_dict, load_config
-from engine.data import open_source, read_dataset, read_table
+from engine.data import open_source, read_dataset, read_manifest, read_table
 from engine.data.describe import describe
 from engine.data.schema import Z, vector_array
 from engine.embed import embed_dataset
 from engine.models import build_model
-from engine.train import save_checkpoint
+from engine.train import load_checkpoint, save_checkpoint, train_encoder
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
 
 # The head has no CPU, so every actor and task runs on a worker node, and removing one always takes work with it.
 WORKER = {"num_cpus": 2}
+# Logical CPUs (more than the machine has): either node alone holds both 1-CPU training workers and a CPU for Ray
+# Data's ingest tasks, so that the workers can restart on the node left.
+TRAINING_NODE = {"num_cpus": 3}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -58,19 +62,41 @@ def cluster():
 @pytest.fixture
 def two_workers(cluster):
     """Two live worker nodes, whatever an earlier test removed."""
+    return _two_workers(cluster, WORKER)
+
+
+@pytest.fixture
+def two_training_nodes(cluster):
+    """Two live worker nodes of TRAINING_NODE's size."""
+    return _two_workers(cluster, TRAINING_NODE)
+
+
+def _two_workers(cluster, node_args: dict):
+    """Two live worker nodes with at least `node_args`' CPUs: smaller ones (an earlier test's) are replaced."""
+    import ray
+
+    cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
+    for node in list(cluster.worker_nodes):
+        if cpus.get(node.node_id, 0) < node_args["num_cpus"]:
+            cluster.remove_node(node)
     while len(cluster.worker_nodes) < 2:
-        cluster.add_node(**WORKER)
+        cluster.add_node(**node_args)
     cluster.wait_for_nodes()
     return cluster
 
 
-def _node_of_an_actor(cluster, class_part: str):
-    """The worker node of a live actor whose class name contains `class_part`, from the GCS's actor table."""
+def _nodes_of_actors(cluster, class_part: str) -> list:
+    """The worker nodes of the live actors whose class name contains `class_part`, from the GCS's actor table."""
     from ray._private.state import actors
 
     nodes = {a["Address"]["NodeID"] for a in actors().values()
              if a["State"] == "ALIVE" and class_part in a["ActorClassName"]}
-    return next((n for n in cluster.worker_nodes if n.node_id in nodes), None)
+    return [n for n in cluster.worker_nodes if n.node_id in nodes]
+
+
+def _node_of_an_actor(cluster, class_part: str):
+    """The worker node of a live actor whose class name contains `class_part`; None when there is none."""
+    return next(iter(_nodes_of_actors(cluster, class_part)), None)
 
 
 def test_node_removed_while_embedding_every_id_written_once(two_workers, tmp_path):
@@ -154,6 +180,67 @@ def test_node_removed_during_sharded_kmeans_its_shards_are_reloaded(two_workers,
     assert seen == list(range(1, 9)) and fitted.n_samples_ == 1200
     np.testing.assert_allclose(fitted.cluster_centers_, reference.cluster_centers_, rtol=1e-5, atol=1e-6)
     assert fitted.inertia_ == pytest.approx(reference.inertia_, rel=1e-6)
+
+
+def test_node_removed_while_training_the_workers_restart_on_the_node_left(two_training_nodes, tmp_path):
+    cluster = two_training_nodes
+    rows, epochs = 400, 8
+    cfg = config_from_dict({"data": {"source": "blobs", "n_samples": rows, "n_features": 6, "centers": 3,
+                                     "rows_per_shard": 50, "normalize": "standard"},
+                            "model": {"hidden": [16], "latent_dim": 3},
+                            "train": {"epochs": epochs, "batch_size": 64, "num_workers": 2, "checkpoint_every": 2,
+                                      "max_failures": 2, "placement_strategy": "SPREAD"}})
+    info = describe(read_dataset(open_source(cfg.data)), normalize=cfg.data.normalize)
+    held, released = tmp_path / "epoch-3-seen", tmp_path / "node-removed"
+
+    def gate(batch: pa.Table) -> pa.Table:
+        # Once the driver has seen epoch 3, no row is read until the node is gone: training cannot end before the
+        # loss. Nested, so Ray pickles it by value: the workers cannot import this test module.
+        if held.exists():
+            deadline = time.monotonic() + 120
+            while not released.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return batch
+
+    # Not materialized: every epoch, and the restarted workers, read the rows again through the gate.
+    ds = read_dataset(open_source(cfg.data)).map_batches(gate, batch_format="pyarrow", batch_size=None)
+    seen: list[int] = []
+
+    def on_epoch(record: dict) -> None:
+        seen.append(record["epoch"])
+        if record["epoch"] == 3:
+            held.touch()
+
+    snapshot = tmp_path / "train" / "checkpoint_manager_snapshot.json"
+    removed: dict = {}
+
+    def remove_a_node():
+        wait_for(held.exists, 600, "epoch 3")
+        # Ray Train has recorded a checkpoint (of epoch 2 or later), so the workers restart from it, not afresh.
+        wait_for(lambda: snapshot.is_file() and '"checkpoint_dir_name"' in snapshot.read_text(), 60,
+                 "the first checkpoint")
+        nodes = wait_for(lambda: _nodes_of_actors(cluster, "RayTrainWorker"), 30, "the training workers")
+        removed.update(after_epoch=max(seen), nodes=len(nodes))
+        cluster.remove_node(nodes[0])
+        released.touch()
+
+    remover = threading.Thread(target=remove_a_node, daemon=True)
+    remover.start()
+    model_dir = train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
+                              model=cfg.model.pretrain_options(), train=cfg.train, seed=cfg.seed, run_dir=tmp_path,
+                              config_hash=cfg.hash(), on_epoch=on_epoch)
+    remover.join(timeout=5)
+    # A training worker on each node (SPREAD), and one of the nodes removed after epoch 3, before the last epoch.
+    assert removed and removed["nodes"] == 2 and 3 <= removed["after_epoch"] < epochs, removed
+    assert len(cluster.worker_nodes) == 1
+    state = load_checkpoint(model_dir)
+    # The second attempt started from a checkpoint (epoch 2 or later), and every epoch read every row once.
+    starts = read_manifest(model_dir, stage="train")["starts"]
+    assert starts == state["starts"] and len(starts) == 2 and starts[0] == 0 and 0 < starts[1] < epochs, starts
+    assert [h["epoch"] for h in state["history"]] == list(range(1, epochs + 1))
+    assert all(h["rows"] == rows for h in state["history"]), state["history"]
+    # The driver saw the restarted workers' epochs too: the progress queue outlived the node.
+    assert seen[-(epochs - starts[1]):] == list(range(starts[1] + 1, epochs + 1)), seen
 
 
 ROWS = 600
