@@ -22,6 +22,9 @@ BACKENDS = ("auto", "faiss", "torch")
 # fastest on CPU), while a GPU wants large blocks to keep its cores busy.
 _TORCH_BLOCK_BYTES = {"cpu": 4 << 20, "cuda": 512 << 20}
 _STATS_BLOCK_ROWS = 8192
+# Rows per block of the NaN / inf check: a (rows x d) bool mask of the whole input would add a quarter of the
+# input's bytes (0.3 GiB for a 5M x 64 shard actor, on every call); a block of it costs a few MiB at most.
+_CHECK_BLOCK_ROWS = 65536
 
 
 @dataclass(frozen=True)
@@ -85,14 +88,17 @@ def stats_from_assignment(
 ) -> PartialStats:
     """Partial stats of rows whose assignment is already known (e.g. from `assign`).
 
-    Inputs are taken as validated: X float32 (n, d), labels in [0, n_clusters), weights >= 0.
+    Inputs are taken as validated: X float32 (n, d), labels in [0, n_clusters), weights >= 0. Without
+    weights nothing of n rows is allocated (the work memory is a block), so a shard actor's pass costs no
+    more than its labels and distances.
     """
     n = X.shape[0]
     if labels.shape != (n,) or sq_distances.shape != (n,):
         raise DataError(
             f"labels {labels.shape} and sq_distances {sq_distances.shape} should both have shape ({n},)"
         )
-    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    ones = np.ones(min(n, _STATS_BLOCK_ROWS)) if w is None else None
     # One nonzero per column: a (k x rows) CSC matrix built without sorting; its product with X sums the
     # weighted rows per cluster in float64 (measured 7x faster than np.add.at on 200k x 32, k=256). Row
     # blocks keep the float64 copy of X small and in cache: 1M x 64, k=1024 went from 0.16-0.85 s to 0.06 s.
@@ -100,12 +106,18 @@ def stats_from_assignment(
     indptr = np.arange(_STATS_BLOCK_ROWS + 1)
     for start in range(0, n, _STATS_BLOCK_ROWS):
         stop = min(start + _STATS_BLOCK_ROWS, n)
+        data = ones[: stop - start] if w is None else w[start:stop]
         membership = scipy.sparse.csc_matrix(
-            (w[start:stop], labels[start:stop], indptr[: stop - start + 1]), shape=(n_clusters, stop - start)
+            (data, labels[start:stop], indptr[: stop - start + 1]), shape=(n_clusters, stop - start)
         )
         sums += membership @ X[start:stop].astype(np.float64)
-    counts = np.bincount(labels, weights=w, minlength=n_clusters)
-    sse = float(sq_distances.astype(np.float64) @ w)
+    if w is None:
+        counts = np.bincount(labels, minlength=n_clusters).astype(np.float64)
+        # A float64 reduction of the float32 distances: numpy casts them in small buffers, not as one copy.
+        sse = float(np.sum(sq_distances, dtype=np.float64))
+    else:
+        counts = np.bincount(labels, weights=w, minlength=n_clusters)
+        sse = float(sq_distances.astype(np.float64) @ w)
     return PartialStats(sums, counts, sse)
 
 
@@ -188,10 +200,11 @@ def as_float32_matrix(X: object, name: str = "X") -> np.ndarray:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
     except (TypeError, ValueError) as e:
         raise DataError(f"{name} should hold numbers, got dtype {np.asarray(X).dtype}.") from e
-    finite = np.isfinite(arr)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite.all(axis=1))[0])
-        raise DataError(f"{name} contains NaN or infinity (row {row}).")
+    for start in range(0, arr.shape[0], _CHECK_BLOCK_ROWS):
+        finite = np.isfinite(arr[start:start + _CHECK_BLOCK_ROWS])
+        if not finite.all():
+            row = start + int(np.flatnonzero(~finite.all(axis=1))[0])
+            raise DataError(f"{name} contains NaN or infinity (row {row}).")
     return arr
 
 
@@ -396,8 +409,10 @@ def _kmeans_plusplus(
         cumulative = np.cumsum(w * closest_sq)
         candidate_ids = np.searchsorted(cumulative, rng.uniform(size=n_local_trials) * potential)
         np.clip(candidate_ids, None, n - 1, out=candidate_ids)
-        # Squared distance of every row to its nearest centre if each candidate were added.
-        candidate_sq = np.minimum(closest_sq, _sq_dist_to(X[candidate_ids], X, x_sq))
+        # Squared distance of every row to its nearest centre if each candidate were added (in place: the
+        # (trials x n) float64 block is the largest buffer of the seeding).
+        candidate_sq = _sq_dist_to(X[candidate_ids], X, x_sq)
+        np.minimum(closest_sq, candidate_sq, out=candidate_sq)
         candidate_pot = candidate_sq @ w
         best = int(np.argmin(candidate_pot))
         potential = float(candidate_pot[best])
@@ -409,7 +424,13 @@ def _kmeans_plusplus(
 def _sq_dist_to(points: np.ndarray, X: np.ndarray, x_sq: np.ndarray) -> np.ndarray:
     """Squared L2 distances (m, n) from `points` to every row of X, in float64 for the cumulative sums."""
     p_sq = np.einsum("ij,ij->i", points, points)
-    d = (x_sq[None, :] - 2.0 * (points @ X.T) + p_sq[:, None]).astype(np.float64)
+    # x_sq - 2 x.p + p_sq in float32 as one expression would, but in place: one (m, n) float32 buffer
+    # instead of three temporaries, the same bits.
+    d32 = points @ X.T
+    d32 *= 2.0
+    np.subtract(x_sq[None, :], d32, out=d32)
+    d32 += p_sq[:, None]
+    d = d32.astype(np.float64)
     return np.maximum(d, 0.0, out=d)
 
 
