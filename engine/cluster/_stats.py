@@ -22,9 +22,9 @@ BACKENDS = ("auto", "faiss", "torch")
 # fastest on CPU), while a GPU wants large blocks to keep its cores busy.
 _TORCH_BLOCK_BYTES = {"cpu": 4 << 20, "cuda": 512 << 20}
 _STATS_BLOCK_ROWS = 8192
-# Rows per block of the NaN / inf check: a (rows x d) bool mask of the whole input would add a quarter of the
-# input's bytes (0.3 GiB for a 5M x 64 shard actor, on every call); a block of it costs a few MiB at most.
-_CHECK_BLOCK_ROWS = 65536
+# Elements per block of the NaN / inf check: a bool mask of the whole input would add a quarter of the
+# input's bytes (0.3 GiB for a 5M x 64 shard actor, on every call); a block of it costs 4 MiB.
+_CHECK_BLOCK_ELEMENTS = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def partial_stats(
     """Sums, counts and SSE of one block of rows for fixed centroids: the one Lloyd-step reduction."""
     X = as_float32_matrix(X)
     centroids = as_centroids(centroids, n_features=X.shape[1])
-    w = as_weights(sample_weight, X.shape[0])
+    w = None if sample_weight is None else as_weights(sample_weight, X.shape[0])
     labels, sq_distances = _assign(X, centroids, resolve_backend(backend))
     return stats_from_assignment(X, labels, sq_distances, centroids.shape[0], w)
 
@@ -200,10 +200,11 @@ def as_float32_matrix(X: object, name: str = "X") -> np.ndarray:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
     except (TypeError, ValueError) as e:
         raise DataError(f"{name} should hold numbers, got dtype {np.asarray(X).dtype}.") from e
-    for start in range(0, arr.shape[0], _CHECK_BLOCK_ROWS):
-        finite = np.isfinite(arr[start:start + _CHECK_BLOCK_ROWS])
-        if not finite.all():
-            row = start + int(np.flatnonzero(~finite.all(axis=1))[0])
+    block = max(1, _CHECK_BLOCK_ELEMENTS // arr.shape[1])
+    for start in range(0, arr.shape[0], block):
+        part = arr[start:start + block]
+        if not np.isfinite(part).all():
+            row = start + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
             raise DataError(f"{name} contains NaN or infinity (row {row}).")
     return arr
 
@@ -424,13 +425,7 @@ def _kmeans_plusplus(
 def _sq_dist_to(points: np.ndarray, X: np.ndarray, x_sq: np.ndarray) -> np.ndarray:
     """Squared L2 distances (m, n) from `points` to every row of X, in float64 for the cumulative sums."""
     p_sq = np.einsum("ij,ij->i", points, points)
-    # x_sq - 2 x.p + p_sq in float32 as one expression would, but in place: one (m, n) float32 buffer
-    # instead of three temporaries, the same bits.
-    d32 = points @ X.T
-    d32 *= 2.0
-    np.subtract(x_sq[None, :], d32, out=d32)
-    d32 += p_sq[:, None]
-    d = d32.astype(np.float64)
+    d = (x_sq[None, :] - 2.0 * (points @ X.T) + p_sq[:, None]).astype(np.float64)
     return np.maximum(d, 0.0, out=d)
 
 
