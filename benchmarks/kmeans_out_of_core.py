@@ -8,8 +8,10 @@ then runs, in one Ray session:
                  does not count against the out-of-core runs).
 A sampler thread polls (/proc, Linux) the RSS of the driver and of every process Ray started for this session
 (actors, tasks) every 0.2 s; each result reports the driver's peak and the largest other process's peak in that phase,
-against its share (bytes of data / number of actors). Inertia is compared on the subset: the SSE of the
-subset's rows to each method's centroids over the SSE to the in-memory centroids.
+against its share (bytes of data / number of actors), and the same peaks of private memory (RSS less its shared
+pages: mostly the pages of Ray's object store a process has mapped, which stay in its RSS after the objects are
+freed and are held once, by the store). Inertia is compared on the subset: the SSE of the subset's rows to each
+method's centroids over the SSE to the in-memory centroids.
 
     python benchmarks/kmeans_out_of_core.py --n 10000000 --d 64 --k 1024 --iters 20 --record
 """
@@ -35,8 +37,8 @@ from record import append_section  # noqa: E402
 GIB = 1 << 30
 
 
-def _processes() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, RSS bytes, command) of every process, from /proc (Linux)."""
+def _processes() -> dict[int, tuple[int, int, int, str]]:
+    """pid -> (parent pid, RSS bytes, private bytes, command) of every process, from /proc (Linux)."""
     page = os.sysconf("SC_PAGE_SIZE")
     out = {}
     for entry in os.scandir("/proc"):
@@ -46,13 +48,14 @@ def _processes() -> dict[int, tuple[int, int, str]]:
             with open(f"/proc/{entry.name}/stat") as f:
                 stat = f.read()
             with open(f"/proc/{entry.name}/statm") as f:
-                rss = int(f.read().split()[1]) * page
+                fields = f.read().split()
+            rss, shared = int(fields[1]) * page, int(fields[2]) * page
             with open(f"/proc/{entry.name}/cmdline", "rb") as f:
                 cmd = f.read().split(b"\0")[0].decode(errors="replace")[:60]
         except (OSError, IndexError, ValueError):
             continue
         ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        out[int(entry.name)] = (ppid, rss, cmd)
+        out[int(entry.name)] = (ppid, rss, rss - shared, cmd)
     return out
 
 
@@ -64,8 +67,9 @@ class PeakRSS:
         self._interval = interval
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._driver = 0
+        self._driver = self._driver_private = 0
         self._others: dict[int, tuple[int, str]] = {}
+        self._others_private: dict[int, tuple[int, str]] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -75,15 +79,18 @@ class PeakRSS:
             below, frontier = set(), [self._pid]
             while frontier:
                 parent = frontier.pop()
-                kids = [pid for pid, (ppid, _, _) in procs.items() if ppid == parent and pid not in below]
+                kids = [pid for pid, (ppid, *_) in procs.items() if ppid == parent and pid not in below]
                 below.update(kids)
                 frontier.extend(kids)
             with self._lock:
-                self._driver = max(self._driver, procs.get(self._pid, (0, 0, ""))[1])
+                _, rss, private, _ = procs.get(self._pid, (0, 0, 0, ""))
+                self._driver, self._driver_private = max(self._driver, rss), max(self._driver_private, private)
                 for pid in below:
-                    _, rss, cmd = procs[pid]
+                    _, rss, private, cmd = procs[pid]
                     if rss > self._others.get(pid, (0, ""))[0]:
                         self._others[pid] = (rss, cmd)
+                    if private > self._others_private.get(pid, (0, ""))[0]:
+                        self._others_private[pid] = (private, cmd)
             self._stop.wait(self._interval)
 
     def phase(self) -> dict:
@@ -91,14 +98,22 @@ class PeakRSS:
         time.sleep(2 * self._interval)
         with self._lock:
             top = max(self._others.values(), default=(0, ""))
+            top_private = max(self._others_private.values(), default=(0, ""))
             out = {"driver_peak_rss_gib": self._driver / GIB, "largest_worker_peak_rss_gib": top[0] / GIB,
-                   "largest_worker": top[1]}
-            self._driver, self._others = 0, {}
+                   "largest_worker": top[1], "driver_peak_private_gib": self._driver_private / GIB,
+                   "largest_worker_peak_private_gib": top_private[0] / GIB, "largest_private_worker": top_private[1]}
+            self._driver = self._driver_private = 0
+            self._others, self._others_private = {}, {}
         return out
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def _short(command: str) -> str:
+    """'ray::ShardActor.partial_stats' -> 'ShardActor': which kind of process, for the table."""
+    return command.removeprefix("ray::").split(".")[0].split("(")[0]
 
 
 def subset_inertia(X: np.ndarray, centroids: np.ndarray) -> float:
@@ -207,17 +222,21 @@ def main() -> None:
     monitor.close()
 
     if args.record:
-        header = ["step", "seconds", "driver peak RSS (GiB)", "largest worker peak RSS (GiB)", "share (GiB)",
-                  "inertia / row", "subset inertia / in-memory"]
+        header = ["step", "seconds", "driver peak RSS (GiB)", "largest worker peak RSS (GiB)",
+                  "driver / largest worker peak private (GiB)", "share (GiB)", "inertia / row",
+                  "subset inertia / in-memory"]
         table = [[r["impl"], f"{r['seconds']:.1f}", f"{r['driver_peak_rss_gib']:.2f}",
-                  f"{r['largest_worker_peak_rss_gib']:.2f}", f"{r['share_gib']:.2f}",
+                  f"{r['largest_worker_peak_rss_gib']:.2f} ({_short(r['largest_worker'])})",
+                  f"{r['driver_peak_private_gib']:.2f} / {r['largest_worker_peak_private_gib']:.2f}",
+                  f"{r['share_gib']:.2f}",
                   f"{r['inertia_per_row']:.3f}" if "inertia_per_row" in r else "",
                   f"{r['subset_inertia_ratio']:.4f}" if "subset_inertia_ratio" in r else ""] for r in results]
         notes = (f"n={args.n}, d={args.d}, k={args.k}, {args.iters} Lloyd iterations (tol 0), "
                  f"{args.rows_per_shard} rows per shard, {args.num_actors} shard actors, sample_assign sample "
                  f"{args.sample_size}; reference: engine.KMeans (k-means++) in memory on the first {args.subset} "
                  f"rows. `python benchmarks/kmeans_out_of_core.py {' '.join(sys.argv[1:])}`. RSS sampled every "
-                 "0.2 s per process (psutil); 'share' = data bytes / actors.")
+                 "0.2 s per process (/proc); private = RSS less shared pages (Ray's object store mapped in); "
+                 "'share' = data bytes / actors.")
         append_section("k-means out of core (ShardedKMeans, sample_assign)", header, table, notes)
     if not args.data:
         shutil.rmtree(data, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import tracemalloc
 
 import faiss
 import numpy as np
@@ -214,6 +215,44 @@ def test_stats_from_assignment_equals_partial_stats(blobs, init_rows):
     a, b = stats_from_assignment(X, labels, sq, K), partial_stats(X, init_rows)
     np.testing.assert_array_equal(a.sums, b.sums)
     assert a.sse == b.sse
+
+
+def test_unweighted_stats_allocate_nothing_of_n_rows():
+    """Without weights the stats of an assignment cost a block of work memory, however many rows: a shard
+    actor's pass once added a float64 array of ones and a float64 copy of the distances, 16 bytes a row."""
+    n, k = 400_000, 8
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n, 4)).astype(np.float32)
+    labels, sq = rng.integers(k, size=n), rng.random(n, dtype=np.float32)
+    tracemalloc.start()
+    try:
+        stats = stats_from_assignment(X, labels, sq, k)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * n  # 16 * n before; a block of rows (8192) in float64 and its CSC matrix is ~0.5 MB
+    weighted = stats_from_assignment(X, labels, sq, k, np.ones(n))
+    np.testing.assert_array_equal(stats.sums, weighted.sums)
+    np.testing.assert_array_equal(stats.counts, weighted.counts)
+    assert stats.sse == pytest.approx(weighted.sse, rel=1e-12)
+
+
+def test_input_check_allocates_a_block_and_names_a_late_row():
+    """The NaN / inf check of X goes over blocks: a mask of the whole input would be a quarter of its bytes
+    (0.3 GiB for a 5M x 64 shard) on every call; the row it names is still counted from the first row."""
+    from engine.cluster._stats import as_float32_matrix
+
+    X = np.zeros((1_000_000, 16), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        as_float32_matrix(X)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < X.size // 2  # the whole mask is X.size bytes (16 MB), a block 4 MiB
+    X[900_001, 3] = np.inf
+    with pytest.raises(DataError, match=r"^X contains NaN or infinity \(row 900001\)\.$"):
+        as_float32_matrix(X)
 
 
 def test_adding_stats_of_different_k_is_an_error(blobs, init_rows):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import tracemalloc
 
 import numpy as np
 import pyarrow as pa
@@ -83,6 +84,42 @@ def test_shard_actor_in_process_matches_partial_stats(shards):
     np.testing.assert_array_equal(counts, expected.counts)
     assert sse == pytest.approx(expected.sse)
     np.testing.assert_array_equal(actor.get_subset(np.array([3, 250])), X[[3, 250]])
+
+
+def test_shard_actor_passes_allocate_an_assignment_not_copies_of_the_share():
+    """A pass over a loaded actor allocates at most one assignment (int64 label + float32 distance, 12 bytes a
+    row) and buffers of a block; a second partial_stats frees the first's assignment before making its own.
+    Before: every pass re-checked the rows for NaN (a rows x d mask) and recomputed their norms, the stats
+    took float64 weights and distances of every row, k-means|| float64 distances and draws of the share."""
+    n, d = 1_000_000, 24
+    X = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    actor = ShardActor(np.split(X, 4), ["a", "b", "c", "d"], backend="torch")
+    del X
+    actor.load()
+    C = actor.get_subset(np.arange(64))
+    assignment, blocks = 12 * n, 3 << 20  # the blocks: 8192 x d float64 rows for the stats, an argmin's labels
+    cost = []
+    calls = [
+        ("partial_stats", lambda: actor.partial_stats(C[:16]), assignment + blocks),
+        ("partial_stats again", lambda: actor.partial_stats(C[16:32]), blocks),
+        ("update_closest first", lambda: cost.append(actor.update_closest(C[:16], first=True)), assignment + blocks),
+        ("update_closest", lambda: cost.append(actor.update_closest(C[16:48])), assignment + blocks),
+        ("oversample", lambda: actor.oversample(32.0, cost[-1], 0, 0), assignment + blocks),
+        ("count_nearest", lambda: actor.count_nearest(C), assignment + blocks),
+    ]
+    over = {}
+    tracemalloc.start()
+    try:
+        for name, call, bound in calls:
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            call()
+            peak = tracemalloc.get_traced_memory()[1] - before
+            if peak > bound:
+                over[name] = f"{peak / n:.1f} bytes a row, bound {bound / n:.1f}"
+    finally:
+        tracemalloc.stop()
+    assert over == {}
 
 
 # --- on Ray -----------------------------------------------------------------------------------------

@@ -448,12 +448,13 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _unit_rows(X: np.ndarray, name: str = "X") -> np.ndarray:
-    """A copy of X with every row scaled to unit L2 norm; a zero row is a DataError naming it."""
+def _unit_rows(X: np.ndarray, name: str = "X", first_row: int = 0) -> np.ndarray:
+    """A copy of X with every row scaled to unit L2 norm; a zero row is a DataError naming it (counted from
+    `first_row`, for a piece of a larger input)."""
     norms = np.sqrt(row_sq_norms(X))
     zero = norms == 0
     if zero.any():
-        row = int(np.flatnonzero(zero)[0])
+        row = first_row + int(np.flatnonzero(zero)[0])
         raise DataError(f"{name} row {row} is all zeros: spherical=True needs rows with a direction.")
     return X / norms[:, None]
 

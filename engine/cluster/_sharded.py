@@ -6,7 +6,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,12 +20,15 @@ from engine import storage
 from engine.cluster._kmeans import KMeans, _check_int, _digest, _FitState, _renormalise, _unit_rows
 from engine.cluster._stats import (
     PartialStats,
+    _assign,
+    as_centroids,
     as_float32_matrix,
     assign,
     check_n_clusters,
     kmeans_plusplus,
     lloyd_record,
     resolve_backend,
+    row_sq_norms,
     stats_from_assignment,
 )
 from engine.data.schema import Z, check_finite, vectors_to_numpy
@@ -45,6 +48,12 @@ _OVERSAMPLING = 2.0
 # Redos of one step after shard actors died: a node lost now and then is survived, an actor that dies
 # every time (out of memory on any node) is not retried forever.
 _MAX_REDOS = 3
+
+# Bytes of rows per request when gathering rows into the driver (a sample, seeds). Each answer passes through
+# Ray's object store, whose pages stay mapped in the resident memory of the actor and of the driver after the
+# copy: bounded requests reuse the same pages, where one request per actor held the whole sample there again
+# beside the driver's copy.
+_GATHER_BYTES = 64 << 20
 
 Shard = str | np.ndarray
 T = TypeVar("T")
@@ -67,10 +76,13 @@ class ShardActor:
         self._first_shard = first_shard  # global index of this actor's first shard, for per-shard seeds
         self._spherical = spherical  # rows are L2-normalised once, at load
         self._X = np.zeros((0, 0), dtype=np.float32)
+        self._x_sq = np.zeros(0, dtype=np.float32)  # squared row norms, computed once for every pass
         self._shard_rows: list[int] = []
         self._labels: np.ndarray | None = None  # assignment of the last partial_stats, for the repair
         self._sq: np.ndarray | None = None
-        self._closest_sq: np.ndarray | None = None  # k-means||: squared distance to the nearest candidate
+        # k-means||: squared distance (float32, as `assign` gives it: the minimum of those is exact) to the
+        # nearest candidate.
+        self._closest_sq: np.ndarray | None = None
         self._info: list[tuple[str, int, int]] | None = None
 
     def load(self) -> list[tuple[str, int, int]]:
@@ -78,8 +90,9 @@ class ShardActor:
         call (a step redone after another actor was replaced) returns the same answer.
 
         A separate call rather than the constructor, so a DataError reaches the driver as itself. The rows
-        are copied shard by shard into one array sized from the shards' row counts, so the peak memory is
-        this actor's share plus one shard, not twice the share (a list of parts and their concatenation).
+        are copied piece by piece (a Parquet row group, or a numpy shard) into one array sized from the
+        shards' row counts, so the peak memory is this actor's share plus one piece, not twice the share (a
+        list of parts and their concatenation) nor the share plus a whole Parquet file and its decoding.
         """
         if self._info is not None:
             return self._info
@@ -88,26 +101,36 @@ class ShardActor:
         info: list[tuple[str, int, int]] = []
         offset = 0
         for shard, name in zip(self._shards, self._names, strict=True):
-            part = self._read(shard, name)
-            if part.shape[0] == 0:
+            rows = dim = 0
+            for part in self._pieces(shard, name):
+                if part.shape[0] == 0:
+                    continue  # an empty row group: its list column has no dimension to check
+                if rows and part.shape[1] != dim:  # list columns can change length between row groups
+                    raise DataError(f"{name}: column '{self._column}' has vectors of mixed lengths: row 0 has "
+                                    f"{dim}, row {rows} has {part.shape[1]}")
+                dim = part.shape[1]
+                if X is not None and dim != X.shape[1]:
+                    raise DataError(
+                        f"{name}: column '{self._column}' has {dim} dimensions, but {info[0][0]} has {X.shape[1]}"
+                    )
+                check_finite(part, name=self._column, where=name, first_row=rows)
+                if self._spherical:
+                    part = _unit_rows(part, name=f"{name}: column '{self._column}'", first_row=rows)
+                if X is None:
+                    X = np.empty((total, part.shape[1]), dtype=np.float32)
+                X[offset + rows:offset + rows + part.shape[0]] = part
+                rows += part.shape[0]
+            if rows == 0:
                 raise DataError(f"{name}: the shard holds no rows")
-            if X is not None and part.shape[1] != X.shape[1]:
-                raise DataError(
-                    f"{name}: column '{self._column}' has {part.shape[1]} dimensions, but {info[0][0]} has "
-                    f"{X.shape[1]}"
-                )
-            check_finite(part, name=self._column, where=name)
-            if self._spherical:
-                part = _unit_rows(part, name=f"{name}: column '{self._column}'")
-            if X is None:
-                X = np.empty((total, part.shape[1]), dtype=np.float32)
-            X[offset:offset + part.shape[0]] = part
-            offset += part.shape[0]
-            info.append((name, part.shape[0], part.shape[1]))
-            del part
+            offset += rows
+            info.append((name, rows, X.shape[1]))
+        # Arrow's allocator keeps the pages it freed for the next read; this actor reads no more, so they
+        # go back to the system instead of staying in its resident memory beside the rows.
+        pa.default_memory_pool().release_unused()
         self._shards = []  # the rows now live in self._X; drop the inputs
         self._shard_rows = [rows for _, rows, _ in info]
         self._X = X
+        self._x_sq = row_sq_norms(X)
         self._info = info
         return info
 
@@ -118,15 +141,21 @@ class ShardActor:
         return int(self._X.shape[1])
 
     def get_subset(self, indices: np.ndarray) -> np.ndarray:
-        return self._X[np.asarray(indices, dtype=np.int64)].copy()
+        return self._X[np.asarray(indices, dtype=np.int64)]  # a copy already: fancy indexing copies
 
     def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Nearest centroid and squared distance of every row (labels int64, float32)."""
-        return assign(self._X, centroids, backend=self._backend)
+        """Nearest centroid and squared distance of every row (labels int64, float32).
+
+        The rows were checked at load and are not checked again: the check of a whole share allocated a
+        (rows x d) mask on every pass, a quarter of the share's bytes.
+        """
+        centroids = as_centroids(centroids, n_features=self.dim())
+        return _assign(self._X, centroids, resolve_backend(self._backend), self._x_sq)
 
     def partial_stats(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """The PartialStats fields (sums, counts, sse) of this actor's rows for `centroids`."""
-        self._labels, self._sq = assign(self._X, centroids, backend=self._backend)
+        self._labels = self._sq = None  # replaced: never hold two assignments of the share
+        self._labels, self._sq = self.assign(centroids)
         stats = stats_from_assignment(self._X, self._labels, self._sq, centroids.shape[0])
         return stats.sums, stats.counts, stats.sse
 
@@ -151,10 +180,12 @@ class ShardActor:
     def update_closest(self, candidates: np.ndarray, first: bool = False) -> float:
         """k-means||: fold new candidates into each row's nearest-candidate distance; returns the cost.
         `first` starts afresh, forgetting the candidates of a seeding redone after an actor was replaced."""
-        _, sq = assign(self._X, candidates, backend=self._backend)
-        sq = sq.astype(np.float64)
-        self._closest_sq = sq if first or self._closest_sq is None else np.minimum(self._closest_sq, sq)
-        return float(self._closest_sq.sum())
+        _, sq = self.assign(candidates)
+        if first or self._closest_sq is None:
+            self._closest_sq = sq
+        else:
+            np.minimum(self._closest_sq, sq, out=self._closest_sq)
+        return float(np.sum(self._closest_sq, dtype=np.float64))
 
     def oversample(self, expected: float, cost: float, seed: int, round_: int) -> np.ndarray:
         """k-means||: each row independently with probability min(1, expected * d^2 / cost).
@@ -162,34 +193,44 @@ class ShardActor:
         The draws of each shard come from its own stream (seed, round, global shard index), so the sample
         does not depend on how the shards are grouped into actors.
         """
-        u = np.concatenate([
-            np.random.default_rng([seed, round_, self._first_shard + s]).uniform(size=rows)
-            for s, rows in enumerate(self._shard_rows)
-        ])
-        p = np.minimum(1.0, expected * self._closest_sq / cost)
-        return self._X[u < p].copy()
+        picked, start = [], 0
+        for s, rows in enumerate(self._shard_rows):
+            # Shard by shard, so the draws and probabilities (float64) are a shard's rows, not the share's.
+            u = np.random.default_rng([seed, round_, self._first_shard + s]).uniform(size=rows)
+            p = np.minimum(1.0, expected * self._closest_sq[start:start + rows].astype(np.float64) / cost)
+            picked.append(start + np.flatnonzero(u < p))
+            start += rows
+        return self._X[np.concatenate(picked)]
 
     def count_nearest(self, candidates: np.ndarray) -> np.ndarray:
         """k-means||: how many of this actor's rows have each candidate as their nearest."""
-        labels, _ = assign(self._X, candidates, backend=self._backend)
+        labels, _ = self.assign(candidates)
         return np.bincount(labels, minlength=candidates.shape[0]).astype(np.float64)
 
-    def _read(self, shard: Shard, name: str) -> np.ndarray:
+    def _pieces(self, shard: Shard, name: str) -> Iterator[np.ndarray]:
+        """The rows of a shard as float32 pieces: a numpy shard whole, a Parquet file one row group at a time."""
         if isinstance(shard, np.ndarray):
             if shard.ndim != 2:
                 raise DataError(f"{name}: should be a 2-D array (rows, dims), got shape {shard.shape}")
             try:
-                return np.ascontiguousarray(shard, dtype=np.float32)
+                yield np.ascontiguousarray(shard, dtype=np.float32)
             except (TypeError, ValueError) as e:
                 raise DataError(f"{name}: should hold numbers, got dtype {shard.dtype}") from e
+            return
         try:
-            schema = pq.read_schema(shard)
+            # One row group at a time, in this thread: Arrow's buffers are a row group's, not the file's
+            # (reading whole 250k x 64 files peaked at ~0.3 GiB above the rows, row groups at ~0.13).
+            file = pq.ParquetFile(shard, pre_buffer=False)
         except (OSError, ValueError) as e:
             raise DataError(f"{name}: not a readable Parquet file ({e})") from e
-        if self._column not in schema.names:
-            raise DataError(f"{name}: no column '{self._column}' (columns: {', '.join(schema.names)})")
-        table = pq.read_table(shard, columns=[self._column])
-        return vectors_to_numpy(table.column(self._column), name=self._column, where=name)
+        names = file.schema_arrow.names
+        if self._column not in names:
+            raise DataError(f"{name}: no column '{self._column}' (columns: {', '.join(names)})")
+        first_row = 0
+        for group in range(file.num_row_groups):
+            table = file.read_row_group(group, columns=[self._column], use_threads=False)
+            yield vectors_to_numpy(table.column(self._column), name=self._column, where=name, first_row=first_row)
+            first_row += table.num_rows
 
 
 class ShardedKMeans(BaseEstimator):
@@ -277,7 +318,7 @@ class ShardedKMeans(BaseEstimator):
                 centroids = _unit_rows(init, name="init") if self.spherical else init.copy()
             elif init == "random":
                 centroids = pool.survive(lambda: _gather(actors, sizes, np.random.default_rng(self.seed).choice(
-                    self.n_samples_, size=self.n_clusters, replace=False)), "seeding")
+                    self.n_samples_, size=self.n_clusters, replace=False), self.n_features_in_), "seeding")
             else:
                 centroids = pool.survive(
                     lambda: self._kmeans_parallel(actors, sizes, np.random.default_rng(self.seed)), "seeding")
@@ -409,7 +450,7 @@ class ShardedKMeans(BaseEstimator):
         import ray
 
         k = self.n_clusters
-        candidates = [_gather(actors, sizes, rng.integers(self.n_samples_, size=1))]
+        candidates = [_gather(actors, sizes, rng.integers(self.n_samples_, size=1), self.n_features_in_)]
         cost = sum(_get([a.update_closest.remote(candidates[0], first=True) for a in actors]))
         for round_ in range(_PARALLEL_ROUNDS):
             if cost <= 0:
@@ -427,7 +468,8 @@ class ShardedKMeans(BaseEstimator):
         if np.count_nonzero(weights) < k:
             # Fewer distinct candidates than clusters (tiny or highly duplicated data): top up with random
             # rows, and let a zero-weight duplicate still be chosen rather than fail.
-            extra = _gather(actors, sizes, np.sort(rng.choice(self.n_samples_, size=k, replace=False)))
+            extra = _gather(actors, sizes, np.sort(rng.choice(self.n_samples_, size=k, replace=False)),
+                            self.n_features_in_)
             C = np.concatenate([C, extra])
             C_ref = ray.put(C)
             weights = np.sum(_get([a.count_nearest.remote(C_ref) for a in actors]), axis=0)
@@ -599,21 +641,24 @@ def _get(refs: list) -> list:
         raise err from None
 
 
-def _gather(actors: list, sizes: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The rows at global indices `rows` (into the concatenation of the actors' rows), in that order."""
+def _gather(actors: list, sizes: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
+    """The rows at global indices `rows` (into the concatenation of the actors' rows), in that order, asked
+    for in requests of at most _GATHER_BYTES together."""
     rows = np.asarray(rows, dtype=np.int64)
-    owner = np.searchsorted(np.cumsum(sizes), rows, side="right")
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    out = None
-    refs, where = [], []
-    for a in np.unique(owner):
-        pick = np.flatnonzero(owner == a)
-        refs.append(actors[a].get_subset.remote(rows[pick] - starts[a]))
-        where.append(pick)
-    for pick, part in zip(where, _get(refs), strict=True):
-        if out is None:
-            out = np.empty((rows.shape[0], part.shape[1]), dtype=np.float32)
-        out[pick] = part
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    out = np.empty((rows.shape[0], dim), dtype=np.float32)
+    step = max(1, _GATHER_BYTES // (4 * dim))
+    for first in range(0, rows.shape[0], step):
+        chunk = rows[first:first + step]
+        owner = np.searchsorted(ends, chunk, side="right")
+        refs, where = [], []
+        for a in np.unique(owner):
+            pick = np.flatnonzero(owner == a)
+            refs.append(actors[a].get_subset.remote(chunk[pick] - starts[a]))
+            where.append(first + pick)
+        for pick, part in zip(where, _get(refs), strict=True):
+            out[pick] = part
     return out
 
 
@@ -694,11 +739,12 @@ def fit_sample_then_assign(
         sizes = np.array([sum(rows for _, rows, _ in info) for info in infos])
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(n_samples, size=min(sample_size, n_samples), replace=False))
-        sample = pool.survive(lambda: _gather(actors, sizes, rows), "sampling")
+        sample = pool.survive(lambda: _gather(actors, sizes, rows, infos[0][0][2]), "sampling")
     finally:
         pool.kill()
     model = KMeans(n_clusters, init=init, max_iter=max_iter, tol=tol, seed=seed, backend=backend,
                    spherical=spherical).fit(sample)
+    del sample  # the model has its centroids; the assignment below streams every row without it
     manifest = assign_shards(embeddings, model.cluster_centers_, out_dir, config_hash=config_hash,
                              batch_size=batch_size, concurrency=concurrency, backend=backend, column=column,
                              stage=stage, spherical=spherical)

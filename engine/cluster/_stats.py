@@ -22,6 +22,9 @@ BACKENDS = ("auto", "faiss", "torch")
 # fastest on CPU), while a GPU wants large blocks to keep its cores busy.
 _TORCH_BLOCK_BYTES = {"cpu": 4 << 20, "cuda": 512 << 20}
 _STATS_BLOCK_ROWS = 8192
+# Elements per block of the NaN / inf check: a bool mask of the whole input would add a quarter of the
+# input's bytes (0.3 GiB for a 5M x 64 shard actor, on every call); a block of it costs 4 MiB.
+_CHECK_BLOCK_ELEMENTS = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -85,14 +88,17 @@ def stats_from_assignment(
 ) -> PartialStats:
     """Partial stats of rows whose assignment is already known (e.g. from `assign`).
 
-    Inputs are taken as validated: X float32 (n, d), labels in [0, n_clusters), weights >= 0.
+    Inputs are taken as validated: X float32 (n, d), labels in [0, n_clusters), weights >= 0. Without
+    weights nothing of n rows is allocated (the work memory is a block), so a shard actor's pass costs no
+    more than its labels and distances.
     """
     n = X.shape[0]
     if labels.shape != (n,) or sq_distances.shape != (n,):
         raise DataError(
             f"labels {labels.shape} and sq_distances {sq_distances.shape} should both have shape ({n},)"
         )
-    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    ones = np.ones(min(n, _STATS_BLOCK_ROWS)) if w is None else None
     # One nonzero per column: a (k x rows) CSC matrix built without sorting; its product with X sums the
     # weighted rows per cluster in float64 (measured 7x faster than np.add.at on 200k x 32, k=256). Row
     # blocks keep the float64 copy of X small and in cache: 1M x 64, k=1024 went from 0.16-0.85 s to 0.06 s.
@@ -100,12 +106,18 @@ def stats_from_assignment(
     indptr = np.arange(_STATS_BLOCK_ROWS + 1)
     for start in range(0, n, _STATS_BLOCK_ROWS):
         stop = min(start + _STATS_BLOCK_ROWS, n)
+        data = ones[: stop - start] if w is None else w[start:stop]
         membership = scipy.sparse.csc_matrix(
-            (w[start:stop], labels[start:stop], indptr[: stop - start + 1]), shape=(n_clusters, stop - start)
+            (data, labels[start:stop], indptr[: stop - start + 1]), shape=(n_clusters, stop - start)
         )
         sums += membership @ X[start:stop].astype(np.float64)
-    counts = np.bincount(labels, weights=w, minlength=n_clusters)
-    sse = float(sq_distances.astype(np.float64) @ w)
+    if w is None:
+        counts = np.bincount(labels, minlength=n_clusters).astype(np.float64)
+        # A float64 reduction of the float32 distances: numpy casts them in small buffers, not as one copy.
+        sse = float(np.sum(sq_distances, dtype=np.float64))
+    else:
+        counts = np.bincount(labels, weights=w, minlength=n_clusters)
+        sse = float(sq_distances.astype(np.float64) @ w)
     return PartialStats(sums, counts, sse)
 
 
@@ -119,7 +131,7 @@ def partial_stats(
     """Sums, counts and SSE of one block of rows for fixed centroids: the one Lloyd-step reduction."""
     X = as_float32_matrix(X)
     centroids = as_centroids(centroids, n_features=X.shape[1])
-    w = as_weights(sample_weight, X.shape[0])
+    w = None if sample_weight is None else as_weights(sample_weight, X.shape[0])
     labels, sq_distances = _assign(X, centroids, resolve_backend(backend))
     return stats_from_assignment(X, labels, sq_distances, centroids.shape[0], w)
 
@@ -188,10 +200,12 @@ def as_float32_matrix(X: object, name: str = "X") -> np.ndarray:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
     except (TypeError, ValueError) as e:
         raise DataError(f"{name} should hold numbers, got dtype {np.asarray(X).dtype}.") from e
-    finite = np.isfinite(arr)
-    if not finite.all():
-        row = int(np.flatnonzero(~finite.all(axis=1))[0])
-        raise DataError(f"{name} contains NaN or infinity (row {row}).")
+    block = max(1, _CHECK_BLOCK_ELEMENTS // arr.shape[1])
+    for start in range(0, arr.shape[0], block):
+        part = arr[start:start + block]
+        if not np.isfinite(part).all():
+            row = start + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
+            raise DataError(f"{name} contains NaN or infinity (row {row}).")
     return arr
 
 
@@ -396,8 +410,10 @@ def _kmeans_plusplus(
         cumulative = np.cumsum(w * closest_sq)
         candidate_ids = np.searchsorted(cumulative, rng.uniform(size=n_local_trials) * potential)
         np.clip(candidate_ids, None, n - 1, out=candidate_ids)
-        # Squared distance of every row to its nearest centre if each candidate were added.
-        candidate_sq = np.minimum(closest_sq, _sq_dist_to(X[candidate_ids], X, x_sq))
+        # Squared distance of every row to its nearest centre if each candidate were added (in place: the
+        # (trials x n) float64 block is the largest buffer of the seeding).
+        candidate_sq = _sq_dist_to(X[candidate_ids], X, x_sq)
+        np.minimum(closest_sq, candidate_sq, out=candidate_sq)
         candidate_pot = candidate_sq @ w
         best = int(np.argmin(candidate_pot))
         potential = float(candidate_pot[best])
