@@ -59,6 +59,20 @@ def test_random_affine_is_seeded_bounded_and_keeps_channels():
 # ---- bfloat16 ----------------------------------------------------------------------------------------
 
 
+def test_affine_never_leaves_the_input_range():
+    # Bilinear weights do not sum to exactly 1 in float32: without a clamp, saturated pixels (255) came out as
+    # 255.00003 and a VAE with the bce loss refused the batch after the / 255 normalisation.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (512, 784), generator=g).float()
+    x[x < 128], x[x > 200] = 0.0, 255.0
+    y = random_affine(x, (28, 28), rotation=20, shift=0.075, generator=g)
+    assert float(y.min()) == 0.0 and float(y.max()) == 255.0
+    assert float((y * torch.tensor(1 / 255, dtype=torch.float32)).max()) <= 1.0
+    # Negative inputs keep their range too; what moves in from outside is 0, inside it.
+    z = random_affine(x - 300.0, (28, 28), rotation=20, shift=0.075, generator=g)
+    assert float(z.min()) >= -300.0 and float(z.max()) <= 0.0
+
+
 def test_mixed_precision_forward_gives_float32_and_close_losses():
     torch.manual_seed(0)
     model = build_model("mlp_ae", in_dim=16, latent_dim=3, hidden=[32])

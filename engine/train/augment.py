@@ -44,7 +44,11 @@ def affine(x: torch.Tensor, image_shape: Sequence[int], angles: torch.Tensor, mo
     theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], dim=1),
                          torch.stack([sin, cos, move[:, 1]], dim=1)], dim=1).to(x.device, x.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(n, -1)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(n, -1)
+    # Every output is a weighted mean of inputs and zeros, so in the range below, but for rounding: 255-valued
+    # pixels came out as 255.00003, which the VAE's bce check (inputs in [0, 1]) rightly refused after / 255.
+    lo, hi = (float(v) for v in torch.aminmax(x))
+    return out.clamp_(min(lo, 0.0), max(hi, 0.0))
 
 
 def random_affine(x: torch.Tensor, image_shape: Sequence[int], *, rotation: float, shift: float,
