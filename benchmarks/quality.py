@@ -161,14 +161,20 @@ def main() -> None:
 def _finished_run(out: Path, cfg) -> tuple[float, dict, dict] | None:
     """(wall seconds, stage seconds, metrics) of a run of exactly this config that finished in `out`; else None.
 
-    A run without its finish time or metrics, or of another config (its hash), is run again (and overwritten).
+    A run without its finish time (or begun again after it) or metrics, or of another config, is run again (and
+    overwritten). The config saved in the run is read with today's schema, so that a setting added since with its
+    default (which changes the hash) does not count as another config.
     """
+    from engine.config import load_config
+    from engine.errors import ConfigError
+
     try:
         run = json.loads((out / "run.json").read_text())
         metrics = json.loads((out / "metrics.json").read_text())
-    except (OSError, ValueError):
+        saved = load_config(out / "config.yaml")
+    except (OSError, ValueError, ConfigError):
         return None
-    if not run.get("finished") or run.get("config_hash") != cfg.hash():
+    if not run.get("finished", 0) > run.get("started", 0) or saved.hash() != cfg.hash():
         return None
     return run["finished"] - run["started"], run["seconds"], metrics
 
