@@ -161,8 +161,8 @@ def _finished_run(out: Path, cfg) -> tuple[float, dict, dict] | None:
     """(wall seconds, stage seconds, metrics) of a run of exactly this config that finished in `out`; else None.
 
     A run without its finish time (or begun again after it) or metrics, or of another config, is run again (and
-    overwritten). The config saved in the run is read with today's schema, so that a setting added since with its
-    default (which changes the hash) does not count as another config.
+    overwritten). The config saved in the run is read with today's schema and compared by its hash (of the settings
+    that differ from their defaults), so a setting added since with its default does not count as another config.
     """
     from engine.config import load_config
     from engine.errors import ConfigError

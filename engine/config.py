@@ -6,7 +6,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -497,12 +497,39 @@ class PipelineConfig(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def hash(self) -> str:
-        """Stable hash of the resolved config, recorded in every manifest."""
-        settings = self.to_dict()
+        """Stable hash of the resolved config, recorded in every manifest.
+
+        Only the settings that differ from their defaults are hashed, so a setting added to the schema later
+        (with a default that keeps the old behaviour) leaves the hash of older runs unchanged and they stay
+        resumable; a default that changes behaviour must therefore come with a new setting name."""
+        settings = _non_default(self)
         # Where a run is tracked does not change its results: turning tracking on keeps a run resumable.
-        del settings["tracking"]
+        settings.pop("tracking", None)
         blob = json.dumps(settings, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _non_default(section: BaseModel) -> dict[str, Any]:
+    """The section's settings that differ from their defaults (JSON values), nested sections recursively
+    (an all-default one is dropped). A single-valued Literal field, such as data.source, is a union's tag and
+    always kept: without it two all-default sources of different kinds would hash alike."""
+    from pydantic_core import PydanticUndefined, to_jsonable_python
+
+    out: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            nested = _non_default(value)
+            if nested:
+                out[name] = nested
+            continue
+        if get_origin(field.annotation) is Literal and len(get_args(field.annotation)) == 1:
+            out[name] = to_jsonable_python(value)
+            continue
+        default = field.get_default(call_default_factory=True)
+        if default is PydanticUndefined or to_jsonable_python(value) != to_jsonable_python(default):
+            out[name] = to_jsonable_python(value)
+    return out
 
 
 def check_installed(module: str, *, extra: str, key: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import create_model
 
 from engine.config import CONFIG_DIR, PipelineConfig, apply_override, config_from_dict, load_config
 from engine.errors import ConfigError
@@ -43,6 +44,20 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     again = load_config(path)
     assert again == cfg and again.hash() == cfg.hash()
     assert load_config(None, ["cluster.k=8"]).hash() != cfg.hash()
+
+
+def test_hash_ignores_settings_left_at_their_defaults_so_an_added_setting_keeps_old_runs_resumable():
+    cfg = load_config(None)
+    # The schema gains a setting whose default keeps the old behaviour: the same config hashes as before.
+    grown = create_model("GrownConfig", __base__=PipelineConfig, new_setting=(int, 0))
+    assert grown(**cfg.to_dict()).hash() == cfg.hash()
+    assert grown(**cfg.to_dict(), new_setting=1).hash() != cfg.hash()
+    assert load_config(None, ["train.placement_strategy=SPREAD"]).hash() != cfg.hash()
+    # Tracking never changes results; a nested setting does; the source's tag counts even with every
+    # other data setting at its default.
+    assert load_config(None, ["tracking.backend=tensorboard"]).hash() == cfg.hash()
+    assert load_config(None, ["train.augment.rotation=10"]).hash() != cfg.hash()
+    assert load_config(None, ["data.source=blobs"]).hash() != cfg.hash()
 
 
 @pytest.mark.parametrize(
