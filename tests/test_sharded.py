@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import tracemalloc
 
@@ -233,6 +234,42 @@ def test_sample_then_assign_writes_every_id_once(ray_local, blobs, embeddings, t
     assert clusters.min() >= 0 and clusters.max() < K
     # Trained on a third of well-separated blobs: as good as training on all of them, within 5%.
     assert model.score(blobs) >= 1.05 * -KMeans(K, seed=0).fit(blobs).inertia_
+    assert_no_shard_actors(ray_local)
+
+
+def _status_kib(field: str) -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field + ":")).split()[1])
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset needs Linux /proc")
+def test_sample_is_trained_on_in_a_ray_task_exactly_as_kmeans_on_those_rows(ray_local, tmp_path):
+    """The sample (rows drawn with the seed, in row order, gathered across 2 actors) reaches a Ray task that fits
+    KMeans on it: the centroids equal KMeans on the same rows in this process, and this process, the driver,
+    never holds the sample (its peak RSS grows by less than half the sample's bytes)."""
+    from engine.cluster._sharded import fit_sample_then_assign
+
+    n, d, size = 480_000, 64, 400_000  # a 98 MiB sample
+    X, _ = make_blobs(n_samples=n, n_features=d, centers=K, cluster_std=2.0, random_state=1)
+    X = X.astype(np.float32)
+    source = tmp_path / "embeddings"
+    with staged_folder(source) as tmp:
+        for i, first in enumerate(range(0, n, 160_000)):
+            write_shard(tmp / f"part-{i}.parquet", X[first:first + 160_000], first_id=first)
+        write_manifest(tmp, stage="embed", config_hash="test", rows=n, files=[f"part-{i}.parquet" for i in range(3)])
+    rows = np.sort(np.random.default_rng(3).choice(n, size=size, replace=False))
+    ref = KMeans(K, max_iter=5, tol=0, seed=3).fit(X[rows])
+    del X
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak RSS, to the current RSS
+    model, manifest = fit_sample_then_assign(source, tmp_path / "out", K, sample_size=size, seed=3, num_actors=2,
+                                             max_iter=5, tol=0, concurrency=1)
+    growth = (_status_kib("VmHWM") - before) * 1024
+    assert manifest["rows"] == n
+    np.testing.assert_allclose(model.cluster_centers_, ref.cluster_centers_, rtol=1e-4, atol=1e-4)
+    assert len(model.labels_) == size and model.inertia_ == pytest.approx(ref.inertia_, rel=1e-4)
+    assert growth < size * d * 4 / 2, f"the driver's peak RSS grew by {growth / 2**20:.0f} MiB; the sample is 98 MiB"
     assert_no_shard_actors(ray_local)
 
 

@@ -143,6 +143,11 @@ class ShardActor:
     def get_subset(self, indices: np.ndarray) -> np.ndarray:
         return self._X[np.asarray(indices, dtype=np.int64)]  # a copy already: fancy indexing copies
 
+    def get_counted_subset(self, indices: np.ndarray) -> tuple[np.ndarray, int]:
+        """get_subset and its row count; called with num_returns=2, so the caller can fetch the count only."""
+        subset = self.get_subset(indices)
+        return subset, int(subset.shape[0])
+
     def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest centroid and squared distance of every row (labels int64, float32).
 
@@ -662,6 +667,71 @@ def _gather(actors: list, sizes: np.ndarray, rows: np.ndarray, dim: int) -> np.n
     return out
 
 
+def _draw_sample(pool: _ShardActors, rows: np.ndarray) -> list:
+    """The pool's actors load their shards and leave the rows at global indices `rows` in the object store
+    (`_sample_parts`); then they are killed. The parts outlive them: an object belongs to its caller."""
+    actors = pool.actors
+    try:
+        infos = pool.survive(lambda: _get([a.load.remote() for a in actors]), "loading the shards")
+        sizes = np.array([sum(n for _, n, _ in info) for info in infos])
+        return pool.survive(lambda: _sample_parts(actors, sizes, rows, infos[0][0][2]), "sampling")
+    finally:
+        pool.kill()
+
+
+def _sample_parts(actors: list, sizes: np.ndarray, rows: np.ndarray, dim: int) -> list:
+    """References to the rows at global indices `rows` (sorted), in that order, left in the object store.
+
+    As `_gather`, in requests of at most _GATHER_BYTES, but nothing is fetched here: the parts go to the task
+    that trains on them. Each request also returns its row count, which is fetched, so that an actor that died
+    fails this step (and the pool replaces it) rather than the training.
+    """
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    step = max(1, _GATHER_BYTES // (4 * dim))
+    parts, counts = [], []
+    for first in range(0, rows.shape[0], step):
+        chunk = rows[first:first + step]
+        owner = np.searchsorted(ends, chunk, side="right")
+        for a in np.unique(owner):  # owners ascend with the rows: parts concatenate in row order
+            subset = actors[a].get_counted_subset.options(num_returns=2)
+            part, count = subset.remote(chunk[owner == a] - starts[a])
+            parts.append(part)
+            counts.append(count)
+    assert sum(_get(counts)) == rows.shape[0]
+    return parts
+
+
+def _fit_sample(parts: list, params: dict[str, Any]) -> KMeans:
+    """KMeans fitted on the concatenated parts, in a Ray task on the cluster: the driver never holds the sample.
+
+    The task reserves one CPU, so that it never waits for a whole node to be free, and computes with as many
+    threads as its node has CPUs (Ray would give a 1-CPU task one thread); it takes a GPU when the cluster has
+    one, since every backend computes on the process's GPU.
+    """
+    import ray
+
+    options: dict[str, Any] = {"num_cpus": 1, "max_retries": 0}
+    if any(n["Resources"].get("GPU", 0.0) >= 1 for n in ray.nodes() if n["Alive"]):
+        options["num_gpus"] = 1
+    return _get([ray.remote(_fit_parts).options(**options).remote(params, *parts)])[0]
+
+
+def _fit_parts(params: dict[str, Any], *parts: np.ndarray) -> KMeans:
+    import faiss
+    import ray
+    import torch
+
+    node = ray.get_runtime_context().get_node_id()
+    threads = next(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["NodeID"] == node)
+    torch.set_num_threads(max(1, threads))
+    faiss.omp_set_num_threads(max(1, threads))
+    # Parts passed as arguments arrive resolved (read-only views of the object store); one copy joins them.
+    sample = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+    del parts
+    return KMeans(**params).fit(sample)
+
+
 def _split_largest(actors: list, stats: PartialStats, centroids: np.ndarray, empty: np.ndarray) -> int:
     """KMeans's repair over actors: each empty cluster takes the farthest member of the largest cluster.
 
@@ -718,6 +788,8 @@ def fit_sample_then_assign(
     vector column of another complete folder (e.g. `x` of input shards, stage "input").
     """
 
+    import ray
+
     from engine.cluster.shards import assign_shards
     from engine.data.shards import read_manifest
 
@@ -732,19 +804,20 @@ def fit_sample_then_assign(
     n_samples = sum(rows for _, rows, _ in shapes)
     check_n_clusters(n_clusters, min(sample_size, n_samples))
 
-    pool = _ShardActors(shards, names, _actor_count(num_actors, len(shards)), column, backend, spherical)
-    actors = pool.actors
-    try:
-        infos = pool.survive(lambda: _get([a.load.remote() for a in actors]), "loading the shards")
-        sizes = np.array([sum(rows for _, rows, _ in info) for info in infos])
-        rng = np.random.default_rng(seed)
-        rows = np.sort(rng.choice(n_samples, size=min(sample_size, n_samples), replace=False))
-        sample = pool.survive(lambda: _gather(actors, sizes, rows, infos[0][0][2]), "sampling")
-    finally:
-        pool.kill()
-    model = KMeans(n_clusters, init=init, max_iter=max_iter, tol=tol, seed=seed, backend=backend,
-                   spherical=spherical).fit(sample)
-    del sample  # the model has its centroids; the assignment below streams every row without it
+    rows = np.sort(np.random.default_rng(seed).choice(n_samples, size=min(sample_size, n_samples), replace=False))
+    params = dict(n_clusters=n_clusters, init=init, max_iter=max_iter, tol=tol, seed=seed, backend=backend,
+                  spherical=spherical)
+    for attempt in range(_MAX_REDOS + 1):
+        parts = _draw_sample(_ShardActors(shards, names, _actor_count(num_actors, len(shards)), column, backend,
+                                          spherical), rows)
+        try:
+            model = _fit_sample(parts, params)
+            break
+        except ray.exceptions.ObjectLostError as e:  # a node holding parts of the sample left the cluster
+            if attempt == _MAX_REDOS:
+                raise
+            logger.warning("training on the sample: %s; drawing the sample again", type(e).__name__)
+    del parts
     manifest = assign_shards(embeddings, model.cluster_centers_, out_dir, config_hash=config_hash,
                              batch_size=batch_size, concurrency=concurrency, backend=backend, column=column,
                              stage=stage, spherical=spherical)
