@@ -139,6 +139,10 @@ def main() -> None:
                         help="which to run, comma-separated (the reference gives the subset inertia ratios)")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
+    steps = set(args.steps.split(","))
+    if steps - {"sharded", "sample_assign", "reference"}:
+        parser.error(f"--steps: unknown {sorted(steps - {'sharded', 'sample_assign', 'reference'})}; "
+                     "choose among sharded, sample_assign, reference")
 
     from engine.cluster import KMeans, ShardedKMeans
     from engine.cluster._sharded import fit_sample_then_assign
@@ -175,7 +179,6 @@ def main() -> None:
         prepare_source(cfg, data)
         report("generate", time.perf_counter() - t0)
 
-    steps = set(args.steps.split(","))
     models = {}
     monitor.phase()
     t0 = time.perf_counter()
