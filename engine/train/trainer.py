@@ -69,6 +69,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     # optimisation does not change with the number of workers.
     batch_size = max(1, config["batch_size"] // world)
     augment = config["augment"]
+    augmented = [0]  # rows this worker transformed in the current epoch
 
     def epoch_batches(epoch: int):
         seed = config["seed"] * 100_003 + epoch * 17 + rank
@@ -80,6 +81,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             x = torch.from_numpy(vectors_to_numpy(batch[X]).copy()).to(device, non_blocking=True)
             if augment:  # on the raw pixels, so that what moves in from outside is background (0)
                 x = random_affine(x, config["image_shape"], generator=transforms, **augment)
+                augmented[0] += x.shape[0]
             yield (x - shift) * scale
 
     def reduce(sums: dict[str, float]) -> dict[str, float]:
@@ -94,6 +96,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     epochs, every = config["epochs"], config["checkpoint_every"]
 
     def on_epoch_end(epoch: int, metrics: dict[str, Any]) -> None:
+        if augment:  # over every worker: the history shows that each row of the epoch was transformed
+            metrics["augmented_rows"] = reduce({"augmented_rows": float(augmented[0])})["augmented_rows"]
+            augmented[0] = 0
         history.append(metrics)
         if rank == 0 and queue is not None:
             queue.put_nowait(dict(metrics))
