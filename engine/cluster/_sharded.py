@@ -646,24 +646,31 @@ def _get(refs: list) -> list:
         raise err from None
 
 
-def _gather(actors: list, sizes: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
-    """The rows at global indices `rows` (into the concatenation of the actors' rows), in that order, asked
-    for in requests of at most _GATHER_BYTES together."""
+def _requests(sizes: np.ndarray, rows: np.ndarray, dim: int) -> Iterator[list[tuple[int, np.ndarray, np.ndarray]]]:
+    """The requests for the rows at global indices `rows` (into the concatenation of the actors' rows), in groups
+    of at most _GATHER_BYTES: per group, (actor, the actor's own indices, positions in `rows`), actors ascending."""
     rows = np.asarray(rows, dtype=np.int64)
     ends = np.cumsum(sizes)
     starts = ends - sizes
-    out = np.empty((rows.shape[0], dim), dtype=np.float32)
     step = max(1, _GATHER_BYTES // (4 * dim))
     for first in range(0, rows.shape[0], step):
         chunk = rows[first:first + step]
         owner = np.searchsorted(ends, chunk, side="right")
-        refs, where = [], []
+        group = []
         for a in np.unique(owner):
             pick = np.flatnonzero(owner == a)
-            refs.append(actors[a].get_subset.remote(chunk[pick] - starts[a]))
-            where.append(first + pick)
-        for pick, part in zip(where, _get(refs), strict=True):
-            out[pick] = part
+            group.append((int(a), chunk[pick] - starts[a], first + pick))
+        yield group
+
+
+def _gather(actors: list, sizes: np.ndarray, rows: np.ndarray, dim: int) -> np.ndarray:
+    """The rows at global indices `rows` (into the concatenation of the actors' rows), in that order, asked
+    for in requests of at most _GATHER_BYTES together."""
+    out = np.empty((len(rows), dim), dtype=np.float32)
+    for group in _requests(sizes, rows, dim):
+        refs = [actors[a].get_subset.remote(local) for a, local, _ in group]
+        for (_, _, where), part in zip(group, _get(refs), strict=True):
+            out[where] = part
     return out
 
 
@@ -682,23 +689,19 @@ def _draw_sample(pool: _ShardActors, rows: np.ndarray) -> list:
 def _sample_parts(actors: list, sizes: np.ndarray, rows: np.ndarray, dim: int) -> list:
     """References to the rows at global indices `rows` (sorted), in that order, left in the object store.
 
-    As `_gather`, in requests of at most _GATHER_BYTES, but nothing is fetched here: the parts go to the task
-    that trains on them. Each request also returns its row count, which is fetched, so that an actor that died
-    fails this step (and the pool replaces it) rather than the training.
+    The requests of `_gather`, but nothing is fetched here: the parts go to the task that trains on them. Each
+    request also returns its row count, which is fetched, so that an actor that died fails this step (and the
+    pool replaces it) rather than the training.
     """
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    step = max(1, _GATHER_BYTES // (4 * dim))
     parts, counts = [], []
-    for first in range(0, rows.shape[0], step):
-        chunk = rows[first:first + step]
-        owner = np.searchsorted(ends, chunk, side="right")
-        for a in np.unique(owner):  # owners ascend with the rows: parts concatenate in row order
-            subset = actors[a].get_counted_subset.options(num_returns=2)
-            part, count = subset.remote(chunk[owner == a] - starts[a])
+    for group in _requests(sizes, rows, dim):  # sorted rows, actors ascending: parts concatenate in row order
+        for a, local, _ in group:
+            part, count = actors[a].get_counted_subset.options(num_returns=2).remote(local)
             parts.append(part)
             counts.append(count)
-    assert sum(_get(counts)) == rows.shape[0]
+    returned = sum(_get(counts))
+    if returned != len(rows):
+        raise RuntimeError(f"the shard actors returned {returned} sample rows of {len(rows)} asked for")
     return parts
 
 
