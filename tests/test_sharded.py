@@ -238,7 +238,8 @@ def test_sample_then_assign_writes_every_id_once(ray_local, blobs, embeddings, t
 
 
 def _status_kib(field: str) -> int:
-    return int(next(line for line in open("/proc/self/status") if line.startswith(field + ":")).split()[1])
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(field + ":")).split()[1])
 
 
 @pytest.mark.ray
