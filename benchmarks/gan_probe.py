@@ -15,7 +15,6 @@ sample with --hard-code. One JSON line per minute and one for the end.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import time
 from pathlib import Path
@@ -24,15 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.data.sources import _idx_array  # the idx source's reader: header and size checked
 from engine.metrics import clustering_accuracy
 from engine.models.gan import build_cluster_gan
 
 MNIST = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
-
-
-def _idx(path: Path, offset: int) -> np.ndarray:
-    with gzip.open(path) as f:
-        return np.frombuffer(f.read(), np.uint8, offset=offset)
 
 
 def main() -> None:
@@ -51,8 +46,9 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(a.seed)
     torch.set_num_threads(2)
-    x = np.concatenate([_idx(a.data / f"{s}-images-idx3-ubyte.gz", 16) for s in ("train", "t10k")]).reshape(-1, 784)
-    y = np.concatenate([_idx(a.data / f"{s}-labels-idx1-ubyte.gz", 8) for s in ("train", "t10k")])
+    x = np.concatenate([_idx_array(str(a.data / f"{s}-images-idx3-ubyte.gz")) for s in ("train", "t10k")])
+    x = x.reshape(len(x), -1)
+    y = np.concatenate([_idx_array(str(a.data / f"{s}-labels-idx1-ubyte.gz")) for s in ("train", "t10k")])
     x = torch.tensor(x, dtype=torch.float32) / 255
     model = build_cluster_gan(in_dim=784, n_clusters=10, latent_dim=30, hidden=[512, 256],
                               critic_steps=a.critic_steps, noise_sigma=a.noise_sigma, beta_c=a.beta_c,
