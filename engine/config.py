@@ -189,7 +189,8 @@ class TrainConfig(_Section):
     the run fails; -1: no limit."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16: the model's forward under torch.autocast in bfloat16 (about 1.5x faster training on CPUs with
-    AVX512-BF16 here, and on Ampere or newer GPUs); weights, losses and embeddings stay float32."""
+    AVX512-BF16 or AMX, and on Ampere or newer GPUs); weights, losses and embeddings stay float32. A CPU
+    without native bfloat16 (autocast there is ~8x slower than float32) trains in fp32, with a warning."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 

@@ -4,6 +4,7 @@ mixed-precision forward, the settings' checks, and one Ray Train run with both."
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from engine.models import build_model
 from engine.pipeline import open_input
 from engine.train import load_checkpoint, train_encoder
 from engine.train.augment import affine, random_affine
-from engine.train.loop import mixed_precision, run_epoch
+from engine.train.loop import mixed_precision, native_precision, run_epoch
 
 
 def _bar(height: int = 9, width: int = 9) -> torch.Tensor:
@@ -123,7 +124,8 @@ def test_augment_settings_are_checked():
 @pytest.mark.ray
 def test_ray_train_with_augmented_images_in_bf16(ray_local, tmp_path):
     """Two Ray Train workers transform every row of every epoch (their counts, all-reduced, are in the history)
-    and train in bf16 to a falling loss; what the transform does is tested above, without Ray."""
+    and train in bf16 (fp32 on a CPU without native bfloat16) to a falling loss; what the transform does is
+    tested above, without Ray."""
     cfg = config_from_dict({"model": {"latent_dim": 4, "hidden": [32]},
                             "train": {"epochs": 3, "batch_size": 128, "num_workers": 2, "checkpoint_every": 3,
                                       "precision": "bf16", "augment": {"rotation": 20, "shift": 0.1}}})
@@ -140,3 +142,18 @@ def test_ray_train_with_augmented_images_in_bf16(ray_local, tmp_path):
     assert all(h["augmented_rows"] == h["rows"] >= info.n_rows - 1 for h in history), history
     assert history[-1]["loss"] < history[0]["loss"]
     assert all(p.dtype == torch.float32 for p in state["state_dict"].values() if p.is_floating_point())
+
+
+def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bfloat16():
+    assert native_precision("bf16", "cpu", cpu_has_bf16=True) == "bf16"
+    with pytest.warns(RuntimeWarning, match=r"train.precision=bf16: this CPU has no native bfloat16"):
+        assert native_precision("bf16", "cpu", cpu_has_bf16=False) == "fp32"
+    # GPUs and fp32 are left alone, whatever the CPU.
+    assert native_precision("bf16", "cuda", cpu_has_bf16=False) == "bf16"
+    assert native_precision("fp32", "cpu", cpu_has_bf16=False) == "fp32"
+    # Without the override it asks this machine's CPU.
+    here = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native_precision("bf16", "cpu") == ("bf16" if here else "fp32")
+    assert len(caught) == (0 if here else 1)

@@ -36,7 +36,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     from engine.models import build_model
     from engine.train.augment import random_affine
     from engine.train.checkpoint import save_checkpoint
-    from engine.train.loop import configure_optimizers, load_optimizer_states, train
+    from engine.train.loop import configure_optimizers, load_optimizer_states, native_precision, train
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -117,7 +117,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    train(model, optimizers, epoch_batches, epochs=epochs, start_epoch=start_epoch, precision=config["precision"],
+    precision = native_precision(config["precision"], device.type)  # warns where it falls back to fp32
+    train(model, optimizers, epoch_batches, epochs=epochs, start_epoch=start_epoch, precision=precision,
           reduce=reduce, on_epoch_end=on_epoch_end)
 
 
