@@ -204,9 +204,9 @@ def project_2d(z: np.ndarray, method: str, seed: int) -> np.ndarray:
     if z.shape[1] == 1:
         return np.column_stack([z[:, 0], np.zeros(len(z), np.float32)])
     if method == "umap":
-        import umap
+        from engine.cluster._manifold import import_umap
 
-        return umap.UMAP(n_components=2, random_state=seed).fit_transform(z)
+        return import_umap().UMAP(n_components=2, random_state=seed).fit_transform(z)
     if method == "tsne":
         from sklearn.manifold import TSNE
 

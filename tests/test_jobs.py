@@ -1,5 +1,5 @@
-"""Ray Jobs end to end: the pipeline submitted to a real token-auth `ray start --head`, by SDK and by CLI, then a
-stage job (jobs.cluster) on the pipeline's run."""
+"""Ray Jobs end to end on a real token-auth `ray start --head`: the pipeline submitted by SDK, the training job
+(jobs.train_encoder) by CLI, then a stage job (jobs.cluster) on the pipeline's run."""
 
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ JOB_TIMEOUT_S = 480
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 
-def pipeline_entrypoint(out: Path, epochs: int) -> list[str]:
+def pipeline_entrypoint(out: Path, epochs: int, job: str = "pipeline") -> list[str]:
     # k-means, not the default UMAP + GMM: this module tests submission, and UMAP alone takes minutes on a busy machine.
-    return ["python", "-m", "jobs.pipeline", "--config", "configs/digits.yaml", "--set", f"train.epochs={epochs}",
+    return ["python", "-m", f"jobs.{job}", "--config", "configs/digits.yaml", "--set", f"train.epochs={epochs}",
             "--set", "cluster.method=kmeans", "--set", "cluster.manifold=none", "--set", "cluster.n_init=1",
             "--out", str(out)]
 
@@ -70,7 +70,7 @@ class Submissions:
 
 @pytest.fixture(scope="module")
 def submissions(head: RayHead, client: JobSubmissionClient, tmp_path_factory) -> Iterator[Submissions]:
-    """Both pipeline jobs start together: on 2 cores their Ray start-up latencies overlap, which halves the wait."""
+    """Both jobs start together: on 2 cores their Ray start-up latencies overlap, which halves the wait."""
     tmp = tmp_path_factory.mktemp("jobs")
     sdk_run, cli_run, cli_log = tmp / "sdk-run", tmp / "cli-run", tmp / "cli.log"
     sdk_job = client.submit_job(
@@ -80,7 +80,7 @@ def submissions(head: RayHead, client: JobSubmissionClient, tmp_path_factory) ->
     cli_job = f"cli-{uuid.uuid4().hex[:8]}"
     cmd = [ray_cli(), "job", "submit", "--address", head.dashboard_url, "--submission-id", cli_job,
            "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": EXCLUDES}),
-           "--", *pipeline_entrypoint(cli_run, epochs=1)]
+           "--", *pipeline_entrypoint(cli_run, epochs=1, job="train_encoder")]
     # The CLI gets the token only from its environment: RAY_AUTH_MODE=token plus RAY_AUTH_TOKEN_PATH.
     with open(cli_log, "w") as log:
         cli = subprocess.Popen(cmd, cwd=REPO, env=head.env, stdout=log, stderr=subprocess.STDOUT)
@@ -119,7 +119,7 @@ def test_sdk_submit_runs_pipeline(submissions: Submissions, client: JobSubmissio
     check_run_dir(submissions.sdk_run)
 
 
-def test_cli_submit_runs_pipeline(submissions: Submissions, client: JobSubmissionClient):
+def test_cli_submit_runs_the_training_job(submissions: Submissions, client: JobSubmissionClient):
     try:
         returncode = submissions.cli.wait(timeout=JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -128,7 +128,13 @@ def test_cli_submit_runs_pipeline(submissions: Submissions, client: JobSubmissio
     assert returncode == 0, f"`ray job submit` exited with {returncode}:\n{output}"
     assert f"Job '{submissions.cli_job}' succeeded" in output, output
     assert client.get_job_status(submissions.cli_job) == JobStatus.SUCCEEDED
-    check_run_dir(submissions.cli_run)
+    run = submissions.cli_run
+    # The job's result line, among its logs in the CLI's output.
+    results = [json.loads(line) for line in output.splitlines() if line.startswith('{"run_dir"')]
+    assert results == [{"run_dir": str(run), "model": str(run / "model")}], output
+    manifest = json.loads((run / "model" / "_manifest.json").read_text())
+    assert manifest["stage"] == "train" and manifest["epochs"] == 1 and (run / "config.yaml").is_file()
+    assert not (run / "embeddings").exists()  # the training stage only
 
 
 def test_sdk_submit_runs_a_stage_job_on_the_pipelines_run(submissions: Submissions, client: JobSubmissionClient):

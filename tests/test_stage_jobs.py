@@ -1,4 +1,4 @@
-"""The stage job entry points (jobs.train_encoder, jobs.embed, jobs.cluster) in-process on a tiny run, and the
+"""The stage job entry points (jobs.embed, jobs.cluster; jobs.train_encoder's errors) in-process on a tiny run, and the
 pipeline and a stage job on an object-store run directory (a real S3 API from moto's server)."""
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from s3_server import s3_server
+from typer.testing import CliRunner
 
 from engine import storage
+from engine.cli import app
 from engine.config import load_config
-from engine.data import open_source, read_dataset
+from engine.data import open_source, read_dataset, read_manifest
 from engine.data.describe import describe
 from engine.errors import CheckpointError
 from engine.train import load_checkpoint, train_encoder
@@ -38,11 +40,16 @@ def result_line(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_stage_jobs_run_one_after_another(ray_local, tmp_path, capsys):
+def test_train_alone_then_the_stage_jobs_and_commands(ray_local, tmp_path, capsys):
+    """`dce train` alone, then the stage jobs (jobs.embed, jobs.cluster) and `dce evaluate` on its run directory;
+    jobs.train_encoder itself runs as a Ray job in test_jobs.py."""
     run = tmp_path / "run"
-    assert train_job.main(["--config", "digits", *TINY, "--out", str(run)]) == 0
-    assert result_line(capsys)["model"] == str(run / "model")
-    assert json.loads((run / "model" / "_manifest.json").read_text())["stage"] == "train"
+    result = CliRunner().invoke(app, ["train", "digits", *TINY, "--set", "train.epochs=1", "--out", str(run),
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == str(run / "model")
+    assert read_manifest(run / "model", stage="train")["epochs"] == 1
+    assert (run / "config.yaml").is_file() and not (run / "embeddings").exists()
 
     assert embed_job.main([str(run)]) == 0
     assert result_line(capsys) == {"run_dir": str(run), "rows": ROWS, "latent_dim": 3}
@@ -53,6 +60,9 @@ def test_stage_jobs_run_one_after_another(ray_local, tmp_path, capsys):
     assert result["cluster"]["k"] == 2 and result["metrics"]["acc"] > 0.5
     assert np.load(run / "centroids.npy").shape == (2, 3)
     assert json.loads((run / "metrics.json").read_text()) == result["metrics"]
+    evaluated = CliRunner().invoke(app, ["evaluate", str(run), "--quiet"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1]) == result["metrics"]
 
 
 def test_stage_job_errors_are_one_line(ray_local, tmp_path, capsys):
