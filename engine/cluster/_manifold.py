@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -10,13 +11,14 @@ from engine.config import UmapConfig, check_installed
 from engine.errors import ConfigError
 
 
+@functools.cache
 def import_umap():
     """umap-learn, with numba's on-disk cache switched on for its compiled functions that lack it.
 
     umap-learn and pynndescent compile ~250 numba functions, most without `cache=True`: every new process (a
     `dce run`, a Ray task) compiled them again, ~20 s on a 2-core CPU for a 1,000-row UMAP. Cached, a later process
     loads them in ~1 s. Only module-level functions not yet compiled are switched; numba writes each cache file
-    atomically, so concurrent processes are safe.
+    atomically, so concurrent processes are safe. Once per process: later calls return the module.
     """
     import sys
 
