@@ -237,6 +237,12 @@ class UmapConfig(_Section):
     """0 packs the points of a cluster tightly, which is what a clusterer wants (not a pretty plot)."""
     metric: str = "euclidean"
     """Any metric umap-learn accepts, by name."""
+    n_init: int = Field(default=1, ge=1)
+    """Layouts to try: UMAP's optimisation from seeds seed, seed+1, ... over one k-nearest-neighbour graph, each
+    clustered by cluster.method; the partition with the most even cluster sizes (the highest entropy of its size
+    distribution) is kept. A prior that the clusters are of similar size (digits, MNIST): UMAP + a mixture fails
+    by merging two classes while splitting another, which makes the sizes uneven. kmeans, gmm and agglomerative
+    only (the density-based methods choose their own number of clusters). 1 runs one layout."""
 
 
 class ClusterConfig(_Section):
@@ -290,6 +296,15 @@ class ClusterConfig(_Section):
     """umap: reduce the embeddings with UMAP (the `umap` extra) before clustering, as N2D does; only with
     the in-memory methods (kmeans, gmm, agglomerative, hdbscan, dbscan)."""
     umap: UmapConfig = Field(default_factory=UmapConfig)
+
+    @model_validator(mode="after")
+    def _check_layouts(self) -> ClusterConfig:
+        if self.manifold == "umap" and self.umap.n_init > 1 and self.method in ("hdbscan", "dbscan"):
+            raise ValueError(f"cluster.umap.n_init={self.umap.n_init} needs a method with k clusters (kmeans, gmm, "
+                             f"agglomerative): layouts are compared by the evenness of their cluster sizes, and "
+                             f"cluster.method={self.method} chooses its own number of clusters; set "
+                             f"cluster.umap.n_init=1")
+        return self
 
 
 class PrivacyConfig(_Section):

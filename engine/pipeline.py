@@ -385,6 +385,10 @@ def _cluster_in_memory(cfg: PipelineConfig, run: RunDir, progress: Progress, row
     with progress.stage("cluster", f"{what} on {rows} rows"):
         ids, z, _ = load_vectors(run.folder("embeddings"))
         labels, info = fit_labels(z, c, cfg.seed)
+        if "layouts" in info.get("umap", {}):
+            u = info["umap"]
+            progress.info(f"kept UMAP layout {u['kept'] + 1} of {len(u['layouts'])}, the most even in cluster sizes "
+                          f"(size entropy {u['layouts'][u['kept']]['size_entropy']:.4f})")
         centroids, distance = cluster_means(z, labels)
         inertia = float(np.nansum(np.square(distance.astype(np.float64))))
         progress.info(f"{info['n_clusters']} clusters, {info['n_noise']} noise row(s), inertia {inertia:.6g}")

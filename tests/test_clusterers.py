@@ -10,7 +10,7 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
 from engine.cluster import KMeans, cluster_means, fit_labels
-from engine.cluster._other import WARD_MAX_ROWS
+from engine.cluster._other import WARD_MAX_ROWS, size_entropy
 from engine.config import ClusterConfig, check_installed, config_from_dict
 from engine.errors import ConfigError
 from engine.metrics import evaluate
@@ -119,6 +119,9 @@ def test_cluster_means_are_the_mean_rows():
         ({"umap": {"min_dist": -1}}, r"'cluster.umap.min_dist': Input should be greater than or equal to 0"),
         ({"method": "agglomerative", "micro_clusters": 5}, r"cluster.micro_clusters=5 should be >= cluster.k=10"),
         ({"method": "sharded", "manifold": "umap"}, r"cluster.manifold=umap needs an in-memory method"),
+        ({"method": "hdbscan", "manifold": "umap", "umap": {"n_init": 3}},
+         r"cluster.umap.n_init=3 needs a method with k clusters .*cluster.method=hdbscan chooses its own number"),
+        ({"umap": {"n_init": 0}}, r"'cluster.umap.n_init': Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_cluster_settings_name_the_key(cluster, message):
@@ -152,6 +155,39 @@ def test_umap_then_gmm_recovers_the_blobs(blobs):
     assert info["umap"]["n_components"] == 2 and info["umap"]["min_dist"] == 0.0
     with pytest.raises(ConfigError, match=r"cluster.umap.n_neighbors=15 should be < the number of rows \(10\)"):
         fit_labels(x[:10], cfg.model_copy(update={"k": 2}))
+
+
+def test_size_entropy_by_hand():
+    assert size_entropy(np.array([0, 0, 1, 1, 2, 2])) == pytest.approx(np.log(3))
+    assert size_entropy(np.array([0, 0, 0, 1])) == pytest.approx(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+    assert size_entropy(np.array([0, 1, -1, -1, -1])) == pytest.approx(np.log(2))  # noise is no cluster
+    assert size_entropy(np.array([3, 3, 3])) == 0.0
+
+
+@pytest.mark.skipif(not HAS_UMAP, reason="umap-learn is not installed (pip install -e '.[umap]')")
+def test_umap_layouts_keep_the_most_even_partition():
+    """Six blobs of 60 rows into k=3: every partition merges blobs, and layouts that merge them 2+2+2 are the even
+    ones. The run keeps the layout of highest size entropy, and its labels are that layout's, clustered alone."""
+    from engine.cluster._manifold import umap_knn, umap_reduce
+
+    x, _ = make_blobs(n_samples=360, n_features=5, centers=6, cluster_std=0.5, center_box=(-10, 10), random_state=7)
+    x = x.astype(np.float32)
+    cfg = ClusterConfig(k=3, method="kmeans", n_init=1, manifold="umap",
+                        umap={"n_components": 2, "n_neighbors": 15, "n_init": 4})
+    labels, info = fit_labels(x, cfg, seed=7)
+    layouts = info["umap"]["layouts"]
+    assert [layout["seed"] for layout in layouts] == [7, 8, 9, 10]
+    entropies = [layout["size_entropy"] for layout in layouts]
+    kept = info["umap"]["kept"]
+    # The first layout merges the blobs unevenly (a 3-1 split: entropy < log 3); a later one is 2+2+2.
+    assert entropies[0] < np.log(3) - 0.01 and max(entropies) == pytest.approx(np.log(3))
+    assert kept == int(np.argmax(entropies)) > 0 and size_entropy(labels) == pytest.approx(max(entropies))
+    assert np.bincount(labels).tolist() == [120, 120, 120]
+    knn = umap_knn(x, cfg.umap, 2, seed=7)
+    alone, _ = fit_labels(umap_reduce(x, cfg.umap, 2, seed=7 + kept, knn=knn),
+                          cfg.model_copy(update={"manifold": "none"}), seed=7)
+    np.testing.assert_array_equal(labels, alone)
+    assert info["n_clusters"] == 3
 
 
 UMAP_IN_A_FRESH_PROCESS = """

@@ -314,6 +314,10 @@ def test_default_dce_run_quality_and_time(ray_local, tmp_path):
         assert stage in proc.stderr  # progress for each stage
     summary = json.loads((run_dir / "cluster.json").read_text())
     assert summary["method"] == "gmm" and summary["manifold"] == "umap" and summary["umap"]["n_components"] == 10
+    # Four layouts, the most even in cluster sizes kept, and said so.
+    entropies = [layout["size_entropy"] for layout in summary["umap"]["layouts"]]
+    assert len(entropies) == 4 and entropies[summary["umap"]["kept"]] == max(entropies)
+    assert f"kept UMAP layout {summary['umap']['kept'] + 1} of 4" in proc.stderr
     assert summary["inertia"] == pytest.approx(metrics["inertia"]) and summary["inertia"] > 0
     assert metrics["noise_fraction"] == 0.0
     table = read_table(run_dir / "assignments", stage="assign")
@@ -324,6 +328,9 @@ def test_default_dce_run_quality_and_time(ray_local, tmp_path):
     # The cluster stage alone on the same run with a density method: noise is kept as -1 and reported.
     result = invoke("cluster", run_dir, "--set", "cluster.method=hdbscan", "--set", "cluster.min_cluster_size=30",
                     "--quiet")
+    assert result.exit_code == 2 and "set cluster.umap.n_init=1" in result.output  # layouts need k clusters
+    result = invoke("cluster", run_dir, "--set", "cluster.method=hdbscan", "--set", "cluster.min_cluster_size=30",
+                    "--set", "cluster.umap.n_init=1", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads((run_dir / "cluster.json").read_text())
     assert summary["method"] == "hdbscan" and summary["n_clusters"] >= 2

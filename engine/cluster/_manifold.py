@@ -25,6 +25,11 @@ def import_umap():
     import umap
     from numba.core.caching import NullCache
     from numba.core.dispatcher import Dispatcher
+    from numba.core.errors import NumbaWarning
+
+    # A few of pynndescent's functions use dynamic globals, which numba cannot cache: it compiles them as before
+    # and warns, once per function and process; the warning says nothing a user can act on.
+    warnings.filterwarnings("ignore", message="Cannot cache compiled function", category=NumbaWarning)
 
     for name in [m for m in list(sys.modules) if m.split(".")[0] in ("umap", "pynndescent")]:
         for value in list(vars(sys.modules[name]).values()):
@@ -34,14 +39,60 @@ def import_umap():
     return umap
 
 
-def umap_reduce(z: np.ndarray, cfg: UmapConfig, n_components: int, *, seed: int = 0) -> np.ndarray:
+def umap_reduce(z: np.ndarray, cfg: UmapConfig, n_components: int, *, seed: int = 0,
+                knn: tuple | None = None) -> np.ndarray:
     """z (n, d) embedded by UMAP into (n, n_components) float32, seeded and therefore single-threaded.
 
     N2D (McConville et al. 2019) clusters an autoencoder's latent space after this step: UMAP keeps the
     local neighbourhoods, so clusters that curve through the latent space become compact blobs that a
-    Gaussian mixture or k-means separates.
+    Gaussian mixture or k-means separates. `knn` is a k-nearest-neighbour graph of z from `umap_knn`, so that
+    several layouts of the same rows build it once.
     """
-    n = z.shape[0]
+    _check_sizes(z.shape[0], cfg, n_components)
+    umap = import_umap()
+    reducer = umap.UMAP(n_components=n_components, n_neighbors=cfg.n_neighbors, min_dist=cfg.min_dist,
+                        metric=cfg.metric, random_state=seed, n_jobs=1,
+                        **({"precomputed_knn": knn} if knn is not None else {}))
+    with warnings.catch_warnings():
+        # A seeded UMAP is single-threaded by design; umap-learn warns about it every time.
+        warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
+        # A precomputed graph has no search index: UMAP's `transform` of new rows, which is not used, is unavailable.
+        warnings.filterwarnings("ignore", message=r".*precomputed_knn\[2\].*")
+        try:
+            out = reducer.fit_transform(z)
+        except ValueError as e:
+            if "metric" in str(e).lower():
+                raise ConfigError(f"cluster.umap.metric={cfg.metric!r}: {e}") from None
+            raise
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def umap_knn(z: np.ndarray, cfg: UmapConfig, n_components: int, *, seed: int = 0) -> tuple:
+    """The k-nearest-neighbour graph (indices, distances; each row its own first neighbour) that UMAP builds its
+    fuzzy graph from, for `umap_reduce(..., knn=)`: layouts from other seeds then differ only in UMAP's
+    optimisation. Euclidean: exact, by FAISS (a flat index; seconds for 100,000 rows). Other metrics: UMAP's own
+    approximate search (NN-descent, seeded), whose kernels numba cannot cache (~30 s to compile in each process)."""
+    _check_sizes(z.shape[0], cfg, n_components)
+    if cfg.metric in ("euclidean", "l2"):
+        import faiss
+
+        x = np.ascontiguousarray(z, dtype=np.float32)
+        index = faiss.IndexFlatL2(x.shape[1])
+        index.add(x)
+        squared, indices = index.search(x, cfg.n_neighbors)
+        return indices.astype(np.int32), np.sqrt(np.maximum(squared, 0)).astype(np.float32)
+    umap = import_umap()
+    try:
+        indices, distances, _ = umap.umap_.nearest_neighbors(z, cfg.n_neighbors, cfg.metric, {}, False,
+                                                             np.random.RandomState(seed), n_jobs=1)
+    except (ValueError, KeyError) as e:
+        if "metric" in str(e).lower() or cfg.metric in str(e):
+            raise ConfigError(f"cluster.umap.metric={cfg.metric!r}: {e}") from None
+        raise
+    return indices, distances
+
+
+def _check_sizes(n: int, cfg: UmapConfig, n_components: int) -> None:
     if cfg.n_neighbors >= n:
         raise ConfigError(f"cluster.umap.n_neighbors={cfg.n_neighbors} should be < the number of rows ({n})")
     # UMAP's spectral initialisation needs n_components + 1 eigenvectors of an n x n graph.
@@ -50,17 +101,4 @@ def umap_reduce(z: np.ndarray, cfg: UmapConfig, n_components: int, *, seed: int 
             f"cluster.umap.n_components={n_components} should be < the number of rows - 1 ({n - 1})"
         )
     check_installed("umap", extra="umap", key="cluster.manifold")
-    umap = import_umap()
-    reducer = umap.UMAP(n_components=n_components, n_neighbors=cfg.n_neighbors, min_dist=cfg.min_dist,
-                        metric=cfg.metric, random_state=seed, n_jobs=1)
-    with warnings.catch_warnings():
-        # A seeded UMAP is single-threaded by design; umap-learn warns about it every time.
-        warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state.*")
-        try:
-            out = reducer.fit_transform(z)
-        except ValueError as e:
-            if "metric" in str(e).lower():
-                raise ConfigError(f"cluster.umap.metric={cfg.metric!r}: {e}") from None
-            raise
-    return np.ascontiguousarray(out, dtype=np.float32)
 

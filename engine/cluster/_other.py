@@ -41,25 +41,62 @@ def fit_labels(z: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> tuple[np.nda
     if cfg.method == "agglomerative":
         _check_ward_size(cfg, n)
     info: dict[str, Any] = {"method": cfg.method, "manifold": cfg.manifold}
-    started = time.perf_counter()
-    x = z
-    if cfg.manifold == "umap":
-        from engine.cluster._manifold import umap_reduce
-
-        n_components = cfg.umap.n_components or cfg.k
-        x = umap_reduce(z, cfg.umap, n_components, seed=seed)
-        info["umap"] = {**cfg.umap.model_dump(), "n_components": n_components,
-                        "seconds": round(time.perf_counter() - started, 3)}
-    fit_started = time.perf_counter()
     fit = {"kmeans": _kmeans, "gmm": _gmm, "agglomerative": _agglomerative, "hdbscan": _hdbscan,
            "dbscan": _dbscan}[cfg.method]
-    raw, method_info = fit(x, cfg, seed)
-    labels = _compact(raw)
+    started = time.perf_counter()
+    if cfg.manifold == "umap" and cfg.umap.n_init > 1:
+        labels, method_info, info["umap"] = _most_even_layout(z, cfg, fit, seed)
+        fit_started = started
+    else:
+        x = z
+        if cfg.manifold == "umap":
+            from engine.cluster._manifold import umap_reduce
+
+            n_components = cfg.umap.n_components or cfg.k
+            x = umap_reduce(z, cfg.umap, n_components, seed=seed)
+            info["umap"] = {**cfg.umap.model_dump(), "n_components": n_components,
+                            "seconds": round(time.perf_counter() - started, 3)}
+        fit_started = time.perf_counter()
+        raw, method_info = fit(x, cfg, seed)
+        labels = _compact(raw)
     n_noise = int(np.count_nonzero(labels == NOISE))
     info.update(method_info)
     info.update({"n_clusters": int(labels.max()) + 1 if n_noise < n else 0, "n_noise": n_noise,
                  "noise_fraction": n_noise / n, "fit_seconds": round(time.perf_counter() - fit_started, 3)})
     return labels, info
+
+
+def size_entropy(labels: np.ndarray) -> float:
+    """Entropy (nats) of the cluster-size distribution of labels (noise, -1, left out): log(k) when the k clusters
+    are of one size, lower the more uneven they are."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels[labels != NOISE]).astype(np.float64)
+    p = counts[counts > 0] / max(counts.sum(), 1.0)
+    return float(-(p * np.log(p)).sum())
+
+
+def _most_even_layout(z: np.ndarray, cfg: ClusterConfig, fit, seed: int):
+    """cluster.umap.n_init UMAP layouts of z (seeds seed, seed+1, ...) over one k-NN graph, each clustered by
+    `fit`: the labels and method facts of the layout whose clusters are the most even in size, and the UMAP facts
+    with every layout's size entropy. Ties keep the earliest layout."""
+    from engine.cluster._manifold import umap_knn, umap_reduce
+
+    n_components = cfg.umap.n_components or cfg.k
+    started = time.perf_counter()
+    knn = umap_knn(z, cfg.umap, n_components, seed=seed)
+    layouts: list[dict[str, Any]] = []
+    kept, best = 0, -np.inf
+    for i in range(cfg.umap.n_init):
+        x = umap_reduce(z, cfg.umap, n_components, seed=seed + i, knn=knn)
+        raw, method_info = fit(x, cfg, seed)
+        labels = _compact(raw)
+        entropy = size_entropy(labels)
+        layouts.append({"seed": seed + i, "size_entropy": entropy})
+        if entropy > best:
+            kept, best, kept_labels, kept_info = i, entropy, labels, method_info
+    umap_info = {**cfg.umap.model_dump(), "n_components": n_components, "layouts": layouts, "kept": kept,
+                 "seconds": round(time.perf_counter() - started, 3)}
+    return kept_labels, kept_info, umap_info
 
 
 def cluster_means(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
