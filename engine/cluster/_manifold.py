@@ -70,7 +70,7 @@ def umap_reduce(z: np.ndarray, cfg: UmapConfig, n_components: int, *, seed: int 
 def umap_knn(z: np.ndarray, cfg: UmapConfig, n_components: int, *, seed: int = 0) -> tuple:
     """The k-nearest-neighbour graph (indices, distances; each row its own first neighbour) that UMAP builds its
     fuzzy graph from, for `umap_reduce(..., knn=)`: layouts from other seeds then differ only in UMAP's
-    optimisation. Euclidean: exact, by FAISS (a flat index; seconds for 100,000 rows). Other metrics: UMAP's own
+    optimisation. Euclidean: exact, by FAISS (a flat index: all n^2 distances). Other metrics: UMAP's own
     approximate search (NN-descent, seeded), whose kernels numba cannot cache (~30 s to compile in each process)."""
     _check_sizes(z.shape[0], cfg, n_components)
     if cfg.metric in ("euclidean", "l2"):

@@ -43,26 +43,16 @@ def fit_labels(z: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> tuple[np.nda
     info: dict[str, Any] = {"method": cfg.method, "manifold": cfg.manifold}
     fit = {"kmeans": _kmeans, "gmm": _gmm, "agglomerative": _agglomerative, "hdbscan": _hdbscan,
            "dbscan": _dbscan}[cfg.method]
-    started = time.perf_counter()
-    if cfg.manifold == "umap" and cfg.umap.n_init > 1:
-        labels, method_info, info["umap"] = _most_even_layout(z, cfg, fit, seed)
-        fit_started = started
+    if cfg.manifold == "umap":
+        labels, method_info, info["umap"], fit_seconds = _umap_then_fit(z, cfg, fit, seed)
     else:
-        x = z
-        if cfg.manifold == "umap":
-            from engine.cluster._manifold import umap_reduce
-
-            n_components = cfg.umap.n_components or cfg.k
-            x = umap_reduce(z, cfg.umap, n_components, seed=seed)
-            info["umap"] = {**cfg.umap.model_dump(), "n_components": n_components,
-                            "seconds": round(time.perf_counter() - started, 3)}
         fit_started = time.perf_counter()
-        raw, method_info = fit(x, cfg, seed)
-        labels = _compact(raw)
+        raw, method_info = fit(z, cfg, seed)
+        labels, fit_seconds = _compact(raw), time.perf_counter() - fit_started
     n_noise = int(np.count_nonzero(labels == NOISE))
     info.update(method_info)
     info.update({"n_clusters": int(labels.max()) + 1 if n_noise < n else 0, "n_noise": n_noise,
-                 "noise_fraction": n_noise / n, "fit_seconds": round(time.perf_counter() - fit_started, 3)})
+                 "noise_fraction": n_noise / n, "fit_seconds": round(fit_seconds, 3)})
     return labels, info
 
 
@@ -75,28 +65,34 @@ def size_entropy(labels: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _most_even_layout(z: np.ndarray, cfg: ClusterConfig, fit, seed: int):
-    """cluster.umap.n_init UMAP layouts of z (seeds seed, seed+1, ...) over one k-NN graph, each clustered by
-    `fit`: the labels and method facts of the layout whose clusters are the most even in size, and the UMAP facts
-    with every layout's size entropy. Ties keep the earliest layout."""
+def _umap_then_fit(z: np.ndarray, cfg: ClusterConfig, fit, seed: int):
+    """`fit` on UMAP layouts of z: one (seed), or cluster.umap.n_init (seeds seed, seed+1, ...) over one k-NN graph,
+    of which the layout whose clusters are the most even in size is kept (ties: the earliest). Returns its labels
+    and method facts, the UMAP facts (with every layout's size entropy when there are several) and the seconds
+    spent in `fit`."""
     from engine.cluster._manifold import umap_knn, umap_reduce
 
-    n_components = cfg.umap.n_components or cfg.k
+    u = cfg.umap
+    n_components = u.n_components or cfg.k
     started = time.perf_counter()
-    knn = umap_knn(z, cfg.umap, n_components, seed=seed)
+    knn = umap_knn(z, u, n_components, seed=seed) if u.n_init > 1 else None
     layouts: list[dict[str, Any]] = []
-    kept, best = 0, -np.inf
-    for i in range(cfg.umap.n_init):
-        x = umap_reduce(z, cfg.umap, n_components, seed=seed + i, knn=knn)
+    kept, best, fit_seconds = 0, -np.inf, 0.0
+    for i in range(u.n_init):
+        x = umap_reduce(z, u, n_components, seed=seed + i, knn=knn)
+        fit_started = time.perf_counter()
         raw, method_info = fit(x, cfg, seed)
+        fit_seconds += time.perf_counter() - fit_started
         labels = _compact(raw)
         entropy = size_entropy(labels)
         layouts.append({"seed": seed + i, "size_entropy": entropy})
         if entropy > best:
             kept, best, kept_labels, kept_info = i, entropy, labels, method_info
-    umap_info = {**cfg.umap.model_dump(), "n_components": n_components, "layouts": layouts, "kept": kept,
-                 "seconds": round(time.perf_counter() - started, 3)}
-    return kept_labels, kept_info, umap_info
+    info = {**u.model_dump(), "n_components": n_components}
+    if u.n_init > 1:
+        info.update(layouts=layouts, kept=kept)
+    info["seconds"] = round(time.perf_counter() - started - fit_seconds, 3)
+    return kept_labels, kept_info, info, fit_seconds
 
 
 def cluster_means(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
