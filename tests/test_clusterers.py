@@ -165,6 +165,21 @@ def test_size_entropy_by_hand():
 
 
 @pytest.mark.skipif(not HAS_UMAP, reason="umap-learn is not installed (pip install -e '.[umap]')")
+def test_the_layouts_graph_is_the_exact_euclidean_knn(blobs):
+    from sklearn.neighbors import NearestNeighbors
+
+    from engine.cluster._manifold import umap_knn
+    from engine.config import UmapConfig
+
+    x, _ = blobs
+    indices, distances = umap_knn(x, UmapConfig(n_neighbors=7), 2)
+    assert indices.shape == distances.shape == (len(x), 7)
+    np.testing.assert_array_equal(indices[:, 0], np.arange(len(x)))  # each row its own first neighbour, as UMAP's
+    theirs, _ = NearestNeighbors(n_neighbors=7).fit(x).kneighbors(x)
+    np.testing.assert_allclose(distances, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAS_UMAP, reason="umap-learn is not installed (pip install -e '.[umap]')")
 def test_umap_layouts_keep_the_most_even_partition():
     """Six blobs of 60 rows into k=3: every partition merges blobs, and layouts that merge them 2+2+2 are the even
     ones. The run keeps the layout of highest size entropy, and its labels are that layout's, clustered alone."""
