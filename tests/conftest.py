@@ -61,6 +61,29 @@ def ray_local():
     yield ray
 
 
+@pytest.fixture(scope="session")
+def tracked_tiny_run(tmp_path_factory):
+    """The tiny `dce run` of tests/tiny.py, tracked to MLflow (a file store) and TensorBoard at once: test_tracking.py
+    reads it as it is, test_pipeline.py a copy it changes (stages run again). Returns (run directory, MLflow URI)."""
+    from tiny import TINY_RUN, as_args
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+    from engine.runtime import init_ray
+
+    init_ray(num_cpus=4)  # the shared local Ray (a no-op when a module's `ray_local` has started it)
+    base = tmp_path_factory.mktemp("tracked")
+    uri = (base / "mlruns").as_uri()
+    tracking = ["tracking.backend=[mlflow, tensorboard]", f"tracking.uri={uri}", "tracking.experiment=dce-test"]
+    with pytest.MonkeyPatch.context() as mp:
+        # MLflow 3 refuses a file store unless told that it is wanted; a server or a database needs more than a test.
+        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        result = CliRunner().invoke(app, ["run", *as_args([*TINY_RUN, *tracking]), "--out", str(base / "tiny"),
+                                          "--quiet"])
+    assert result.exit_code == 0, result.output
+    return base / "tiny", uri
+
+
 def pytest_sessionfinish(session, exitstatus):
     try:
         import ray

@@ -13,7 +13,7 @@ from engine.errors import ConfigError
 def test_default_config_is_the_digits_demo():
     cfg = load_config()
     assert cfg.name == "digits" and cfg.data.source == "digits" and cfg.cluster.k == 10
-    assert cfg.model.name == "mlp_ae" and cfg.train.num_workers == 2
+    assert cfg.model.name == "mlp_ae" and cfg.train.num_workers == 1
 
 
 def test_every_shipped_config_validates():

@@ -245,8 +245,8 @@ TINY = [
     "--set", "data.centers=4", "--set", "data.cluster_std=2.0", "--set", "data.rows_per_shard=100",
     "--set", "data.normalize=standard", "--set", "model.name=idec", "--set", "model.hidden=[32]",
     "--set", "model.latent_dim=3", "--set", "train.epochs=3", "--set", "train.batch_size=64",
-    "--set", "cluster.k=4", "--set", "cluster.n_init=2", "--set", "cluster.method=kmeans",
-    "--set", "cluster.manifold=none", "--set", "refine.update_interval=5",
+    "--set", "train.num_workers=2", "--set", "cluster.k=4", "--set", "cluster.n_init=2",
+    "--set", "cluster.method=kmeans", "--set", "cluster.manifold=none", "--set", "refine.update_interval=5",
     "--set", "refine.max_iter=400", "--set", "refine.tol=0.01", "--set", "refine.batch_size=64",
     "--set", "refine.lr=0.003", "--set", "tracking.backend=tensorboard",
 ]

@@ -32,6 +32,7 @@ from engine.data import open_source, read_dataset, read_manifest, read_table
 from engine.data.describe import describe
 from engine.data.schema import Z, vector_array
 from engine.embed import embed_dataset
+from engine.errors import CheckpointError
 from engine.models import build_model
 from engine.train import load_checkpoint, save_checkpoint, train_encoder
 
@@ -263,22 +264,28 @@ def _driver_alone(cluster, staging: Path, *commands: list[str]) -> list[dict]:
     """Run job commands one after another as a driver in a mount namespace of its own, where `staging` is a fresh
     tmpfs: the driver writes and reads its staging folder there, while every Ray worker (started by the raylets,
     outside the namespace) sees only the empty folder below it, as a node without the driver's disk would. A worker
-    that wrote to a staging path would leave its file in that folder. Returns each job's result line."""
-    script = 'mount -t tmpfs tmpfs "$0" && touch "$0/driver-only"' + "".join(
-        " && " + shlex.join([sys.executable, "-m", *cmd]) for cmd in commands)
-    proc = subprocess.run(["unshare", "-Urm", "sh", "-c", script, str(staging)], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": cluster.address})
+    that wrote to a staging path would leave its file in that folder. Returns each job's result line.
+
+    Without mount namespaces (unshare -Urm refused, as in some containers) the commands run as a plain driver: the
+    run still goes through the store, but nothing then keeps a worker from reading the staging folder."""
+    jobs = "".join(" && " + shlex.join([sys.executable, "-m", *cmd]) for cmd in commands)
+    if _unshare_works():
+        mount = 'mount -t tmpfs tmpfs "$0" && touch "$0/driver-only"'
+        argv = ["unshare", "-Urm", "sh", "-c", mount + jobs, str(staging)]
+    else:
+        argv = ["sh", "-c", "true" + jobs]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_ADDRESS": cluster.address})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert list(staging.iterdir()) == []  # nothing of the driver's leaked out, nothing of a worker's got in
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"run_dir"')]
 
 
-@pytest.mark.skipif(not _unshare_works(), reason="needs mount namespaces (unshare -Urm) to hide the driver's staging "
-                    "folder from the workers")
 def test_s3_run_on_nodes_that_do_not_see_the_drivers_staging_folder(two_workers, tmp_path):
     """The pipeline, a resumed run and a stage job into an s3:// run directory with ray.shared_storage false, the
     training workers, embedding actors, shard actors and assignment tasks on two worker nodes, none of which can
-    read the driver's staging folder (ray.staging_dir) or write into it; then `dce assign` of that run."""
+    read the driver's staging folder (ray.staging_dir) or write into it; then `dce assign` of that run, and its
+    training resumed from Ray Train's checkpoints in the store."""
     staging = tmp_path / "staging"
     staging.mkdir()
     with s3_server() as s3:
@@ -290,7 +297,18 @@ def test_s3_run_on_nodes_that_do_not_see_the_drivers_staging_folder(two_workers,
         for name in ("config.yaml", "run.json", "centroids.npy", "cluster.json", "metrics.json", "model/checkpoint.pt",
                      "model/_manifest.json", "embeddings/_manifest.json", "assignments/_manifest.json"):
             assert name in names, (name, names)
-        assert any(n.startswith("train/checkpoint_") for n in names), names
+        # Ray Train's own state went to the store directly, for a resume from any machine.
+        assert any(n.startswith("train/checkpoint_") and n.endswith("/checkpoint.pt") for n in names), names
+
+        # A resume of the training with another model is refused before any worker starts, naming what differs.
+        cfg = load_config("digits", TINY)
+        ds = read_dataset(open_source(cfg.data)).materialize()
+        info = describe(ds, normalize=cfg.data.normalize)
+        with pytest.raises(CheckpointError, match=r"s3://.*/train/checkpoint_[^/]*/checkpoint.pt\?.*: a checkpoint of "
+                                                  r"another model \(latent_dim=3 there, 4 now\)"):
+            train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
+                          model={**cfg.model.pretrain_options(), "latent_dim": 4}, train=cfg.train, seed=cfg.seed,
+                          run_dir=tmp_path / "b", config_hash=cfg.hash(), train_storage=uri, resume=True)
 
         # As if the run had died while embedding: the resumed run (on another "machine": a fresh staging folder)
         # keeps the trained model, embeds again and clusters; then a stage job clusters over shard actors.
@@ -304,7 +322,6 @@ def test_s3_run_on_nodes_that_do_not_see_the_drivers_staging_folder(two_workers,
             np.testing.assert_array_equal(np.sort(ids), np.arange(ROWS))  # every id exactly once
 
         # `dce assign` reads the run from the store; its actors get the model through Ray's object store.
-        cfg = load_config("digits", TINY)
         rows = sorted(read_dataset(open_source(cfg.data)).take_all(), key=lambda r: r["id"])
         np.save(tmp_path / "new.npy", np.stack([r["x"] for r in rows]).astype(np.float32))  # ids 0..ROWS-1
         out = s3.uri("assigned")
@@ -313,3 +330,13 @@ def test_s3_run_on_nodes_that_do_not_see_the_drivers_staging_folder(two_workers,
         new = read_table(out, stage="assign").sort_by("id")
         run = read_table(storage.join(uri, "assignments"), stage="assign").sort_by("id")
         assert new.column("id").equals(run.column("id")) and new.column("cluster").equals(run.column("cluster"))
+
+        # A resume of the training from another machine (this process: no staging folder of the run's) reads Ray
+        # Train's checkpoints from the store and continues from the latest one, on the worker nodes: one more epoch.
+        model_dir = train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
+                                  model=cfg.model.pretrain_options(), train=cfg.train.model_copy(update={"epochs": 2}),
+                                  seed=cfg.seed, run_dir=tmp_path / "b", config_hash=cfg.hash(), train_storage=uri,
+                                  resume=True)
+        state = load_checkpoint(model_dir)
+        assert state["starts"] == [0, 1] and [h["epoch"] for h in state["history"]] == [1, 2], state["starts"]
+        assert not (tmp_path / "b" / "train").exists()  # Ray Train's state stayed in the store

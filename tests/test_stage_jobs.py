@@ -1,26 +1,21 @@
-"""The stage job entry points (jobs.embed, jobs.cluster; jobs.train_encoder's errors) in-process on a tiny run, and the
-pipeline and a stage job on an object-store run directory (a real S3 API from moto's server)."""
+"""The stage job entry points (jobs.embed, jobs.cluster; jobs.train_encoder's errors) in-process on a tiny run, and
+shard folders on an object store (a real S3 API from moto's server). The pipeline, a resumed run and a stage job on
+an s3:// run directory run in test_nodeloss.py, on worker nodes that do not see the driver's staging folder."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from s3_server import s3_server
 from typer.testing import CliRunner
 
 from engine import storage
 from engine.cli import app
-from engine.config import load_config
-from engine.data import open_source, read_dataset, read_manifest
-from engine.data.describe import describe
-from engine.errors import CheckpointError
-from engine.train import load_checkpoint, train_encoder
+from engine.data import read_manifest
 from jobs import cluster as cluster_job
 from jobs import embed as embed_job
-from jobs import pipeline as pipeline_job
 from jobs import train_encoder as train_job
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -74,52 +69,6 @@ def test_stage_job_errors_are_one_line(ray_local, tmp_path, capsys):
     assert "embeddings: no _manifest.json" in capsys.readouterr().err
     assert train_job.main(["--set", "cluster.k=0", "--out", str(tmp_path / "x")]) == 2
     assert "cluster.k" in capsys.readouterr().err
-
-
-def test_pipeline_and_stage_job_on_an_s3_run_directory(ray_local, tmp_path, capsys):
-    with s3_server() as s3:
-        uri = s3.uri("runs/tiny")
-        staging = ["--set", f"ray.staging_dir={tmp_path / 'staging'}"]
-        assert pipeline_job.main(["--config", "digits", *TINY, *staging, "--out", uri]) == 0
-        result = result_line(capsys)
-        assert result["run_dir"] == uri and result["metrics"]["ari"] > 0.9
-        names = storage.files(uri)
-        for name in ("config.yaml", "run.json", "centroids.npy", "cluster.json", "metrics.json",
-                     "model/checkpoint.pt", "model/_manifest.json", "embeddings/_manifest.json",
-                     "assignments/_manifest.json"):
-            assert name in names, (name, names)
-        # Ray Train's own state went to the store directly, for a resume from any machine.
-        assert any(n.startswith("train/checkpoint_") and n.endswith("/checkpoint.pt") for n in names), names
-        manifest = json.loads(storage.read_text(storage.join(uri, "assignments", "_manifest.json")))
-        fs, path = storage.resolve(storage.join(uri, "assignments"))
-        ids = np.concatenate([pq.read_table(f"{path}/{f}", filesystem=fs, columns=["id"]).column("id").to_numpy()
-                              for f in manifest["files"]])
-        np.testing.assert_array_equal(np.sort(ids), np.arange(ROWS))  # every id exactly once
-        assert list((tmp_path / "staging").iterdir()) == []  # staging removed after the run
-
-        # A stage job on the same URI: the run's config and embeddings come down, the new outputs go up.
-        assert cluster_job.main([uri, "--set", "cluster.k=4", *staging]) == 0
-        assert result_line(capsys)["cluster"]["k"] == 4
-        assert json.loads(storage.read_text(storage.join(uri, "cluster.json")))["k"] == 4
-        metrics = json.loads(storage.read_text(storage.join(uri, "metrics.json")))
-        assert metrics["inertia"] < result["metrics"]["inertia"]
-
-        # A resume of the training from an empty staging folder (another machine) reads Ray Train's checkpoints
-        # from the store: it checks the model against the latest one, then continues from it.
-        cfg = load_config("digits", [s for s in TINY if s != "--set"])
-        ds = read_dataset(open_source(cfg.data)).materialize()
-        info = describe(ds, normalize=cfg.data.normalize)
-        ds = ds.select_columns(["x"])
-        common = dict(in_dim=info.dim, shift=info.shift, scale=info.scale, seed=cfg.seed, config_hash=cfg.hash(),
-                      train_storage=uri, train=cfg.train.model_copy(update={"epochs": 3}), resume=True)
-        with pytest.raises(CheckpointError, match=r"s3://.*/train/checkpoint_[^/]*/checkpoint.pt\?.*: a checkpoint of "
-                                                  r"another model \(latent_dim=3 there, 4 now\)"):
-            train_encoder(ds, model={**cfg.model.pretrain_options(), "latent_dim": 4}, run_dir=tmp_path / "b",
-                          **common)
-        model_dir = train_encoder(ds, model=cfg.model.pretrain_options(), run_dir=tmp_path / "b", **common)
-        state = load_checkpoint(model_dir)
-        assert state["starts"] == [0, 2] and [h["epoch"] for h in state["history"]] == [1, 2, 3]
-        assert not (tmp_path / "b" / "train").exists()  # nothing of Ray Train's state in the staging folder
 
 
 def test_shard_folders_on_s3_are_written_by_ray_data_and_committed_by_their_manifest(ray_local):

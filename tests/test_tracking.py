@@ -15,13 +15,6 @@ from engine.errors import ConfigError
 from engine.rundir import RunDir
 from engine.tracking import flat_config, track_run
 
-TINY = [
-    "data.source=blobs", "data.n_samples=300", "data.n_features=6", "data.centers=3", "data.normalize=standard",
-    "model.hidden=[16]", "model.latent_dim=2", "train.epochs=2", "train.batch_size=64", "train.num_workers=2",
-    "cluster.k=3", "cluster.n_init=2", "cluster.method=kmeans", "cluster.manifold=none", "report.enabled=false",
-    "embed.concurrency=1",
-]
-
 
 def _mlflow_client(uri: str):
     from mlflow import MlflowClient
@@ -37,20 +30,15 @@ def file_store(tmp_path, monkeypatch) -> str:
 
 
 @pytest.fixture(scope="module")
-def tracked_run(ray_local, tmp_path_factory):
-    """The one Ray Train run of this module: two workers, MLflow and TensorBoard together."""
-    from engine.pipeline import run_pipeline
-
-    base = tmp_path_factory.mktemp("tracked")
-    uri = (base / "mlruns").as_uri()
-    cfg = config_from_dict({}, [*TINY, "tracking.backend=[mlflow, tensorboard]", f"tracking.uri={uri}",
-                                "tracking.experiment=dce-test"])
+def tracked_run(ray_local, tracked_tiny_run):
+    """The session's tiny run on two Ray Train workers (conftest, tests/tiny.py), logged to MLflow and TensorBoard at
+    once; test_pipeline.py runs its stages again on a copy, never on this one."""
+    run_dir, uri = tracked_tiny_run
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-        result = run_pipeline(cfg, base / "run")
         client = _mlflow_client(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("dce-test").experiment_id])
-        yield result, client, run
+        yield run_dir, client, run
 
 
 def _history(run_dir: Path) -> list[dict[str, float]]:
@@ -61,50 +49,50 @@ def _history(run_dir: Path) -> list[dict[str, float]]:
 
 @pytest.mark.ray
 def test_mlflow_has_every_epoch_once(tracked_run):
-    result, client, run = tracked_run
-    history = _history(Path(result.run_dir))
-    assert [h["epoch"] for h in history] == [1, 2]
+    run_dir, client, run = tracked_run
+    history = _history(run_dir)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
     terms = set(history[0]) - {"epoch", "rows"}
     assert {"loss", "seconds"} <= terms
     for term in terms:
         logged = client.get_metric_history(run.info.run_id, f"train/{term}")
         # Two workers, yet one value per epoch: only rank 0's (all-reduced) losses are logged.
-        assert [m.step for m in logged] == [1, 2], term
+        assert [m.step for m in logged] == [1, 2, 3], term
         assert [m.value for m in logged] == pytest.approx([h[term] for h in history], rel=1e-9)
     assert history[1]["loss"] < history[0]["loss"]
 
 
 @pytest.mark.ray
 def test_mlflow_has_final_metrics_times_and_params(tracked_run):
-    result, client, run = tracked_run
-    run_dir = Path(result.run_dir)
-    assert run.info.status == "FINISHED" and run.info.run_name == "run"
+    run_dir, client, run = tracked_run
+    assert run.info.status == "FINISHED" and run.info.run_name == "digits"  # the config's name
     assert json.loads((run_dir / "run.json").read_text())["tracking"] == {"mlflow_run_id": run.info.run_id}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["ari"] > 0.9
     for key in ("acc", "nmi", "ari", "inertia"):
         assert run.data.metrics[key] == pytest.approx(metrics[key], rel=1e-9), key
     seconds = json.loads((run_dir / "run.json").read_text())["seconds"]
-    assert set(seconds) == {"train", "embed", "cluster", "evaluate"}
+    assert set(seconds) == {"train", "embed", "cluster", "evaluate", "report"}
     for stage, value in seconds.items():
         assert run.data.metrics[f"time/{stage}"] == pytest.approx(value), stage
     saved = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     assert run.data.params == flat_config(saved)  # over 100 keys: more than one MLflow batch
-    assert run.data.params["model.latent_dim"] == "2" and run.data.params["data.source"] == "blobs"
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "metrics.json"}
+    assert run.data.params["model.latent_dim"] == "3" and run.data.params["data.source"] == "blobs"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "metrics.json", "report"}
+    # The report is self-contained: its index.html (images inlined) is the artefact, not the PNGs beside it.
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == ["report/index.html"]
 
 
 @pytest.mark.ray
 def test_tensorboard_has_the_same_curves(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result, _, _ = tracked_run
-    run_dir = Path(result.run_dir)
+    run_dir, _, _ = tracked_run
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     history = _history(run_dir)
     loss = events.Scalars("train/loss")
-    assert [e.step for e in loss] == [1, 2]
+    assert [e.step for e in loss] == [1, 2, 3]
     assert [e.value for e in loss] == pytest.approx([h["loss"] for h in history], rel=1e-6)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert events.Scalars("nmi")[0].value == pytest.approx(metrics["nmi"], rel=1e-6)
