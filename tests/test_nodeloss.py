@@ -5,6 +5,7 @@ run directory on nodes that share no file system with the driver."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -253,6 +254,7 @@ TINY = [
 ]
 
 
+@functools.cache
 def _unshare_works() -> bool:
     try:
         return subprocess.run(["unshare", "-Urm", "true"], capture_output=True, timeout=30).returncode == 0
@@ -304,11 +306,12 @@ def test_s3_run_on_nodes_that_do_not_see_the_drivers_staging_folder(two_workers,
         cfg = load_config("digits", TINY)
         ds = read_dataset(open_source(cfg.data)).materialize()
         info = describe(ds, normalize=cfg.data.normalize)
+        common = dict(in_dim=info.dim, shift=info.shift, scale=info.scale, seed=cfg.seed, run_dir=tmp_path / "b",
+                      config_hash=cfg.hash(), train_storage=uri, resume=True)
         with pytest.raises(CheckpointError, match=r"s3://.*/train/checkpoint_[^/]*/checkpoint.pt\?.*: a checkpoint of "
                                                   r"another model \(latent_dim=3 there, 4 now\)"):
-            train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
-                          model={**cfg.model.pretrain_options(), "latent_dim": 4}, train=cfg.train, seed=cfg.seed,
-                          run_dir=tmp_path / "b", config_hash=cfg.hash(), train_storage=uri, resume=True)
+            train_encoder(ds.select_columns(["x"]), model={**cfg.model.pretrain_options(), "latent_dim": 4},
+                          train=cfg.train, **common)
 
         # As if the run had died while embedding: the resumed run (on another "machine": a fresh staging folder)
         # keeps the trained model, embeds again and clusters; then a stage job clusters over shard actors.
@@ -322,7 +325,7 @@ def test_s3_run_on_nodes_that_do_not_see_the_drivers_staging_folder(two_workers,
             np.testing.assert_array_equal(np.sort(ids), np.arange(ROWS))  # every id exactly once
 
         # `dce assign` reads the run from the store; its actors get the model through Ray's object store.
-        rows = sorted(read_dataset(open_source(cfg.data)).take_all(), key=lambda r: r["id"])
+        rows = sorted(ds.take_all(), key=lambda r: r["id"])
         np.save(tmp_path / "new.npy", np.stack([r["x"] for r in rows]).astype(np.float32))  # ids 0..ROWS-1
         out = s3.uri("assigned")
         result = CliRunner().invoke(app, ["assign", uri, "--input", str(tmp_path / "new.npy"), "--out", out, "--quiet"])
@@ -333,10 +336,8 @@ def test_s3_run_on_nodes_that_do_not_see_the_drivers_staging_folder(two_workers,
 
         # A resume of the training from another machine (this process: no staging folder of the run's) reads Ray
         # Train's checkpoints from the store and continues from the latest one, on the worker nodes: one more epoch.
-        model_dir = train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
-                                  model=cfg.model.pretrain_options(), train=cfg.train.model_copy(update={"epochs": 2}),
-                                  seed=cfg.seed, run_dir=tmp_path / "b", config_hash=cfg.hash(), train_storage=uri,
-                                  resume=True)
+        model_dir = train_encoder(ds.select_columns(["x"]), model=cfg.model.pretrain_options(),
+                                  train=cfg.train.model_copy(update={"epochs": 2}), **common)
         state = load_checkpoint(model_dir)
         assert state["starts"] == [0, 1] and [h["epoch"] for h in state["history"]] == [1, 2], state["starts"]
         assert not (tmp_path / "b" / "train").exists()  # Ray Train's state stayed in the store
