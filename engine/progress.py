@@ -9,6 +9,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+# The counts in a training epoch's record (engine.train's history): bookkeeping, not loss terms or measurements.
+BOOKKEEPING = frozenset({"epoch", "rows", "augmented_rows"})
+
+
+def epoch_terms(metrics: dict[str, Any]) -> str:
+    """An epoch record's loss terms for a status line: "loss 0.1234  kl 0.05" (counts and seconds left out)."""
+    return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                     if k not in BOOKKEEPING and k != "seconds" and isinstance(v, float))
+
 
 class Progress:
     """Silent progress: what library callers get unless they ask for output."""
@@ -59,9 +68,7 @@ class RichProgress(Progress):
 
     def epoch(self, metrics: dict[str, Any]) -> None:
         total = f"/{self._epochs}" if self._epochs else ""
-        terms = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                          if k not in {"epoch", "seconds", "rows"} and isinstance(v, float))
-        line = f"[bold cyan]{self._name}[/] epoch {metrics.get('epoch')}{total}  {terms}"
+        line = f"[bold cyan]{self._name}[/] epoch {metrics.get('epoch')}{total}  {epoch_terms(metrics)}"
         if self._status is not None:
             self._status.update(line)
 

@@ -22,6 +22,7 @@ import numpy as np
 from engine.config import PipelineConfig
 from engine.data.schema import CLUSTER, ID, X
 from engine.metrics import NOISE
+from engine.progress import BOOKKEEPING
 from engine.rundir import RunDir, as_run_dir
 
 REPORT_DIR = "report"
@@ -39,7 +40,7 @@ PUBLISHED: dict[str, list[tuple[str, str, float]]] = {
     ],
 }
 # Curves leave out what is not a loss term.
-_NOT_TERMS = {"epoch", "seconds", "rows", "update", "iteration"}
+_NOT_TERMS = {*BOOKKEEPING, "seconds", "update", "iteration"}
 _MAX_IMAGE_CLUSTERS = 30  # rows of the image grids: more would make an unreadable figure
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import ConfigError
+from engine.progress import BOOKKEEPING
 
 if TYPE_CHECKING:
     from engine.config import PipelineConfig
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# An epoch record's bookkeeping, not a measurement.
-_NOT_LOGGED = ("epoch", "rows")
 # MLflow's cap on the parameters of one log_batch call.
 _PARAMS_PER_BATCH = 100
 
@@ -50,7 +49,7 @@ def flat_config(cfg: PipelineConfig) -> dict[str, str]:
 def _scalars(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric entries of `values` (None and bookkeeping left out), keyed `prefix + name`."""
     return {prefix + k: float(v) for k, v in values.items()
-            if k not in _NOT_LOGGED and isinstance(v, int | float) and not isinstance(v, bool)}
+            if k not in BOOKKEEPING and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 class _MLflow:

@@ -84,6 +84,24 @@ def tracked_tiny_run(tmp_path_factory):
     return base / "tiny", uri
 
 
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """The tiny digits `dce run` of tests/tiny.py, made without its report (--no-report): test_report.py builds it
+    with `dce report`, test_augment.py reads the augmented training's history. Returns the run directory."""
+    from tiny import TINY_DIGITS, as_args
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+    from engine.runtime import init_ray
+
+    init_ray(num_cpus=4)
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    result = CliRunner().invoke(app, ["run", *as_args(TINY_DIGITS), "--no-report", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "report").exists()
+    return out
+
+
 def pytest_sessionfinish(session, exitstatus):
     try:
         import ray

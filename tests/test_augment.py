@@ -9,14 +9,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from engine.config import config_from_dict
-from engine.data import open_source, read_dataset
-from engine.data.describe import describe
+from engine.data import read_manifest
 from engine.errors import ConfigError
 from engine.models import build_model
 from engine.pipeline import open_input
-from engine.train import load_checkpoint, train_encoder
+from engine.progress import epoch_terms
+from engine.report import history_terms
+from engine.tracking import _scalars
+from engine.train import load_checkpoint
 from engine.train.augment import affine, random_affine
 from engine.train.loop import mixed_precision, native_precision, run_epoch
 
@@ -122,26 +125,28 @@ def test_augment_settings_are_checked():
 
 
 @pytest.mark.ray
-def test_ray_train_with_augmented_images_in_bf16(ray_local, tmp_path):
-    """Two Ray Train workers transform every row of every epoch (their counts, all-reduced, are in the history)
-    and train in bf16 (fp32 on a CPU without native bfloat16) to a falling loss; what the transform does is
-    tested above, without Ray."""
-    cfg = config_from_dict({"model": {"latent_dim": 4, "hidden": [32]},
-                            "train": {"epochs": 3, "batch_size": 128, "num_workers": 2, "checkpoint_every": 3,
-                                      "precision": "bf16", "augment": {"rotation": 20, "shift": 0.1}}})
-    source = open_source(cfg.data)
-    ds = read_dataset(source).materialize()
-    info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape)
-    model_dir = train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
-                              model=cfg.model.pretrain_options(), train=cfg.train, seed=0, run_dir=tmp_path,
-                              config_hash=cfg.hash(), image_shape=info.image_shape)
-    state = load_checkpoint(model_dir)
+def test_ray_train_with_augmented_images_in_bf16(digits_run):
+    """Two Ray Train workers of a `dce run` (conftest's `digits_run`) transform every row of every epoch (their
+    counts, all-reduced, are in the history) and train in bf16 (fp32 on a CPU without native bfloat16) to a falling
+    loss; what the transform does is tested above, without Ray."""
+    cfg = yaml.safe_load((digits_run / "config.yaml").read_text())
+    assert cfg["train"]["augment"] == {"rotation": 20.0, "shift": 0.1} and cfg["train"]["precision"] == "bf16"
+    assert read_manifest(digits_run / "model", stage="train")["num_workers"] == 2
+    state = load_checkpoint(digits_run / "model")
     history = state["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     # Every row a worker trained on was transformed; an equal split over 2 workers leaves out at most 1 row.
-    assert all(h["augmented_rows"] == h["rows"] >= info.n_rows - 1 for h in history), history
+    assert all(h["augmented_rows"] == h["rows"] >= 1797 - 1 for h in history), history
     assert history[-1]["loss"] < history[0]["loss"]
     assert all(p.dtype == torch.float32 for p in state["state_dict"].values() if p.is_floating_point())
+
+
+def test_the_count_of_augmented_rows_is_bookkeeping_not_a_loss_term():
+    record = {"epoch": 2, "loss": 0.25, "reconstruction": 0.25, "rows": 1796.0, "augmented_rows": 1796.0,
+              "seconds": 1.5}
+    assert epoch_terms(record) == "loss 0.25  reconstruction 0.25"
+    assert history_terms([record]) == ["loss", "reconstruction"]
+    assert _scalars(record, "train/") == {"train/loss": 0.25, "train/reconstruction": 0.25, "train/seconds": 1.5}
 
 
 def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bfloat16():
