@@ -196,12 +196,12 @@ def test_checkpoint_round_trip_with_optimizers(tmp_path):
 # ---- real Ray Train (2 DDP workers) and Ray Data ---------------------------------------------------
 
 
-def _ray_cfg(**train):
+def _mixture_cfg(path, workers: int, **train):
     return config_from_dict({
-        "data": {"source": "blobs", "n_samples": 256, "n_features": 8, "centers": 4, "rows_per_shard": 64,
-                 "normalize": "standard"},
+        "data": {"source": "npy", "path": str(path), "rows_per_shard": 64},
         "model": {"name": "gan", "latent_dim": 2, "hidden": [32, 32], "critic_steps": 2},
-        "train": {"epochs": 3, "batch_size": 64, "lr": 1e-3, "num_workers": 2, "checkpoint_every": 2, **train},
+        "train": {"epochs": 15, "batch_size": 128, "lr": 3e-3, "num_workers": workers, "checkpoint_every": 15,
+                  **train},
         "cluster": {"k": 4},
     })
 
@@ -221,20 +221,32 @@ def _train(cfg, run_dir, resume=False):
 
 
 @pytest.fixture(scope="module")
-def gan_run(ray_local, tmp_path_factory):
-    """One 2-worker run shared by the tests below; the resume test extends it last."""
-    cfg = _ray_cfg()
-    run_dir = tmp_path_factory.mktemp("gan")
-    ds, info, model_dir = _train(cfg, run_dir)
-    return cfg, ds, info, run_dir, load_checkpoint(model_dir)
+def gan_runs(ray_local, tmp_path_factory):
+    """The same GAN trained on 1 and on 2 workers, full-batch steps on a 4-component mixture of 128 rows stored
+    sorted by component in 2 blocks (see the DDP test). The other tests read the 2-worker run and the histories
+    kept here; the resume test extends that run's directory."""
+    folder = tmp_path_factory.mktemp("gan")
+    x, _, labels = _mixture(128)
+    np.save(folder / "x.npy", x[torch.argsort(labels, stable=True)].numpy())
+    runs = {}
+    for workers in (1, 2):
+        cfg = _mixture_cfg(folder / "x.npy", workers)
+        ds, info, model_dir = _train(cfg, folder / f"w{workers}")
+        runs[workers] = cfg, ds, info, folder / f"w{workers}", load_checkpoint(model_dir)
+    return runs
+
+
+@pytest.fixture(scope="module")
+def gan_run(gan_runs):
+    return gan_runs[2]
 
 
 @pytest.mark.ray
 def test_ray_train_logs_every_loss_per_epoch(gan_run):
     _, _, _, _, state = gan_run
     history = state["history"]
-    assert [h["epoch"] for h in history] == [1, 2, 3]
-    assert all(GAN_TERMS <= set(h) and h["rows"] == 256 for h in history)
+    assert [h["epoch"] for h in history] == list(range(1, 16))
+    assert all(GAN_TERMS <= set(h) and h["rows"] == 128 for h in history)
     assert all(math.isfinite(h[k]) for h in history for k in GAN_TERMS)
     assert set(state["optimizers"]) == {"critic", "generator"}
     assert state["model"]["n_clusters"] == 4  # from cluster.k
@@ -246,13 +258,13 @@ def test_ray_embeddings_have_the_configured_shape(gan_run, tmp_path):
 
     _, ds, info, run_dir, state = gan_run
     out = tmp_path / "embeddings"
-    manifest = embed_dataset(ds, run_dir / "model", out, dim=info.dim, expected_rows=256, config_hash="h",
-                             batch_size=100)
+    manifest = embed_dataset(ds, run_dir / "model", out, dim=info.dim, expected_rows=128, config_hash="h",
+                             batch_size=50)
     # n_clusters code probabilities + latent_dim noise estimates.
-    assert manifest["latent_dim"] == 4 + 2 and manifest["rows"] == 256
+    assert manifest["latent_dim"] == 4 + 2 and manifest["rows"] == 128
     table = pq.read_table([str(out / f) for f in manifest["files"]])
     z = np.asarray(table.column("z").to_pylist(), dtype=np.float32)
-    assert z.shape == (256, 6)
+    assert z.shape == (128, 6)
     np.testing.assert_allclose(z[:, :4].sum(axis=1), 1.0, rtol=1e-5)
     model = model_from_checkpoint(load_checkpoint(run_dir / "model")).eval()
     x = np.asarray(ds.sort("id").take(1)[0]["x"], dtype=np.float32)
@@ -265,18 +277,18 @@ def test_ray_embeddings_have_the_configured_shape(gan_run, tmp_path):
 def test_ray_resume_restores_both_optimizers(gan_run):
     """A second run on the same run directory with more epochs continues from the last checkpoint."""
     cfg, _, _, run_dir, first = gan_run
-    _train(_ray_cfg(epochs=5), run_dir, resume=True)
+    _train(_mixture_cfg(cfg.data.path, 2, epochs=17), run_dir, resume=True)
     state = load_checkpoint(run_dir / "model")
-    assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5]
-    assert state["history"][:3] == first["history"]
-    # 128 rows per worker in batches of 32: 4 generator steps (and 2 x 4 critic steps) an epoch, counted
-    # on from the first run's optimizer state, not restarted.
+    assert [h["epoch"] for h in state["history"]] == list(range(1, 18))
+    assert state["history"][:15] == first["history"]
+    # 64 rows per worker in one batch: 1 generator step (and 2 critic steps) an epoch, counted on from the first
+    # run's optimizer state, not restarted.
     steps = {name: float(opt["state"][0]["step"]) for name, opt in state["optimizers"].items()}
-    assert steps == {"generator": 5 * 4, "critic": 5 * 4 * 2}
+    assert steps == {"generator": 17, "critic": 17 * 2}
 
 
 @pytest.mark.ray
-def test_ddp_two_workers_follow_the_single_worker_run(ray_local, tmp_path):
+def test_ddp_two_workers_follow_the_single_worker_run(gan_runs):
     """Full-batch steps: with gradients all-reduced, 2 workers take the steps of 1 worker on the same data.
 
     Each worker draws the global batch of latents and keeps its half, so only float rounding, the
@@ -287,18 +299,8 @@ def test_ddp_two_workers_follow_the_single_worker_run(ray_local, tmp_path):
     run and loss / encoder_code within 1% of their range; bypassed, the estimate is 0.76 off and
     loss / encoder_code 2.5% of their range.
     """
-    x, _, labels = _mixture(128)
-    np.save(tmp_path / "x.npy", x[torch.argsort(labels, stable=True)].numpy())
-    curves = {}
-    for workers in (1, 2):
-        cfg = config_from_dict({
-            "data": {"source": "npy", "path": str(tmp_path / "x.npy"), "rows_per_shard": 64},
-            "model": {"name": "gan", "latent_dim": 2, "hidden": [32, 32], "critic_steps": 2},
-            "train": {"epochs": 15, "batch_size": 128, "lr": 3e-3, "num_workers": workers, "checkpoint_every": 15},
-            "cluster": {"k": 4},
-        })
-        _, _, model_dir = _train(cfg, tmp_path / f"w{workers}")
-        curves[workers] = {k: np.array([h[k] for h in load_checkpoint(model_dir)["history"]]) for k in GAN_TERMS}
+    curves = {workers: {k: np.array([h[k] for h in run[4]["history"]]) for k in GAN_TERMS}
+              for workers, run in gan_runs.items()}
     one, two = curves[1], curves[2]
     assert np.abs(two["wasserstein"] - one["wasserstein"]).max() <= 0.1, (one["wasserstein"], two["wasserstein"])
     for term in ("loss", "encoder_code"):
