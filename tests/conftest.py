@@ -61,26 +61,34 @@ def ray_local():
     yield ray
 
 
-@pytest.fixture(scope="session")
-def tracked_tiny_run(tmp_path_factory):
-    """The tiny `dce run` of tests/tiny.py, tracked to MLflow (a file store) and TensorBoard at once: test_tracking.py
-    reads it as it is, test_pipeline.py a copy it changes (stages run again). Returns (run directory, MLflow URI)."""
-    from tiny import TINY_RUN, as_args
+def _tiny_dce_run(settings: list[str], out, *flags: str) -> None:
+    """`dce run` with tests/tiny.py's `settings` into `out`, on the shared local Ray (started here unless a module's
+    `ray_local` has started it); fails the test with the command's output."""
+    from tiny import as_args
     from typer.testing import CliRunner
 
     from engine.cli import app
     from engine.runtime import init_ray
 
-    init_ray(num_cpus=4)  # the shared local Ray (a no-op when a module's `ray_local` has started it)
+    init_ray(num_cpus=4)
+    result = CliRunner().invoke(app, ["run", *as_args(settings), *flags, "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="session")
+def tracked_tiny_run(tmp_path_factory):
+    """The tiny `dce run` of tests/tiny.py, tracked to MLflow (a file store) and TensorBoard at once: test_tracking.py
+    reads it as it is, test_train.py its train stage, test_pipeline.py a copy it changes (stages run again). Returns
+    (run directory, MLflow URI)."""
+    from tiny import TINY_RUN
+
     base = tmp_path_factory.mktemp("tracked")
     uri = (base / "mlruns").as_uri()
     tracking = ["tracking.backend=[mlflow, tensorboard]", f"tracking.uri={uri}", "tracking.experiment=dce-test"]
     with pytest.MonkeyPatch.context() as mp:
         # MLflow 3 refuses a file store unless told that it is wanted; a server or a database needs more than a test.
         mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-        result = CliRunner().invoke(app, ["run", *as_args([*TINY_RUN, *tracking]), "--out", str(base / "tiny"),
-                                          "--quiet"])
-    assert result.exit_code == 0, result.output
+        _tiny_dce_run([*TINY_RUN, *tracking], base / "tiny")
     return base / "tiny", uri
 
 
@@ -88,16 +96,10 @@ def tracked_tiny_run(tmp_path_factory):
 def digits_run(tmp_path_factory):
     """The tiny digits `dce run` of tests/tiny.py, made without its report (--no-report): test_report.py builds it
     with `dce report`, test_augment.py reads the augmented training's history. Returns the run directory."""
-    from tiny import TINY_DIGITS, as_args
-    from typer.testing import CliRunner
+    from tiny import TINY_DIGITS
 
-    from engine.cli import app
-    from engine.runtime import init_ray
-
-    init_ray(num_cpus=4)
     out = tmp_path_factory.mktemp("runs") / "digits"
-    result = CliRunner().invoke(app, ["run", *as_args(TINY_DIGITS), "--no-report", "--out", str(out), "--quiet"])
-    assert result.exit_code == 0, result.output
+    _tiny_dce_run(TINY_DIGITS, out, "--no-report")
     assert not (out / "report").exists()
     return out
 

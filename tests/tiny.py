@@ -1,7 +1,7 @@
 """The tiny `dce run`s the modules share (one Ray Train run costs ~25 s on a 2-core CPU).
 
-TINY_RUN (conftest's `tracked_tiny_run`, for test_pipeline.py and test_tracking.py): four blobs, a small autoencoder
-on 2 Ray Train workers for 3 epochs, k-means.
+TINY_RUN (conftest's `tracked_tiny_run`, for test_pipeline.py, test_tracking.py and test_train.py): four blobs, a
+small autoencoder on 2 Ray Train workers for 3 epochs, k-means.
 TINY_DIGITS (conftest's `digits_run`, for test_report.py and test_augment.py): scikit-learn's 1797 8x8 digits, a
 small autoencoder on 2 workers for 3 epochs on randomly rotated and shifted images in bf16 (fp32 on a CPU without
 native bfloat16), k-means (assignable, unlike N2D's gmm)."""
