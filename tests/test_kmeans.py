@@ -265,20 +265,45 @@ def test_adding_stats_of_different_k_is_an_error(blobs, init_rows):
 # --- the estimator ---------------------------------------------------------------------------------------
 
 
-def test_empty_cluster_is_split_from_the_largest(blobs, init_rows):
+def test_empty_cluster_takes_half_of_the_cluster_with_the_largest_sse(blobs, init_rows):
     X, _ = blobs
     init = init_rows.copy()
     init[3] = 1e3
     model = KMeans(K, init=init, max_iter=1, tol=0).fit(X)
-    assert model.history_[0]["empty_repaired"] == 1
-    # Documented rule: the empty centroid moves to the member of the largest cluster farthest from it.
+    assert model.history_[0]["empty"] == model.history_[0]["empty_repaired"] == 1
+    # Documented rule: the empty centroid and the cluster with the largest SSE both start at that cluster's mean,
+    # moved apart by a relative 1/1024, with alternating signs over the dimensions.
     labels, sq = assign(X, init)
-    largest = np.bincount(labels, minlength=K).argmax()
-    members = np.flatnonzero(labels == largest)
-    np.testing.assert_array_equal(model.cluster_centers_[3], X[members[sq[members].argmax()]])
+    donor = np.bincount(labels, weights=sq, minlength=K).argmax()
+    mean = X[labels == donor].astype(np.float64).mean(axis=0)
+    sign = np.where(np.arange(X.shape[1]) % 2 == 0, 1, -1)
+    np.testing.assert_allclose(model.cluster_centers_[3], mean * (1 + sign / 1024), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.cluster_centers_[donor], mean * (1 - sign / 1024), rtol=1e-5, atol=1e-5)
 
     full = KMeans(K, init=init, max_iter=30, tol=0).fit(X)
     assert np.bincount(full.labels_, minlength=K).min() > 0
+
+
+def many_empty_clusters(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Rows where Lloyd from random rows empties many clusters: fewer true centres than k, half the rows exact
+    copies of their centre (ties empty the duplicated centroids), half spread around them; and k random rows."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (k * 3 // 4, d)).astype(np.float32)
+    X = centres[rng.integers(0, len(centres), n)]
+    X[: n // 2] += 0.3 * rng.standard_normal((n // 2, d), dtype=np.float32)
+    return X, X[rng.choice(n, k, replace=False)].copy()
+
+
+def test_repair_is_at_least_as_good_as_scikit_learn_and_faiss_from_the_same_init():
+    X, init = many_empty_clusters(20_000, 16, 64)
+    iters = 20
+    ours = KMeans(64, init=init, max_iter=iters, tol=0).fit(X)
+    assert sum(h["empty"] for h in ours.history_) >= 5  # the data does empty clusters
+    theirs = SklearnKMeans(64, init=init, n_init=1, max_iter=iters, tol=0, algorithm="lloyd").fit(X)
+    km = faiss.Kmeans(16, 64, niter=iters, seed=0, max_points_per_centroid=len(X))
+    km.train(X, init_centroids=init)
+    best_peer = min(sse(X, theirs.cluster_centers_), sse(X, km.centroids))
+    assert sse(X, ours.cluster_centers_) <= 1.005 * best_peer
 
 
 def test_two_empty_clusters_are_both_repaired(blobs, init_rows):
@@ -315,6 +340,28 @@ def test_n_init_keeps_the_best_run(blobs):
     assert len(five.history_) == five.n_iter_
 
 
+def test_kmeans_parallel_init_seeds_as_well_as_kmeans_plusplus(blobs):
+    X, y = blobs
+    pp = KMeans(K, init="k-means++", max_iter=1, tol=0).fit(X)
+    par = KMeans(K, init="k-means||", max_iter=1, tol=0).fit(X)
+    assert adjusted_rand_score(y, par.labels_) > 0.9
+    assert par.inertia_ <= 1.1 * pp.inertia_
+    # Weighted: rows of weight 0 are never candidates, so no centroid lands on the far-away zero-weight rows.
+    far = np.full((50, X.shape[1]), 1e4, dtype=np.float32)
+    w = np.r_[np.ones(len(X)), np.zeros(50)]
+    model = KMeans(K, init="k-means||", max_iter=1, tol=0).fit(np.r_[X, far], sample_weight=w)
+    assert np.abs(model.cluster_centers_).max() < 1e3
+
+
+def test_auto_init_is_kmeans_parallel_above_256_clusters():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3000, 4), dtype=np.float32)
+    for k, expected in ((256, "k-means++"), (257, "k-means||")):
+        auto = KMeans(k, max_iter=1, tol=0).fit(X)
+        explicit = KMeans(k, init=expected, max_iter=1, tol=0).fit(X)
+        np.testing.assert_array_equal(auto.cluster_centers_, explicit.cluster_centers_)
+
+
 def test_random_init_picks_distinct_rows_by_weight():
     X = np.arange(60, dtype=np.float32).reshape(30, 2) ** 1.5
     w = np.zeros(30)
@@ -337,7 +384,7 @@ def test_tol_stops_at_the_first_small_relative_decrease(blobs):
     assert changes[-1] < 1e-4 and all(c >= 1e-4 for c in changes[1:-1])
     objectives = [h["objective"] for h in model.history_]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(objectives, objectives[1:], strict=False))
-    assert set(model.history_[0]) == {"iter", "objective", "rel_change", "shift", "empty_repaired", "seconds"}
+    assert set(model.history_[0]) == {"iter", "objective", "rel_change", "shift", "empty", "empty_repaired", "seconds"}
 
 
 def test_tol_zero_runs_max_iter(blobs):
@@ -382,6 +429,8 @@ def test_sklearn_api_conventions(blobs):
         "callback": None,
         "checkpoint": None,
         "checkpoint_every": 10,
+        "precision": "fp32",
+        "device": None,
     }
     copy = clone(model)
     assert copy is not model and copy.get_params() == params
@@ -551,7 +600,7 @@ X12 = np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32)
         ({"max_points_per_centroid": 0}, r"^max_points_per_centroid=0 should be >= 1\.$"),
         ({"max_points_per_centroid": 2.5}, r"^max_points_per_centroid should be an int, got 2\.5\.$"),
         ({"callback": "print"}, r"^callback should be a callable or None, got 'print'\.$"),
-        ({"init": "kmeans"}, r"^init='kmeans' should be 'k-means\+\+', 'random' or an array of shape"),
+        ({"init": "kmeans"}, r"^init='kmeans' should be 'auto', 'k-means\+\+', 'k-means\|\|', 'random' or an array"),
         ({"backend": "cuda"}, r"^backend='cuda' should be one of 'auto', 'faiss', 'torch'\.$"),
         (
             {"n_clusters": 3, "init": np.zeros((3, 5))},

@@ -79,17 +79,18 @@ def test_shard_actor_in_process_matches_partial_stats(shards):
     assert (actor.count(), actor.dim()) == (350, D)
     X = np.concatenate(shards[:2])
     C = X[:K]
-    sums, counts, sse = actor.partial_stats(C)
+    sums, counts, sse, cluster_sse = actor.partial_stats(C)
     expected = partial_stats(X, C)
     np.testing.assert_allclose(sums, expected.sums)
     np.testing.assert_array_equal(counts, expected.counts)
     assert sse == pytest.approx(expected.sse)
+    np.testing.assert_allclose(cluster_sse, expected.cluster_sse, rtol=1e-6)
     np.testing.assert_array_equal(actor.get_subset(np.array([3, 250])), X[[3, 250]])
 
 
 def test_shard_actor_passes_allocate_an_assignment_not_copies_of_the_share():
     """A pass over a loaded actor allocates at most one assignment (int64 label + float32 distance, 12 bytes a
-    row) and buffers of a block; a second partial_stats frees the first's assignment before making its own.
+    row) and buffers of a block, and keeps none of it (the empty-cluster repair needs no rows).
     Before: every pass re-checked the rows for NaN (a rows x d mask) and recomputed their norms, the stats
     took float64 weights and distances of every row, k-means|| float64 distances and draws of the share."""
     n, d = 1_000_000, 24
@@ -102,7 +103,7 @@ def test_shard_actor_passes_allocate_an_assignment_not_copies_of_the_share():
     cost = []
     calls = [
         ("partial_stats", lambda: actor.partial_stats(C[:16]), assignment + blocks),
-        ("partial_stats again", lambda: actor.partial_stats(C[16:32]), blocks),
+        ("partial_stats again", lambda: actor.partial_stats(C[16:32]), assignment + blocks),
         ("update_closest first", lambda: cost.append(actor.update_closest(C[:16], first=True)), assignment + blocks),
         ("update_closest", lambda: cost.append(actor.update_closest(C[16:48])), assignment + blocks),
         ("oversample", lambda: actor.oversample(32.0, cost[-1], 0, 0), assignment + blocks),
@@ -129,7 +130,7 @@ def test_shard_actor_passes_allocate_an_assignment_not_copies_of_the_share():
 @pytest.mark.ray
 def test_equals_kmeans_from_the_same_init_with_an_empty_cluster(ray_local, blobs, shards):
     init = blobs[np.random.default_rng(0).choice(len(blobs), K, replace=False)].copy()
-    init[3] = 1e3  # starts empty: the repair must pick the same row as KMeans's
+    init[3] = 1e3  # starts empty: the repair must split the same cluster as KMeans's
     ref = KMeans(K, init=init, max_iter=8, tol=0).fit(blobs)
     model = ShardedKMeans(K, init=init, max_iter=8, tol=0).fit(shards)
 

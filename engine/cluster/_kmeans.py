@@ -6,27 +6,28 @@ import json
 import logging
 import math
 import os
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.utils.validation import check_is_fitted
 
+from engine.cluster._device import PRECISIONS, DeviceRows, resolve_device, supported_precision
+from engine.cluster._lloyd import lloyd
+from engine.cluster._seeding import PARALLEL_ABOVE_K, LocalRows, kmeans_parallel
 from engine.cluster._stats import (
-    PartialStats,
+    HostRows,
     _assign,
-    _assign_and_stats,
     _kmeans_plusplus,
     as_float32_matrix,
     as_weights,
     check_enough_weight,
     check_n_clusters,
-    lloyd_record,
     resolve_backend,
     row_sq_norms,
 )
@@ -34,7 +35,7 @@ from engine.errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-INITS = ("k-means++", "random")
+INITS = ("auto", "k-means++", "k-means||", "random")
 _SAVE_FORMAT = "engine.cluster.KMeans/1"
 _SUBSAMPLE_KEY = 2**32 - 1
 
@@ -45,9 +46,12 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     Parameters
     ----------
     n_clusters : number of centroids k, >= 1 and <= the number of rows.
-    init : "k-means++" (greedy, as scikit-learn), "random" (k distinct rows drawn with probability
-        proportional to sample_weight) or an array (k, n_features) of initial centroids; with an array
-        only one run is made.
+    init : "auto" (k-means++ up to n_clusters=256, k-means|| above: `engine.cluster._seeding.PARALLEL_ABOVE_K`
+        says why), "k-means++" (greedy, as scikit-learn), "k-means||" (Bahmani et al. 2012: 2 rounds
+        oversampling 2k rows by their distance to the candidates so far, then weighted k-means++ and Lloyd on the
+        candidates; the same code as ShardedKMeans's), "random" (k distinct rows drawn with probability
+        proportional to sample_weight) or an array (k, n_features) of initial centroids; with an array only one
+        run is made.
     n_init : number of runs from different seeds; the run with the lowest inertia is kept.
     max_iter : at most this many Lloyd iterations (assign, then move each centroid to its mean) per run.
     tol : a run stops after iteration t when the relative decrease of the objective,
@@ -70,22 +74,30 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         that finds a state of the same data and settings continues from it and ends with the result of an
         uninterrupted fit. A state of other data or settings is replaced. The file is kept after fit.
     checkpoint_every : iterations between two saves of the state.
+    precision : "fp32", "tf32" or "bf16": the precision of the torch backend's distance products. Rows whose two
+        best centroids are within the products' rounding error are ranked again in fp32, so the labels are
+        fp32's (ties aside); sums, counts and SSE are always float64. A device without that precision (tf32 or
+        bf16 on a GPU older than Ampere, bf16 on a CPU without AVX512-BF16 / AMX, tf32 on a CPU) computes in
+        fp32 after one warning.
+    device : None (the current CUDA device when there is one, else the CPU) or a torch device string, for the
+        torch backend. On CUDA the training rows are uploaded once per fit and every iteration runs there (rows
+        that do not fit stream through in chunks); `holds_` says which.
 
-    A cluster left empty by an iteration is re-seeded by splitting the largest cluster: its centroid
-    moves to the member of the largest cluster farthest from that cluster's centroid (deterministic).
-    History entries count these repairs in `empty_repaired`.
+    A cluster left empty by an iteration takes half of the cluster with the largest SSE (`split_empty`:
+    both start at its mean, slightly apart; deterministic). History entries count the empty clusters in
+    `empty` and these repairs in `empty_repaired`.
 
     Fitted attributes: cluster_centers_ (float32, k x d), labels_, inertia_ (weighted SSE of the final
     assignment to cluster_centers_), n_iter_, n_features_in_, history_ (one dict per iteration of the
-    kept run: iter, objective, rel_change, shift = largest centroid move, empty_repaired, seconds),
-    n_training_samples_ (rows the centroids were trained on).
+    kept run: iter, objective, rel_change, shift = largest centroid move, empty, empty_repaired, seconds),
+    n_training_samples_ (rows the centroids were trained on), holds_ (where the training rows were held).
     """
 
     def __init__(
         self,
         n_clusters: int = 8,
         *,
-        init: str | np.ndarray = "k-means++",
+        init: str | np.ndarray = "auto",
         n_init: int = 1,
         max_iter: int = 25,
         tol: float = 1e-4,
@@ -97,6 +109,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         callback: Callable[[dict[str, Any]], object] | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
         checkpoint_every: int = 10,
+        precision: str = "fp32",
+        device: str | None = None,
     ) -> None:
         self.n_clusters = n_clusters
         self.init = init
@@ -111,6 +125,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         self.callback = callback
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
+        self.precision = precision
+        self.device = device
 
     def fit(self, X: Any, y: Any = None, sample_weight: Any = None) -> KMeans:
         """Cluster X (n_samples, n_features); y is ignored; sample_weight (n_samples,) >= 0."""
@@ -127,7 +143,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         sample_rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_SUBSAMPLE_KEY,)))
         train_X, train_w = self._training_rows(X, w, sample_rng)
         x_sq = row_sq_norms(X)
-        train_x_sq = x_sq if train_X is X else row_sq_norms(train_X)
+        rows = self._rows(train_X, train_w, backend, x_sq if train_X is X else None)
 
         saved = _FitState(self.checkpoint, self._fingerprint(train_X, train_w, init, n_init))
         start, best = saved.load()
@@ -137,7 +153,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             resume = start if run == start.get("run") and "centroids" in start else None
             centroids = resume["centroids"] if resume else self._initial_centroids(
                 train_X, train_w, init, np.random.default_rng(child))
-            result = self._lloyd(train_X, train_w, train_x_sq, centroids, backend, run, resume=resume,
+            result = self._lloyd(rows, centroids, run, resume=resume,
                                  save=lambda state, best=best: saved.save(state, best))
             if best is None or result["inertia"] < best["inertia"]:  # the first of equals is kept
                 best = result
@@ -146,7 +162,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         if train_X is X:
             labels, inertia = best.get("labels"), best["inertia"]
             if labels is None:  # the best run was restored from the checkpoint
-                labels = _assign(X, centroids, backend, x_sq)[0]
+                labels = rows.assign(centroids)[0]
         else:
             labels, sq_distances = _assign(X, centroids, backend, x_sq)
             inertia = float(sq_distances.astype(np.float64) @ w)
@@ -158,6 +174,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         self.history_ = best["history"]
         self.n_training_samples_ = train_X.shape[0]
         self.n_features_in_ = X.shape[1]
+        self.holds_ = rows.holds
         return self
 
     def predict(self, X: Any) -> np.ndarray:
@@ -261,14 +278,27 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             raise ConfigError(f"callback should be a callable or None, got {self.callback!r}.")
         _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         backend = resolve_backend(self.backend)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} should be one of {', '.join(map(repr, PRECISIONS))}.")
+        if self.precision != "fp32" and backend != "torch":
+            raise ConfigError(f"precision={self.precision!r} needs backend='torch'; backend={self.backend!r} is "
+                              f"{backend}, which computes in fp32.")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as e:
+                raise ConfigError(f"device={self.device!r} is not a torch device ({e}).") from e
 
         if isinstance(self.init, str):
             if self.init not in INITS:
                 raise ConfigError(
-                    f"init={self.init!r} should be 'k-means++', 'random' or an array of shape "
+                    f"init={self.init!r} should be 'auto', 'k-means++', 'k-means||', 'random' or an array of shape "
                     "(n_clusters, n_features)."
                 )
-            return self.init, n_init, backend
+            init = self.init
+            if init == "auto":
+                init = "k-means||" if self.n_clusters > PARALLEL_ABOVE_K else "k-means++"
+            return init, n_init, backend
         try:
             init = as_float32_matrix(self.init, name="init")
         except DataError as e:
@@ -322,8 +352,19 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             return init.copy()
         if init == "k-means++":
             return _kmeans_plusplus(X, self.n_clusters, w, rng, n_local_trials=None)
+        if init == "k-means||":
+            rows = LocalRows(X, None if np.all(w == 1) else w, self.backend)
+            return kmeans_parallel(
+                lambda method, *args: [getattr(rows, method)(*args)], lambda idx: X[idx], X.shape[0],
+                self.n_clusters, int(rng.integers(2**31)), rng, self._fit_candidates, first_weights=w)
         rows = rng.choice(X.shape[0], size=self.n_clusters, replace=False, p=w / w.sum())
         return X[rows].copy()
+
+    def _fit_candidates(self, C: np.ndarray, weights: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """k-means||'s last step: weighted Lloyd on the candidates from their k-means++ seeds."""
+        local = KMeans(self.n_clusters, init=seeds, max_iter=self.max_iter, tol=self.tol, backend=self.backend,
+                       spherical=self.spherical)
+        return local.fit(C, sample_weight=weights).cluster_centers_
 
     def _fingerprint(self, X: np.ndarray, w: np.ndarray, init: str | np.ndarray, n_init: int) -> dict[str, Any]:
         """What a saved state must match to be continued: the data, its weights and every setting that
@@ -334,49 +375,55 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             "estimator": type(self).__name__, "shape": list(X.shape), "data": _digest(X, w),
             "init": init if isinstance(init, str) else _digest(init), "params": {
                 k: getattr(self, k).item() if isinstance(getattr(self, k), np.generic) else getattr(self, k)
-                for k in ("n_clusters", "max_iter", "tol", "seed", "spherical", "max_points_per_centroid")},
+                for k in ("n_clusters", "max_iter", "tol", "seed", "spherical", "max_points_per_centroid",
+                          "precision")},
             "n_init": n_init, "backend": resolve_backend(self.backend),
         }
 
+    def _rows(self, X: np.ndarray, w: np.ndarray, backend: str, x_sq: np.ndarray | None) -> HostRows | DeviceRows:
+        """The training rows where the fit computes: on the GPU (uploaded once) for torch on CUDA and for faiss's
+        GPU index, in torch's reduced precision on a device that has it, else in host memory."""
+        device = resolve_device(self.device)
+        if backend == "faiss-gpu":
+            return DeviceRows(X, w, device=torch.device("cuda"), search="faiss")
+        if backend != "torch":
+            return HostRows(X, w, backend, x_sq)
+        precision = supported_precision(self.precision, device)
+        if device.type == "cpu" and precision == "fp32":
+            return HostRows(X, w, backend, x_sq)  # threads over row ranges: measured fastest on CPU
+        # Unit weights are not sent: the device then skips the products by them.
+        return DeviceRows(X, None if np.all(w == 1) else w, device=device, precision=precision)
+
     def _lloyd(
-        self, X: np.ndarray, w: np.ndarray, x_sq: np.ndarray, centroids: np.ndarray, backend: str, run: int,
+        self, rows: HostRows | DeviceRows, centroids: np.ndarray, run: int,
         resume: dict[str, Any] | None = None, save: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Lloyd iterations from `centroids`, or from a saved state (`resume`: iteration, previous objective,
         history); `save` is given the state every `checkpoint_every` iterations."""
         log = logger.info if self.verbose else logger.debug
-        history: list[dict[str, Any]] = list(resume["history"]) if resume else []
-        previous_objective: float | None = resume["previous_objective"] if resume else None
-        for it in range(len(history) + 1, self.max_iter + 1):
-            start = time.perf_counter()
-            labels, sq_distances, stats = _assign_and_stats(X, centroids, backend, w, x_sq)
-            new, empty = stats.centroids(centroids)
-            repaired = _split_largest(X, w, labels, sq_distances, stats, new, empty) if empty.size else 0
-            if self.spherical:
-                _renormalise(new, centroids)
-            objective = stats.sse
-            record = lloyd_record(it, centroids, new, objective, previous_objective, repaired, start)
-            centroids = new
-            rel_change, shift = record["rel_change"], record["shift"]
-            history.append(record)
+        history = list(resume["history"]) if resume else []
+
+        def on_iteration(record: dict[str, Any], new: np.ndarray) -> None:
             if self.callback is not None:
                 self.callback({"run": run, **record})
-            log("iter %d: objective %.6g, rel %s, shift %.3g, repaired %d", it, objective, rel_change, shift,
-                repaired)
-            if self.tol > 0 and rel_change is not None and rel_change < self.tol:
-                break
-            previous_objective = objective
-            if save is not None and it % self.checkpoint_every == 0 and it < self.max_iter:
-                save({"run": run, "centroids": centroids, "previous_objective": objective, "history": history})
-        labels, sq_distances = _assign(X, centroids, backend, x_sq)
-        inertia = float(sq_distances.astype(np.float64) @ w)
-        log("run done: inertia %.6g after %d iterations", inertia, len(history))
+
+        result = lloyd(
+            rows.stats, centroids, max_iter=self.max_iter, tol=self.tol,
+            spherical=self.spherical, first_iter=len(history) + 1, history=history,
+            previous_objective=resume["previous_objective"] if resume else None, on_iteration=on_iteration,
+            save=None if save is None else lambda state: save({"run": run, **state}),
+            checkpoint_every=self.checkpoint_every, log=log,
+        )
+        labels, sq_distances = rows.assign(result.centroids)
+        inertia = float(np.sum(sq_distances, dtype=np.float64) if rows.w is None
+                        else sq_distances.astype(np.float64) @ rows.w)
+        log("run done: inertia %.6g after %d iterations", inertia, result.n_iter)
         return {
-            "centroids": centroids,
+            "centroids": result.centroids,
             "labels": labels,
             "inertia": inertia,
-            "n_iter": len(history),
-            "history": history,
+            "n_iter": result.n_iter,
+            "history": result.history,
         }
 
 
@@ -457,49 +504,6 @@ def _unit_rows(X: np.ndarray, name: str = "X", first_row: int = 0) -> np.ndarray
         row = first_row + int(np.flatnonzero(zero)[0])
         raise DataError(f"{name} row {row} is all zeros: spherical=True needs rows with a direction.")
     return X / norms[:, None]
-
-
-def _renormalise(new: np.ndarray, previous: np.ndarray) -> None:
-    """Scale the updated centroids to unit norm in place; one whose members cancel out keeps its old row."""
-    norms = np.sqrt(row_sq_norms(new))
-    zero = norms == 0
-    new[zero] = previous[zero]
-    norms[zero] = 1.0
-    new /= norms[:, None]
-
-
-def _split_largest(
-    X: np.ndarray,
-    w: np.ndarray,
-    labels: np.ndarray,
-    sq_distances: np.ndarray,
-    stats: PartialStats,
-    centroids: np.ndarray,
-    empty: np.ndarray,
-) -> int:
-    """Re-seed each empty cluster with the farthest member of the currently largest cluster.
-
-    Updates `centroids` in place (the donor's centroid becomes the mean of its remaining members) and
-    returns how many clusters were repaired; a donor needs two weighted members, or it would empty itself.
-    """
-    sums, counts = stats.sums.copy(), stats.counts.copy()
-    labels = labels.copy()
-    repaired = 0
-    for j in empty:
-        donor = int(np.argmax(counts))
-        members = np.flatnonzero((labels == donor) & (w > 0))
-        if members.size < 2:
-            break
-        far = int(members[np.argmax(sq_distances[members])])
-        row = X[far].astype(np.float64) * w[far]
-        sums[donor] -= row
-        counts[donor] -= w[far]
-        sums[j], counts[j] = row, w[far]
-        labels[far] = j
-        centroids[donor] = sums[donor] / counts[donor]
-        centroids[j] = X[far]
-        repaired += 1
-    return repaired
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> int:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +15,9 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from engine import storage
-from engine.cluster._kmeans import KMeans, _check_int, _digest, _FitState, _renormalise, _unit_rows
+from engine.cluster._kmeans import KMeans, _check_int, _digest, _FitState, _unit_rows
+from engine.cluster._lloyd import lloyd
+from engine.cluster._seeding import SeedingRows, kmeans_parallel
 from engine.cluster._stats import (
     PartialStats,
     _assign,
@@ -25,8 +25,6 @@ from engine.cluster._stats import (
     as_float32_matrix,
     assign,
     check_n_clusters,
-    kmeans_plusplus,
-    lloyd_record,
     resolve_backend,
     row_sq_norms,
     stats_from_assignment,
@@ -37,13 +35,7 @@ from engine.errors import ConfigError, DataError, find_engine_error
 
 logger = logging.getLogger(__name__)
 
-INITS = ("k-means||", "k-means++", "random")
-# k-means|| (Bahmani et al. 2012) oversamples l = 2k expected rows per round; 2 rounds as Spark's default
-# (initializationSteps): the paper finds a handful as good as k-means++, and every round costs a pass over all
-# rows against 2k centres (2 Lloyd iterations' flops), the weighting of the ~(1 + rounds * 2k) candidates one
-# more against them all: with 5 rounds, seeding cost as many flops as 20 Lloyd iterations at k=1024.
-_PARALLEL_ROUNDS = 2
-_OVERSAMPLING = 2.0
+INITS = ("auto", "k-means||", "k-means++", "random")
 
 # Redos of one step after shard actors died: a node lost now and then is survived, an actor that dies
 # every time (out of memory on any node) is not retried forever.
@@ -59,11 +51,11 @@ Shard = str | np.ndarray
 T = TypeVar("T")
 
 
-class ShardActor:
+class ShardActor(SeedingRows):
     """The rows of a group of shards, loaded once and kept in one process (faiss's DatasetAssign shape).
 
     `count / dim / get_subset / partial_stats / assign` are what Lloyd needs; the remaining methods serve
-    the k-means|| seeding and the empty-cluster repair. Plain class: Ray wraps it with `ray.remote`, and
+    the k-means|| seeding. Plain class: Ray wraps it with `ray.remote`, and
     it works in-process too.
     """
 
@@ -78,8 +70,6 @@ class ShardActor:
         self._X = np.zeros((0, 0), dtype=np.float32)
         self._x_sq = np.zeros(0, dtype=np.float32)  # squared row norms, computed once for every pass
         self._shard_rows: list[int] = []
-        self._labels: np.ndarray | None = None  # assignment of the last partial_stats, for the repair
-        self._sq: np.ndarray | None = None
         # k-means||: squared distance (float32, as `assign` gives it: the minimum of those is exact) to the
         # nearest candidate.
         self._closest_sq: np.ndarray | None = None
@@ -157,60 +147,19 @@ class ShardActor:
         centroids = as_centroids(centroids, n_features=self.dim())
         return _assign(self._X, centroids, resolve_backend(self._backend), self._x_sq)
 
-    def partial_stats(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        """The PartialStats fields (sums, counts, sse) of this actor's rows for `centroids`."""
-        self._labels = self._sq = None  # replaced: never hold two assignments of the share
-        self._labels, self._sq = self.assign(centroids)
-        stats = stats_from_assignment(self._X, self._labels, self._sq, centroids.shape[0])
-        return stats.sums, stats.counts, stats.sse
+    def _assign_rows(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.assign(centroids)  # with the squared norms computed at load
+
+    def partial_stats(self, centroids: np.ndarray) -> tuple:
+        """The PartialStats fields (`PartialStats.as_tuple`) of this actor's rows for `centroids`."""
+        labels, sq = self.assign(centroids)
+        return stats_from_assignment(self._X, labels, sq, centroids.shape[0]).as_tuple()
 
     def peak_rss(self) -> int:
         """This process's peak resident memory in bytes (Linux reports kibibytes), for memory checks."""
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def farthest_member(self, cluster: int) -> tuple[float, int, np.ndarray] | None:
-        """(squared distance, local index, row) of the member of `cluster` farthest from its centroid, as
-        assigned by the last partial_stats; None when it has no member here."""
-        members = np.flatnonzero(self._labels == cluster)
-        if members.size == 0:
-            return None
-        far = int(members[np.argmax(self._sq[members])])
-        return float(self._sq[far]), far, self._X[far].copy()
-
-    def move_member(self, index: int, cluster: int) -> None:
-        self._labels[index] = cluster
-
-    def update_closest(self, candidates: np.ndarray, first: bool = False) -> float:
-        """k-means||: fold new candidates into each row's nearest-candidate distance; returns the cost.
-        `first` starts afresh, forgetting the candidates of a seeding redone after an actor was replaced."""
-        _, sq = self.assign(candidates)
-        if first or self._closest_sq is None:
-            self._closest_sq = sq
-        else:
-            np.minimum(self._closest_sq, sq, out=self._closest_sq)
-        return float(np.sum(self._closest_sq, dtype=np.float64))
-
-    def oversample(self, expected: float, cost: float, seed: int, round_: int) -> np.ndarray:
-        """k-means||: each row independently with probability min(1, expected * d^2 / cost).
-
-        The draws of each shard come from its own stream (seed, round, global shard index), so the sample
-        does not depend on how the shards are grouped into actors.
-        """
-        picked, start = [], 0
-        for s, rows in enumerate(self._shard_rows):
-            # Shard by shard, so the draws and probabilities (float64) are a shard's rows, not the share's.
-            u = np.random.default_rng([seed, round_, self._first_shard + s]).uniform(size=rows)
-            p = np.minimum(1.0, expected * self._closest_sq[start:start + rows].astype(np.float64) / cost)
-            picked.append(start + np.flatnonzero(u < p))
-            start += rows
-        return self._X[np.concatenate(picked)]
-
-    def count_nearest(self, candidates: np.ndarray) -> np.ndarray:
-        """k-means||: how many of this actor's rows have each candidate as their nearest."""
-        labels, _ = self.assign(candidates)
-        return np.bincount(labels, minlength=candidates.shape[0]).astype(np.float64)
 
     def _pieces(self, shard: Shard, name: str) -> Iterator[np.ndarray]:
         """The rows of a shard as float32 pieces: a numpy shard whole, a Parquet file one row group at a time."""
@@ -245,7 +194,7 @@ class ShardedKMeans(BaseEstimator):
     ----------
     n_clusters : number of centroids k, >= 1 and <= the total number of rows.
     init : "k-means||" (Bahmani et al. 2012: oversampling rounds on the actors, then weighted k-means++
-        and weighted Lloyd on the small candidate set in the driver), "k-means++" (the same: plain
+        and weighted Lloyd on the small candidate set in the driver), "k-means++" and "auto" (the same: plain
         k-means++ needs every row in one place), "random" (k distinct rows drawn uniformly over all
         shards) or an array (k, d) of initial centroids.
     max_iter, tol, seed, backend : as `KMeans`; the same seed gives the same result for the same shards,
@@ -265,7 +214,7 @@ class ShardedKMeans(BaseEstimator):
     shards on a live node, and the step it died in (the loading, the seeding, or one Lloyd iteration) is
     redone, so the result is the one of a fit without the failure. Parquet shards must then be readable
     from the other nodes (shared storage or an object store), as they must be for a multi-node fit anyway.
-    Empty clusters are repaired as `KMeans` does (farthest member of the largest cluster).
+    Empty clusters are repaired as `KMeans` does (`split_empty`), from the summed stats alone.
 
     Fitted attributes: cluster_centers_, inertia_, n_iter_, n_features_in_, n_samples_, history_ (the
     `KMeans.history_` records).
@@ -359,7 +308,7 @@ class ShardedKMeans(BaseEstimator):
             _check_int("num_actors", self.num_actors, minimum=1)
         if isinstance(self.init, str) and self.init not in INITS:
             raise ConfigError(
-                f"init={self.init!r} should be 'k-means++', 'k-means||', 'random' or an array of shape "
+                f"init={self.init!r} should be 'auto', 'k-means++', 'k-means||', 'random' or an array of shape "
                 "(n_clusters, n_features)."
             )
         if not isinstance(self.column, str) or not self.column:
@@ -407,85 +356,46 @@ class ShardedKMeans(BaseEstimator):
         parts = _get([a.partial_stats.remote(centroids_ref) for a in actors])
         return sum((PartialStats(*p) for p in parts[1:]), PartialStats(*parts[0]))
 
-    def _iteration(self, actors: list, centroids: np.ndarray) -> tuple[PartialStats, np.ndarray, int]:
-        """One Lloyd update from `centroids`: (stats, new centroids, clusters repaired)."""
-        import ray
-
-        stats = self._stats(actors, ray.put(centroids))
-        new, empty = stats.centroids(centroids)
-        repaired = _split_largest(actors, stats, new, empty) if empty.size else 0
-        return stats, new, repaired
-
     def _lloyd(self, pool: _ShardActors, centroids: np.ndarray, resume: dict[str, Any] | None = None,
                save=None) -> None:
-        """KMeans._lloyd with the rows in the actors: one broadcast and one reduce per iteration; an iteration
+        """The Lloyd loop with the rows in the actors: one broadcast and one reduce per iteration; an iteration
         during which an actor died is redone with its replacement."""
         import ray
 
-        history: list[dict[str, Any]] = list(resume["history"]) if resume else []
-        previous_objective: float | None = resume["previous_objective"] if resume else None
-        for it in range(len(history) + 1, self.max_iter + 1):
-            start = time.perf_counter()
-            stats, new, repaired = pool.survive(functools.partial(self._iteration, pool.actors, centroids),
-                                                f"iteration {it}")
-            if self.spherical:
-                _renormalise(new, centroids)
-            objective = stats.sse
-            record = lloyd_record(it, centroids, new, objective, previous_objective, repaired, start)
-            centroids = new
-            rel_change, shift = record["rel_change"], record["shift"]
-            history.append(record)
-            if self.callback is not None:
-                self.callback({"run": 1, **record})
-            logger.debug("iter %d: objective %.6g, rel %s, shift %.3g, repaired %d", it, objective, rel_change,
-                         shift, repaired)
-            if self.tol > 0 and rel_change is not None and rel_change < self.tol:
-                break
-            previous_objective = objective
-            if save is not None and it % self.checkpoint_every == 0 and it < self.max_iter:
-                save({"run": 1, "centroids": centroids, "previous_objective": objective, "history": history})
-        self.cluster_centers_ = centroids
-        centroids_ref = ray.put(centroids)
-        self.inertia_ = pool.survive(lambda: self._stats(pool.actors, centroids_ref).sse, "the inertia")
-        self.n_iter_ = len(history)
-        self.history_ = history
+        def step(C: np.ndarray) -> PartialStats:
+            ref = ray.put(C)
+            return pool.survive(lambda: self._stats(pool.actors, ref), "a Lloyd iteration")
+
+        history = list(resume["history"]) if resume else []
+        result = lloyd(
+            step, centroids, max_iter=self.max_iter, tol=self.tol, spherical=self.spherical,
+            first_iter=len(history) + 1, history=history,
+            previous_objective=resume["previous_objective"] if resume else None,
+            on_iteration=None if self.callback is None else lambda record, _: self.callback({"run": 1, **record}),
+            save=None if save is None else lambda state: save({"run": 1, **state}),
+            checkpoint_every=self.checkpoint_every,
+        )
+        self.cluster_centers_ = result.centroids
+        self.inertia_ = step(result.centroids).sse
+        self.n_iter_ = result.n_iter
+        self.history_ = result.history
 
     def _kmeans_parallel(self, actors: list, sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """k-means|| seeding: oversample on the actors, then reduce the weighted candidates in the driver."""
         import ray
 
-        k = self.n_clusters
-        candidates = [_gather(actors, sizes, rng.integers(self.n_samples_, size=1), self.n_features_in_)]
-        cost = sum(_get([a.update_closest.remote(candidates[0], first=True) for a in actors]))
-        for round_ in range(_PARALLEL_ROUNDS):
-            if cost <= 0:
-                break  # every row sits on a candidate
-            sampled = _get([a.oversample.remote(_OVERSAMPLING * k, cost, self.seed, round_) for a in actors])
-            new = np.concatenate(sampled)
-            if new.shape[0] == 0:
-                continue
-            candidates.append(new)
-            new_ref = ray.put(new)
-            cost = sum(_get([a.update_closest.remote(new_ref) for a in actors]))
-        C = np.concatenate(candidates)
-        C_ref = ray.put(C)
-        weights = np.sum(_get([a.count_nearest.remote(C_ref) for a in actors]), axis=0)
-        if np.count_nonzero(weights) < k:
-            # Fewer distinct candidates than clusters (tiny or highly duplicated data): top up with random
-            # rows, and let a zero-weight duplicate still be chosen rather than fail.
-            extra = _gather(actors, sizes, np.sort(rng.choice(self.n_samples_, size=k, replace=False)),
-                            self.n_features_in_)
-            C = np.concatenate([C, extra])
-            C_ref = ray.put(C)
-            weights = np.sum(_get([a.count_nearest.remote(C_ref) for a in actors]), axis=0)
-            if np.count_nonzero(weights) < k:
-                weights = np.maximum(weights, 1e-6)
-        logger.debug("k-means||: %d candidates for k=%d", C.shape[0], k)
-        seeds = kmeans_plusplus(C, k, sample_weight=weights, seed=int(rng.integers(2**31)))
-        # Weighted Lloyd on the candidates, as Spark's k-means|| does: a better start for the full Lloyd.
-        local = KMeans(k, init=seeds, max_iter=self.max_iter, tol=self.tol, backend=self.backend,
-                       spherical=self.spherical)
-        return local.fit(C, sample_weight=weights).cluster_centers_
+        def call(method: str, *args: Any) -> list[Any]:
+            # Arrays go to the object store once, not once per actor.
+            refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
+            return _get([getattr(actor, method).remote(*refs) for actor in actors])
+
+        def fit_candidates(C: np.ndarray, weights: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+            local = KMeans(self.n_clusters, init=seeds, max_iter=self.max_iter, tol=self.tol, backend=self.backend,
+                           spherical=self.spherical)
+            return local.fit(C, sample_weight=weights).cluster_centers_
+
+        return kmeans_parallel(call, lambda rows: _gather(actors, sizes, rows, self.n_features_in_), self.n_samples_,
+                               self.n_clusters, self.seed, rng, fit_candidates)
 
 
 def _resolve_source(source: Any) -> tuple[list[Shard], list[str]]:
@@ -733,34 +643,6 @@ def _fit_parts(params: dict[str, Any], *parts: np.ndarray) -> KMeans:
     sample = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
     del parts
     return KMeans(**params).fit(sample)
-
-
-def _split_largest(actors: list, stats: PartialStats, centroids: np.ndarray, empty: np.ndarray) -> int:
-    """KMeans's repair over actors: each empty cluster takes the farthest member of the largest cluster.
-
-    Updates `centroids` in place; the farthest member is the first global maximum (actor order), as
-    KMeans's argmax over the concatenated rows.
-    """
-    sums, counts = stats.sums.copy(), stats.counts.copy()
-    repaired = 0
-    for j in empty:
-        donor = int(np.argmax(counts))
-        if counts[donor] < 2:
-            break
-        best = None
-        for actor, found in zip(actors, _get([a.farthest_member.remote(donor) for a in actors]), strict=True):
-            if found is not None and (best is None or found[0] > best[1][0]):
-                best = (actor, found)
-        actor, (_, index, row) = best
-        _get([actor.move_member.remote(index, int(j))])
-        row = row.astype(np.float64)
-        sums[donor] -= row
-        counts[donor] -= 1
-        sums[j], counts[j] = row, 1
-        centroids[donor] = sums[donor] / counts[donor]
-        centroids[j] = row
-        repaired += 1
-    return repaired
 
 
 def fit_sample_then_assign(

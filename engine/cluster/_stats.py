@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -37,7 +36,10 @@ class PartialStats:
 
     sums: np.ndarray  # (k, d) float64: weighted sum of the rows assigned to each centroid
     counts: np.ndarray  # (k,) float64: total weight assigned to each centroid
-    sse: float  # weighted sum of squared distances to the assigned centroid
+    sse: float  # weighted sum of squared distances to the assigned centroid (NaN: not released)
+    # (k,) float64: the SSE of each cluster, which the empty-cluster repair splits by; None where a mode does not
+    # release it (federated clients), and then the repair goes by counts.
+    cluster_sse: np.ndarray | None = None
 
     def __add__(self, other: PartialStats) -> PartialStats:
         if not isinstance(other, PartialStats):
@@ -47,7 +49,14 @@ class PartialStats:
                 f"cannot add partial stats of shape {self.sums.shape} and {other.sums.shape}: "
                 "they were computed for different centroids"
             )
-        return PartialStats(self.sums + other.sums, self.counts + other.counts, self.sse + other.sse)
+        cluster_sse = None
+        if self.cluster_sse is not None and other.cluster_sse is not None:
+            cluster_sse = self.cluster_sse + other.cluster_sse
+        return PartialStats(self.sums + other.sums, self.counts + other.counts, self.sse + other.sse, cluster_sse)
+
+    def as_tuple(self) -> tuple[np.ndarray, np.ndarray, float, np.ndarray | None]:
+        """The fields, for sending through Ray (`PartialStats(*t)` rebuilds it)."""
+        return self.sums, self.counts, self.sse, self.cluster_sse
 
     def centroids(self, previous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """New centroids (float32, k x d) = sums / counts, and the indices of the empty clusters.
@@ -103,6 +112,7 @@ def stats_from_assignment(
     # weighted rows per cluster in float64 (measured 7x faster than np.add.at on 200k x 32, k=256). Row
     # blocks keep the float64 copy of X small and in cache: 1M x 64, k=1024 went from 0.16-0.85 s to 0.06 s.
     sums = np.zeros((n_clusters, X.shape[1]))
+    cluster_sse = np.zeros(n_clusters)
     indptr = np.arange(_STATS_BLOCK_ROWS + 1)
     for start in range(0, n, _STATS_BLOCK_ROWS):
         stop = min(start + _STATS_BLOCK_ROWS, n)
@@ -111,14 +121,14 @@ def stats_from_assignment(
             (data, labels[start:stop], indptr[: stop - start + 1]), shape=(n_clusters, stop - start)
         )
         sums += membership @ X[start:stop].astype(np.float64)
+        # Per block too: bincount casts its weights to float64, a copy of the block only.
+        sq = sq_distances[start:stop] if w is None else sq_distances[start:stop] * w[start:stop]
+        cluster_sse += np.bincount(labels[start:stop], weights=sq, minlength=n_clusters)
     if w is None:
         counts = np.bincount(labels, minlength=n_clusters).astype(np.float64)
-        # A float64 reduction of the float32 distances: numpy casts them in small buffers, not as one copy.
-        sse = float(np.sum(sq_distances, dtype=np.float64))
     else:
         counts = np.bincount(labels, weights=w, minlength=n_clusters)
-        sse = float(sq_distances.astype(np.float64) @ w)
-    return PartialStats(sums, counts, sse)
+    return PartialStats(sums, counts, float(cluster_sse.sum()), cluster_sse)
 
 
 def partial_stats(
@@ -288,6 +298,22 @@ def _assign_and_stats(
     return labels, sq_distances, stats_from_assignment(X, labels, sq_distances, centroids.shape[0], w)
 
 
+class HostRows:
+    """Rows in host memory with the Lloyd step's reduction (`stats`) and assignment: the CPU paths (torch's
+    threads, faiss), the same interface as `DeviceRows`."""
+
+    def __init__(self, X: np.ndarray, w: np.ndarray, backend: str, x_sq: np.ndarray | None = None):
+        self.X, self.w, self.backend = X, w, backend
+        self.x_sq = row_sq_norms(X) if x_sq is None else x_sq
+        self.holds = f"{X.shape[0]} rows x {X.shape[1]} in host memory ({backend})"
+
+    def stats(self, centroids: np.ndarray) -> PartialStats:
+        return _assign_and_stats(self.X, centroids, self.backend, self.w, self.x_sq)[2]
+
+    def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _assign(self.X, centroids, self.backend, self.x_sq)
+
+
 def row_sq_norms(X: np.ndarray) -> np.ndarray:
     """Squared L2 norm of every row, float32 (n,)."""
     return np.einsum("ij,ij->i", X, X)
@@ -427,26 +453,3 @@ def _sq_dist_to(points: np.ndarray, X: np.ndarray, x_sq: np.ndarray) -> np.ndarr
     p_sq = np.einsum("ij,ij->i", points, points)
     d = (x_sq[None, :] - 2.0 * (points @ X.T) + p_sq[:, None]).astype(np.float64)
     return np.maximum(d, 0.0, out=d)
-
-
-def lloyd_record(it: int, centroids: np.ndarray, new: np.ndarray, objective: float, previous: float | None,
-                 repaired: int, start: float) -> dict:
-    """One Lloyd iteration's `history_` record, shared by every k-means mode.
-
-    `rel_change` is the relative decrease of the objective from the previous iteration (None at the
-    first); the `tol` rule stops when it falls below `tol`.
-    """
-    if previous is None:
-        rel_change = None
-    elif previous > 0:
-        rel_change = (previous - objective) / previous
-    else:
-        rel_change = 0.0  # a perfect fit has nothing left to decrease
-    return {
-        "iter": it,
-        "objective": objective,
-        "rel_change": rel_change,
-        "shift": float(np.sqrt(((new - centroids) ** 2).sum(axis=1).max())),
-        "empty_repaired": repaired,
-        "seconds": time.perf_counter() - start,
-    }

@@ -17,7 +17,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from engine.cluster import KMeans, PartialStats, assign
 from engine.cluster._kmeans import _check_int
-from engine.cluster._stats import as_float32_matrix, check_n_clusters, lloyd_record, resolve_backend
+from engine.cluster._lloyd import lloyd
+from engine.cluster._stats import as_float32_matrix, check_n_clusters, resolve_backend
 from engine.errors import ConfigError, DataError, EngineError, find_engine_error, user_message
 from engine.federated import secure
 from engine.federated.client import FederatedClient, Release
@@ -521,27 +522,27 @@ class FederatedKMeans(BaseEstimator):
         return server.cluster_centers_
 
     def _lloyd_rounds(self, centroids: np.ndarray) -> np.ndarray:
-        """Federated Lloyd: one broadcast of the centroids and one sum of the clients' stats per round."""
-        previous: float | None = None
-        self.n_rounds_ = 0
-        for _ in range(self.max_rounds):
+        """Federated Lloyd: the one Lloyd loop, whose step is one broadcast of the centroids and one sum of the
+        clients' stats. Empty clusters are repaired from the summed counts alone (`split_empty`): no row leaves a
+        client for it, and under DP it is post-processing of released counts."""
+        current: dict[str, Any] = {}  # the round in progress: its start, exchange facts and partition SSEs
+
+        def step(C: np.ndarray) -> PartialStats:
             self._round += 1
-            start = time.perf_counter()
-            answers, facts = self._exchange(
-                "lloyd", lambda name, r, c=centroids: ("lloyd", (c, self.local_steps, r)), self._release())
-            stats, sse, per_partition = self._sum(answers, facts["release"], centroids.shape)
-            new, empty = stats.centroids(centroids)
-            record = lloyd_record(self._round, centroids, new, sse, previous, 0, start)
-            del record["iter"], record["empty_repaired"], record["seconds"]
-            record = {"round": self._round, "kind": "lloyd", **record, "empty": int(empty.size),
-                      "partition_inertia": per_partition}
-            self._record(record, facts, start, new)
-            centroids = new
-            self.n_rounds_ += 1
-            if self.tol > 0 and record["rel_change"] is not None and record["rel_change"] < self.tol:
-                break
-            previous = sse
-        return centroids
+            current["start"] = time.perf_counter()
+            answers, current["facts"] = self._exchange(
+                "lloyd", lambda name, r: ("lloyd", (C, self.local_steps, r)), self._release())
+            stats, _, current["per_partition"] = self._sum(answers, current["facts"]["release"], C.shape)
+            return stats
+
+        def on_iteration(record: dict[str, Any], new: np.ndarray) -> None:
+            kept = {k: record[k] for k in ("objective", "rel_change", "shift", "empty", "empty_repaired")}
+            self._record({"round": self._round, "kind": "lloyd", **kept,
+                          "partition_inertia": current["per_partition"]}, current["facts"], current["start"], new)
+
+        result = lloyd(step, centroids, max_iter=self.max_rounds, tol=self.tol, on_iteration=on_iteration)
+        self.n_rounds_ = result.n_iter
+        return result.centroids
 
     def _sum(self, answers: dict[str, Any], release: Release, shape: tuple[int, int]
              ) -> tuple[PartialStats, float | None, dict[str, float | None]]:
@@ -566,7 +567,7 @@ class FederatedKMeans(BaseEstimator):
             sums[small], counts[small] = 0.0, 0.0
         if not release.share_sse or release.noise is not None:
             sse = None
-        return PartialStats(sums, counts, 0.0 if sse is None else sse), sse, per_partition
+        return PartialStats(sums, counts, float("nan") if sse is None else sse), sse, per_partition
 
     def _final_inertia(self) -> float | None:
         """The global SSE of the final centroids: one more exchange, skipped under DP (the SSE is private)."""

@@ -1,0 +1,132 @@
+"""k-means|| seeding (Bahmani et al. 2012) over rows held in one process or spread over Ray shard actors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from engine.cluster._stats import _assign, kmeans_plusplus, resolve_backend
+
+logger = logging.getLogger(__name__)
+
+# k-means|| oversamples l = 2k expected rows per round; 2 rounds as Spark's default (initializationSteps): the
+# paper finds a handful as good as k-means++, and every round costs a pass over all rows against 2k centres
+# (2 Lloyd iterations' flops), the weighting of the ~(1 + rounds * 2k) candidates one more against them all:
+# with 5 rounds, seeding cost as many flops as 20 Lloyd iterations at k=1024.
+PARALLEL_ROUNDS = 2
+OVERSAMPLING = 2.0
+# `init="auto"` of KMeans: greedy k-means++ up to this k, k-means|| above. Greedy k-means++ costs about
+# n d k (2 + ln k) multiply-adds and k passes over n rows one centre at a time; k-means|| about 8 n d k in a
+# few large products (2 rounds of 2k candidates, and their weighting): k-means|| does fewer above k ~ 400
+# (ln k > 6), and its large products keep a GPU busy where k-means++'s one centre at a time does not.
+PARALLEL_ABOVE_K = 256
+
+
+class SeedingRows:
+    """The row-side steps of k-means|| over `self._X` (float32 rows), for `KMeans` (all rows, optional weights)
+    and for each `ShardActor` (its share); `kmeans_parallel` drives them.
+
+    Subclasses set _X, _backend, _shard_rows (rows per shard, for per-shard random streams), _first_shard, and
+    _weights (None: all ones).
+    """
+
+    _X: np.ndarray
+    _backend: str = "auto"
+    _shard_rows: list[int]
+    _first_shard: int = 0
+    _weights: np.ndarray | None = None
+    _closest_sq: np.ndarray | None = None
+
+    def _assign_rows(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return _assign(self._X, np.ascontiguousarray(centroids, dtype=np.float32), resolve_backend(self._backend))
+
+    def update_closest(self, candidates: np.ndarray, first: bool = False) -> float:
+        """Fold new candidates into each row's nearest-candidate distance; returns the (weighted) cost.
+        `first` starts afresh, forgetting the candidates of a seeding redone after an actor was replaced."""
+        _, sq = self._assign_rows(candidates)
+        if first or self._closest_sq is None:
+            self._closest_sq = sq
+        else:
+            np.minimum(self._closest_sq, sq, out=self._closest_sq)
+        if self._weights is None:
+            return float(np.sum(self._closest_sq, dtype=np.float64))
+        return float(self._closest_sq.astype(np.float64) @ self._weights)
+
+    def oversample(self, expected: float, cost: float, seed: int, round_: int) -> np.ndarray:
+        """Each row independently with probability min(1, expected * w d^2 / cost).
+
+        The draws of each shard come from its own stream (seed, round, global shard index), so the sample
+        does not depend on how the shards are grouped into actors.
+        """
+        picked, start = [], 0
+        for s, rows in enumerate(self._shard_rows):
+            # Shard by shard, so the draws and probabilities (float64) are a shard's rows, not the share's.
+            u = np.random.default_rng([seed, round_, self._first_shard + s]).uniform(size=rows)
+            p = self._closest_sq[start:start + rows].astype(np.float64)
+            if self._weights is not None:
+                p *= self._weights[start:start + rows]
+            p = np.minimum(1.0, expected * p / cost)
+            picked.append(start + np.flatnonzero(u < p))
+            start += rows
+        return self._X[np.concatenate(picked)]
+
+    def count_nearest(self, candidates: np.ndarray) -> np.ndarray:
+        """How many of these rows (their total weight) have each candidate as their nearest."""
+        labels, _ = self._assign_rows(candidates)
+        return np.bincount(labels, weights=self._weights, minlength=candidates.shape[0]).astype(np.float64)
+
+
+class LocalRows(SeedingRows):
+    """All rows of an in-process fit, as one part."""
+
+    def __init__(self, X: np.ndarray, weights: np.ndarray | None, backend: str):
+        self._X, self._weights, self._backend = X, weights, backend
+        self._shard_rows = [X.shape[0]]
+
+
+def kmeans_parallel(
+    call: Callable[..., list[Any]],
+    gather: Callable[[np.ndarray], np.ndarray],
+    n_samples: int,
+    n_clusters: int,
+    seed: int,
+    rng: np.random.Generator,
+    fit_candidates: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
+    first_weights: np.ndarray | None = None,
+) -> np.ndarray:
+    """k-means|| seeding: oversample rows by their distance to the candidates so far, weight the candidates by
+    the rows nearest to them, then seed k centroids from the weighted candidates.
+
+    call(method, *args) runs a `SeedingRows` method on every part and returns their answers in part order;
+    gather(indices) returns the rows at those global indices; fit_candidates(candidates, weights, seeds) runs
+    weighted Lloyd on the candidates from k-means++ `seeds` (as Spark's k-means|| does) and returns k centroids.
+    first_weights: the rows' weights, for drawing the first candidate (None: uniform).
+    """
+    k = n_clusters
+    first = (rng.integers(n_samples, size=1) if first_weights is None
+             else rng.choice(n_samples, size=1, p=first_weights / first_weights.sum()))
+    candidates = [gather(first)]
+    cost = sum(call("update_closest", candidates[0], True))
+    for round_ in range(PARALLEL_ROUNDS):
+        if cost <= 0:
+            break  # every row sits on a candidate
+        new = np.concatenate(call("oversample", OVERSAMPLING * k, cost, seed, round_))
+        if new.shape[0] == 0:
+            continue
+        candidates.append(new)
+        cost = sum(call("update_closest", new, False))
+    C = np.concatenate(candidates)
+    weights = np.sum(call("count_nearest", C), axis=0)
+    if np.count_nonzero(weights) < k:
+        # Fewer distinct candidates than clusters (tiny or highly duplicated data): top up with random
+        # rows, and let a zero-weight duplicate still be chosen rather than fail.
+        C = np.concatenate([C, gather(np.sort(rng.choice(n_samples, size=k, replace=False)))])
+        weights = np.sum(call("count_nearest", C), axis=0)
+        if np.count_nonzero(weights) < k:
+            weights = np.maximum(weights, 1e-6)
+    logger.debug("k-means||: %d candidates for k=%d", C.shape[0], k)
+    seeds = kmeans_plusplus(C, k, sample_weight=weights, seed=int(rng.integers(2**31)))
+    return fit_candidates(C, weights, seeds)
