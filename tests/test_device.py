@@ -113,3 +113,32 @@ def test_kmeans_precision_settings():
         KMeans(24, precision="bf16", backend="faiss").fit(X)
     with pytest.raises(ConfigError, match="device='gpu' is not a torch device"):
         KMeans(24, device="gpu").fit(X)
+
+
+def test_device_kmeans_plusplus_draws_the_host_version_s_seeds():
+    from engine.cluster._device import kmeans_plusplus_device
+    from engine.cluster._stats import _kmeans_plusplus
+
+    X, _ = blobs_with_ties(seed=5)
+    w = np.random.default_rng(2).uniform(0.5, 1.5, len(X))
+    rows = DeviceRows(X, w, device="cpu")
+    host = _kmeans_plusplus(X, 24, w, np.random.default_rng(7), None)
+    device = kmeans_plusplus_device(rows, 24, w, np.random.default_rng(7))
+    np.testing.assert_array_equal(device, host)
+    streamed = DeviceRows(X, w, device="cpu", memory_limit=1000 * 80)
+    with pytest.raises(ValueError, match="needs resident rows"):
+        kmeans_plusplus_device(streamed, 24, w, np.random.default_rng(7))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_kmeans_on_cuda_equals_the_cpu_fit(precision):
+    X, _ = blobs_with_ties(n=20_000, seed=6)
+    cpu = KMeans(24, max_iter=10, tol=0, backend="torch", device="cpu").fit(X)
+    gpu = KMeans(24, max_iter=10, tol=0, backend="torch", device="cuda", precision=precision).fit(X)
+    assert "cuda" in gpu.holds_ and "resident" in gpu.holds_
+    np.testing.assert_allclose(gpu.cluster_centers_, cpu.cluster_centers_, rtol=1e-4, atol=1e-4)
+    assert (gpu.labels_ != cpu.labels_).mean() < 1e-3  # fp32 ties between two GEMMs aside
+    rows = DeviceRows(X, device="cuda", precision=precision, memory_limit=3000 * 80)
+    assert rows.streamed
+    assert_stats_equal(rows.stats(cpu.cluster_centers_), partial_stats(X, cpu.cluster_centers_))

@@ -33,7 +33,7 @@ K = 4
 K_LOCAL = 2
 D = 3
 SIZES = {"a": 150, "b": 170, "c": 130}  # never K, K_LOCAL or a masked vector's length
-MASKED_LEN = K * D + K + 1
+MASKED_LEN = K * D + 2 * K + 1  # sums, counts, per-cluster SSE, SSE
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -183,8 +183,8 @@ def test_secure_aggregation_masks_each_view_and_the_sum_is_exact(parts, init):
     names = tuple(clients)
     clear = {n: c.lloyd(init, 1, Release(round=1)) for n, c in clients.items()}
     views = {n: c.lloyd(init, 1, Release(round=1, participants=names))["masked"] for n, c in clients.items()}
-    encoded = {n: secure.encode(np.concatenate([a["sums"].ravel(), a["counts"], [a["sse"]]]), len(names), n)
-               for n, a in clear.items()}
+    encoded = {n: secure.encode(np.concatenate([a["sums"].ravel(), a["counts"], a["cluster_sse"], [a["sse"]]]),
+                                len(names), n) for n, a in clear.items()}
     for n in names:
         assert views[n].dtype == np.uint64 and views[n].shape == (MASKED_LEN,)
         assert np.mean(views[n] != encoded[n]) > 0.9  # the server's view of each client is masked
@@ -280,6 +280,18 @@ def test_rounds_equal_centralised_lloyd_from_the_same_init(ray_local, parts, ini
     # Every partition's own inertia is reported, and they add up to the global one.
     last = km.history_[-1]["partition_inertia"]
     assert sum(last.values()) == pytest.approx(km.inertia_, rel=1e-9)
+
+
+@pytest.mark.parametrize("secure_aggregation", [False, True])
+def test_rounds_repair_an_empty_cluster_as_kmeans_does(ray_local, parts, init, data, secure_aggregation):
+    X, _ = data
+    init = init.copy()
+    init[3] = 1e3  # starts empty
+    km = FederatedKMeans(K, init=init, max_rounds=5, tol=0, secure_aggregation=secure_aggregation).fit(parts)
+    ref = KMeans(K, init=init, max_iter=5, tol=0).fit(X)
+    assert km.history_[0]["empty"] == km.history_[0]["empty_repaired"] == ref.history_[0]["empty_repaired"] == 1
+    np.testing.assert_allclose(km.cluster_centers_, ref.cluster_centers_, atol=1e-4)
+    assert np.bincount(km.predict(X), minlength=K).min() > 0
 
 
 def test_one_shot_kfed_with_experiment_metrics(ray_local, data):

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from engine.cluster._stats import PartialStats
+from engine.cluster._stats import HostRows, PartialStats
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 # Unit roundoff of a product's inputs: tf32 keeps 10 mantissa bits, bf16 7.
@@ -66,6 +66,24 @@ def supported_precision(precision: str, device: torch.device, *, cpu_has_bf16: b
         reason = "a CPU has no tf32"
     warnings.warn(f"precision={precision}: {reason}; computing in fp32 instead", RuntimeWarning, stacklevel=3)
     return "fp32"
+
+
+def place_rows(X: np.ndarray, w: np.ndarray | None, backend: str, *, device: str | torch.device | None = None,
+               precision: str = "fp32", x_sq: np.ndarray | None = None) -> HostRows | DeviceRows:
+    """The rows of a fit (KMeans's, a shard actor's) where it computes: on the GPU, uploaded once, for torch on
+    CUDA and for faiss's GPU index; on the CPU in torch's reduced precision where the CPU has it; else in host
+    memory. `backend` is a concrete one (`resolve_backend`); `precision` is checked here (`supported_precision`).
+    """
+    if backend == "faiss-gpu":
+        return DeviceRows(X, w, device=torch.device("cuda"), search="faiss")
+    if backend != "torch":
+        return HostRows(X, w, backend, x_sq)
+    device = resolve_device(device)
+    precision = supported_precision(precision, device)
+    if device.type == "cpu" and precision == "fp32":
+        return HostRows(X, w, backend, x_sq)  # threads over row ranges: measured fastest on CPU
+    # Unit weights are not sent: the device then skips the products by them.
+    return DeviceRows(X, None if w is None or np.all(w == 1) else w, device=device, precision=precision)
 
 
 class DeviceRows:
@@ -213,6 +231,45 @@ def faiss_nearest(X: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch
     sq, labels = index.search(X.contiguous(), 1)
     # The BLAS expansion can dip just below 0 for points on a centroid.
     return labels[:, 0].long(), torch.clamp_min(sq[:, 0], 0)
+
+
+def kmeans_plusplus_device(rows: DeviceRows, n_clusters: int, w: np.ndarray, rng: np.random.Generator,
+                           n_local_trials: int | None = None) -> np.ndarray:
+    """Greedy k-means++ (scikit-learn's, as `kmeans_plusplus`) on resident device rows: every pass over the rows
+    runs on the device, and nothing waits for the host between centres (the draws are made up front).
+
+    The same draws as the host version for the same generator, so the same seeds up to float rounding.
+    """
+    if rows.streamed:
+        raise ValueError("kmeans_plusplus_device needs resident rows")
+    if n_local_trials is None:
+        n_local_trials = 2 + int(np.log(n_clusters))
+    X, x_sq, _ = rows._resident
+    n = X.shape[0]
+    with torch.inference_mode():
+        weights = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)).to(rows.device)
+        first = int(rng.choice(n, p=w / w.sum()))
+        # The host version draws uniform(size=trials) once per centre after the first: the same stream here.
+        draws = torch.from_numpy(rng.uniform(size=(n_clusters - 1, n_local_trials))).to(rows.device)
+        chosen = torch.empty(n_clusters, dtype=torch.int64, device=rows.device)
+        chosen[0] = first
+        closest = _sq_dist_rows(X[first:first + 1], X, x_sq)[0]
+        potential = closest @ weights
+        for c in range(1, n_clusters):
+            cumulative = torch.cumsum(weights * closest, 0)
+            ids = torch.searchsorted(cumulative, draws[c - 1] * potential).clamp_(max=n - 1)
+            candidate = torch.minimum(closest, _sq_dist_rows(X[ids], X, x_sq))
+            pots = candidate @ weights
+            best = torch.argmin(pots)
+            potential, closest = pots[best], candidate[best]
+            chosen[c] = ids[best]
+        return X[chosen].cpu().numpy()
+
+
+def _sq_dist_rows(points: torch.Tensor, X: torch.Tensor, x_sq: torch.Tensor) -> torch.Tensor:
+    """Squared distances (m, n) from `points` to every row, float64 (for the cumulative sums), >= 0."""
+    p_sq = (points * points).sum(dim=1)
+    return torch.clamp_min((x_sq[None, :] - 2.0 * (points @ X.T) + p_sq[:, None]).double(), 0)
 
 
 def nearest(X: torch.Tensor, x_sq: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor, precision: str = "fp32",

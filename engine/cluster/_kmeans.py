@@ -17,7 +17,7 @@ from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.utils.validation import check_is_fitted
 
-from engine.cluster._device import PRECISIONS, DeviceRows, resolve_device, supported_precision
+from engine.cluster._device import PRECISIONS, DeviceRows, kmeans_plusplus_device, place_rows
 from engine.cluster._lloyd import lloyd
 from engine.cluster._seeding import PARALLEL_ABOVE_K, LocalRows, kmeans_parallel
 from engine.cluster._stats import (
@@ -143,7 +143,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         sample_rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_SUBSAMPLE_KEY,)))
         train_X, train_w = self._training_rows(X, w, sample_rng)
         x_sq = row_sq_norms(X)
-        rows = self._rows(train_X, train_w, backend, x_sq if train_X is X else None)
+        rows = place_rows(train_X, train_w, backend, device=self.device, precision=self.precision,
+                          x_sq=x_sq if train_X is X else None)
 
         saved = _FitState(self.checkpoint, self._fingerprint(train_X, train_w, init, n_init))
         start, best = saved.load()
@@ -152,7 +153,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                 continue  # finished before the interruption: its result is in `best` if it was the best
             resume = start if run == start.get("run") and "centroids" in start else None
             centroids = resume["centroids"] if resume else self._initial_centroids(
-                train_X, train_w, init, np.random.default_rng(child))
+                train_X, train_w, init, np.random.default_rng(child), rows)
             result = self._lloyd(rows, centroids, run, resume=resume,
                                  save=lambda state, best=best: saved.save(state, best))
             if best is None or result["inertia"] < best["inertia"]:  # the first of equals is kept
@@ -346,11 +347,14 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         return X[rows], w[rows]
 
     def _initial_centroids(
-        self, X: np.ndarray, w: np.ndarray, init: str | np.ndarray, rng: np.random.Generator
+        self, X: np.ndarray, w: np.ndarray, init: str | np.ndarray, rng: np.random.Generator,
+        rows: HostRows | DeviceRows | None = None,
     ) -> np.ndarray:
         if isinstance(init, np.ndarray):
             return init.copy()
         if init == "k-means++":
+            if isinstance(rows, DeviceRows) and not rows.streamed:
+                return kmeans_plusplus_device(rows, self.n_clusters, w, rng)  # where the rows are
             return _kmeans_plusplus(X, self.n_clusters, w, rng, n_local_trials=None)
         if init == "k-means||":
             rows = LocalRows(X, None if np.all(w == 1) else w, self.backend)
@@ -379,20 +383,6 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                           "precision")},
             "n_init": n_init, "backend": resolve_backend(self.backend),
         }
-
-    def _rows(self, X: np.ndarray, w: np.ndarray, backend: str, x_sq: np.ndarray | None) -> HostRows | DeviceRows:
-        """The training rows where the fit computes: on the GPU (uploaded once) for torch on CUDA and for faiss's
-        GPU index, in torch's reduced precision on a device that has it, else in host memory."""
-        device = resolve_device(self.device)
-        if backend == "faiss-gpu":
-            return DeviceRows(X, w, device=torch.device("cuda"), search="faiss")
-        if backend != "torch":
-            return HostRows(X, w, backend, x_sq)
-        precision = supported_precision(self.precision, device)
-        if device.type == "cpu" and precision == "fp32":
-            return HostRows(X, w, backend, x_sq)  # threads over row ranges: measured fastest on CPU
-        # Unit weights are not sent: the device then skips the products by them.
-        return DeviceRows(X, None if np.all(w == 1) else w, device=device, precision=precision)
 
     def _lloyd(
         self, rows: HostRows | DeviceRows, centroids: np.ndarray, run: int,

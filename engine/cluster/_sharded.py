@@ -15,19 +15,19 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from engine import storage
+from engine.cluster._device import DeviceRows, place_rows
 from engine.cluster._kmeans import KMeans, _check_int, _digest, _FitState, _unit_rows
 from engine.cluster._lloyd import lloyd
 from engine.cluster._seeding import SeedingRows, kmeans_parallel
 from engine.cluster._stats import (
+    HostRows,
     PartialStats,
-    _assign,
     as_centroids,
     as_float32_matrix,
     assign,
     check_n_clusters,
     resolve_backend,
     row_sq_norms,
-    stats_from_assignment,
 )
 from engine.data.schema import Z, check_finite, vectors_to_numpy
 from engine.data.shards import shard_paths
@@ -70,6 +70,7 @@ class ShardActor(SeedingRows):
         self._X = np.zeros((0, 0), dtype=np.float32)
         self._x_sq = np.zeros(0, dtype=np.float32)  # squared row norms, computed once for every pass
         self._shard_rows: list[int] = []
+        self._placed: HostRows | DeviceRows | None = None
         # k-means||: squared distance (float32, as `assign` gives it: the minimum of those is exact) to the
         # nearest candidate.
         self._closest_sq: np.ndarray | None = None
@@ -144,16 +145,21 @@ class ShardActor(SeedingRows):
         The rows were checked at load and are not checked again: the check of a whole share allocated a
         (rows x d) mask on every pass, a quarter of the share's bytes.
         """
-        centroids = as_centroids(centroids, n_features=self.dim())
-        return _assign(self._X, centroids, resolve_backend(self._backend), self._x_sq)
+        return self._rows().assign(as_centroids(centroids, n_features=self.dim()))
 
     def _assign_rows(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.assign(centroids)  # with the squared norms computed at load
 
     def partial_stats(self, centroids: np.ndarray) -> tuple:
         """The PartialStats fields (`PartialStats.as_tuple`) of this actor's rows for `centroids`."""
-        labels, sq = self.assign(centroids)
-        return stats_from_assignment(self._X, labels, sq, centroids.shape[0]).as_tuple()
+        return self._rows().stats(as_centroids(centroids, n_features=self.dim())).as_tuple()
+
+    def _rows(self) -> HostRows | DeviceRows:
+        """The loaded rows where this actor computes: on its GPU (uploaded once, for every pass) when it has one
+        and the backend computes there, else in host memory."""
+        if self._placed is None:
+            self._placed = place_rows(self._X, None, resolve_backend(self._backend), x_sq=self._x_sq)
+        return self._placed
 
     def peak_rss(self) -> int:
         """This process's peak resident memory in bytes (Linux reports kibibytes), for memory checks."""

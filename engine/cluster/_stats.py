@@ -302,12 +302,15 @@ class HostRows:
     """Rows in host memory with the Lloyd step's reduction (`stats`) and assignment: the CPU paths (torch's
     threads, faiss), the same interface as `DeviceRows`."""
 
-    def __init__(self, X: np.ndarray, w: np.ndarray, backend: str, x_sq: np.ndarray | None = None):
+    def __init__(self, X: np.ndarray, w: np.ndarray | None, backend: str, x_sq: np.ndarray | None = None):
         self.X, self.w, self.backend = X, w, backend
         self.x_sq = row_sq_norms(X) if x_sq is None else x_sq
         self.holds = f"{X.shape[0]} rows x {X.shape[1]} in host memory ({backend})"
 
     def stats(self, centroids: np.ndarray) -> PartialStats:
+        if self.w is None:  # no weights: nothing of n rows beyond the assignment is allocated
+            labels, sq_distances = self.assign(centroids)
+            return stats_from_assignment(self.X, labels, sq_distances, centroids.shape[0])
         return _assign_and_stats(self.X, centroids, self.backend, self.w, self.x_sq)[2]
 
     def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

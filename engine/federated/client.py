@@ -99,12 +99,12 @@ class FederatedClient:
         The SSE sent is that of the broadcast centroids, so the server's sum is the global inertia.
         """
         stats = partial_stats(self._X, centroids, backend=self._backend)
-        sse = stats.sse
+        sse, cluster_sse = stats.sse, stats.cluster_sse
         local = np.asarray(centroids, dtype=np.float32)
         for _ in range(local_steps - 1):
             local, _ = stats.centroids(local)
             stats = partial_stats(self._X, local, backend=self._backend)
-        return self._message(PartialStats(stats.sums, stats.counts, sse), release)
+        return self._message(PartialStats(stats.sums, stats.counts, sse, cluster_sse), release)
 
     def _message(self, stats: PartialStats, release: Release) -> dict:
         """The privacy transform, then the clear or masked message."""
@@ -112,12 +112,18 @@ class FederatedClient:
         if release.noise is not None:
             sums, counts = add_noise(sums, counts, release.noise, self._rng, release.noise_shares)
         sums, counts, suppressed = suppress_small(sums, counts, release.min_count)
-        sse = stats.sse if release.share_sse and release.noise is None else None
+        shared = release.share_sse and release.noise is None
+        sse = stats.sse if shared else None
+        # Per-cluster SSE goes with the SSE (never under DP): the empty-cluster repair splits by it. A suppressed
+        # cluster's is zeroed with its sums.
+        cluster_sse = None if not shared or stats.cluster_sse is None else np.where(counts > 0, stats.cluster_sse, 0.0)
         if release.participants is None:
             if release.counts_only:
                 return {"counts": counts, "suppressed": suppressed}
-            return {"sums": sums, "counts": counts, "sse": sse, "suppressed": suppressed}
-        values = counts if release.counts_only else np.concatenate([sums.ravel(), counts, [sse or 0.0]])
+            return {"sums": sums, "counts": counts, "sse": sse, "cluster_sse": cluster_sse, "suppressed": suppressed}
+        k = counts.shape[0]
+        values = counts if release.counts_only else np.concatenate(
+            [sums.ravel(), counts, np.zeros(k) if cluster_sse is None else cluster_sse, [sse or 0.0]])
         view = secure.masked(values, self.name, self._shared, list(release.participants), release.round,
                              release.attempt)
         return {"masked": view}

@@ -523,8 +523,9 @@ class FederatedKMeans(BaseEstimator):
 
     def _lloyd_rounds(self, centroids: np.ndarray) -> np.ndarray:
         """Federated Lloyd: the one Lloyd loop, whose step is one broadcast of the centroids and one sum of the
-        clients' stats. Empty clusters are repaired from the summed counts alone (`split_empty`): no row leaves a
-        client for it, and under DP it is post-processing of released counts."""
+        clients' stats. Empty clusters are repaired from the summed statistics alone (`split_empty`): no row leaves a
+        client for it. It splits by the per-cluster SSE the clients send beside their SSE, as KMeans does, and by
+        the counts under DP (which releases no SSE): post-processing of released counts."""
         current: dict[str, Any] = {}  # the round in progress: its start, exchange facts and partition SSEs
 
         def step(C: np.ndarray) -> PartialStats:
@@ -548,26 +549,30 @@ class FederatedKMeans(BaseEstimator):
              ) -> tuple[PartialStats, float | None, dict[str, float | None]]:
         """The aggregate stats (sums, counts), the global SSE when shared, and each partition's SSE when seen."""
         k, d = shape
+        cluster_sse = None
         if release.participants is not None:
             total = secure.unmasked_sum([a["masked"] for a in answers.values()])
             if release.counts_only:
                 sums, counts, sse = np.zeros((k, d)), total, None
             else:
-                sums, counts, sse = total[:k * d].reshape(k, d), total[k * d:k * d + k], float(total[-1])
+                sums, counts = total[:k * d].reshape(k, d), total[k * d:k * d + k]
+                cluster_sse, sse = total[k * d + k:k * d + 2 * k], float(total[-1])
             per_partition = dict.fromkeys(answers)
         else:
             counts = np.sum([a["counts"] for a in answers.values()], axis=0)
             sums = np.zeros((k, d)) if release.counts_only else np.sum([a["sums"] for a in answers.values()], axis=0)
             per_partition = {n: a.get("sse") for n, a in answers.items()}
             sse = None if release.counts_only or not release.share_sse else float(sum(per_partition.values()))
+            if all(a.get("cluster_sse") is not None for a in answers.values()):
+                cluster_sse = np.sum([a["cluster_sse"] for a in answers.values()], axis=0)
         if release.noise is not None:
             # A noisy count below one row says nothing reliable about the mean: treat the cluster as empty.
             small = counts < 1
             sums, counts = sums.copy(), counts.copy()
             sums[small], counts[small] = 0.0, 0.0
         if not release.share_sse or release.noise is not None:
-            sse = None
-        return PartialStats(sums, counts, float("nan") if sse is None else sse), sse, per_partition
+            sse = cluster_sse = None
+        return PartialStats(sums, counts, float("nan") if sse is None else sse, cluster_sse), sse, per_partition
 
     def _final_inertia(self) -> float | None:
         """The global SSE of the final centroids: one more exchange, skipped under DP (the SSE is private)."""
