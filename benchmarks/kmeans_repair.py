@@ -80,7 +80,7 @@ def main() -> None:
             "The engine splits the cluster with the largest SSE in two (`split_empty`). Its rule before (the "
             "farthest row of the largest cluster) was 7.5% above the best peer on the test's duplicates data "
             "(20k x 16, k = 64; tests/test_kmeans.py), scikit-learn's (the globally farthest rows) and faiss's (a "
-            "random cluster weighted by size, split) up to 2.4x and 2x the engine's here.",
+            "random cluster weighted by size, split) up to 2.9x and 2x the engine's here.",
         )
 
 

@@ -96,7 +96,7 @@ def split_empty(centroids: np.ndarray, stats: PartialStats, empty: np.ndarray) -
     Needs no rows, so every mode repairs the same way, federated clients included, and the result does not
     depend on how the rows are spread. Measured against the other rules from one init (200k x 64, k = 256,
     20 iterations, data with many empty clusters): the farthest row of the largest cluster (this engine's
-    rule before) and the globally farthest rows (scikit-learn's) were up to 2.5x worse where duplicated rows
+    rule before) and the globally farthest rows (scikit-learn's) were up to 2.9x worse where duplicated rows
     empty many clusters; faiss's split of a random cluster weighted by size up to 2x (benchmarks/RESULTS.md).
     """
     counts = stats.counts.astype(np.float64, copy=True)
