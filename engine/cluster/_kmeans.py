@@ -357,9 +357,9 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                 return kmeans_plusplus_device(rows, self.n_clusters, w, rng)  # where the rows are
             return _kmeans_plusplus(X, self.n_clusters, w, rng, n_local_trials=None)
         if init == "k-means||":
-            rows = LocalRows(X, None if np.all(w == 1) else w, self.backend)
+            local = LocalRows(X, None if np.all(w == 1) else w, self.backend, rows)
             return kmeans_parallel(
-                lambda method, *args: [getattr(rows, method)(*args)], lambda idx: X[idx], X.shape[0],
+                lambda method, *args: [getattr(local, method)(*args)], lambda idx: X[idx], X.shape[0],
                 self.n_clusters, int(rng.integers(2**31)), rng, self._fit_candidates, first_weights=w)
         rows = rng.choice(X.shape[0], size=self.n_clusters, replace=False, p=w / w.sum())
         return X[rows].copy()

@@ -80,11 +80,17 @@ class SeedingRows:
 
 
 class LocalRows(SeedingRows):
-    """All rows of an in-process fit, as one part."""
+    """All rows of an in-process fit, as one part; `placed` (HostRows or DeviceRows of the same rows) computes
+    the assignments where the fit computes, e.g. on the GPU the rows were uploaded to."""
 
-    def __init__(self, X: np.ndarray, weights: np.ndarray | None, backend: str):
-        self._X, self._weights, self._backend = X, weights, backend
+    def __init__(self, X: np.ndarray, weights: np.ndarray | None, backend: str, placed: Any = None):
+        self._X, self._weights, self._backend, self._placed = X, weights, backend, placed
         self._shard_rows = [X.shape[0]]
+
+    def _assign_rows(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self._placed is None:
+            return super()._assign_rows(centroids)
+        return self._placed.assign(np.ascontiguousarray(centroids, dtype=np.float32))
 
 
 def kmeans_parallel(
