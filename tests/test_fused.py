@@ -7,6 +7,7 @@ bfloat16 dot) benchmarks/gpu.py checks on a CUDA device against the same referen
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -144,3 +145,50 @@ def test_available_only_on_cuda_and_import_needs_no_triton():
     code = "import sys, engine.cluster._fused; print('triton' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+# Compiles the kernel for an H100/H200 (sm_90) without a GPU, in a process of its own (this one runs Triton's
+# interpreter), and reads each default configuration's registers with the cuobjdump that Triton ships.
+_COMPILE = """
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engine.cluster import _fused, _fused_kernel
+
+kernel = _fused_kernel.assign_rows_kernel()
+pointers = {"x_ptr": "*fp32", "c_ptr": "*fp32", "c_sq_ptr": "*fp32", "labels_ptr": "*i64", "best_ptr": "*fp32",
+            "second_ptr": "*fp32", "n": "i32", "k": "i32", "stride_x": "i32", "stride_c": "i32"}
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+out = {}
+for d, precision in json.loads(sys.argv[1]):
+    config = _fused.kernel_config(d, precision)
+    options = {key: config.pop(key) for key in ("num_warps", "num_stages")}
+    source = ASTSource(fn=kernel, signature={**pointers, **{key: "constexpr" for key in config}}, constexprs=config)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    usage = None
+    if os.path.exists(cuobjdump):
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        usage = [int(v) for v in re.search(r"REG:(\\d+) STACK:(\\d+)", text).groups()]
+    out[f"{d} {precision}"] = {"usage": usage, "wgmma": "wgmma" in compiled.asm["ptx"]}
+print(json.dumps(out))
+"""
+
+
+def test_kernel_compiles_for_sm90_without_spills():
+    cases = [[d, p] for d in (10, 16, 32, 64, 128) for p in ("fp32", "tf32", "bf16")]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(cases)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.splitlines()[-1])
+    assert len(results) == len(cases)
+    for key, r in results.items():
+        # tf32 and bf16 products on the tensor cores (Hopper's wgmma); IEEE float32 on the FMA units.
+        assert r["wgmma"] == (not key.endswith("fp32")), key
+        if r["usage"] is not None:
+            registers, stack = r["usage"]
+            assert stack == 0 and registers <= 255, (key, r)

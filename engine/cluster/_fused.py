@@ -46,7 +46,7 @@ def available(device: torch.device | str) -> bool:
 
 
 def fused_assign(X: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor, *, precision: str = "fp32",
-                 block_rows: int = 128, block_centroids: int | None = None, num_warps: int = 4,
+                 block_rows: int = 128, block_centroids: int | None = None, num_warps: int = 8,
                  num_stages: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(labels int64, best float32, second float32) of every row of X (n, d) among the centroids C (k, d).
 
@@ -55,12 +55,14 @@ def fused_assign(X: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor, *, precis
     wins, as with torch.argmin). X and C are float32 or bfloat16 on one device, d <= MAX_DIM; c_sq (k,) is
     float32, computed from the float32 centroids. `precision`: "fp32" (IEEE float32 products), "tf32"
     (TensorFloat-32 products) or "bf16" (bfloat16 products); the accumulation is float32 in all three.
-    The block sizes are tuning knobs (powers of two, >= 16).
+    The block sizes and num_warps are tuning knobs (see `kernel_config`).
     """
     _check(X, C, c_sq, precision)
     kernels = _kernel_module()
     if kernels is None:
         raise RuntimeError("fused_assign needs triton, which is not installed here; check available(device) first")
+    config = kernel_config(X.shape[1], precision, block_rows=block_rows, block_centroids=block_centroids,
+                           num_warps=num_warps, num_stages=num_stages, interpret=interpreting())
     n, d = X.shape
     k = C.shape[0]
     device = X.device
@@ -78,21 +80,34 @@ def fused_assign(X: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor, *, precis
     X = X if X.stride(1) == 1 else X.contiguous()
     C = C if C.stride(1) == 1 else C.contiguous()
     c_sq = c_sq.contiguous()
+    grid = ((n + block_rows - 1) // block_rows,)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        kernels.assign_rows_kernel()[grid](X, C, c_sq, labels, best, second, n, k, X.stride(0), C.stride(0),
+                                           **config)
+    return labels, best, second
+
+
+def kernel_config(d: int, precision: str, *, block_rows: int = 128, block_centroids: int | None = None,
+                  num_warps: int = 8, num_stages: int = 2, interpret: bool = False) -> dict[str, Any]:
+    """The kernel's compile-time arguments and launch options for rows of `d` features (needs triton).
+
+    The defaults keep every d <= 128 and precision free of register spills on sm_90 (compiled with Triton 3.9
+    here on a CPU and read with cuobjdump -res-usage): a float32 dot runs on the FMA units with both tiles
+    in registers, 246 of 255 registers at d = 64 with 64-centroid tiles, and with those it spills 984 bytes
+    a thread at d = 128, hence 32-centroid tiles there; tf32 and bf16 dots (wgmma) stay under 130 registers
+    with 8 warps. Which blocks are fastest, benchmarks/gpu.py measures on the device.
+    """
+    kernels = _kernel_module()
+    if kernels is None:
+        raise RuntimeError("the fused kernel needs triton, which is not installed here")
     block_d = max(16, 1 << (d - 1).bit_length())
     if block_centroids is None:
-        # The distance tile and the dot's accumulator are block_rows x block_centroids registers each.
-        block_centroids = 64 if block_d <= 64 else 32
+        block_centroids = 32 if precision == "fp32" and block_d > 64 else 64
     for name, value in (("block_rows", block_rows), ("block_centroids", block_centroids)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name}={value} should be a power of two >= 16")
-    grid = ((n + block_rows - 1) // block_rows,)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        kernels.assign_rows_kernel()[grid](
-            X, C, c_sq, labels, best, second, n, k, X.stride(0), C.stride(0),
-            D=d, BLOCK_D=block_d, BLOCK_ROWS=block_rows, BLOCK_CENTROIDS=block_centroids,
-            **kernels.dot_types(precision, interpreting()), num_warps=num_warps, num_stages=num_stages,
-        )
-    return labels, best, second
+    return {"D": d, "BLOCK_D": block_d, "BLOCK_ROWS": block_rows, "BLOCK_CENTROIDS": block_centroids,
+            **kernels.dot_types(precision, interpret), "num_warps": num_warps, "num_stages": num_stages}
 
 
 def reference_assign(X: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor, *, precision: str = "fp32",
