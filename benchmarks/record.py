@@ -22,15 +22,20 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
 
 
-def append_section(title: str, header: list[str], rows: list[list[object]], notes: str = "") -> None:
-    """Append one dated markdown section; earlier sections are never rewritten."""
+def append_section(title: str, header: list[str], rows: list[list[object]], notes: str = "",
+                   measured: str | None = None) -> None:
+    """Append one dated markdown section; earlier sections are never rewritten.
+
+    `measured`: the "date · machine" line of results measured elsewhere (another machine's JSON lines
+    recorded here); by default today and this machine.
+    """
     if not RESULTS.exists():
         RESULTS.write_text("# Benchmark results\n")
     lines = [
         "",
         f"## {title}",
         "",
-        f"{_dt.date.today().isoformat()} · {machine()}",
+        measured or f"{_dt.date.today().isoformat()} · {machine()}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",

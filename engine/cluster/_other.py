@@ -9,13 +9,15 @@ the same way for every method, so `distance` and `inertia` compare across method
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.config import ClusterConfig
 from engine.errors import ConfigError, DataError
 from engine.metrics import NOISE
+
+if TYPE_CHECKING:  # engine.config needs pydantic, which k-means alone does not (benchmarks/gpu.py runs without it)
+    from engine.config import ClusterConfig
 
 # Ward on the points keeps a condensed n x n distance matrix (float64): 20,000 rows are 1.6 GB.
 WARD_MAX_ROWS = 20_000

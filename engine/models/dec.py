@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.config import REFINED_MODELS
 from engine.errors import ConfigError
 from engine.models.registry import build_model, model_names, register_model
 
@@ -115,6 +114,9 @@ class DEC(nn.Module):
 
 def check_base(base: str) -> None:
     """`model.base` must name a registered model that is not itself a clustering model."""
+    # Here, not at the top: engine.config needs pydantic, and the models build without it (benchmarks/gpu.py).
+    from engine.config import REFINED_MODELS
+
     if base in REFINED_MODELS or base not in model_names():
         choices = [m for m in model_names() if m not in REFINED_MODELS]
         raise ConfigError(f"model.base={base!r} is not an autoencoder to pretrain; choose one of {choices}")
