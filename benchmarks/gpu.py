@@ -38,7 +38,6 @@ import resource
 import statistics
 import sys
 import time
-import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -61,32 +60,8 @@ BLOCKS = [(128, 64, 4), (128, 64, 8), (64, 64, 4), (256, 64, 8), (128, 128, 8), 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 
-class AbsentModule(types.ModuleType):
-    """Stands in for a package this machine lacks, that a module imports at the top but the path run here never
-    uses: any use raises. (engine/cluster/_stats.py imports faiss at the top; the torch backend never calls it.)"""
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise ModuleNotFoundError(f"{self.__name__} is not installed here ({self.__name__}.{name} was used)")
-
-
-def engine_kmeans() -> tuple[type, list[str]]:
-    """engine.cluster.KMeans, and the placeholders it needed on a machine without faiss."""
-    try:
-        from engine.cluster import KMeans
-        return KMeans, []
-    except ModuleNotFoundError as e:
-        if e.name != "faiss":
-            raise
-    sys.modules["faiss"] = AbsentModule("faiss")
-    from engine.cluster import KMeans
-    return KMeans, ["faiss"]
-
-
 def unwanted_imports() -> list[str]:
-    return sorted(m for m, mod in sys.modules.items()
-                  if m.split(".")[0] in UNWANTED and not isinstance(mod, AbsentModule))
+    return sorted(m for m, mod in sys.modules.items() if m.split(".")[0] in UNWANTED and mod is not None)
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------
@@ -555,7 +530,7 @@ def main() -> None:
             out.write(text + "\n")
             out.flush()
 
-    KMeans, placeholders = engine_kmeans()
+    from engine.cluster import KMeans
     versions = {}
     for name in ("triton", "flash-kmeans", "fastkmeans", "numpy", "scikit-learn"):
         try:
@@ -566,7 +541,7 @@ def main() -> None:
           "date": datetime.date.today().isoformat(), "host": machine(),
           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (no CUDA device)",
           "torch": torch.__version__, "cuda": torch.version.cuda, "python":
-          platform.python_version(), **versions, "placeholders": placeholders,
+          platform.python_version(), **versions,
           "kmeans_takes_precision": "precision" in inspect.signature(KMeans).parameters})
     cases = TINY_CASES if args.tiny else CASES
     if "kmeans" not in args.skip:
@@ -576,7 +551,7 @@ def main() -> None:
         check_fused(device, args, emit)
     if "train" not in args.skip:
         run_training(device, args, deadline, emit)
-    emit({"bench": "gpu", "section": "imports", "unwanted_imported": unwanted_imports(), "placeholders": placeholders,
+    emit({"bench": "gpu", "section": "imports", "unwanted_imported": unwanted_imports(),
           "seconds": time.monotonic() - started})
     if out:
         out.close()

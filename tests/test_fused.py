@@ -192,3 +192,19 @@ def test_kernel_compiles_for_sm90_without_spills():
         if r["usage"] is not None:
             registers, stack = r["usage"]
             assert stack == 0 and registers <= 255, (key, r)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_device_rows_ranking_through_the_fused_kernel_gives_fp32_labels(precision):
+    """The wiring DeviceRows uses on CUDA (engine.cluster._device.nearest with fused=True): the kernel's best and
+    second best, the re-check of near ties in fp32, and the winner's distance in fp32."""
+    from engine.cluster._device import nearest
+
+    X, C, c_sq = _data(600, 16, 48, seed=4)
+    # Rows half-way between two centroids: the ties a low-precision ranking gets wrong.
+    X[:150] = (C[torch.arange(150) % 48] + C[(torch.arange(150) + 7) % 48]) / 2 + 1e-3 * torch.randn(150, 16)
+    x_sq = (X * X).sum(dim=1)
+    labels, sq = nearest(X, x_sq, C, c_sq, precision, fused=True)
+    ref_labels, ref_sq = nearest(X, x_sq, C, c_sq, "fp32", fused=False)
+    assert (labels != ref_labels).sum() == 0
+    torch.testing.assert_close(sq, ref_sq, rtol=1e-4, atol=1e-3)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from engine.cluster import _fused
 from engine.cluster._stats import HostRows, PartialStats
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -273,7 +274,7 @@ def _sq_dist_rows(points: torch.Tensor, X: torch.Tensor, x_sq: torch.Tensor) -> 
 
 
 def nearest(X: torch.Tensor, x_sq: torch.Tensor, C: torch.Tensor, c_sq: torch.Tensor, precision: str = "fp32",
-            C_low: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            C_low: torch.Tensor | None = None, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid (int64) and squared distance (float32, >= 0) of each row of X, on X's device.
 
     fp32 ranks by ||c||^2 - 2 x.c in fp32. tf32 and bf16 rank with products in that precision, then rank again
@@ -281,24 +282,37 @@ def nearest(X: torch.Tensor, x_sq: torch.Tensor, C: torch.Tensor, c_sq: torch.Te
     |error| <= 2 (3u + 2 d 2^-24) ||x|| max||c|| + d 2^-24 max||c||^2, u the precision's unit roundoff (inputs
     rounded: 2u, the product rounded to bf16: u; fp32 accumulation: d 2^-24). Outside those rows the low-precision
     winner is the fp32 winner, so the labels are fp32's.
+
+    fused: rank with the Triton kernel of `_fused` (distance and argmin in one pass, the n x k scores never
+    written: what bounds low-dimensional rows on a GPU); None uses it where it runs (CUDA, d <= 128).
     """
     with torch.inference_mode():
-        if precision == "fp32" or C.shape[0] == 1:
+        if C.shape[0] == 1:
+            return torch.zeros(X.shape[0], dtype=torch.int64, device=X.device), torch.clamp_min(
+                c_sq[0] - 2.0 * (X @ C[0]) + x_sq, 0)
+        if fused is None:
+            fused = _fused.available(X.device) and X.shape[1] <= _fused.MAX_DIM
+        if fused:
+            labels, best, second = _fused.fused_assign(X, C, c_sq, precision=precision)
+            if precision == "fp32":
+                return labels, torch.clamp_min(best + x_sq, 0)
+        elif precision == "fp32":
             best, labels = torch.addmm(c_sq, X, C.T, alpha=-2.0).min(dim=1)
             return labels, torch.clamp_min(best + x_sq, 0)
-        if precision == "bf16":
-            low = C.to(torch.bfloat16) if C_low is None else C_low
-            scores = c_sq - 2.0 * (X.to(torch.bfloat16) @ low.T).float()
         else:
-            with _tf32(X.device):
-                scores = torch.addmm(c_sq, X, C.T, alpha=-2.0)
-        two, top = scores.topk(2, dim=1, largest=False)
-        labels = top[:, 0].clone()
+            if precision == "bf16":
+                low = C.to(torch.bfloat16) if C_low is None else C_low
+                scores = c_sq - 2.0 * (X.to(torch.bfloat16) @ low.T).float()
+            else:
+                with _tf32(X.device):
+                    scores = torch.addmm(c_sq, X, C.T, alpha=-2.0)
+            two, top = scores.topk(2, dim=1, largest=False)
+            labels, best, second = top[:, 0].clone(), two[:, 0], two[:, 1]
         u = _UNIT_ROUNDOFF[precision]
         c_max = torch.sqrt(c_sq.max())
         d = X.shape[1]
         error = 2 * (3 * u + 2 * d * _FP32_UNIT) * torch.sqrt(x_sq) * c_max + d * _FP32_UNIT * c_max**2
-        close = torch.nonzero(two[:, 1] - two[:, 0] <= 2 * error).squeeze(1)
+        close = torch.nonzero(second - best <= 2 * error).squeeze(1)
         if close.numel():
             labels[close] = torch.addmm(c_sq, X[close], C.T, alpha=-2.0).argmin(dim=1)
         # The winner's distance in fp32: a low-precision score's error would otherwise reach the SSE.

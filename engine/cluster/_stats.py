@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal, cast
 
-import faiss
 import numpy as np
 import scipy.sparse
 import torch
@@ -178,6 +177,12 @@ def resolve_backend(backend: str) -> str:
         raise ConfigError(f"backend={backend!r} should be one of {', '.join(map(repr, BACKENDS))}.")
     if backend == "torch":
         return "torch"
+    try:
+        import faiss
+    except ImportError as e:  # faiss is imported where it is used: the torch backend runs without it
+        if backend == "faiss":
+            raise ConfigError("backend='faiss' needs the faiss package (pip install faiss-cpu).") from e
+        return "torch"
     if faiss.get_num_gpus() > 0:
         return "faiss-gpu"
     if backend == "auto":
@@ -273,6 +278,8 @@ def _assign(
     """Labels and squared distances; x_sq (the rows' squared norms) may be passed in to skip recomputing it."""
     if backend == "torch":
         return _assign_torch(X, centroids, x_sq)[:2]
+    import faiss
+
     if backend == "faiss-gpu":
         # knn_gpu runs on the current device only: exactly one GPU, the one Ray assigned (faiss.Kmeans(gpu=1)
         # would shard over every visible GPU instead).
@@ -417,7 +424,9 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
 
 
 @functools.cache
-def _faiss_gpu_resources() -> faiss.StandardGpuResources:
+def _faiss_gpu_resources() -> faiss.StandardGpuResources:  # noqa: F821
+    import faiss
+
     # One set of GPU scratch buffers per process; allocating them per call costs more than the search.
     return faiss.StandardGpuResources()
 
