@@ -368,11 +368,17 @@ class ShardedKMeans(BaseEstimator):
         during which an actor died is redone with its replacement."""
         import ray
 
-        def step(C: np.ndarray) -> PartialStats:
-            ref = ray.put(C)
-            return pool.survive(lambda: self._stats(pool.actors, ref), "a Lloyd iteration")
-
         history = list(resume["history"]) if resume else []
+        done = [len(history)]  # iterations started, to name the one an actor died in
+
+        def stats(C: np.ndarray, what: str) -> PartialStats:
+            ref = ray.put(C)
+            return pool.survive(lambda: self._stats(pool.actors, ref), what)
+
+        def step(C: np.ndarray) -> PartialStats:
+            done[0] += 1
+            return stats(C, f"iteration {done[0]}")
+
         result = lloyd(
             step, centroids, max_iter=self.max_iter, tol=self.tol, spherical=self.spherical,
             first_iter=len(history) + 1, history=history,
@@ -382,7 +388,7 @@ class ShardedKMeans(BaseEstimator):
             checkpoint_every=self.checkpoint_every,
         )
         self.cluster_centers_ = result.centroids
-        self.inertia_ = step(result.centroids).sse
+        self.inertia_ = stats(result.centroids, "the inertia").sse
         self.n_iter_ = result.n_iter
         self.history_ = result.history
 
