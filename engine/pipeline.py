@@ -158,7 +158,9 @@ def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool
             # order, so a seeded run trains on the same batches every time, resumed or not.
             ds.context.execution_options.preserve_order = True
             ds = ds.materialize()
-        info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape, source=cfg.data.source)
+        info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape, source=cfg.data.source,
+                        where=getattr(cfg.data, "path", None), column=getattr(cfg.data, "column", X),
+                        id_column=getattr(cfg.data, "id_column", None) or ID)
         progress.info(f"{info.n_rows} rows x {info.dim} features"
                       + (f", {info.n_classes} classes" if info.n_classes else ", no labels"))
     return ds, info
@@ -358,8 +360,8 @@ def _cluster_and_assign(cfg: PipelineConfig, run: RunDir, progress: Progress, ro
         tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
         np.save(tmp, centroids)
         os.replace(tmp, run_dir / "centroids.npy")
-        summary = {"method": method, "k": c.k, "inertia": float(km.inertia_), "n_iter": int(km.n_iter_),
-                   "history": km.history_}
+        summary = {"method": method, "manifold": "none", "k": c.k, "inertia": float(km.inertia_),
+                   "n_iter": int(km.n_iter_), "history": km.history_}
         _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
     if method != "sample_assign":  # sample_assign has written its assignments already
         with progress.stage("assign", f"{rows} rows"):
@@ -395,7 +397,7 @@ def _cluster_in_memory(cfg: PipelineConfig, run: RunDir, progress: Progress, row
         tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
         np.save(tmp, centroids)
         os.replace(tmp, run_dir / "centroids.npy")
-        summary = {"method": c.method, "k": c.k, "inertia": inertia, **info}
+        summary = {"method": c.method, "manifold": c.manifold, "k": c.k, "inertia": inertia, **info}
         _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
         write_assignments(ids, labels, distance, run.folder("assignments"), config_hash=cfg.hash(),
                           rows_per_file=cfg.data.rows_per_shard, k=int(len(centroids)), n_noise=info["n_noise"])
@@ -500,7 +502,8 @@ def match_by_id(ids: np.ndarray, other_ids: np.ndarray, values: np.ndarray, *, w
 # ---- the whole pipeline ----------------------------------------------------------------------------
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress: Progress | None = None,
-                 verbose: bool = False, resume: bool = False, pretrained: str | Path | None = None) -> RunResult:
+                 verbose: bool = False, resume: bool = False, pretrained: str | Path | None = None,
+                 overwrite: bool = False) -> RunResult:
     """Run every stage into the run directory and return the metrics.
 
     pretrained: a trained model of the configured model (a run directory, its model/ folder, or a checkpoint
@@ -511,7 +514,12 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     stages are skipped, training continues from its last checkpoint, embedding keeps its completed shards
     and k-means its last saved centroids. An object-store run directory resumes from its published (finished)
     stages only.
+
+    overwrite: replace the engine's own results in an existing `out` (see engine.rundir's output-path policy);
+    without it an existing non-empty `out` is refused, and a run of the same config continues only with `resume`.
+    A fresh run directory that fails is removed again unless it holds resumable state (checkpoints, stages).
     """
+    from engine.rundir import check_output, guard_output
     from engine.runtime import init_ray
     from engine.tracking import track_run
 
@@ -521,13 +529,15 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     location = run_dir_for(cfg, out)
     started = time.time()
     open_input(cfg)  # file, column and k checks before Ray starts
-    with progress.stage("ray"):
-        res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
-        progress.info(res.describe())
-    with open_run_dir(location, cfg.ray, nodes=res.worker_nodes, fetch=resume) as run:
-        tracked = _read_run(run.local).get("tracking", {}) if resume else {}
-        with track_run(cfg, run, mlflow_run_id=tracked.get("mlflow_run_id")) as tracker:
-            return _run_stages(cfg, run, progress, res, started, resume, tracker, pretrained)
+    output = check_output(cfg, location, resume=resume, overwrite=overwrite, pretrained=pretrained)
+    with guard_output(output):
+        with progress.stage("ray"):
+            res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
+            progress.info(res.describe())
+        with open_run_dir(location, cfg.ray, nodes=res.worker_nodes, fetch=resume) as run:
+            tracked = _read_run(run.local).get("tracking", {}) if resume else {}
+            with track_run(cfg, run, mlflow_run_id=tracked.get("mlflow_run_id")) as tracker:
+                return _run_stages(cfg, run, progress, res, started, resume, tracker, pretrained)
 
 
 def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resources, started: float,
