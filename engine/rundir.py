@@ -280,9 +280,9 @@ def check_run_writable(location: str | os.PathLike[str]) -> None:
 @contextlib.contextmanager
 def guard_output(output: Output, *, resumable: bool = True) -> Iterator[None]:
     """What a failed or interrupted command leaves in its output. A failure removes what it wrote into a fresh
-    output, unless that is resumable state (a checkpoint, a complete stage, completed shards), which `dce run
-    --resume` continues from. An interruption keeps everything, and (for a run that `resumable` by `dce run
-    --resume`) becomes an Interrupted naming the run to resume."""
+    output, except, for a run that `dce run --resume` continues (`resumable`), its resumable state (a checkpoint,
+    a complete stage, completed shards). An interruption keeps everything, and for a resumable run becomes an
+    Interrupted naming the run to resume."""
     from engine import interrupt
 
     try:
@@ -296,7 +296,7 @@ def guard_output(output: Output, *, resumable: bool = True) -> Iterator[None]:
                 stopped.run_dir = str(output.location)
             raise stopped from None
         if output.fresh and storage.is_local(output.location) and isinstance(e, Exception):
-            _discard(Path(storage.resolve(output.location)[1]), remove_folder=output.created)
+            _discard(Path(storage.resolve(output.location)[1]), remove_folder=output.created, keep_state=resumable)
         raise
 
 
@@ -308,8 +308,8 @@ def has_resumable_state(run_dir: Path) -> bool:
         (run_dir / n).is_dir() for n in STATE_FOLDERS) or any(run_dir.glob(".*.partial"))
 
 
-def _discard(folder: Path, *, remove_folder: bool) -> None:
-    if has_resumable_state(folder) or not folder.is_dir():
+def _discard(folder: Path, *, remove_folder: bool, keep_state: bool) -> None:
+    if not folder.is_dir() or (keep_state and has_resumable_state(folder)):
         return
     if remove_folder:
         shutil.rmtree(folder, ignore_errors=True)

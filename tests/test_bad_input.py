@@ -169,14 +169,13 @@ def test_assign_into_its_own_run_is_refused(finished_run, new_rows, where, flags
     assert snapshot(finished_run) == before
 
 
-def test_assign_replaces_its_own_result_only_with_overwrite(finished_run, new_rows, tmp_path):
+def test_assign_replaces_only_its_own_result(finished_run, new_rows, tmp_path):
     out = tmp_path / "assigned"
     assert invoke("assign", finished_run, "--input", new_rows, "--out", out, "--quiet").exit_code == 0
     before = snapshot(out)
     assert_one_error(invoke("assign", finished_run, "--input", new_rows, "--out", out),
                      r"assigned is not empty: a result of the engine; replace it with --overwrite")
     assert snapshot(out) == before
-    assert invoke("assign", finished_run, "--input", new_rows, "--out", out, "--overwrite").exit_code == 0
     (out / "notes.txt").write_text("mine")  # now it holds a file of the user's too: never replaced
     assert_one_error(invoke("assign", finished_run, "--input", new_rows, "--out", out, "--overwrite"),
                      r"assigned is not empty")
@@ -379,16 +378,21 @@ def test_a_ray_task_error_is_one_line_in_a_real_process(ray_local, tmp_path):
 # ---- interruption ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["sigint", "sigterm"])
-def test_interrupted_run_keeps_its_checkpoints_and_says_how_to_resume(ray_local, tmp_path, sig, code):
+# The named points: training has finished its second epoch (a checkpoint is written every epoch); training starts.
+EPOCH_2 = r'"event": "epoch".*"epoch": 2\b'
+TRAIN_STARTS = r'"event": "stage_start", "stage": "train"'
+
+
+@pytest.mark.parametrize(("sig", "code", "point"), [(signal.SIGINT, 130, EPOCH_2), (signal.SIGTERM, 143, TRAIN_STARTS)],
+                         ids=["sigint-in-epoch-2", "sigterm-as-training-starts"])
+def test_interrupted_run_keeps_its_checkpoints_and_says_how_to_resume(ray_local, tmp_path, sig, code, point):
     out, log = tmp_path / "run", tmp_path / "progress.jsonl"
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     with log.open("w") as stderr:
         proc = subprocess.Popen([str(DCE), "run", *as_args(LONG_RUN), "--out", str(out), "--log-format", "json"],
                                 stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=tmp_path)
         try:
-            # The named point: training has finished its second epoch (a checkpoint is written every epoch).
-            wait_for(lambda: re.search(r'"event": "epoch".*"epoch": 2\b', log.read_text()), 240, "epoch 2")
+            wait_for(lambda: re.search(point, log.read_text()), 240, point)
             proc.send_signal(sig)
             proc.wait(timeout=120)
         finally:
@@ -399,7 +403,8 @@ def test_interrupted_run_keeps_its_checkpoints_and_says_how_to_resume(ray_local,
     assert proc.returncode == code, err[-3000:]
     assert err.strip().splitlines()[-1] == f"interrupted: resume with `dce run --resume {out}`"
     assert "Traceback" not in err and "error:" not in err
-    assert list((out / "train").glob("checkpoint_*/checkpoint.pt")), "the checkpoints were not kept"
+    if point == EPOCH_2:
+        assert list((out / "train").glob("checkpoint_*/checkpoint.pt")), "the checkpoints were not kept"
     assert (out / "config.yaml").is_file() and not (out / "model").exists()
     # The interrupted driver's workers are gone: the shared Ray has all its CPUs again.
     wait_for(lambda: ray_local.available_resources().get("CPU") == ray_local.cluster_resources()["CPU"], 60,
@@ -442,3 +447,13 @@ def test_assign_reads_what_the_clustering_was(finished_run, new_rows, tmp_path):
     assert_one_error(invoke("assign", run, "--input", new_rows, "--out", tmp_path / "a"),
                      r"cluster.method=gmm labels rows without centroids")
     assert not (tmp_path / "a").exists()
+
+
+def test_a_late_failure_leaves_no_partial_run(ray_local, tmp_path):
+    """`dce cluster PARQUET --out DIR` whose clusterer refuses the data after the import: DIR is removed again
+    (it kept config.yaml and embeddings/)."""
+    data = write_vectors(tmp_path / "v.parquet", fixed(np.random.default_rng(0).random((20, 3))))
+    out = tmp_path / "r"
+    result = invoke("cluster", data, "--set", "cluster.k=2", "--set", "cluster.manifold=umap", "--out", out, "--quiet")
+    assert_one_error(result, r"cluster.umap.n_neighbors=\d+ should be < the number of rows \(20\)")
+    assert not out.exists()
