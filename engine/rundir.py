@@ -29,7 +29,7 @@ import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engine import storage
@@ -364,20 +364,28 @@ def _some(entries: dict[str, bool], n: int = 3) -> str:
 
 
 def _check_not_inside(location: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]]) -> None:
-    if not storage.is_local(location):
-        return
-    out = Path(storage.resolve(location)[1])
+    """Refuse an output equal to an input or inside it: local paths resolved, URIs compared as written (bucket and
+    key, without their ?options), before anything touches the store."""
+    out = _where(location)
     for given in inputs:
-        if given is None or not storage.is_local(given):
+        if not given:
             continue
-        text = str(given)
-        wild = [text.index(c) for c in "*?[" if c in text]
-        if wild:  # a glob: the folder it lists
-            text = os.path.dirname(text[:min(wild)]) or "."
-        source = Path(storage.resolve(text)[1])
-        if out == source or source in out.parents:
-            raise OutputError(f"--out {location} is {'the input' if out == source else 'inside the input'} "
+        source = _where(given)
+        if out[0] == source[0] and (out[1] == source[1] or source[1] in out[1].parents):
+            raise OutputError(f"--out {location} is {'the input' if out[1] == source[1] else 'inside the input'} "
                               f"{given}: writing there would change the input's own files; choose a folder outside it")
+
+
+def _where(path: str | os.PathLike[str]) -> tuple[str, PurePosixPath]:
+    """(scheme, path) of a local path (resolved; a glob stands for the folder it lists) or of a URI."""
+    text = str(path)
+    if storage.is_uri(text):
+        scheme, _, rest = text.partition("://")
+        return scheme, PurePosixPath("/" + rest.partition("?")[0].strip("/"))
+    wild = [text.index(c) for c in "*?[" if c in text]
+    if wild:
+        text = os.path.dirname(text[:min(wild)]) or "."
+    return "file", PurePosixPath(Path(text).resolve())
 
 
 def _check_writable(location: str | os.PathLike[str]) -> None:

@@ -457,3 +457,34 @@ def test_a_late_failure_leaves_no_partial_run(ray_local, tmp_path):
     result = invoke("cluster", data, "--set", "cluster.k=2", "--set", "cluster.manifold=umap", "--out", out, "--quiet")
     assert_one_error(result, r"cluster.umap.n_neighbors=\d+ should be < the number of rows \(20\)")
     assert not out.exists()
+
+
+def test_an_output_inside_an_object_store_input_is_refused_before_the_store_is_touched():
+    """`dce assign s3://.../run --out s3://.../run` deleted the run in the store (the write clears its folder first);
+    the URIs are compared as written, so no store is needed to refuse it."""
+    from engine.rundir import check_folder_output
+
+    run = "s3://bucket/runs/x?endpoint_override=127.0.0.1:1&scheme=http"
+    for out in (run, "s3://bucket/runs/x/assignments?endpoint_override=127.0.0.1:1&scheme=http"):
+        with pytest.raises(errors.OutputError, match=r"is (the|inside the) input s3://bucket/runs/x"):
+            check_folder_output(out, inputs=[run])
+
+
+def test_a_write_the_file_system_refuses_later_is_one_line():
+    """A full disk or a read-only file system found during a stage (an OSError, possibly wrapped by Ray) is the
+    engine's one-line error naming the file; other OSErrors stay bugs with their traceback."""
+    import errno
+
+    from engine.errors import find_engine_error
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/run/embeddings/part-0.parquet")
+    try:
+        try:
+            raise full
+        except OSError as e:
+            raise RuntimeError("a Ray task failed") from e
+    except RuntimeError as wrapped:
+        found = find_engine_error(wrapped)
+    assert isinstance(found, errors.OutputError)
+    assert str(found) == "/data/run/embeddings/part-0.parquet: cannot write there: No space left on device"
+    assert find_engine_error(OSError(errno.EBADF, "Bad file descriptor")) is None
