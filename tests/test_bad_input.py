@@ -402,7 +402,8 @@ def test_interrupted_run_keeps_its_checkpoints_and_says_how_to_resume(ray_local,
     err = log.read_text()
     assert proc.returncode == code, err[-3000:]
     assert err.strip().splitlines()[-1] == f"interrupted: resume with `dce run --resume {out}`"
-    assert "Traceback" not in err and "error:" not in err
+    assert "Traceback" not in err and "error:" not in err and "stage_failed" not in err
+    assert '"event": "stage_interrupted", "stage": "train"' in err
     if point == EPOCH_2:
         assert list((out / "train").glob("checkpoint_*/checkpoint.pt")), "the checkpoints were not kept"
     assert (out / "config.yaml").is_file() and not (out / "model").exists()
