@@ -489,3 +489,16 @@ def test_a_write_the_file_system_refuses_later_is_one_line():
     assert isinstance(found, errors.OutputError)
     assert str(found) == "/data/run/embeddings/part-0.parquet: cannot write there: No space left on device"
     assert find_engine_error(OSError(errno.EBADF, "Bad file descriptor")) is None
+
+
+@pytest.mark.parametrize("job", ["pipeline", "train_encoder"])  # federated: as `dce federate`, above
+def test_the_jobs_refuse_a_folder_of_other_files(tmp_path, capsys, job):
+    import importlib
+
+    out = foreign_folder(tmp_path / "mine")
+    before = snapshot(out)
+    main = importlib.import_module(f"jobs.{job}").main
+    assert main(["--set", "data.source=blobs", "--set", "data.n_samples=100", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"error: .*mine is not empty and is not a run directory \(metrics.json, model\).*", err), err
+    assert snapshot(out) == before
