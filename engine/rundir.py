@@ -172,7 +172,8 @@ class Output:
 
 
 def run_config_hash(location: str | os.PathLike[str]) -> str | None:
-    """The config hash of the run in `location` (its config.yaml is an engine config), else None."""
+    """The config hash of the run in `location` (its config.yaml is an engine's resolved config; "unknown" when it
+    no longer validates), else None."""
     import yaml
 
     from engine.config import config_from_dict
@@ -183,12 +184,15 @@ def run_config_hash(location: str | os.PathLike[str]) -> str | None:
         if not storage.is_file(path):
             return None
         raw = yaml.safe_load(storage.read_text(path))
-        # A user's own config.yaml is not a run's: the engine writes every section of its resolved config.
-        if not isinstance(raw, dict) or not {"name", "data", "model", "cluster"} <= raw.keys():
-            return None
-        return config_from_dict(raw, source=str(path)).hash()
-    except (EngineError, OSError, yaml.YAMLError):
+    except (OSError, yaml.YAMLError):
         return None
+    # A user's own config.yaml is not a run's: the engine writes every section of its resolved config.
+    if not isinstance(raw, dict) or not {"name", "data", "model", "cluster"} <= raw.keys():
+        return None
+    try:
+        return config_from_dict(raw, source=str(path)).hash()
+    except EngineError:  # a run's config that no longer validates here (another version, a missing extra)
+        return "unknown"
 
 
 def check_run_output(location: str | os.PathLike[str], *, config_hash: str, resume: bool = False,
