@@ -203,18 +203,15 @@ def check_run_output(location: str | os.PathLike[str], *, config_hash: str, resu
     does, --overwrite is the only way)."""
     _check_not_inside(location, inputs)
     entries = _entries(location)
-    if entries is None:
-        _check_writable(location)
-        return Output(location, fresh=True, created=True)
-    if not entries:
-        _check_writable(location)
-        return Output(location, fresh=True, created=False)
-    saved = run_config_hash(location)
+    saved = run_config_hash(location) if entries else None
     if resume:
         if saved is None:
             raise OutputError(f"{location}: not a run directory (no engine {CONFIG_FILE}), nothing to resume")
         _check_writable(location)
         return Output(location, fresh=False, created=False)
+    if not entries:
+        _check_writable(location)
+        return Output(location, fresh=True, created=entries is None)
     if not overwrite:
         if saved == config_hash:
             again = f"continue it with `{resume_command} --resume {location}`, or " if resume_command else ""

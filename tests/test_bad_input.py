@@ -212,6 +212,13 @@ def test_an_output_inside_the_input_is_refused(tmp_path):
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "x").mkdir()
     assert_one_error(invoke("run", "--resume", tmp_path / "x"), r"x: not a run directory \(no config.yaml\)")
+    from engine.config import config_from_dict
+    from engine.pipeline import run_pipeline
+
+    for missing in (tmp_path / "x", tmp_path / "y"):  # from Python too: an empty folder, no folder
+        with pytest.raises(errors.OutputError, match=r"not a run directory \(no engine config.yaml\), nothing to"):
+            run_pipeline(config_from_dict({"data": {"source": "blobs", "n_samples": 50}}), missing, resume=True)
+    assert sorted(os.listdir(tmp_path)) == ["x"]
 
 
 # ---- file-system failures: one line naming the path and the cause, before Ray starts --------------
