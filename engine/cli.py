@@ -168,8 +168,8 @@ def train(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, qui
     """Train the encoder only; writes RUN_DIR/model/."""
     from engine import storage
     from engine.config import load_config
-    from engine.pipeline import open_input, run_dir_for, train_stage
-    from engine.rundir import check_output, guard_output
+    from engine.pipeline import open_input, train_stage
+    from engine.rundir import check_output, guard_output, run_dir_for
 
     _quiet_env(verbose)
     cfg = load_config(config, set_)
@@ -227,7 +227,7 @@ def _run_or_embeddings(path: str, config: str | None, set_: list[str] | None, ou
     run directory is published on exit, as every stage command does."""
     from engine import pipeline, storage
     from engine.config import config_from_dict, load_config
-    from engine.rundir import Output, check_output, check_run_writable, guard_output
+    from engine.rundir import Output, check_output, check_run_writable, guard_output, run_dir_for
 
     is_run = storage.is_file(storage.join(path, pipeline.CONFIG_FILE))
     if is_run:
@@ -252,7 +252,7 @@ def _run_or_embeddings(path: str, config: str | None, set_: list[str] | None, ou
         # Without --config: the engine's plain defaults (k-means, no manifold), not the digits recipe's UMAP + GMM.
         base = load_config(config).to_dict() if config is not None else {"name": "embeddings"}
         cfg = config_from_dict({**base, "data": data}, set_, source=f"{path}")
-        run_dir = pipeline.run_dir_for(cfg, out)
+        run_dir = run_dir_for(cfg, out)
         pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
         output = check_output(cfg, run_dir, overwrite=overwrite, resume_command=None)
     with guard_output(output, resumable=False), _run_dir(cfg, run_dir, verbose, fetch=is_run) as run:

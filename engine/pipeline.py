@@ -23,13 +23,12 @@ from engine.data.schema import CLUSTER, ID, X
 from engine.data.shards import partial_folder
 from engine.errors import ConfigError, DataError, IncompleteResultError
 from engine.progress import Progress
-from engine.rundir import RunDir, as_run_dir, open_run_dir
+from engine.rundir import CONFIG_FILE, RunDir, as_run_dir, atomic_write, open_run_dir, run_dir_for, save_config
 
 if TYPE_CHECKING:
     from engine.runtime import Resources
     from engine.tracking import Tracker
 
-CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 # Inputs up to this size are cached in Ray's object store for the epochs of training instead of being
 # re-read from the source every epoch.
@@ -44,18 +43,6 @@ class RunResult:
 
 
 # ---- run directory ---------------------------------------------------------------------------------
-
-
-def run_dir_for(cfg: PipelineConfig, out: str | Path | None) -> Path | str:
-    """`out` (a local path or an object-store URI such as s3://bucket/runs/name), else runs/<name>."""
-    if out is None:
-        return Path("runs") / cfg.name
-    return str(out) if storage.is_uri(out) else Path(out)
-
-
-def save_config(cfg: PipelineConfig, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / CONFIG_FILE, cfg.to_yaml())
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -111,12 +98,6 @@ def finished_stages(cfg: PipelineConfig, run_dir: RunDir | Path) -> set[str]:
     return done
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _record(run_dir: Path, **fields: Any) -> None:
     """Merge facts about the run (stage times, resources, versions) into run.json."""
     path = run_dir / RUN_FILE
@@ -126,7 +107,7 @@ def _record(run_dir: Path, **fields: Any) -> None:
             record[key].update(value)
         else:
             record[key] = value
-    _atomic_write(path, json.dumps(record, indent=2, default=str))
+    atomic_write(path, json.dumps(record, indent=2, default=str))
 
 
 # ---- stages ----------------------------------------------------------------------------------------
@@ -362,7 +343,7 @@ def _cluster_and_assign(cfg: PipelineConfig, run: RunDir, progress: Progress, ro
         os.replace(tmp, run_dir / "centroids.npy")
         summary = {"method": method, "manifold": "none", "k": c.k, "inertia": float(km.inertia_),
                    "n_iter": int(km.n_iter_), "history": km.history_}
-        _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
+        atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
     if method != "sample_assign":  # sample_assign has written its assignments already
         with progress.stage("assign", f"{rows} rows"):
             assign_shards(embeddings, centroids, run.folder("assignments"), config_hash=cfg.hash(),
@@ -398,7 +379,7 @@ def _cluster_in_memory(cfg: PipelineConfig, run: RunDir, progress: Progress, row
         np.save(tmp, centroids)
         os.replace(tmp, run_dir / "centroids.npy")
         summary = {"method": c.method, "manifold": c.manifold, "k": c.k, "inertia": inertia, **info}
-        _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
+        atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
         write_assignments(ids, labels, distance, run.folder("assignments"), config_hash=cfg.hash(),
                           rows_per_file=cfg.data.rows_per_shard, k=int(len(centroids)), n_noise=info["n_noise"])
     return summary
@@ -469,7 +450,7 @@ def evaluate_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progre
         inertia = json.loads(cluster_file.read_text())["inertia"] if cluster_file.is_file() else None
         metrics = evaluate(pred, labels_true=labels, X=z, inertia=inertia,
                            silhouette_sample=cfg.evaluate.silhouette_sample, seed=cfg.seed)
-        _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 

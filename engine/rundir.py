@@ -41,6 +41,26 @@ CONFIG_FILE = "config.yaml"
 WORKER_FOLDERS = ("embeddings", "assignments")
 
 
+def run_dir_for(cfg: Any, out: str | os.PathLike[str] | None) -> Path | str:
+    """`out` (a local path or an object-store URI such as s3://bucket/runs/name), else runs/<name>."""
+    if out is None:
+        return Path("runs") / cfg.name
+    return str(out) if storage.is_uri(out) else Path(out)
+
+
+def save_config(cfg: Any, run_dir: Path) -> None:
+    """The run's resolved config, config.yaml (the folder is made)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(run_dir / CONFIG_FILE, cfg.to_yaml())
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a file of the run by rename: a reader sees the old text or the new, never part of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def check_shared(run_dir: str | os.PathLike[str], ray_cfg: Any, nodes: int) -> None:
     """Refuse, on a multi-node cluster, a local run directory that is not declared shared (an object-store one
     needs no shared file system: see the module docstring)."""

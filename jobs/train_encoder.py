@@ -16,9 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> dict:
         from engine import storage
         from engine.config import load_config
-        from engine.pipeline import open_input, run_dir_for, train_stage
+        from engine.pipeline import open_input, train_stage
         from engine.progress import JsonProgress
-        from engine.rundir import check_output, guard_output, open_run_dir
+        from engine.rundir import check_output, guard_output, open_run_dir, run_dir_for
         from engine.runtime import init_ray
 
         cfg = load_config(args.config, args.overrides)

@@ -133,8 +133,7 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
     """Build the partitions, fit FederatedKMeans over them, and write the run directory (checked first by
     engine.rundir's output-path policy; `overwrite` replaces the engine's own results in it)."""
     from engine.federated import FederatedKMeans
-    from engine.pipeline import run_dir_for
-    from engine.rundir import check_output, guard_output
+    from engine.rundir import check_output, guard_output, run_dir_for
     from engine.runtime import init_ray
 
     progress = progress or Progress()
@@ -203,7 +202,7 @@ def _summary(cfg: PipelineConfig, km: Any, built: FederatedPartitions, seconds: 
 def _write(cfg: PipelineConfig, run_dir: Path, km: Any, built: FederatedPartitions, summary: dict[str, Any]) -> None:
     from engine.data.shards import staged_folder, write_manifest
     from engine.metrics import evaluate
-    from engine.pipeline import save_config
+    from engine.rundir import save_config
 
     save_config(cfg, run_dir)
     tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
