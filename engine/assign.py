@@ -108,15 +108,17 @@ def load_run(run_dir: str | Path) -> Run:
     from engine.train.checkpoint import FILENAME, load_checkpoint
 
     cfg = load_run_config(run_dir)
-    c = cfg.cluster
     if not cfg.model.refines:
-        if c.method not in CENTROID_METHODS:
+        # What the clustering was: cluster.json, written by the cluster stage (`dce cluster RUN --set ...` may have
+        # re-clustered with other settings than config.yaml's); the config for runs from before it was recorded.
+        method, manifold = clustered_with(run_dir, cfg)
+        if method not in CENTROID_METHODS:
             raise ConfigError(
-                f"{run_dir}: cluster.method={c.method} labels rows without centroids to assign new rows to, and the "
-                f"run keeps no fitted {c.method}, only its labels; assigning new rows needs cluster.method "
+                f"{run_dir}: cluster.method={method} labels rows without centroids to assign new rows to, and the "
+                f"run keeps no fitted {method}, only its labels; assigning new rows needs cluster.method "
                 f"{', '.join(CENTROID_METHODS)} (or model.name dec / idec)")
-        if c.manifold != "none":
-            raise ConfigError(f"{run_dir}: cluster.manifold={c.manifold}: the run clustered a {c.manifold} reduction "
+        if manifold != "none":
+            raise ConfigError(f"{run_dir}: cluster.manifold={manifold}: the run clustered a {manifold} reduction "
                               f"it does not keep, so new rows cannot be placed in it; assigning new rows needs "
                               f"cluster.manifold none")
     name, stage = model_folder(cfg)
@@ -137,6 +139,16 @@ def load_run(run_dir: str | Path) -> Run:
         raise CheckpointError(f"{path}: centroids of shape {centroids.shape} do not fit the model's latent "
                               f"dimension {latent} ({checkpoint})")
     return Run(run_dir, cfg, checkpoint, state, centroids)
+
+
+def clustered_with(run_dir: str | Path, cfg: Any) -> tuple[str, str]:
+    """(cluster.method, cluster.manifold) of the run's last clustering, from its cluster.json (from the config for
+    a run whose cluster.json predates the manifold's record)."""
+    import json
+
+    path = storage.join(run_dir, "cluster.json")
+    summary = json.loads(storage.read_text(path)) if storage.is_file(path) else {}
+    return summary.get("method", cfg.cluster.method), summary.get("manifold", cfg.cluster.manifold)
 
 
 def check_manifest(folder: str | Path, stage: str) -> dict[str, Any]:
@@ -177,16 +189,25 @@ def open_new_rows(run: Run, data: Any) -> Any:
     return source
 
 
+def check_assign_output(run: Run, source: Any, out_dir: str | Path, *, overwrite: bool = False) -> None:
+    """`out_dir` may take the assignments (engine.rundir's output-path policy): new, empty, or with `overwrite` a
+    result of the engine; never the run directory or the input, nor inside them."""
+    from engine.rundir import check_folder_output
+
+    check_folder_output(out_dir, overwrite=overwrite, inputs=[run.run_dir, source.config.path])
+
+
 def assign_source(run: Run, source: Any, out_dir: str | Path, *, batch_size: int | None = None,
-                  concurrency: int | None = None, use_gpu: bool = False) -> dict[str, Any]:
+                  concurrency: int | None = None, use_gpu: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Embed and assign every row of an opened source (`open_new_rows`) into `out_dir` (`id`, `cluster`,
     `distance`; a local path or an object-store URI), streaming through a Ray Data actor pool, atomically with a
-    manifest; returns the manifest."""
+    manifest; returns the manifest. `out_dir` is checked first (`check_assign_output`)."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from engine.data import read_dataset, write_dataset
 
+    check_assign_output(run, source, out_dir, overwrite=overwrite)
     c, where = run.config.cluster, str(source.config.path)
     out = read_dataset(source).map_batches(
         Assigner,

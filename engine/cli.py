@@ -48,24 +48,44 @@ def _progress(quiet: bool, log_format: LogFormat = LogFormat.text):
 
 
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input ends with `error: <message>` on stderr and exit code 2, never a traceback."""
+    """Bad input ends with `error: <message>` on stderr and exit code 2, never a traceback; Ctrl-C and SIGTERM end
+    with `interrupted: ...`, exit code 130 or 143, and Ray shut down."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from engine import interrupt
         from engine.errors import find_engine_error, user_message
 
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort):
             raise
-        except Exception as e:
-            err = find_engine_error(e)
+        except BaseException as e:
+            stopped = interrupt.as_interruption(e)
+            if stopped is not None:
+                _shutdown_ray()
+                typer.echo(stopped.message(), err=True)
+                raise typer.Exit(stopped.exit_code) from None
+            err = find_engine_error(e) if isinstance(e, Exception) else None
             if err is None:
                 raise
             typer.echo(f"error: {user_message(err)}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _shutdown_ray() -> None:
+    """Stop this process's Ray (a local one with its workers; a joined cluster is only left)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the engine's own results in an existing "
+                                            "--out (folders with its manifest); other files are never touched.")]
 
 
 def _quiet_env(verbose: bool) -> None:
@@ -114,6 +134,7 @@ def run(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet
         pretrained: Annotated[Path | None, typer.Option("--pretrained", metavar="RUN_DIR", help=(
             "Take the trained model of RUN_DIR (or a model/ folder, or a checkpoint.pt) instead of training: "
             "it must be the model the config builds. Then refine / embed / cluster as configured."))] = None,
+        overwrite: OverwriteOpt = False,
         ) -> None:
     """Run the whole pipeline: train, (refine for dec / idec,) embed, cluster, evaluate, report."""
     from engine.config import load_config
@@ -130,7 +151,7 @@ def run(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet
     else:
         cfg = load_config(config, [*(set_ or []), *(["report.enabled=false"] if no_report else [])])
     result = run_pipeline(cfg, out, progress=_progress(quiet, log_format), verbose=verbose,
-                          resume=resume is not None, pretrained=pretrained)
+                          resume=resume is not None, pretrained=pretrained, overwrite=overwrite)
     if log_format == LogFormat.json:
         typer.echo(json.dumps({"run_dir": str(result.run_dir), "metrics": result.metrics,
                                "seconds": result.seconds}))
@@ -143,18 +164,19 @@ def run(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet
 @app.command()
 @friendly_errors
 def train(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False,
-          verbose: VerboseOpt = False) -> None:
+          verbose: VerboseOpt = False, overwrite: OverwriteOpt = False) -> None:
     """Train the encoder only; writes RUN_DIR/model/."""
+    from engine import storage
     from engine.config import load_config
-    from engine.pipeline import open_input, run_dir_for, train_stage
+    from engine.pipeline import open_input, train_stage
+    from engine.rundir import check_output, guard_output, run_dir_for
 
     _quiet_env(verbose)
     cfg = load_config(config, set_)
     run_dir = run_dir_for(cfg, out)
     open_input(cfg)  # file, column and k checks before Ray starts
-    from engine import storage
-
-    with _run_dir(cfg, run_dir, verbose, fetch=False) as run:
+    output = check_output(cfg, run_dir, overwrite=overwrite)
+    with guard_output(output, resumable=False), _run_dir(cfg, run_dir, verbose, fetch=False) as run:
         train_stage(cfg, run, _progress(quiet))
     typer.echo(storage.join(run_dir, "model"))
 
@@ -163,9 +185,11 @@ def _stage_command(stage: str) -> Callable[..., None]:
     def command(run_dir: RunDirArg, set_: SetOpt = None, quiet: QuietOpt = False,
                 verbose: VerboseOpt = False) -> None:
         from engine import pipeline
+        from engine.rundir import check_run_writable
 
         _quiet_env(verbose)
         cfg = pipeline.load_run_config(run_dir, set_)
+        check_run_writable(run_dir)
         with _run_dir(cfg, run_dir, verbose, fetch=True) as run:
             result = getattr(pipeline, f"{stage}_stage")(cfg, run, _progress(quiet))
         if stage == "evaluate":
@@ -185,7 +209,8 @@ app.command("embed", help="Embed the run's data with its model; writes RUN_DIR/e
 EmbeddingsPathArg = Annotated[str, typer.Argument(help="A run directory, or Parquet embeddings: a folder, "
                                                   "file or glob.")]
 EmbeddingsConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="Config for Parquet embeddings "
-                                                         "(its cluster section; default: digits).")]
+                                                         "(its cluster section; default: plain k-means, "
+                                                         "cluster.k=10, cluster.manifold=none).")]
 EmbeddingsOutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory for Parquet embeddings "
                                                        "(default: runs/<name>).")]
 ColumnOpt = Annotated[str, typer.Option(help="Vector column of Parquet embeddings.")]
@@ -196,22 +221,25 @@ LabelColumnOpt = Annotated[str | None, typer.Option(help="Optional label column 
 @contextlib.contextmanager
 def _run_or_embeddings(path: str, config: str | None, set_: list[str] | None, out: str | None, column: str,
                        id_column: str | None, label_column: str | None, verbose: bool,
-                       progress) -> Iterator[tuple[Any, str, RunDir]]:
+                       progress, overwrite: bool = False) -> Iterator[tuple[Any, str, RunDir]]:
     """(config, run directory, the RunDir the stages get) of PATH: a run directory as it is, or Parquet embeddings made
     elsewhere, checked and imported into the run directory --out. Ray is connected inside; an object-store
     run directory is published on exit, as every stage command does."""
     from engine import pipeline, storage
     from engine.config import config_from_dict, load_config
+    from engine.rundir import Output, check_output, check_run_writable, guard_output, run_dir_for
 
     is_run = storage.is_file(storage.join(path, pipeline.CONFIG_FILE))
     if is_run:
-        if config is not None or out is not None:
+        if config is not None or out is not None or overwrite:
             from engine.errors import ConfigError
 
-            raise ConfigError(f"{path} is a run directory: it has its own config and outputs, so --config and "
-                              "--out (for Parquet embeddings) do not apply")
+            raise ConfigError(f"{path} is a run directory: it has its own config and outputs, so --config, "
+                              "--out and --overwrite (for Parquet embeddings) do not apply")
         cfg = pipeline.load_run_config(path, set_)
         run_dir = path
+        check_run_writable(run_dir)
+        output = Output(run_dir, fresh=False, created=False)
     else:
         folder = Path(path)
         if folder.is_dir() and not any(folder.rglob("*.parquet")):
@@ -221,10 +249,13 @@ def _run_or_embeddings(path: str, config: str | None, set_: list[str] | None, ou
                                         "embeddings in it")
         data = {"source": "parquet", "path": str(path), "column": column, "id_column": id_column or None,
                 "label_column": label_column, "normalize": "none"}
-        cfg = config_from_dict({**load_config(config, set_).to_dict(), "data": data}, source=f"{path}")
-        run_dir = pipeline.run_dir_for(cfg, out)
+        # Without --config: the engine's plain defaults (k-means, no manifold), not the digits recipe's UMAP + GMM.
+        base = load_config(config).to_dict() if config is not None else {"name": "embeddings"}
+        cfg = config_from_dict({**base, "data": data}, set_, source=f"{path}")
+        run_dir = run_dir_for(cfg, out)
         pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
-    with _run_dir(cfg, run_dir, verbose, fetch=is_run) as run:
+        output = check_output(cfg, run_dir, overwrite=overwrite, resume_command=None)
+    with guard_output(output, resumable=False), _run_dir(cfg, run_dir, verbose, fetch=is_run) as run:
         if not is_run:
             pipeline.import_embeddings(cfg, run, progress)
         yield cfg, str(run_dir), run
@@ -242,6 +273,7 @@ def cluster(
     label_column: LabelColumnOpt = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Cluster with the config's cluster.method; writes centroids.npy, cluster.json and assignments/.
 
@@ -253,7 +285,7 @@ def cluster(
     _quiet_env(verbose)
     progress = _progress(quiet)
     with _run_or_embeddings(path, config, set_, out, column, id_column, label_column, verbose,
-                            progress) as (cfg, run_dir, run):
+                            progress, overwrite) as (cfg, run_dir, run):
         summary = pipeline.cluster_stage(cfg, run, progress)
     if not quiet:
         typer.echo(f"{run_dir}: {summary['method']} k={summary['k']}, inertia {summary['inertia']:.6g}")
@@ -274,8 +306,10 @@ def report(run_dir: RunDirArg, set_: SetOpt = None, quiet: QuietOpt = False, ver
 
     _quiet_env(verbose)
     from engine import storage
+    from engine.rundir import check_run_writable
 
     cfg = pipeline.load_run_config(run_dir, set_)
+    check_run_writable(run_dir)
     # Ray too: the image section reads sample rows of the input with Ray Data.
     with _run_dir(cfg, run_dir, verbose, fetch=True) as run:
         index = pipeline.report_stage(cfg, run, _progress(quiet, log_format))
@@ -297,6 +331,7 @@ def sweep_k(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     log_format: LogFormatOpt = LogFormat.text,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """K-means of the embeddings for each k (Ray tasks sharing one copy of them): inertia, silhouette,
     Davies-Bouldin, Calinski-Harabasz, a plot and the suggested k (highest silhouette) in RUN_DIR/sweep_k/.
@@ -310,7 +345,7 @@ def sweep_k(
     ks = parse_k_range(k)  # before Ray starts
     progress = _progress(quiet, log_format)
     with _run_or_embeddings(path, config, set_, out, column, id_column, label_column, verbose,
-                            progress) as (cfg, run_dir, run):
+                            progress, overwrite) as (cfg, run_dir, run):
         check_ks(ks, read_manifest(run.folder("embeddings"), stage="embed")["rows"])
 
         def on_result(r: dict[str, Any]) -> None:
@@ -353,19 +388,21 @@ def assign(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     log_format: LogFormatOpt = LogFormat.text,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Embed new rows with the run's model (and its input normalisation) and give each its nearest centroid,
     streaming with Ray Data; writes --out like RUN_DIR/assignments/."""
-    from engine.assign import assign_source, input_source, load_run, open_new_rows
+    from engine.assign import assign_source, check_assign_output, input_source, load_run, open_new_rows
     from engine.runtime import use_gpu
 
     _quiet_env(verbose)
     progress = _progress(quiet, log_format)
     run = load_run(run_dir)
     source = open_new_rows(run, input_source(input_, column=column, id_column=id_column or None))
-    _runtime(run.config, verbose)  # after every check on the run and the input
+    check_assign_output(run, source, out, overwrite=overwrite)
+    _runtime(run.config, verbose)  # after every check on the run, the input and the output
     with progress.stage("assign", f"{source.n_rows} rows of {input_} to {len(run.centroids)} clusters"):
-        manifest = assign_source(run, source, out, use_gpu=use_gpu(run.config.embed.use_gpu))
+        manifest = assign_source(run, source, out, use_gpu=use_gpu(run.config.embed.use_gpu), overwrite=overwrite)
         progress.info(f"{manifest['rows']} rows in {len(manifest['files'])} shard(s)")
     if log_format == LogFormat.json:
         typer.echo(json.dumps({"out": out, "rows": manifest["rows"], "k": manifest["k"]}))
@@ -377,32 +414,33 @@ def assign(
 @friendly_errors
 def prepare(config: ConfigArg = None, set_: SetOpt = None,
             out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the Parquet shards.")] = Path("data"),
-            verbose: VerboseOpt = False) -> None:
+            verbose: VerboseOpt = False, overwrite: OverwriteOpt = False) -> None:
     """Write the config's data source as Parquet shards (id, x, label), streaming; usable as a parquet source."""
     from engine.config import load_config
-    from engine.data.prepare import prepare_source
+    from engine.data import open_source
+    from engine.data.prepare import check_prepare_output, prepare_source
 
     _quiet_env(verbose)
     cfg = load_config(config, set_)
-    from engine.data import open_source
-
     open_source(cfg.data)  # file and column checks before Ray starts
+    check_prepare_output(cfg.data, out, overwrite=overwrite)
     _runtime(cfg, verbose)
-    manifest = prepare_source(cfg.data, out, config_hash=cfg.hash())
+    manifest = prepare_source(cfg.data, out, config_hash=cfg.hash(), overwrite=overwrite)
     typer.echo(f"{out}: {manifest['rows']} rows in {len(manifest['files'])} shard(s)")
 
 
 @app.command()
 @friendly_errors
 def federate(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False,
-             verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text) -> None:
+             verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text,
+             overwrite: OverwriteOpt = False) -> None:
     """Federated k-means over the config's partitions: only centroids, counts and sums leave each one."""
     from engine.config import load_config
     from engine.federated.run import run_federated
 
     _quiet_env(verbose)
     cfg = load_config(config, set_)
-    result = run_federated(cfg, out, progress=_progress(quiet, log_format), verbose=verbose)
+    result = run_federated(cfg, out, progress=_progress(quiet, log_format), verbose=verbose, overwrite=overwrite)
     s = result.summary
     if log_format == LogFormat.json:
         typer.echo(json.dumps({"run_dir": str(result.run_dir), "summary": s}, default=float))
@@ -435,6 +473,9 @@ def datasets() -> None:
 
 
 def main() -> None:
+    from engine import interrupt
+
+    interrupt.install()
     app(prog_name="dce")
 
 

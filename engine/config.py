@@ -313,7 +313,7 @@ class PrivacyConfig(_Section):
 
     min_count: int = Field(default=0, ge=0)
     """Clusters with fewer rows than this (the noisy count under DP) are not shared: sums and count sent as 0."""
-    epsilon: float | None = Field(default=None, gt=0)
+    epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # .inf is not "no privacy": null is
     """Differential privacy budget of the whole run (None: no DP). Rows are clipped to clip_norm, the sums get
     Gaussian noise and the counts Laplace (or Gaussian) noise, as FedDP-KMeans (Scott et al., ICML 2025)."""
     delta: float = Field(default=1e-6, gt=0, lt=1)
@@ -580,12 +580,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML config, apply `a.b=c` overrides, and validate."""
     file = resolve_config_path(path)
     try:
-        raw = yaml.safe_load(file.read_text()) or {}
+        raw = yaml.safe_load(file.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{file}: not valid YAML: {e}") from None
+        raise ConfigError(f"{file}{yaml_position(e)}: not valid YAML: {yaml_problem(e)}") from None
+    if raw is None:
+        raise ConfigError(f"{file}: the config is empty; give it at least one section (data:, model:, ...), or run "
+                          f"without a CONFIG for the default demo")
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(raw, overrides, source=str(file))
+
+
+def yaml_position(e: yaml.YAMLError) -> str:
+    """`:LINE:COLUMN` (1-based) of a YAML error, where PyYAML knows it."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, on one line (its own message spans several, with a quote of the file)."""
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    return "; ".join(p for p in parts if p) or str(e).splitlines()[0]
 
 
 def config_from_dict(

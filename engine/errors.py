@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
+# OSErrors that say the file system refused a write: the user's to fix (space, permissions), not a bug.
+FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
 
 class EngineError(Exception):
     """Base of every error the engine raises for bad input, an unusable run directory or a Ray it cannot start."""
@@ -23,18 +28,39 @@ class IncompleteResultError(EngineError, FileNotFoundError):
     """A stage folder has no `_manifest.json`: it was never finished and is not a result."""
 
 
+class OutputError(EngineError, OSError):
+    """An output path cannot be used: it holds files that are not this run's, it is inside an input, or the file
+    system refuses it (a file, no permission, read-only, full); the message names the path and the cause."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a command: `exit_code` is 130 or 143, `run_dir` the run to resume (or None)."""
+
+    def __init__(self, exit_code: int = 130, run_dir: str | None = None):
+        super().__init__(exit_code, run_dir)
+        self.exit_code = exit_code
+        self.run_dir = run_dir
+
+    def message(self) -> str:
+        if self.run_dir is None:
+            return "interrupted"
+        return f"interrupted: resume with `dce run --resume {self.run_dir}`"
+
+
 class RayStartError(EngineError, RuntimeError):
     """Ray could not be started or joined; the message names the address (or the local start) and what to try."""
 
 
 def find_engine_error(exc: BaseException) -> EngineError | None:
-    """The EngineError behind `exc`, looking through Ray's task/actor wrappers and exception chains.
+    """The EngineError behind `exc`, looking through Ray's task/actor wrappers and exception chains; else an
+    OutputError for a write the file system refused (`FILE_SYSTEM_ERRNOS`), naming the file.
 
     Ray re-raises a remote exception as `RayTaskError` (with `.cause`), and Ray Data wraps user code
     errors again; the user should see our message, not three tracebacks.
     """
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
+    refused: OSError | None = None
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
@@ -49,11 +75,17 @@ def find_engine_error(exc: BaseException) -> EngineError | None:
             if found.args and isinstance(found.args[0], str) and "\n" in found.args[0]:
                 found.args = (user_message(found), *found.args[1:])
             return found
+        if refused is None and isinstance(e, OSError) and e.errno in FILE_SYSTEM_ERRNOS:
+            refused = e
         stack.extend([getattr(e, "cause", None), e.__cause__, e.__context__])
         # Ray Train keeps the error of each failed worker, by rank, beside the one it raises.
         failures = getattr(e, "worker_failures", None)
         if isinstance(failures, dict):
             stack.extend(failures.values())
+    if refused is not None:
+        # A write the file system refused (full, read-only, no permission) found after the start: one line too.
+        where = refused.filename or "an output file"
+        return OutputError(f"{where}: cannot write there: {refused.strerror or refused}")
     return None
 
 

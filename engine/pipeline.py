@@ -23,13 +23,12 @@ from engine.data.schema import CLUSTER, ID, X
 from engine.data.shards import partial_folder
 from engine.errors import ConfigError, DataError, IncompleteResultError
 from engine.progress import Progress
-from engine.rundir import RunDir, as_run_dir, open_run_dir
+from engine.rundir import CONFIG_FILE, RunDir, as_run_dir, atomic_write, open_run_dir, run_dir_for, save_config
 
 if TYPE_CHECKING:
     from engine.runtime import Resources
     from engine.tracking import Tracker
 
-CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 # Inputs up to this size are cached in Ray's object store for the epochs of training instead of being
 # re-read from the source every epoch.
@@ -44,18 +43,6 @@ class RunResult:
 
 
 # ---- run directory ---------------------------------------------------------------------------------
-
-
-def run_dir_for(cfg: PipelineConfig, out: str | Path | None) -> Path | str:
-    """`out` (a local path or an object-store URI such as s3://bucket/runs/name), else runs/<name>."""
-    if out is None:
-        return Path("runs") / cfg.name
-    return str(out) if storage.is_uri(out) else Path(out)
-
-
-def save_config(cfg: PipelineConfig, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / CONFIG_FILE, cfg.to_yaml())
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
@@ -111,12 +98,6 @@ def finished_stages(cfg: PipelineConfig, run_dir: RunDir | Path) -> set[str]:
     return done
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _record(run_dir: Path, **fields: Any) -> None:
     """Merge facts about the run (stage times, resources, versions) into run.json."""
     path = run_dir / RUN_FILE
@@ -126,7 +107,7 @@ def _record(run_dir: Path, **fields: Any) -> None:
             record[key].update(value)
         else:
             record[key] = value
-    _atomic_write(path, json.dumps(record, indent=2, default=str))
+    atomic_write(path, json.dumps(record, indent=2, default=str))
 
 
 # ---- stages ----------------------------------------------------------------------------------------
@@ -158,7 +139,9 @@ def validate_input(cfg: PipelineConfig, progress: Progress, *, check_model: bool
             # order, so a seeded run trains on the same batches every time, resumed or not.
             ds.context.execution_options.preserve_order = True
             ds = ds.materialize()
-        info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape, source=cfg.data.source)
+        info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape, source=cfg.data.source,
+                        where=getattr(cfg.data, "path", None), column=getattr(cfg.data, "column", X),
+                        id_column=getattr(cfg.data, "id_column", None) or ID)
         progress.info(f"{info.n_rows} rows x {info.dim} features"
                       + (f", {info.n_classes} classes" if info.n_classes else ", no labels"))
     return ds, info
@@ -358,9 +341,9 @@ def _cluster_and_assign(cfg: PipelineConfig, run: RunDir, progress: Progress, ro
         tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
         np.save(tmp, centroids)
         os.replace(tmp, run_dir / "centroids.npy")
-        summary = {"method": method, "k": c.k, "inertia": float(km.inertia_), "n_iter": int(km.n_iter_),
-                   "history": km.history_}
-        _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
+        summary = {"method": method, "manifold": "none", "k": c.k, "inertia": float(km.inertia_),
+                   "n_iter": int(km.n_iter_), "history": km.history_}
+        atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
     if method != "sample_assign":  # sample_assign has written its assignments already
         with progress.stage("assign", f"{rows} rows"):
             assign_shards(embeddings, centroids, run.folder("assignments"), config_hash=cfg.hash(),
@@ -395,8 +378,8 @@ def _cluster_in_memory(cfg: PipelineConfig, run: RunDir, progress: Progress, row
         tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
         np.save(tmp, centroids)
         os.replace(tmp, run_dir / "centroids.npy")
-        summary = {"method": c.method, "k": c.k, "inertia": inertia, **info}
-        _atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
+        summary = {"method": c.method, "manifold": c.manifold, "k": c.k, "inertia": inertia, **info}
+        atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
         write_assignments(ids, labels, distance, run.folder("assignments"), config_hash=cfg.hash(),
                           rows_per_file=cfg.data.rows_per_shard, k=int(len(centroids)), n_noise=info["n_noise"])
     return summary
@@ -467,7 +450,7 @@ def evaluate_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progre
         inertia = json.loads(cluster_file.read_text())["inertia"] if cluster_file.is_file() else None
         metrics = evaluate(pred, labels_true=labels, X=z, inertia=inertia,
                            silhouette_sample=cfg.evaluate.silhouette_sample, seed=cfg.seed)
-        _atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -500,7 +483,8 @@ def match_by_id(ids: np.ndarray, other_ids: np.ndarray, values: np.ndarray, *, w
 # ---- the whole pipeline ----------------------------------------------------------------------------
 
 def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress: Progress | None = None,
-                 verbose: bool = False, resume: bool = False, pretrained: str | Path | None = None) -> RunResult:
+                 verbose: bool = False, resume: bool = False, pretrained: str | Path | None = None,
+                 overwrite: bool = False) -> RunResult:
     """Run every stage into the run directory and return the metrics.
 
     pretrained: a trained model of the configured model (a run directory, its model/ folder, or a checkpoint
@@ -511,7 +495,12 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     stages are skipped, training continues from its last checkpoint, embedding keeps its completed shards
     and k-means its last saved centroids. An object-store run directory resumes from its published (finished)
     stages only.
+
+    overwrite: replace the engine's own results in an existing `out` (see engine.rundir's output-path policy);
+    without it an existing non-empty `out` is refused, and a run of the same config continues only with `resume`.
+    A fresh run directory that fails is removed again unless it holds resumable state (checkpoints, stages).
     """
+    from engine.rundir import check_output, guard_output
     from engine.runtime import init_ray
     from engine.tracking import track_run
 
@@ -521,13 +510,15 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     location = run_dir_for(cfg, out)
     started = time.time()
     open_input(cfg)  # file, column and k checks before Ray starts
-    with progress.stage("ray"):
-        res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
-        progress.info(res.describe())
-    with open_run_dir(location, cfg.ray, nodes=res.worker_nodes, fetch=resume) as run:
-        tracked = _read_run(run.local).get("tracking", {}) if resume else {}
-        with track_run(cfg, run, mlflow_run_id=tracked.get("mlflow_run_id")) as tracker:
-            return _run_stages(cfg, run, progress, res, started, resume, tracker, pretrained)
+    output = check_output(cfg, location, resume=resume, overwrite=overwrite, pretrained=pretrained)
+    with guard_output(output):
+        with progress.stage("ray"):
+            res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
+            progress.info(res.describe())
+        with open_run_dir(location, cfg.ray, nodes=res.worker_nodes, fetch=resume) as run:
+            tracked = _read_run(run.local).get("tracking", {}) if resume else {}
+            with track_run(cfg, run, mlflow_run_id=tracked.get("mlflow_run_id")) as tracker:
+                return _run_stages(cfg, run, progress, res, started, resume, tracker, pretrained)
 
 
 def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resources, started: float,

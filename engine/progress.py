@@ -59,8 +59,9 @@ class RichProgress(Progress):
             self._status = status
             try:
                 yield
-            except BaseException:
-                self.console.print(f"[bold red]✗[/] {name} failed after {time.perf_counter() - t0:.1f} s")
+            except BaseException as e:
+                what = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                self.console.print(f"[bold red]✗[/] {name} {what} after {time.perf_counter() - t0:.1f} s")
                 raise
             finally:
                 self._status = None
@@ -99,6 +100,9 @@ class JsonProgress(Progress):
         self._emit(event="stage_start", stage=name, detail=detail)
         try:
             yield
+        except KeyboardInterrupt:
+            self._emit(event="stage_interrupted", stage=name, seconds=time.perf_counter() - t0)
+            raise
         except BaseException as e:
             self._emit(event="stage_failed", stage=name, error=str(e), seconds=time.perf_counter() - t0)
             raise

@@ -51,6 +51,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
                 ray.init(address="local", num_cpus=cpus, num_gpus=num_gpus, include_dashboard=False, **quiet)
         except Exception as e:  # ConnectionError, RuntimeError, TimeoutError, ValueError...: Ray names none in common
             raise RayStartError(_start_failure(target, e)) from e
+        from engine import interrupt
+
+        interrupt.reinstall()
         _quiet_ray_data(verbose)
     return resources()
 
@@ -78,6 +81,11 @@ def _quiet_ray_data(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
         # Its one warning says that the bars are off, which is what quiet asked for.
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        # Ray Data logs a failed task's error with its traceback on the console before raising it; the engine's
+        # one-line message is what the user gets (the traceback stays in Ray Data's log file, and --verbose shows it).
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.CRITICAL)
 
 
 def resources() -> Resources:

@@ -27,17 +27,26 @@ def parser(name: str, description: str | None, *, config_default: str | None = N
         p.add_argument("run_dir", metavar="RUN_DIR", help="run directory: a shared path or an object store URI")
     else:
         p.add_argument("--out", default=None, help="run directory (default: runs/<name>)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the engine's own results in an existing --out; other files are never touched")
     return p
 
 
 def run_job(job: Callable[[], dict[str, Any]]) -> int:
-    """Run `job`, print its result as one JSON line; bad input ends as `error: <message>` and exit code 2."""
+    """Run `job`, print its result as one JSON line; bad input ends as `error: <message>` and exit code 2, Ctrl-C
+    and SIGTERM as `interrupted: ...` and exit code 130 or 143."""
+    from engine import interrupt
     from engine.errors import find_engine_error, user_message
 
+    interrupt.install()
     try:
         result = job()
-    except Exception as e:
-        err = find_engine_error(e)
+    except BaseException as e:
+        stopped = interrupt.as_interruption(e)
+        if stopped is not None:
+            print(stopped.message(), file=sys.stderr)
+            return stopped.exit_code
+        err = find_engine_error(e) if isinstance(e, Exception) else None
         if err is None:
             raise
         print(f"error: {user_message(err)}", file=sys.stderr)
@@ -51,10 +60,11 @@ def stage_run(run_dir: str, config: str | None, overrides: list[str]) -> Iterato
     """The config (the run's own unless --config) and the checked run directory of a stage job, on Ray."""
     from engine.config import load_config
     from engine.pipeline import load_run_config
-    from engine.rundir import open_run_dir
+    from engine.rundir import check_run_writable, open_run_dir
     from engine.runtime import init_ray
 
     cfg = load_config(config, overrides) if config else load_run_config(run_dir, overrides)
+    check_run_writable(run_dir)
     # [1] Inside `ray job submit`, RAY_ADDRESS is set: init_ray joins that cluster, not a new one.
     res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
     # [2] The run directory must be one every node sees; an object-store one is staged and published here.

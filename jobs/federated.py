@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         # [1] Inside `ray job submit`, RAY_ADDRESS is set: run_federated joins that cluster, not a new one.
         # [2] One client actor per partition, pinned by `partition:<name>` resources when federated.placement asks.
-        result = run_federated(cfg, args.out, progress=JsonProgress(sys.stdout))
+        result = run_federated(cfg, args.out, progress=JsonProgress(sys.stdout), overwrite=args.overwrite)
         return {"run_dir": str(result.run_dir), "summary": result.summary}
 
     return run_job(job)

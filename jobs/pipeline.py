@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         # [1] Inside `ray job submit`, RAY_ADDRESS is set: run_pipeline joins that cluster, not a new one.
         # [2] Training (Ray Train), embedding and assignment (Ray Data) are scheduled on the cluster.
         result = run_pipeline(cfg, args.resume or args.out, progress=JsonProgress(sys.stdout),
-                              resume=bool(args.resume))
+                              resume=bool(args.resume), overwrite=args.overwrite)
         return {"run_dir": str(result.run_dir), "metrics": result.metrics, "seconds": result.seconds}
 
     return run_job(job)

@@ -396,6 +396,6 @@ def test_dce_federate_on_a_partition_column(ray_local, parts, tmp_path):
     assert summary["inertia"] == rounds[-1]["objective"] and summary["reference"] is None
     assert np.load(out / "centroids.npy").shape == (K, D)
     assert json.loads((out / "federated" / "_manifest.json").read_text())["stage"] == "federated"
-    bad = CliRunner().invoke(app, ["federate", str(config), "--out", str(out), "--quiet",
+    bad = CliRunner().invoke(app, ["federate", str(config), "--out", str(tmp_path / "bad"), "--quiet",
                                    "--set", "federated.placement={zz: partition:zz}"])
     assert bad.exit_code == 2 and "placement names partition 'zz'" in bad.output

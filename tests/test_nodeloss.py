@@ -5,7 +5,6 @@ run directory on nodes that share no file system with the driver."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from namespaces import unshare_works
 from s3_server import s3_server
 from typer.testing import CliRunner
 from waiting import wait_for
@@ -254,14 +254,6 @@ TINY = [
 ]
 
 
-@functools.cache
-def _unshare_works() -> bool:
-    try:
-        return subprocess.run(["unshare", "-Urm", "true"], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def _driver_alone(cluster, staging: Path, *commands: list[str]) -> list[dict]:
     """Run job commands one after another as a driver in a mount namespace of its own, where `staging` is a fresh
     tmpfs: the driver writes and reads its staging folder there, while every Ray worker (started by the raylets,
@@ -271,7 +263,7 @@ def _driver_alone(cluster, staging: Path, *commands: list[str]) -> list[dict]:
     Without mount namespaces (unshare -Urm refused, as in some containers) the commands run as a plain driver: the
     run still goes through the store, but nothing then keeps a worker from reading the staging folder."""
     jobs = "".join(" && " + shlex.join([sys.executable, "-m", *cmd]) for cmd in commands)
-    if _unshare_works():
+    if unshare_works():
         mount = 'mount -t tmpfs tmpfs "$0" && touch "$0/driver-only"'
         argv = ["unshare", "-Urm", "sh", "-c", mount + jobs, str(staging)]
     else:

@@ -133,7 +133,7 @@ def test_run_from_a_pretrained_model(tiny_run, tmp_path):
                  "--out", tmp_path / "bad", "--quiet")
     assert bad.exit_code == 2
     assert "a checkpoint of another model (latent_dim=3 there, 4 now)" in bad.output
-    assert not (tmp_path / "bad" / "model").exists()
+    assert not (tmp_path / "bad").exists()  # the refused run leaves nothing (it left config.yaml and run.json)
     both = invoke("run", "--resume", tiny_run, "--pretrained", tiny_run)
     assert both.exit_code == 2 and "--pretrained cannot be used with --resume" in both.output
 

@@ -234,8 +234,10 @@ def test_assign_refuses_bad_runs_and_inputs(digits_run, tmp_path):
     with pytest.raises(CheckpointError, match=r"old/model/_manifest\.json: written by engine version 0\.0\.1"):
         engine.load_run(old)
     gmm = _copy_run(digits_run, tmp_path / "gmm")
-    config = gmm / "config.yaml"
-    config.write_text(config.read_text().replace("method: kmeans", "method: gmm"))
+    # What the clustering was is read from cluster.json (a `dce cluster RUN --set cluster.method=gmm` leaves
+    # config.yaml as it was).
+    summary = json.loads((gmm / "cluster.json").read_text())
+    (gmm / "cluster.json").write_text(json.dumps({**summary, "method": "gmm"}))
     with pytest.raises(ConfigError, match=r"cluster\.method=gmm labels rows without centroids"):
         engine.load_run(gmm)
     assert_clean_failure(invoke("assign", tmp_path, "--input", parquet, "--out", tmp_path / "a"),

@@ -59,22 +59,24 @@ def _block_stats(batch: pa.Table) -> pa.Table:
 
 
 def describe(ds, *, normalize: str = "none", image_shape: tuple[int, ...] | None = None,
-             source: str = "") -> DatasetInfo:
-    """Read every row once (this is where NaN, mixed lengths and duplicate ids are caught) and summarise."""
+             source: str = "", where: str | None = None, column: str = X, id_column: str = ID) -> DatasetInfo:
+    """Read every row once (this is where NaN, mixed lengths and duplicate ids are caught) and summarise; errors
+    name `where` (the input's files, else the source) and the columns as the input calls them."""
+    where = where or source or "input"
     rows = ds.map_batches(_block_stats, batch_format="pyarrow", batch_size=None).take_all()
     rows = [r for r in rows if r["n"] > 0]
     if not rows:
-        raise DataError(f"{source or 'input'}: the data set has no rows")
+        raise DataError(f"{where}: the data set has no rows")
     dims = sorted({int(r["dim"]) for r in rows})
     if len(dims) > 1:
-        raise DataError(f"{source or 'input'}: column '{X}' has vectors of different lengths {dims}")
+        raise DataError(f"{where}: column '{column}' has vectors of different lengths {dims}")
     n = int(sum(r["n"] for r in rows))
     ids = np.concatenate([np.asarray(r["ids"], dtype=np.int64) for r in rows])
     uniq, counts = np.unique(ids, return_counts=True)
     if len(uniq) != n:
         first = int(np.flatnonzero(counts > 1)[0])
         dup, times = int(uniq[first]), int(counts[first])
-        raise DataError(f"{source or 'input'}: column '{ID}' is not unique (id {dup} appears {times} times)")
+        raise DataError(f"{where}: column '{id_column}' is not unique (id {dup} appears {times} times)")
     s = np.sum([r["sum"] for r in rows], axis=0)
     sq = np.sum([r["sumsq"] for r in rows], axis=0)
     lo = np.min([r["min"] for r in rows], axis=0)

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from engine import storage
 from engine.data.schema import ID
-from engine.errors import DataError, IncompleteResultError
+from engine.errors import DataError, IncompleteResultError, OutputError
 
 MANIFEST = storage.MANIFEST
 
@@ -63,11 +63,15 @@ def staged_folder(out_dir: str | Path) -> Iterator[Path]:
 
 
 def _move_into_place(folder: Path, out: Path) -> None:
-    """Rename a finished folder (it must hold its manifest) to `out`, replacing what was there."""
+    """Rename a finished folder (it must hold its manifest) to `out`, replacing what was there only when that is
+    the engine's own (`replaceable`); anything else at `out` is an OutputError and stays as it is."""
     if not (folder / MANIFEST).is_file():
         raise RuntimeError(f"{folder}: staged folder finished without a {MANIFEST}")
     old = None
-    if out.exists():
+    if out.exists() or out.is_symlink():
+        if not replaceable(out):
+            raise OutputError(f"{out}: exists and is not a result of the engine (no {MANIFEST}); it is left as it "
+                              f"is: move it away, or write elsewhere")
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
     try:
@@ -78,6 +82,27 @@ def _move_into_place(folder: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def replaceable(out: Path) -> bool:
+    """Whether a stage may replace the folder `out`: a complete result and nothing else (`is_result_folder`), an
+    empty folder, or what an interrupted write of a result leaves (Parquet shards and hidden temp files, no
+    manifest). Never a file, a link, or a folder with anything else in it."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    if (out / MANIFEST).is_file():
+        return is_result_folder(out)
+    return all(p.is_file() and (p.suffix == ".parquet" or p.name.startswith(".")) for p in out.iterdir())
+
+
+def is_result_folder(folder: Path) -> bool:
+    """A complete result of the engine and nothing else: its manifest and the files that lists (and hidden temp
+    files); a file of the user's put beside them makes it not the engine's to replace."""
+    try:
+        listed = {MANIFEST, *(json.loads((folder / MANIFEST).read_text()).get("files") or [])}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+    return all(p.name in listed or p.name.startswith(".") for p in folder.iterdir())
 
 
 # ---- resumable folders: shards kept across crashes, each with its completion record -----------------

@@ -68,7 +68,7 @@ def read_shard(cfg: Any, spec: dict[str, Any]) -> pa.Table:
         "idx": _read_idx,
     }[cfg.source]
     ids, x, labels, where, first_row = reader(cfg, spec)
-    check_finite(x, ids, where=where, first_row=first_row)
+    check_finite(x, ids, name=getattr(cfg, "column", X), where=where, first_row=first_row)
     return input_table(ids, x, labels)
 
 

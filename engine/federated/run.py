@@ -129,10 +129,11 @@ def _init(cfg: PipelineConfig, built: FederatedPartitions) -> str | np.ndarray:
 
 
 def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progress: Progress | None = None,
-                  verbose: bool = False) -> FederatedResult:
-    """Build the partitions, fit FederatedKMeans over them, and write the run directory."""
+                  verbose: bool = False, overwrite: bool = False) -> FederatedResult:
+    """Build the partitions, fit FederatedKMeans over them, and write the run directory (checked first by
+    engine.rundir's output-path policy; `overwrite` replaces the engine's own results in it)."""
     from engine.federated import FederatedKMeans
-    from engine.pipeline import run_dir_for
+    from engine.rundir import check_output, guard_output, run_dir_for
     from engine.runtime import init_ray
 
     progress = progress or Progress()
@@ -141,6 +142,7 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
     started = time.perf_counter()
     built = build_partitions(cfg)
     init = _init(cfg, built)
+    output = check_output(cfg, run_dir, overwrite=overwrite, resume_command=None)
     compare = built.pooled is not None if f.compare_centralised == "auto" else f.compare_centralised
     with progress.stage("ray"):
         progress.info(init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
@@ -168,7 +170,7 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
     from engine.rundir import open_run_dir
 
     # Only this process writes the outputs, so any local path will do; an object-store URI is staged and uploaded.
-    with open_run_dir(run_dir, cfg.ray, nodes=1) as run:
+    with guard_output(output, resumable=False), open_run_dir(run_dir, cfg.ray, nodes=1) as run:
         _write(cfg, run.local, km, built, summary)
     return FederatedResult(run_dir, summary)
 
@@ -200,7 +202,7 @@ def _summary(cfg: PipelineConfig, km: Any, built: FederatedPartitions, seconds: 
 def _write(cfg: PipelineConfig, run_dir: Path, km: Any, built: FederatedPartitions, summary: dict[str, Any]) -> None:
     from engine.data.shards import staged_folder, write_manifest
     from engine.metrics import evaluate
-    from engine.pipeline import save_config
+    from engine.rundir import save_config
 
     save_config(cfg, run_dir)
     tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"

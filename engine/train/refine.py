@@ -219,6 +219,7 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
     from ray.train.torch import TorchTrainer
 
     from engine.data.schema import X
+    from engine.interrupt import keep_sigint
     from engine.models import build_model
     from engine.train.trainer import progress_queue, ray_storage
 
@@ -247,7 +248,7 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
     run_dir = Path(run_dir).resolve()
     state_path, fs = ray_storage(train_storage or str(run_dir))
     with progress_queue(on_update) as queue:
-        trainer = TorchTrainer(
+        trainer = keep_sigint(TorchTrainer)(
             _refine_loop_per_worker,
             train_loop_config={
                 "model": model_args, "pretrained": ray.put(state["state_dict"]), "centers": centers.tolist(),

@@ -139,6 +139,7 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from engine.interrupt import keep_sigint
     from engine.models import build_model
 
     shape = list(image_shape) if image_shape else None
@@ -170,7 +171,7 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
             "precision": train.precision,
             "augment": augment,
         }
-        trainer = TorchTrainer(
+        trainer = keep_sigint(TorchTrainer)(
             _train_loop_per_worker,
             train_loop_config=loop_config,
             scaling_config=ray.train.ScalingConfig(

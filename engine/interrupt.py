@@ -1,0 +1,66 @@
+"""Ctrl-C and SIGTERM as an interruption: exit code 130 / 143 and a line saying how to resume, checkpoints kept.
+
+The entry points (`dce`, the jobs) install the handlers; a signal raises `Interrupted` in the main thread wherever it
+waits (a Ray get, a Ray Data iteration, Ray Train's fit). Ray Train would put its own SIGINT handler in place during
+`fit` (one that aborts the run and then fails it), so the trainers leave the signal to ours (`keep_sigint`).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+from engine.errors import Interrupted
+
+_received: int | None = None
+_installed = False
+
+
+def _handler(signum: int, frame: Any) -> None:
+    global _received
+    _received = signum
+    raise Interrupted(128 + signum)
+
+
+def install() -> None:
+    """SIGINT and SIGTERM raise Interrupted (exit code 128 + the signal) in the main thread."""
+    global _installed
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGTERM, _handler)
+        _installed = True
+
+
+def reinstall() -> None:
+    """Put the handlers back where an entry point installed them: `ray.init` replaces SIGTERM's with one that exits
+    with a traceback (and its core worker a C handler that prints a stack dump)."""
+    if _installed:
+        install()
+
+
+def received() -> int | None:
+    """The signal that interrupted this process, if one did."""
+    return _received
+
+
+def as_interruption(exc: BaseException, run_dir: object = None) -> Interrupted | None:
+    """The interruption `exc` stands for (a KeyboardInterrupt, or any error raised once a signal was received:
+    Ray may wrap it), naming `run_dir` to resume; None for any other error."""
+    if not isinstance(exc, KeyboardInterrupt) and _received is None:
+        return None
+    code = exc.exit_code if isinstance(exc, Interrupted) else 128 + (_received or signal.SIGINT)
+    given = exc.run_dir if isinstance(exc, Interrupted) else None
+    return Interrupted(code, given or (None if run_dir is None else str(run_dir)))
+
+
+def keep_sigint(trainer_cls: type) -> type:
+    """A Ray Train trainer class whose `fit` does not replace the SIGINT handler (Ray's aborts the run and fails it
+    with a traceback; ours ends the command as an interruption, and Ray's shutdown stops the workers)."""
+
+    class Trainer(trainer_cls):  # type: ignore[misc, valid-type]
+        def _register_sigint_handler(self, controller: Any) -> None:
+            pass
+
+    Trainer.__name__ = trainer_cls.__name__
+    return Trainer
