@@ -113,6 +113,18 @@ def _record(run_dir: Path, **fields: Any) -> None:
 # ---- stages ----------------------------------------------------------------------------------------
 
 
+def check_cluster_sizes(cfg: PipelineConfig, n: int, what: str) -> None:
+    """The cluster settings against the number of rows, before anything is written: k for a refining model (DEC
+    and IDEC seed with k-means), every size-dependent setting of the clustering method otherwise."""
+    from engine.cluster import check_sizes
+
+    if cfg.model.refines:
+        if cfg.cluster.k > n:
+            raise ConfigError(f"cluster.k={cfg.cluster.k} should be <= the number of {what} ({n})")
+        return
+    check_sizes(cfg.cluster, n, what)
+
+
 def open_input(cfg: PipelineConfig, *, check_model: bool = True):
     """Open the configured source (file and column checks), check k against its row count and (unless the
     source holds embeddings to cluster) the model against its shape (conv_ae needs images)."""
@@ -120,8 +132,7 @@ def open_input(cfg: PipelineConfig, *, check_model: bool = True):
     from engine.train.augment import augment_options
 
     source = open_source(cfg.data)
-    if cfg.cluster.k > source.n_rows:
-        raise ConfigError(f"cluster.k={cfg.cluster.k} should be <= the number of rows ({source.n_rows})")
+    check_cluster_sizes(cfg, source.n_rows, "rows")
     if check_model and source.dim is not None:  # Parquet list columns: train_encoder checks after reading
         build_model(in_dim=source.dim, image_shape=source.image_shape, **model_args(cfg))
     if check_model:
@@ -316,8 +327,7 @@ def cluster_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progres
     embeddings = run.folder("embeddings")
     manifest = read_manifest(embeddings, stage="embed")
     rows = manifest["rows"]
-    if c.k > rows:
-        raise ConfigError(f"cluster.k={c.k} should be <= the number of embeddings ({rows})")
+    check_cluster_sizes(cfg, rows, "embeddings")
     method = cfg.model.name if cfg.model.refines else c.method
     if not cfg.model.refines and (c.method not in ("kmeans", "sharded", "sample_assign", "two_level")
                                   or c.manifold != "none"):

@@ -294,9 +294,20 @@ def test_bad_config_files(tmp_path, text, pattern):
      r"v.parquet.*'nope'"),
     (["--set", "data.source=parquet", "--set", "data.path={tmp}/v.parquet", "--set", "data.column=z",
       "--set", "cluster.k=50"], r"cluster.k=50 should be <= the number of rows \(20\)"),
+    (["--set", "data.source=parquet", "--set", "data.path={tmp}/v.parquet", "--set", "data.column=z",
+      "--set", "cluster.k=2", "--set", "cluster.manifold=umap"],
+     r"cluster.umap.n_neighbors=\d+ should be < the number of rows \(20\)"),
+    (["--set", "data.source=parquet", "--set", "data.path={tmp}/v.parquet", "--set", "data.column=z",
+      "--set", "cluster.manifold=none", "--set", "cluster.method=hdbscan", "--set", "cluster.min_cluster_size=50"],
+     r"cluster.min_cluster_size=50 should be <= the number of rows \(20\)"),
+    (["--set", "data.source=parquet", "--set", "data.path={tmp}/v.parquet", "--set", "data.column=z",
+      "--set", "cluster.k=2", "--set", "cluster.manifold=none", "--set", "cluster.method=agglomerative",
+      "--set", "cluster.micro_clusters=30"],
+     r"cluster.micro_clusters=30 should be <= the number of rows \(20\)"),
     (["--set", "train.epochs=many"], r"'train.epochs'"),
     (["--resume", "{tmp}", "--no-report"], r"--no-report cannot be used with --resume"),
-], ids=["missing-file", "missing-column", "k-above-rows", "bad-type", "resume-and-no-report"])
+], ids=["missing-file", "missing-column", "k-above-rows", "umap-neighbours-above-rows", "min-cluster-size-above-rows",
+        "micro-clusters-above-rows", "bad-type", "resume-and-no-report"])
 def test_bad_inputs_found_before_ray(tmp_path, args, pattern):
     write_vectors(tmp_path / "v.parquet", fixed(np.ones((20, 3))))
     before = snapshot(tmp_path)

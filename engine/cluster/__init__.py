@@ -2,7 +2,7 @@
 in-memory methods beyond k-means (Gaussian mixture, Ward, HDBSCAN, DBSCAN) with an optional UMAP step."""
 
 from engine.cluster._kmeans import KMeans
-from engine.cluster._other import cluster_means, fit_labels
+from engine.cluster._other import check_sizes, cluster_means, fit_labels
 from engine.cluster._sharded import ShardActor, ShardedKMeans, fit_sample_then_assign
 from engine.cluster._stats import PartialStats, assign, kmeans_plusplus, partial_stats, stats_from_assignment
 from engine.cluster._two_level import TwoLevelKMeans
@@ -14,6 +14,7 @@ __all__ = [
     "ShardedKMeans",
     "TwoLevelKMeans",
     "assign",
+    "check_sizes",
     "cluster_means",
     "fit_labels",
     "fit_sample_then_assign",

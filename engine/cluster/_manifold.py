@@ -48,7 +48,7 @@ def umap_reduce(z: np.ndarray, cfg: UmapConfig, n_components: int, *, seed: int 
     Gaussian mixture or k-means separates. `knn` is a k-nearest-neighbour graph of z from `umap_knn`, so that
     several layouts of the same rows build it once.
     """
-    _check_sizes(z.shape[0], cfg, n_components)
+    check_umap_sizes(z.shape[0], cfg, n_components)
     umap = import_umap()
     reducer = umap.UMAP(n_components=n_components, n_neighbors=cfg.n_neighbors, min_dist=cfg.min_dist,
                         metric=cfg.metric, random_state=seed, n_jobs=1,
@@ -72,7 +72,7 @@ def umap_knn(z: np.ndarray, cfg: UmapConfig, n_components: int, *, seed: int = 0
     fuzzy graph from, for `umap_reduce(..., knn=)`: layouts from other seeds then differ only in UMAP's
     optimisation. Euclidean: exact, by FAISS (a flat index: all n^2 distances). Other metrics: UMAP's own
     approximate search (NN-descent, seeded), whose kernels numba cannot cache (~30 s to compile in each process)."""
-    _check_sizes(z.shape[0], cfg, n_components)
+    check_umap_sizes(z.shape[0], cfg, n_components)
     if cfg.metric in ("euclidean", "l2"):
         import faiss
 
@@ -92,7 +92,8 @@ def umap_knn(z: np.ndarray, cfg: UmapConfig, n_components: int, *, seed: int = 0
     return indices, distances
 
 
-def _check_sizes(n: int, cfg: UmapConfig, n_components: int) -> None:
+def check_umap_sizes(n: int, cfg: UmapConfig, n_components: int) -> None:
+    """UMAP's settings against the number of rows (and that umap is installed), before any work."""
     if cfg.n_neighbors >= n:
         raise ConfigError(f"cluster.umap.n_neighbors={cfg.n_neighbors} should be < the number of rows ({n})")
     # UMAP's spectral initialisation needs n_components + 1 eigenvectors of an n x n graph.

@@ -38,10 +38,7 @@ def fit_labels(z: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> tuple[np.nda
     if z.ndim != 2 or z.shape[0] == 0:
         raise DataError(f"expected a non-empty (rows, dims) matrix of embeddings, got shape {z.shape}")
     n = z.shape[0]
-    if cfg.method not in ("hdbscan", "dbscan") and cfg.k > n:
-        raise ConfigError(f"cluster.k={cfg.k} should be <= the number of rows ({n})")
-    if cfg.method == "agglomerative":
-        _check_ward_size(cfg, n)
+    check_sizes(cfg, n)
     info: dict[str, Any] = {"method": cfg.method, "manifold": cfg.manifold}
     fit = {"kmeans": _kmeans, "gmm": _gmm, "agglomerative": _agglomerative, "hdbscan": _hdbscan,
            "dbscan": _dbscan}[cfg.method]
@@ -56,6 +53,26 @@ def fit_labels(z: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> tuple[np.nda
     info.update({"n_clusters": int(labels.max()) + 1 if n_noise < n else 0, "n_noise": n_noise,
                  "noise_fraction": n_noise / n, "fit_seconds": round(fit_seconds, 3)})
     return labels, info
+
+
+def check_sizes(cfg: ClusterConfig, n: int, what: str = "rows") -> None:
+    """The cluster settings that depend on the number of rows, checked against it before any work (and, in a
+    pipeline, before anything is written): k, the UMAP neighbourhood and dimensions, Ward's size limit,
+    HDBSCAN's min_cluster_size. `what` names the rows in the message ("rows", "embeddings")."""
+    if cfg.method not in ("hdbscan", "dbscan") and cfg.k > n:
+        raise ConfigError(f"cluster.k={cfg.k} should be <= the number of {what} ({n})")
+    if cfg.manifold == "umap":
+        from engine.cluster._manifold import check_umap_sizes
+
+        check_umap_sizes(n, cfg.umap, cfg.umap.n_components or cfg.k)
+    if cfg.method == "agglomerative":
+        _check_ward_size(cfg, n)
+        if cfg.micro_clusters is not None and cfg.micro_clusters > n:
+            raise ConfigError(f"cluster.micro_clusters={cfg.micro_clusters} should be <= the number of {what} "
+                              f"({n})")
+    if cfg.method == "hdbscan" and cfg.min_cluster_size > n:
+        raise ConfigError(f"cluster.min_cluster_size={cfg.min_cluster_size} should be <= the number of {what} "
+                          f"({n})")
 
 
 def size_entropy(labels: np.ndarray) -> float:
@@ -158,9 +175,6 @@ def _agglomerative(x: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.nda
 def _hdbscan(x: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     from sklearn.cluster import HDBSCAN
 
-    if cfg.min_cluster_size > x.shape[0]:
-        raise ConfigError(f"cluster.min_cluster_size={cfg.min_cluster_size} should be <= the number of rows "
-                          f"({x.shape[0]})")
     labels = HDBSCAN(min_cluster_size=cfg.min_cluster_size, min_samples=cfg.min_samples, copy=False).fit_predict(x)
     return labels, {"min_cluster_size": cfg.min_cluster_size, "min_samples": cfg.min_samples}
 

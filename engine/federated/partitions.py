@@ -183,18 +183,21 @@ def split_indices(n_rows: int, n_partitions: int, *, split: str = "iid", labels:
     dirichlet can) take random rows from the largest one.
     """
     if isinstance(n_partitions, bool) or not isinstance(n_partitions, int) or n_partitions < 1:
-        raise ConfigError(f"n_partitions={n_partitions!r} should be an int >= 1")
+        raise ConfigError(f"n_partitions={n_partitions!r} should be an int >= 1 "
+                          "(config: federated.partitions.n_partitions)")
     if n_partitions * max(1, min_rows) > n_rows:
         raise ConfigError(f"n_partitions={n_partitions} partitions of at least {max(1, min_rows)} row(s) need "
-                          f"{n_partitions * max(1, min_rows)} rows; the data has {n_rows}")
+                          f"{n_partitions * max(1, min_rows)} rows; the data has {n_rows} "
+                          "(config: federated.partitions.n_partitions)")
     if split not in SPLITS:
-        raise ConfigError(f"split={split!r} should be one of {', '.join(SPLITS)}")
+        raise ConfigError(f"split={split!r} should be one of {', '.join(SPLITS)} (config: federated.partitions.split)")
     rng = np.random.default_rng(seed)
     if split == "iid":
         parts = np.array_split(rng.permutation(n_rows), n_partitions)
     else:
         if labels is None:
-            raise ConfigError(f"split={split!r} divides the rows by label, but the data has no labels")
+            raise ConfigError(f"split={split!r} divides the rows by label, but the data has no labels "
+                              "(config: federated.partitions.split)")
         labels = np.asarray(labels)
         parts = (_dirichlet(labels, n_partitions, alpha, rng) if split == "dirichlet"
                  else _clusters(labels, n_partitions, clusters_per_partition, rng))
@@ -205,7 +208,7 @@ def split_indices(n_rows: int, n_partitions: int, *, split: str = "iid", labels:
 
 def _dirichlet(labels: np.ndarray, n: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
     if not alpha > 0:
-        raise ConfigError(f"alpha={alpha} should be > 0")
+        raise ConfigError(f"alpha={alpha} should be > 0 (config: federated.partitions.alpha)")
     chunks: list[list[np.ndarray]] = [[] for _ in range(n)]
     for label in np.unique(labels):
         rows = rng.permutation(np.flatnonzero(labels == label))

@@ -36,6 +36,22 @@ _REFERENCE_N_INIT = 10
 _PIN_AMOUNT = 0.001
 
 
+# The pipeline config key of each parameter: errors name it beside the parameter, for `dce federate` users.
+CONFIG_KEYS = {
+    "n_clusters": "cluster.k", "mode": "federated.mode", "local_k": "federated.local_k",
+    "max_rounds": "federated.max_rounds", "local_steps": "federated.local_steps", "local_max_iter": "cluster.max_iter",
+    "seed": "seed", "tol": "cluster.tol", "quorum": "federated.quorum", "round_timeout": "federated.round_timeout",
+    "secure_aggregation": "federated.secure_aggregation", "compare_centralised": "federated.compare_centralised",
+    "init": "federated.init_points", "placement": "federated.placement", "privacy": "federated.privacy",
+    "backend": "cluster.backend",
+}
+
+
+def _error(param: str, message: str, kind: type[EngineError] = ConfigError) -> EngineError:
+    """`message` with the config key of `param` added: "local_k=5 should be ... (config: federated.local_k)."."""
+    return kind(f"{message.rstrip('.')} (config: {CONFIG_KEYS[param]}).")
+
+
 class QuorumError(EngineError, RuntimeError):
     """Fewer clients answered a round than the quorum needs."""
 
@@ -150,7 +166,8 @@ class FederatedKMeans(BaseEstimator):
         parts = resolve_partitions(partitions)
         pins = self._pins(list(parts))
         if self.secure_aggregation and len(parts) < 2:
-            raise ConfigError("secure_aggregation needs at least 2 partitions: a lone client's sum is its own")
+            raise _error("secure_aggregation", "secure_aggregation needs at least 2 partitions: a lone client's sum "
+                         "is its own")
         # What the array shapes tell is checked before any actor starts.
         self._check_partitions({n: {"rows": s.shape[0], "dim": s.shape[1]} for n, s in parts.items()
                                 if isinstance(s, np.ndarray)})
@@ -186,53 +203,64 @@ class FederatedKMeans(BaseEstimator):
     # --- settings -----------------------------------------------------------------------------------
 
     def _check_params(self):
-        _check_int("n_clusters", self.n_clusters, minimum=1)
+        """Every setting checked in one place; errors name the parameter and its config key."""
         if self.mode not in MODES:
-            raise ConfigError(f"mode={self.mode!r} should be 'rounds' or 'one_shot'.")
-        if self.local_k is not None:
-            _check_int("local_k", self.local_k, minimum=1)
-        _check_int("max_rounds", self.max_rounds, minimum=1)
-        _check_int("local_steps", self.local_steps, minimum=1)
-        _check_int("local_max_iter", self.local_max_iter, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+            raise _error("mode", f"mode={self.mode!r} should be 'rounds' or 'one_shot'.")
+        for name, minimum in (("n_clusters", 1), ("local_k", 1), ("max_rounds", 1), ("local_steps", 1),
+                              ("local_max_iter", 1), ("seed", 0)):
+            if name == "local_k" and self.local_k is None:
+                continue
+            try:
+                _check_int(name, getattr(self, name), minimum=minimum)
+            except ConfigError as e:
+                raise _error(name, str(e)) from None
         if isinstance(self.tol, bool) or not isinstance(self.tol, int | float | np.number) or not (
                 math.isfinite(self.tol) and self.tol >= 0):
-            raise ConfigError(f"tol={self.tol!r} should be a finite number >= 0.")
+            raise _error("tol", f"tol={self.tol!r} should be a finite number >= 0.")
         if isinstance(self.quorum, bool) or not isinstance(self.quorum, int | float) or not 0 < self.quorum <= 1:
-            raise ConfigError(f"quorum={self.quorum!r} should be a share of the clients in (0, 1].")
+            raise _error("quorum", f"quorum={self.quorum!r} should be a share of the clients in (0, 1].")
         if self.round_timeout is not None and (
                 isinstance(self.round_timeout, bool) or not isinstance(self.round_timeout, int | float)
                 or not self.round_timeout > 0):
-            raise ConfigError(f"round_timeout={self.round_timeout!r} should be None or a number of seconds > 0.")
-        for flag in ("secure_aggregation", "compare_centralised", "audit"):
+            raise _error("round_timeout",
+                         f"round_timeout={self.round_timeout!r} should be None or a number of seconds > 0.")
+        for flag in ("secure_aggregation", "compare_centralised"):
             if not isinstance(getattr(self, flag), bool | np.bool_):
-                raise ConfigError(f"{flag} should be True or False, got {getattr(self, flag)!r}.")
+                raise _error(flag, f"{flag} should be True or False, got {getattr(self, flag)!r}.")
+        if not isinstance(self.audit, bool | np.bool_):
+            raise ConfigError(f"audit should be True or False, got {self.audit!r}.")
         for name in ("column", "label_column"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"{name} should be a column name or None, got {value!r}.")
         if self.callback is not None and not callable(self.callback):
             raise ConfigError(f"callback should be a callable or None, got {self.callback!r}.")
-        resolve_backend(self.backend)
+        try:
+            resolve_backend(self.backend)
+        except ConfigError as e:
+            raise _error("backend", str(e)) from None
         if isinstance(self.init, str):
             if self.init != "k-means++":
-                raise ConfigError(f"init={self.init!r} should be 'k-means++' or an array of server-side points.")
+                raise _error("init", f"init={self.init!r} should be 'k-means++' or an array of server-side points.")
         elif self.mode == "one_shot":
-            raise ConfigError("init applies to mode='rounds'; one_shot starts from the clients' local k-means.")
-        privacy = privacy_config(self.privacy)
+            raise _error("init", "init applies to mode='rounds'; one_shot starts from the clients' local k-means.")
+        try:
+            privacy = privacy_config(self.privacy)
+        except ConfigError as e:
+            raise _error("privacy", str(e)) from None
         dp = privacy is not None and privacy.epsilon is not None
         if self.mode == "one_shot" and self.secure_aggregation:
-            raise ConfigError("secure_aggregation applies to mode='rounds': one_shot needs each client's local "
-                              "centroids, not their sum.")
+            raise _error("secure_aggregation", "secure_aggregation applies to mode='rounds': one_shot needs each "
+                         "client's local centroids, not their sum.")
         if dp and self.mode == "one_shot":
-            raise ConfigError("privacy.epsilon needs mode='rounds': a local k-means output has no bounded "
-                              "sensitivity (one row can move every local centroid), so no noise makes it private.")
+            raise _error("mode", "privacy.epsilon needs mode='rounds': a local k-means output has no bounded "
+                         "sensitivity (one row can move every local centroid), so no noise makes it private.")
         if dp and self.local_steps > 1:
-            raise ConfigError(f"privacy.epsilon needs local_steps=1 (got {self.local_steps}): after a local step one "
-                              "row can move other rows' assignments, so the sums' sensitivity is unbounded.")
+            raise _error("local_steps", f"privacy.epsilon needs local_steps=1 (got {self.local_steps}): after a "
+                         "local step one row can move other rows' assignments, so the sums' sensitivity is unbounded.")
         if dp and isinstance(self.init, str):
-            raise ConfigError("privacy.epsilon needs init= an array of server-side points (k centroids, or "
-                              "candidates): the k-means++ init shares local k-means centroids, which DP cannot cover.")
+            raise _error("init", "privacy.epsilon needs init= an array of server-side points (k centroids, or "
+                         "candidates): the k-means++ init shares local k-means centroids, which DP cannot cover.")
         return privacy
 
     def _pins(self, names: list[str]) -> dict[str, str | None]:
@@ -242,14 +270,14 @@ class FederatedKMeans(BaseEstimator):
         if self.placement == "resource":
             return {n: f"partition:{n}" for n in names}
         if not isinstance(self.placement, dict):
-            raise ConfigError(f"placement should be None, 'resource' or a dict partition -> resource, got "
+            raise _error("placement", f"placement should be None, 'resource' or a dict partition -> resource, got "
                               f"{self.placement!r}.")
         for name, resource in self.placement.items():
             if name not in names:
-                raise ConfigError(f"placement names partition '{name}', which is not one of the partitions "
+                raise _error("placement", f"placement names partition '{name}', which is not one of the partitions "
                                   f"({', '.join(names)}).")
             if not isinstance(resource, str) or not resource:
-                raise ConfigError(f"placement['{name}'] should be a custom resource name, got {resource!r}.")
+                raise _error("placement", f"placement['{name}'] should be a custom resource name, got {resource!r}.")
         return {n: self.placement.get(n) for n in names}
 
     def _check_resources(self, pins: dict[str, str | None]) -> None:
@@ -258,9 +286,9 @@ class FederatedKMeans(BaseEstimator):
         offered = ray.cluster_resources()
         for name, resource in pins.items():
             if resource is not None and offered.get(resource, 0) < _PIN_AMOUNT:
-                raise ConfigError(
-                    f"placement: partition '{name}' needs the custom resource '{resource}', which no node of the "
-                    f"Ray cluster offers (start its node with --resources='{{\"{resource}\": 1}}')."
+                raise _error(
+                    "placement", f"placement: partition '{name}' needs the custom resource '{resource}', which no node "
+                    f"of the Ray cluster offers (start its node with --resources='{{\"{resource}\": 1}}')."
                 )
 
     def _check_partitions(self, infos: dict[str, dict[str, Any]]) -> None:
@@ -278,16 +306,17 @@ class FederatedKMeans(BaseEstimator):
                                 f"{first[1]}")
             if uses_local_k and local_k > info["rows"]:
                 what = "local_k" if self.local_k is not None else "local_k (default: n_clusters)"
-                raise ConfigError(f"{what}={local_k} should be <= the rows of partition '{name}' ({info['rows']}).")
+                raise _error("local_k", f"{what}={local_k} should be <= the rows of partition '{name}' "
+                             f"({info['rows']}).")
 
     def _init_points(self, n_features: int) -> np.ndarray:
         try:
             init = as_float32_matrix(self.init, name="init")
         except DataError as e:
-            raise ConfigError(str(e)) from e
+            raise _error("init", str(e)) from e
         if init.shape[1] != n_features or init.shape[0] < self.n_clusters:
-            raise ConfigError(f"init has shape {init.shape}, but should have n_features={n_features} columns and "
-                              f"at least n_clusters={self.n_clusters} rows.")
+            raise _error("init", f"init has shape {init.shape}, but should have n_features={n_features} columns and "
+                         f"at least n_clusters={self.n_clusters} rows.")
         return init
 
     # --- clients ------------------------------------------------------------------------------------
@@ -491,9 +520,9 @@ class FederatedKMeans(BaseEstimator):
             weights.append(answer["counts"][keep])
         points, weights = np.concatenate(points), np.concatenate(weights)
         if points.shape[0] < self.n_clusters:
-            raise DataError(f"{kind}: the clients shared {points.shape[0]} local centroids (after min_count "
-                            f"suppression), fewer than n_clusters={self.n_clusters}; lower privacy.min_count or "
-                            "raise local_k")
+            raise _error("local_k", f"{kind}: the clients shared {points.shape[0]} local centroids (after "
+                         f"min_count suppression), fewer than n_clusters={self.n_clusters}; lower privacy.min_count "
+                         "or raise local_k", DataError)
         server = KMeans(self.n_clusters, init="k-means++", n_init=_SERVER_N_INIT, max_iter=self.local_max_iter,
                         tol=self.tol, seed=self.seed, backend=self.backend).fit(points, sample_weight=weights)
         record = {"round": self._round, "kind": kind, "objective": None, "rel_change": None, "shift": None,
@@ -511,8 +540,9 @@ class FederatedKMeans(BaseEstimator):
         counts = self._sum(answers, facts["release"], candidates.shape)[0].counts
         weights = np.maximum(counts, 0.0)
         if np.count_nonzero(weights) < self.n_clusters:
-            raise DataError(f"init: only {np.count_nonzero(weights)} of {candidates.shape[0]} candidate points have "
-                            f"rows nearest to them, fewer than n_clusters={self.n_clusters}; give more candidates")
+            raise _error("init", f"init: only {np.count_nonzero(weights)} of {candidates.shape[0]} candidate points "
+                         f"have rows nearest to them, fewer than n_clusters={self.n_clusters}; give more candidates",
+                         DataError)
         server = KMeans(self.n_clusters, init="k-means++", n_init=_SERVER_N_INIT, max_iter=self.local_max_iter,
                         tol=self.tol, seed=self.seed, backend=self.backend).fit(candidates, sample_weight=weights)
         record = {"round": self._round, "kind": "init", "objective": None, "rel_change": None, "shift": None,
