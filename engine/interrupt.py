@@ -56,7 +56,10 @@ def as_interruption(exc: BaseException, run_dir: object = None) -> Interrupted |
 
 def keep_sigint(trainer_cls: type) -> type:
     """A Ray Train trainer class whose `fit` does not replace the SIGINT handler (Ray's aborts the run and fails it
-    with a traceback; ours ends the command as an interruption, and Ray's shutdown stops the workers)."""
+    with a traceback; ours ends the command as an interruption, and Ray's shutdown stops the workers). Anything
+    that is not a class (a stand-in factory) is returned as it is."""
+    if not isinstance(trainer_cls, type):
+        return trainer_cls
 
     class Trainer(trainer_cls):  # type: ignore[misc, valid-type]
         def _register_sigint_handler(self, controller: Any) -> None:
