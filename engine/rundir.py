@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from engine import storage
-from engine.errors import ConfigError, OutputError
+from engine.errors import ConfigError, EngineError, OutputError
 
 MANIFEST = storage.MANIFEST
 CONFIG_FILE = "config.yaml"
@@ -197,7 +197,6 @@ def run_config_hash(location: str | os.PathLike[str]) -> str | None:
     import yaml
 
     from engine.config import config_from_dict
-    from engine.errors import EngineError
 
     path = storage.join(location, CONFIG_FILE)
     try:
@@ -317,16 +316,29 @@ def guard_output(output: Output, *, resumable: bool = True) -> Iterator[None]:
                 stopped.run_dir = str(output.location)
             raise stopped from None
         if output.fresh and storage.is_local(output.location) and isinstance(e, Exception):
-            _discard(Path(storage.resolve(output.location)[1]), remove_folder=output.created, keep_state=resumable)
+            folder = Path(storage.resolve(output.location)[1])
+            _discard(folder, remove_folder=output.created, keep_state=resumable)
+            kept = resumable and has_resumable_state(folder)
+            if kept and isinstance(e, EngineError) and len(e.args) == 1 and isinstance(e.args[0], str):
+                # The one error line also says what was kept and how to continue from it.
+                e.args = (f"{e.args[0]} (kept for a resume: {', '.join(resumable_state(folder))}; continue with "
+                          f"`dce run --resume {output.location}`)",)
         raise
 
 
-def has_resumable_state(run_dir: Path) -> bool:
-    """Anything in a run directory that --resume continues from: a complete stage folder or a stage's checkpoints."""
+def resumable_state(run_dir: Path) -> list[str]:
+    """What in a run directory --resume continues from: complete stage folders, stages' checkpoints, partial
+    folders of completed shards (names, sorted)."""
     if not run_dir.is_dir():
-        return False
-    return any((run_dir / n / MANIFEST).is_file() for n in STAGE_FOLDERS) or any(
-        (run_dir / n).is_dir() for n in STATE_FOLDERS) or any(run_dir.glob(".*.partial"))
+        return []
+    return sorted([f"{n}/" for n in STAGE_FOLDERS if (run_dir / n / MANIFEST).is_file()]
+                  + [f"{n}/" for n in STATE_FOLDERS if (run_dir / n).is_dir()]
+                  + [p.name for p in run_dir.glob(".*.partial")])
+
+
+def has_resumable_state(run_dir: Path) -> bool:
+    """Anything in a run directory that --resume continues from (`resumable_state`)."""
+    return bool(resumable_state(run_dir))
 
 
 def _discard(folder: Path, *, remove_folder: bool, keep_state: bool) -> None:

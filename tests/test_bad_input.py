@@ -530,3 +530,27 @@ def test_the_jobs_refuse_a_folder_of_other_files(tmp_path, capsys, job):
     err = capsys.readouterr().err.strip()
     assert re.fullmatch(r"error: .*mine is not empty and is not a run directory \(metrics.json, model\).*", err), err
     assert snapshot(out) == before
+
+
+def test_a_failure_after_resumable_state_keeps_it_and_names_it(tmp_path):
+    """A fresh run that fails once it has a checkpoint: the checkpoint stays, anything else it wrote goes, and the
+    one error line names what was kept and the command that continues from it."""
+    from engine.errors import DataError
+    from engine.rundir import Output, guard_output
+
+    run = tmp_path / "run"
+    with pytest.raises(DataError) as failed, guard_output(Output(run, fresh=True, created=True)):
+        (run / "train").mkdir(parents=True)
+        (run / "train" / "checkpoint_000001").mkdir()
+        raise DataError("cluster stage: something only the data could tell")
+    message = str(failed.value)
+    assert message.startswith("cluster stage: something only the data could tell (kept for a resume: train/; ")
+    assert f"`dce run --resume {run}`" in message
+    assert (run / "train" / "checkpoint_000001").is_dir()
+    # Without resumable state nothing is kept and the message is unchanged.
+    other = tmp_path / "other"
+    with pytest.raises(DataError, match=r"^nothing to keep$"), guard_output(Output(other, fresh=True, created=True)):
+        (other / "config.yaml").parent.mkdir(parents=True)
+        (other / "config.yaml").write_text("x: 1\n")
+        raise DataError("nothing to keep")
+    assert not other.exists()
