@@ -360,12 +360,13 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             local = LocalRows(X, None if np.all(w == 1) else w, self.backend, rows)
             return kmeans_parallel(
                 lambda method, *args: [getattr(local, method)(*args)], lambda idx: X[idx], X.shape[0],
-                self.n_clusters, int(rng.integers(2**31)), rng, self._fit_candidates, first_weights=w)
+                self.n_clusters, int(rng.integers(2**31)), rng, self.fit_candidates, first_weights=w)
         rows = rng.choice(X.shape[0], size=self.n_clusters, replace=False, p=w / w.sum())
         return X[rows].copy()
 
-    def _fit_candidates(self, C: np.ndarray, weights: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-        """k-means||'s last step: weighted Lloyd on the candidates from their k-means++ seeds."""
+    def fit_candidates(self, C: np.ndarray, weights: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+        """k-means||'s last step (`kmeans_parallel`): weighted Lloyd on the candidates from their k-means++ seeds,
+        with this estimator's k, iterations, tolerance, backend and spherical setting."""
         local = KMeans(self.n_clusters, init=seeds, max_iter=self.max_iter, tol=self.tol, backend=self.backend,
                        spherical=self.spherical)
         return local.fit(C, sample_weight=weights).cluster_centers_

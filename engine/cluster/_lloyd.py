@@ -29,7 +29,6 @@ _SPLIT_EPS = 1.0 / 1024
 class LloydResult:
     centroids: np.ndarray  # (k, d) float32 after the last update
     history: list[dict[str, Any]] = field(default_factory=list)
-    stats: PartialStats | None = None  # of the last iteration's assignment (to the centroids before its update)
 
     @property
     def n_iter(self) -> int:
@@ -74,7 +73,7 @@ def lloyd(
         objective = stats.sse if np.isfinite(stats.sse) else None
         record = lloyd_record(it, result.centroids, new, objective, previous_objective, repaired, start)
         record["empty"] = int(empty.size)
-        result.centroids, result.stats = new, stats
+        result.centroids = new
         history.append(record)
         if on_iteration is not None:
             on_iteration(record, new)

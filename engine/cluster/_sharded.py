@@ -401,13 +401,10 @@ class ShardedKMeans(BaseEstimator):
             refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
             return _get([getattr(actor, method).remote(*refs) for actor in actors])
 
-        def fit_candidates(C: np.ndarray, weights: np.ndarray, seeds: np.ndarray) -> np.ndarray:
-            local = KMeans(self.n_clusters, init=seeds, max_iter=self.max_iter, tol=self.tol, backend=self.backend,
-                           spherical=self.spherical)
-            return local.fit(C, sample_weight=weights).cluster_centers_
-
+        local = KMeans(self.n_clusters, max_iter=self.max_iter, tol=self.tol, backend=self.backend,
+                       spherical=self.spherical)
         return kmeans_parallel(call, lambda rows: _gather(actors, sizes, rows, self.n_features_in_), self.n_samples_,
-                               self.n_clusters, self.seed, rng, fit_candidates)
+                               self.n_clusters, self.seed, rng, local.fit_candidates)
 
 
 def _resolve_source(source: Any) -> tuple[list[Shard], list[str]]:
