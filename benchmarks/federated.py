@@ -79,7 +79,7 @@ def main() -> None:
     init_ray()
     rng = np.random.default_rng(args.seed)
     if args.embeddings:
-        from engine.cluster.shards import load_vectors
+        from engine.cluster.assignments import load_vectors
 
         _, X, labels = load_vectors(Path(args.embeddings) / "embeddings")
         if labels is None:

@@ -144,13 +144,12 @@ def main() -> None:
         parser.error(f"--steps: unknown {sorted(steps - {'sharded', 'sample_assign', 'reference'})}; "
                      "choose among sharded, sample_assign, reference")
 
-    from engine.cluster import KMeans, ShardedKMeans
-    from engine.cluster._sharded import fit_sample_then_assign
+    from engine.cluster import KMeans, ShardedKMeans, fit_sample_then_assign
     from engine.config import BlobsSource
     from engine.data import read_manifest, read_table
+    from engine.data.folders import shard_paths
     from engine.data.prepare import prepare_source
     from engine.data.schema import X, vectors_to_numpy
-    from engine.data.shards import shard_paths
     from engine.runtime import init_ray
 
     monitor = PeakRSS()

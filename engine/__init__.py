@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.errors import CheckpointError, ConfigError, DataError, EngineError, IncompleteResultError
-
-__version__ = "0.1.0"
+from engine.version import __version__
 
 __all__ = [
     "CheckpointError",
@@ -27,7 +26,7 @@ def __getattr__(name: str) -> Any:
 
         return KMeans
     if name == "load_run":
-        from engine.assign import load_run
+        from engine.predict import load_run
 
         return load_run
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

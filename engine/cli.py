@@ -53,24 +53,21 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from engine import interrupt
-        from engine.errors import find_engine_error, user_message
+        from engine.interrupt import command_outcome
 
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except BaseException as e:
-            stopped = interrupt.as_interruption(e)
-            if stopped is not None:
-                _shutdown_ray()
-                typer.echo(stopped.message(), err=True)
-                raise typer.Exit(stopped.exit_code) from None
-            err = find_engine_error(e) if isinstance(e, Exception) else None
-            if err is None:
+            outcome = command_outcome(e)
+            if outcome is None:
                 raise
-            typer.echo(f"error: {user_message(err)}", err=True)
-            raise typer.Exit(2) from None
+            code, line = outcome
+            if code != 2:
+                _shutdown_ray()
+            typer.echo(line, err=True)
+            raise typer.Exit(code) from None
 
     return wrapper
 
@@ -392,7 +389,7 @@ def assign(
 ) -> None:
     """Embed new rows with the run's model (and its input normalisation) and give each its nearest centroid,
     streaming with Ray Data; writes --out like RUN_DIR/assignments/."""
-    from engine.assign import assign_source, check_assign_output, input_source, load_run, open_new_rows
+    from engine.predict import assign_source, check_assign_output, input_source, load_run, open_new_rows
     from engine.runtime import use_gpu
 
     _quiet_env(verbose)

@@ -12,6 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.errors import ConfigError
+from engine.methods import CLUSTER_METHODS, NO_MANIFOLD_METHODS
+from engine.widths import MLP_HIDDEN
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "digits.yaml"
@@ -19,7 +21,8 @@ DEFAULT_CONFIG = "digits.yaml"
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo must never be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # The docstring under a field is its description (docs/configuration.md is generated from them).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 # ---- data sources ----------------------------------------------------------------------------------
@@ -89,7 +92,8 @@ class ModelConfig(_Section):
     dec / idec (pretrain `base`, then refine it with the DEC clustering head, see `refine`), or gan
     (ClusterGAN: a WGAN-GP generator and critic with an encoder that inverts the generator)."""
     latent_dim: int = Field(default=10, ge=1)
-    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [500, 500, 2000])
+    """Size of the embedding the encoder outputs and the clustering runs on."""
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: list(MLP_HIDDEN))
     """mlp_ae, vae: encoder layer widths; the decoder mirrors them (DEC's d-500-500-2000-latent)."""
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     """Dropout on the input only while training (a denoising autoencoder when > 0)."""
@@ -167,13 +171,19 @@ class AugmentConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(default=50, ge=1)
+    """Passes over the training data."""
     batch_size: int = Field(default=256, ge=1)
     """Global batch: split evenly over the workers."""
     lr: float = Field(default=1e-3, gt=0)
+    """Adam's learning rate."""
     weight_decay: float = Field(default=0.0, ge=0)
+    """Adam's L2 weight decay."""
     num_workers: int = Field(default=2, ge=1)
+    """Ray Train workers (DDP processes); the global batch is split over them."""
     use_gpu: bool | Literal["auto"] = "auto"
+    """auto: one GPU per worker when the Ray cluster has GPUs; true requires them; false trains on CPUs."""
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    """CPUs Ray reserves for each worker."""
     placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     """Where Ray puts the workers (of the refine stage too). PACK, Ray's default, fills as few nodes as hold them,
     so that DDP's gradient exchange stays inside a node. SPREAD puts each on a node of its own where there are
@@ -246,8 +256,7 @@ class UmapConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    method: Literal["kmeans", "sharded", "sample_assign", "two_level", "gmm", "agglomerative", "hdbscan",
-                    "dbscan"] = "kmeans"
+    method: Literal[CLUSTER_METHODS] = "kmeans"  # type: ignore[valid-type]
     """kmeans: in memory in the driver; sharded: exact Lloyd over Ray actors holding the embedding shards;
     sample_assign: k-means on a seeded sample, then every row assigned by Ray Data tasks; two_level: for
     large k (tens of thousands), ~sqrt(k) coarse clusters, then sub-clusters in each (in the driver); gmm:
@@ -436,14 +445,11 @@ class RayConfig(_Section):
     before each is uploaded (default: the system temp dir); no worker uses it (see engine/rundir.py)."""
 
 
-# Methods that cluster the embeddings where they lie (shard actors, Ray Data), never all in one process.
-# Methods that cluster the embeddings where they lie (or at a scale where UMAP is no option): no manifold step.
-NO_MANIFOLD_METHODS = ("sharded", "sample_assign", "two_level")
-
-
 class PipelineConfig(_Section):
     name: str = Field(default="run", pattern=r"^[A-Za-z0-9_.-]+$")
+    """The run's name: its directory is runs/<name> unless --out says otherwise."""
     seed: int = 0
+    """Seeds the data split, model initialisation, shuffling and clustering: a run is repeatable."""
     data: DataConfig = Field(default_factory=DigitsSource)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

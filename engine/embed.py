@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from engine.data.folders import commit_partial, completed_ids, partial_folder, write_shard
 from engine.data.schema import ID, LABEL, X, Z, vector_array, vectors_to_numpy
-from engine.data.shards import commit_partial, completed_ids, partial_folder, write_shard
 from engine.train.checkpoint import FILENAME, check_input_dim, load_checkpoint
 
 STAGE = "embed"
@@ -95,7 +95,7 @@ def embed_dataset(ds, checkpoint: str | Path, out_dir: str | Path, *, dim: int, 
     written by Ray Data's tasks in place (`write_dataset`), without the partial folder.
     """
     from engine import storage
-    from engine.data.shards import write_dataset
+    from engine.data.folders import write_dataset
 
     checkpoint, state, latent = _checked(checkpoint, dim)
     pool = dict(state=state, batch_size=batch_size, concurrency=concurrency, use_gpu=use_gpu,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+from collections.abc import Iterator
 
 # OSErrors that say the file system refused a write: the user's to fix (space, permissions), not a bug.
 FILE_SYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -93,3 +95,16 @@ def user_message(err: BaseException) -> str:
     """The one-line message of an error: our messages are single lines, and Ray Data appends its retry
     advice on further lines when it re-raises a user-code error."""
     return str(err).split("\n", 1)[0].strip()
+
+
+@contextlib.contextmanager
+def remote_errors_as_raised() -> Iterator[None]:
+    """Within the block (around `ray.get` of tasks or actors), an engine error raised remotely is raised as itself
+    rather than inside Ray's wrapper, so callers can catch ConfigError, DataError, ... as in a local call."""
+    try:
+        yield
+    except Exception as e:
+        err = find_engine_error(e)
+        if err is None or err is e:
+            raise
+        raise err from None

@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM as an interruption: exit code 130 / 143 and a line saying how to resume, checkpoints kept.
+"""How a command ends on Ctrl-C, SIGTERM or bad input: exit code 130 / 143 and a line saying how to resume
+(checkpoints kept), or exit code 2 and one `error:` line.
 
 The entry points (`dce`, the jobs) install the handlers; a signal raises `Interrupted` in the main thread wherever it
 waits (a Ray get, a Ray Data iteration, Ray Train's fit). Ray Train would put its own SIGINT handler in place during
@@ -11,7 +12,7 @@ import signal
 import threading
 from typing import Any
 
-from engine.errors import Interrupted
+from engine.errors import Interrupted, find_engine_error, user_message
 
 _received: int | None = None
 _installed = False
@@ -52,6 +53,19 @@ def as_interruption(exc: BaseException, run_dir: object = None) -> Interrupted |
     code = exc.exit_code if isinstance(exc, Interrupted) else 128 + (_received or signal.SIGINT)
     given = exc.run_dir if isinstance(exc, Interrupted) else None
     return Interrupted(code, given or (None if run_dir is None else str(run_dir)))
+
+
+def command_outcome(exc: BaseException, run_dir: object = None) -> tuple[int, str] | None:
+    """The exit code and the one line on stderr for an exception that ends a command (`dce`, a job): 130 / 143 for
+    an interruption, 2 and `error: <message>` for an engine error, however Ray wrapped it; None for anything else,
+    a bug, which the caller re-raises with its traceback."""
+    stopped = as_interruption(exc, run_dir)
+    if stopped is not None:
+        return stopped.exit_code, stopped.message()
+    err = find_engine_error(exc) if isinstance(exc, Exception) else None
+    if err is None:
+        return None
+    return 2, f"error: {user_message(err)}"
 
 
 def keep_sigint(trainer_cls: type) -> type:

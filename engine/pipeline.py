@@ -16,20 +16,32 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine import storage
-from engine.config import PipelineConfig, config_from_dict
+from engine.config import PipelineConfig
 from engine.data import open_source, read_dataset, read_manifest, read_table
 from engine.data.describe import DatasetInfo, describe
-from engine.data.schema import CLUSTER, ID, X
-from engine.data.shards import partial_folder
-from engine.errors import ConfigError, DataError, IncompleteResultError
+from engine.data.folders import partial_folder
+from engine.data.schema import CLUSTER, ID, X, match_by_id
+from engine.errors import ConfigError, IncompleteResultError
+from engine.methods import CENTROID_METHODS
 from engine.progress import Progress
-from engine.rundir import CONFIG_FILE, RunDir, as_run_dir, atomic_write, open_run_dir, run_dir_for, save_config
+from engine.rundir import (
+    CONFIG_FILE,
+    RunDir,
+    as_run_dir,
+    load_run_config,
+    model_dir_for,
+    open_run_dir,
+    read_run,
+    record_run,
+    remove_staged_leftovers,
+    run_dir_for,
+    save_config,
+)
 
 if TYPE_CHECKING:
     from engine.runtime import Resources
     from engine.tracking import Tracker
 
-RUN_FILE = "run.json"
 # Inputs up to this size are cached in Ray's object store for the epochs of training instead of being
 # re-read from the source every epoch.
 CACHE_BYTES = 2 << 30
@@ -43,16 +55,6 @@ class RunResult:
 
 
 # ---- run directory ---------------------------------------------------------------------------------
-
-
-def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """The resolved config saved in a run directory, with optional overrides."""
-    import yaml
-
-    path = storage.join(run_dir, CONFIG_FILE)
-    if not storage.is_file(path):
-        raise IncompleteResultError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    return config_from_dict(yaml.safe_load(storage.read_text(path)) or {}, overrides, source=str(path))
 
 
 def config_for_resume(run_dir: str | Path, *, overrides: list[str] | None = None, config: str | None = None,
@@ -72,7 +74,7 @@ def finished_stages(cfg: PipelineConfig, run_dir: RunDir | Path) -> set[str]:
     half-written (no manifest) or stale is redone, and so is every later one."""
     run = as_run_dir(run_dir)
     run_dir = run.local
-    newer_than = float(_read_run(run_dir).get("started", 0))
+    newer_than = float(read_run(run_dir).get("started", 0))
     model_dir, model_stage = model_dir_for(cfg, run_dir)
     chain = [("train", run_dir / "model", "train", ())]
     if cfg.model.refines:
@@ -96,18 +98,6 @@ def finished_stages(cfg: PipelineConfig, run_dir: RunDir | Path) -> set[str]:
         done.add(name)
         newer_than = manifest["time"]
     return done
-
-
-def _record(run_dir: Path, **fields: Any) -> None:
-    """Merge facts about the run (stage times, resources, versions) into run.json."""
-    path = run_dir / RUN_FILE
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    for key, value in fields.items():
-        if isinstance(value, dict) and isinstance(record.get(key), dict):
-            record[key].update(value)
-        else:
-            record[key] = value
-    atomic_write(path, json.dumps(record, indent=2, default=str))
 
 
 # ---- stages ----------------------------------------------------------------------------------------
@@ -177,7 +167,7 @@ def train_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress,
             model_dir = adopt_pretrained(pretrained, in_dim=info.dim, model=model_args(cfg),
                                          image_shape=info.image_shape, run_dir=run_dir, config_hash=cfg.hash())
             progress.info(f"{read_manifest(model_dir, stage='train')['epochs']} epochs, trained before")
-        _record(run_dir, data=info.to_json(), pretrained=str(pretrained))
+        record_run(run_dir, data=info.to_json(), pretrained=str(pretrained))
         return info
     gpu = use_gpu(cfg.train.use_gpu)
     model = model_args(cfg)
@@ -199,7 +189,7 @@ def train_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress,
                       model=model, train=cfg.train, seed=cfg.seed, run_dir=run_dir,
                       config_hash=cfg.hash(), image_shape=info.image_shape, use_gpu=gpu, resume=resume,
                       on_epoch=epoch_done, train_storage=run.train_storage)
-    _record(run_dir, data=info.to_json())
+    record_run(run_dir, data=info.to_json())
     return info
 
 
@@ -243,7 +233,7 @@ def refine_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress
                                on_update=lambda record: _update_done(record, progress, on_update))
         progress.info(f"{summary['iterations']} steps, {summary['updates']} target updates, stopped by "
                       f"{summary['stopped']}")
-    _record(run_dir, refine=summary)
+    record_run(run_dir, refine=summary)
     return summary
 
 
@@ -251,17 +241,6 @@ def _update_done(record: dict[str, Any], progress: Progress, on_update) -> None:
     progress.epoch({"epoch": int(record["update"]), **record})
     if on_update is not None:
         on_update(record)
-
-
-def model_folder(cfg: PipelineConfig) -> tuple[str, str]:
-    """The name of the folder of the model the embed stage uses and its stage: refined/ for dec / idec, else model/."""
-    return ("refined", "refine") if cfg.model.refines else ("model", "train")
-
-
-def model_dir_for(cfg: PipelineConfig, run_dir: Path) -> tuple[Path, str]:
-    """The folder of the model the embed stage uses (see `model_folder`) and its stage."""
-    name, stage = model_folder(cfg)
-    return run_dir / name, stage
 
 
 def _input(cfg: PipelineConfig, validated=None):
@@ -301,8 +280,8 @@ def import_embeddings(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Pro
     every cluster method and `dce evaluate` read it as they read a pipeline run's embeddings. The source
     files are not changed.
     """
+    from engine.data.folders import write_dataset
     from engine.data.schema import LABEL, Z
-    from engine.data.shards import write_dataset
 
     run = as_run_dir(run_dir)
     ds, info = validate_input(cfg, progress, check_model=False)
@@ -329,8 +308,7 @@ def cluster_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progres
     rows = manifest["rows"]
     check_cluster_sizes(cfg, rows, "embeddings")
     method = cfg.model.name if cfg.model.refines else c.method
-    if not cfg.model.refines and (c.method not in ("kmeans", "sharded", "sample_assign", "two_level")
-                                  or c.manifold != "none"):
+    if not cfg.model.refines and (c.method not in CENTROID_METHODS or c.manifold != "none"):
         return _cluster_in_memory(cfg, run, progress, rows)
     # The k-means state of an interrupted cluster stage, for these embeddings and settings only.
     partial = partial_folder(run.local / "cluster", {"config_hash": cfg.hash(), "embeddings": manifest["time"]})
@@ -341,19 +319,18 @@ def cluster_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progres
 
 def _cluster_and_assign(cfg: PipelineConfig, run: RunDir, progress: Progress, rows: int, method: str,
                         checkpoint: Path) -> dict[str, Any]:
-    from engine.cluster.shards import assign_shards
+    from engine.cluster.assignments import assign_shards
 
     c, embeddings, run_dir = cfg.cluster, run.folder("embeddings"), run.local
     with progress.stage("cluster", f"{method} k={c.k} on {rows} rows"):
         km = _fit_clusters(cfg, embeddings, run, progress, checkpoint)
         progress.info(f"inertia {km.inertia_:.6g} after {km.n_iter_} iteration(s)")
         centroids = km.cluster_centers_
-        tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
-        np.save(tmp, centroids)
-        os.replace(tmp, run_dir / "centroids.npy")
+        with storage.atomic_path(run_dir / "centroids.npy") as tmp:
+            np.save(tmp, centroids)
         summary = {"method": method, "manifold": "none", "k": c.k, "inertia": float(km.inertia_),
                    "n_iter": int(km.n_iter_), "history": km.history_}
-        atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
+        storage.write_text(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
     if method != "sample_assign":  # sample_assign has written its assignments already
         with progress.stage("assign", f"{rows} rows"):
             assign_shards(embeddings, centroids, run.folder("assignments"), config_hash=cfg.hash(),
@@ -371,7 +348,7 @@ def _cluster_in_memory(cfg: PipelineConfig, run: RunDir, progress: Progress, row
     the rows in clusters; cluster.json adds the number of clusters found and the count and share of noise.
     """
     from engine.cluster import cluster_means, fit_labels
-    from engine.cluster.shards import load_vectors, write_assignments
+    from engine.cluster.assignments import load_vectors, write_assignments
 
     c, run_dir = cfg.cluster, run.local
     what = c.method if c.manifold == "none" else f"{c.manifold} + {c.method}"
@@ -385,11 +362,10 @@ def _cluster_in_memory(cfg: PipelineConfig, run: RunDir, progress: Progress, row
         centroids, distance = cluster_means(z, labels)
         inertia = float(np.nansum(np.square(distance.astype(np.float64))))
         progress.info(f"{info['n_clusters']} clusters, {info['n_noise']} noise row(s), inertia {inertia:.6g}")
-        tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
-        np.save(tmp, centroids)
-        os.replace(tmp, run_dir / "centroids.npy")
+        with storage.atomic_path(run_dir / "centroids.npy") as tmp:
+            np.save(tmp, centroids)
         summary = {"method": c.method, "manifold": c.manifold, "k": c.k, "inertia": inertia, **info}
-        atomic_write(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
+        storage.write_text(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
         write_assignments(ids, labels, distance, run.folder("assignments"), config_hash=cfg.hash(),
                           rows_per_file=cfg.data.rows_per_shard, k=int(len(centroids)), n_noise=info["n_noise"])
     return summary
@@ -398,9 +374,8 @@ def _cluster_in_memory(cfg: PipelineConfig, run: RunDir, progress: Progress, row
 def _fit_clusters(cfg: PipelineConfig, embeddings: Path | str, run: RunDir, progress: Progress, checkpoint: Path):
     """The fitted estimator for `cluster.method`; its inertia is over every row. kmeans and sharded save their
     state to `checkpoint` and continue from it."""
-    from engine.cluster import KMeans, TwoLevelKMeans
-    from engine.cluster._sharded import ShardedKMeans, fit_sample_then_assign
-    from engine.cluster.shards import load_vectors
+    from engine.cluster import KMeans, ShardedKMeans, TwoLevelKMeans, fit_sample_then_assign
+    from engine.cluster.assignments import load_vectors
 
     c = cfg.cluster
     if cfg.model.refines:
@@ -430,7 +405,7 @@ def _refined_centers(cfg: PipelineConfig, embeddings: Path | str, run_dir: Path)
     """dec / idec: the refined centres, no new k-means; argmax_j q_ij is the nearest centre, so the assign
     stage's nearest-centre labels are DEC's labels. `n_iter_` counts refinement steps."""
     from engine.cluster import assign
-    from engine.cluster.shards import load_vectors
+    from engine.cluster.assignments import load_vectors
     from engine.train import load_checkpoint
 
     model_dir, stage = model_dir_for(cfg, run_dir)
@@ -447,7 +422,7 @@ def _refined_centers(cfg: PipelineConfig, embeddings: Path | str, run_dir: Path)
 
 
 def evaluate_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress) -> dict[str, Any]:
-    from engine.cluster.shards import load_vectors
+    from engine.cluster.assignments import load_vectors
     from engine.metrics import evaluate
 
     run = as_run_dir(run_dir)
@@ -460,7 +435,7 @@ def evaluate_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progre
         inertia = json.loads(cluster_file.read_text())["inertia"] if cluster_file.is_file() else None
         metrics = evaluate(pred, labels_true=labels, X=z, inertia=inertia,
                            silhouette_sample=cfg.evaluate.silhouette_sample, seed=cfg.seed)
-        atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        storage.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -472,22 +447,6 @@ def report_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress
         index = build_report(run_dir, cfg)
         progress.info(str(index))
     return index
-
-
-def match_by_id(ids: np.ndarray, other_ids: np.ndarray, values: np.ndarray, *, where: str) -> np.ndarray:
-    """`values` (keyed by `other_ids`) reordered to `ids`; both id sets must be equal, each id exactly once."""
-    if len(other_ids) != len(ids):
-        raise DataError(f"{where}: holds {len(other_ids)} rows but the embeddings hold {len(ids)}")
-    order = np.argsort(other_ids, kind="stable")
-    sorted_ids = other_ids[order]
-    if len(sorted_ids) > 1 and (sorted_ids[1:] == sorted_ids[:-1]).any():
-        raise DataError(f"{where}: some ids appear more than once")
-    pos = np.searchsorted(sorted_ids, ids)
-    pos = np.minimum(pos, len(sorted_ids) - 1)
-    if (sorted_ids[pos] != ids).any():
-        missing = ids[sorted_ids[pos] != ids][0]
-        raise DataError(f"{where}: id {missing} of the embeddings has no row")
-    return values[order][pos]
 
 
 # ---- the whole pipeline ----------------------------------------------------------------------------
@@ -526,7 +485,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
             res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)
             progress.info(res.describe())
         with open_run_dir(location, cfg.ray, nodes=res.worker_nodes, fetch=resume) as run:
-            tracked = _read_run(run.local).get("tracking", {}) if resume else {}
+            tracked = read_run(run.local).get("tracking", {}) if resume else {}
             with track_run(cfg, run, mlflow_run_id=tracked.get("mlflow_run_id")) as tracker:
                 return _run_stages(cfg, run, progress, res, started, resume, tracker, pretrained)
 
@@ -540,10 +499,10 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
     validated = validate_input(cfg, progress) if _model_stages(cfg) - done else None
     save_config(cfg, run_dir)
     if resume:
-        _remove_staged_leftovers(run_dir)
-        _record(run_dir, resumed=[*_read_run(run_dir).get("resumed", []), {"time": started, "skipped": sorted(done)}])
+        remove_staged_leftovers(run_dir)
+        record_run(run_dir, resumed=[*read_run(run_dir).get("resumed", []), {"time": started, "skipped": sorted(done)}])
     else:
-        _record(run_dir, name=cfg.name, started=started, config_hash=cfg.hash(), versions=versions(),
+        record_run(run_dir, name=cfg.name, started=started, config_hash=cfg.hash(), versions=versions(),
                 machine=machine(), ray=res.describe(), **({"tracking": tracker.ids} if tracker.ids else {}))
     seconds: dict[str, float] = {}
 
@@ -554,7 +513,7 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
         t0 = time.perf_counter()
         result = stage(cfg, run, progress, *args, **kwargs)
         seconds[name] = round(time.perf_counter() - t0, 3)
-        _record(run_dir, seconds={name: seconds[name]})
+        record_run(run_dir, seconds={name: seconds[name]})
         run.publish()  # an object-store run directory gets each stage as soon as it is complete
         return result
 
@@ -567,7 +526,7 @@ def _run_stages(cfg: PipelineConfig, run: RunDir, progress: Progress, res: Resou
     metrics = timed("evaluate", evaluate_stage)
     if cfg.report.enabled:
         timed("report", report_stage)
-    _record(run_dir, finished=time.time())
+    record_run(run_dir, finished=time.time())
     tracker.result(run_dir, metrics, seconds)
     return RunResult(run_dir=run.location, metrics=metrics, seconds=seconds)
 
@@ -577,27 +536,13 @@ def _model_stages(cfg: PipelineConfig) -> set[str]:
     return {"train", "refine", "embed"} if cfg.model.refines else {"train", "embed"}
 
 
-def _remove_staged_leftovers(run_dir: Path) -> None:
-    """Temporary folders of stages a killed run was writing (`staged_folder`): never results, never reused."""
-    import shutil
-
-    for path in run_dir.glob(".*.tmp-*"):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _read_run(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / RUN_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def versions() -> dict[str, str]:
     import faiss
     import ray
     import sklearn
     import torch
 
-    from engine import __version__
+    from engine.version import __version__
 
     return {"engine": __version__, "python": platform.python_version(), "ray": ray.__version__,
             "torch": torch.__version__, "faiss": faiss.__version__, "scikit-learn": sklearn.__version__,

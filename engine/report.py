@@ -50,10 +50,11 @@ def build_report(run_dir: RunDir | str | Path, cfg: PipelineConfig | None = None
     Needs the run's embeddings and assignments; the image section reads sample rows of the input through
     Ray Data (a local Ray is started if none is connected).
     """
-    from engine.cluster.shards import load_vectors
+    from engine.cluster.assignments import load_vectors
     from engine.data import read_table
-    from engine.data.shards import staged_folder, write_manifest
-    from engine.pipeline import load_run_config, match_by_id
+    from engine.data.folders import staged_folder, write_manifest
+    from engine.data.schema import match_by_id
+    from engine.rundir import load_run_config
 
     run = as_run_dir(run_dir)
     run_dir, assignments = run.local, run.folder("assignments")
@@ -358,7 +359,7 @@ def _decoded_centroids(run_dir: Path, cfg: PipelineConfig) -> np.ndarray | None:
 
     from engine.data import read_manifest
     from engine.errors import IncompleteResultError
-    from engine.pipeline import model_dir_for
+    from engine.rundir import model_dir_for
     from engine.train import load_checkpoint, model_from_checkpoint
 
     model_dir, stage = model_dir_for(cfg, run_dir)

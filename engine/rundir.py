@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -30,13 +31,17 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import storage
-from engine.errors import ConfigError, EngineError, OutputError
+from engine.errors import ConfigError, EngineError, IncompleteResultError, OutputError
+
+if TYPE_CHECKING:
+    from engine.config import PipelineConfig
 
 MANIFEST = storage.MANIFEST
 CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
 # Stage folders that Ray's workers write or read by path themselves; an object-store run keeps them in the store.
 WORKER_FOLDERS = ("embeddings", "assignments")
 
@@ -51,14 +56,58 @@ def run_dir_for(cfg: Any, out: str | os.PathLike[str] | None) -> Path | str:
 def save_config(cfg: Any, run_dir: Path) -> None:
     """The run's resolved config, config.yaml (the folder is made)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(run_dir / CONFIG_FILE, cfg.to_yaml())
+    storage.write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write a file of the run by rename: a reader sees the old text or the new, never part of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+# ---- reading and recording a run ------------------------------------------------------------------
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """The resolved config saved in a run directory, with optional overrides."""
+    import yaml
+
+    from engine.config import config_from_dict
+
+    path = storage.join(run_dir, CONFIG_FILE)
+    if not storage.is_file(path):
+        raise IncompleteResultError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    return config_from_dict(yaml.safe_load(storage.read_text(path)) or {}, overrides, source=str(path))
+
+
+def model_folder(cfg: PipelineConfig) -> tuple[str, str]:
+    """The name of the folder of the model the embed stage uses and its stage: refined/ for dec / idec, else model/."""
+    return ("refined", "refine") if cfg.model.refines else ("model", "train")
+
+
+def model_dir_for(cfg: PipelineConfig, run_dir: Path) -> tuple[Path, str]:
+    """The folder of the model the embed stage uses (see `model_folder`) and its stage."""
+    name, stage = model_folder(cfg)
+    return run_dir / name, stage
+
+
+def record_run(run_dir: Path, **fields: Any) -> None:
+    """Merge facts about the run (stage times, resources, versions) into run.json."""
+    path = run_dir / RUN_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(record.get(key), dict):
+            record[key].update(value)
+        else:
+            record[key] = value
+    storage.write_text(path, json.dumps(record, indent=2, default=str))
+
+
+def remove_staged_leftovers(run_dir: Path) -> None:
+    """Temporary folders of stages a killed run was writing (`staged_folder`): never results, never reused."""
+    for path in run_dir.glob(".*.tmp-*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """run.json of a run directory: what `record_run` merged into it ({} when there is none)."""
+    path = run_dir / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def check_shared(run_dir: str | os.PathLike[str], ray_cfg: Any, nodes: int) -> None:
@@ -172,7 +221,7 @@ def open_run_dir(run_dir: str | Path, ray_cfg: Any, *, nodes: int, fetch: bool =
 # - a path the file system refuses (a file, no permission, read-only, full) is refused, naming the path and cause.
 
 # What a run writes at its top level, besides its stage folders.
-RUN_FILES = (CONFIG_FILE, "run.json", "centroids.npy", "cluster.json", "metrics.json")
+RUN_FILES = (CONFIG_FILE, RUN_FILE, "centroids.npy", "cluster.json", "metrics.json")
 # The stage folders of a run (each with a manifest when complete) and its resumable state (Ray Train's checkpoints,
 # k-means' partial state, TensorBoard's logs), which has none.
 STAGE_FOLDERS = ("model", "refined", "embeddings", "assignments", "report", "sweep_k", "federated")
@@ -384,7 +433,7 @@ def _is_ours(location: str | os.PathLike[str], name: str, is_dir: bool, *, run: 
 
 def _is_result(folder: str | os.PathLike[str]) -> bool:
     """A complete result folder of the engine and nothing else (on an object store: one with its manifest)."""
-    from engine.data.shards import is_result_folder
+    from engine.data.folders import is_result_folder
 
     if not storage.is_local(folder):
         return storage.is_file(storage.join(folder, MANIFEST))

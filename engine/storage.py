@@ -8,8 +8,10 @@ writes its `_manifest.json` last, so the manifest commits the folder on stores t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -88,14 +90,27 @@ def read_text(path: str | os.PathLike[str]) -> str:
     return read_bytes(path).decode()
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary local path beside `path` (same suffix, so writers that add one do not) for the caller to write;
+    it replaces `path` by rename when the block ends, and is removed when the block fails. Readers of `path` see
+    the old file or the new one, never a part: every file the engine writes on its own goes through here."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:8]}{target.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write a whole file atomically: readers see the old content or the new one, never a part."""
     if not is_uri(path):
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
         return
     with open_output(path) as f:  # one PUT: an object store shows the whole object or none
         f.write(data)

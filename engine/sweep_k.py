@@ -144,8 +144,8 @@ def sweep_run(run_dir: RunDir | str | Path, cfg: Any, ks: list[int], *,
               on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Sweep k over `run_dir/embeddings` with the run's cluster settings (n_init, max_iter, tol, backend,
     spherical) and write `run_dir/sweep_k/` (sweep_k.json, sweep_k.png, manifest) atomically."""
-    from engine.cluster.shards import load_vectors
-    from engine.data.shards import staged_folder, write_manifest
+    from engine.cluster.assignments import load_vectors
+    from engine.data.folders import staged_folder, write_manifest
 
     run = as_run_dir(run_dir)
     _, z, _ = load_vectors(run.folder("embeddings"))

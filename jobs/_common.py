@@ -36,21 +36,17 @@ def run_job(job: Callable[[], dict[str, Any]]) -> int:
     """Run `job`, print its result as one JSON line; bad input ends as `error: <message>` and exit code 2, Ctrl-C
     and SIGTERM as `interrupted: ...` and exit code 130 or 143."""
     from engine import interrupt
-    from engine.errors import find_engine_error, user_message
 
     interrupt.install()
     try:
         result = job()
     except BaseException as e:
-        stopped = interrupt.as_interruption(e)
-        if stopped is not None:
-            print(stopped.message(), file=sys.stderr)
-            return stopped.exit_code
-        err = find_engine_error(e) if isinstance(e, Exception) else None
-        if err is None:
+        outcome = interrupt.command_outcome(e)
+        if outcome is None:
             raise
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        return 2
+        code, line = outcome
+        print(line, file=sys.stderr)
+        return code
     print(json.dumps(result, default=float))
     return 0
 
@@ -59,8 +55,7 @@ def run_job(job: Callable[[], dict[str, Any]]) -> int:
 def stage_run(run_dir: str, config: str | None, overrides: list[str]) -> Iterator[tuple[PipelineConfig, Any]]:
     """The config (the run's own unless --config) and the checked run directory of a stage job, on Ray."""
     from engine.config import load_config
-    from engine.pipeline import load_run_config
-    from engine.rundir import check_run_writable, open_run_dir
+    from engine.rundir import check_run_writable, load_run_config, open_run_dir
     from engine.runtime import init_ray
 
     cfg = load_config(config, overrides) if config else load_run_config(run_dir, overrides)

@@ -1,10 +1,33 @@
-"""Shared fixtures: one local Ray for the whole suite (a start costs ~10 s), GPU skipping, small configs."""
+"""Shared fixtures: one local Ray for the whole suite (a start costs ~10 s), GPU skipping, small configs.
+
+Markers come from fixtures: a fixture declares with `@needs(...)` what a test that uses it (directly or through
+another fixture) needs: "ray" (a real local Ray), "train" (a Ray Train run), "own_cluster" (a Ray cluster of its
+own), "slow". `pytest_collection_modifyitems` marks every test so, and `-m "not train and not own_cluster and not
+slow"` is the fast tier. Two checks keep the markers honest: a test that starts Ray in this process without being
+marked `ray`, or runs Ray Train without being marked `train`, fails; and the suite fails at its end when a
+process it started (found by an environment variable every child inherits) outlives it.
+"""
 
 from __future__ import annotations
 
 import os
+import time
+import uuid
+from pathlib import Path
 
 import pytest
+from markers import needs
+
+# Every process the suite starts inherits this: the session-end check finds the survivors by it, wherever
+# they were re-parented to.
+SESSION_MARK = "DCE_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, uuid.uuid4().hex)
+def _fixture_needs(item: pytest.Item) -> set[str]:
+    found: set[str] = set()
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        for d in defs:
+            found.update(getattr(d.func, "_dce_needs", ()))
+    return found
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -23,6 +46,11 @@ def _cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for kind in sorted(_fixture_needs(item)):
+            item.add_marker(kind)
+        if "own_cluster" in item.keywords or "train" in item.keywords:
+            item.add_marker("ray")
     # Modules with a cluster of their own go last: each one ends the shared local Ray, and every module after it
     # that needs Ray would pay for a new start (~10 s). The sort is stable, so the order is otherwise kept.
     items.sort(key=lambda item: item.get_closest_marker("own_cluster") is not None)
@@ -49,6 +77,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
+@needs("ray")
 def ray_local():
     """A local Ray shared by every module that asks for it; modules that need their own cluster
     (ray.cluster_utils, `ray start`) shut it down and the next module starts it again."""
@@ -76,6 +105,7 @@ def _tiny_dce_run(settings: list[str], out, *flags: str) -> None:
 
 
 @pytest.fixture(scope="session")
+@needs("ray", "train")
 def tracked_tiny_run(tmp_path_factory):
     """The tiny `dce run` of tests/tiny.py, tracked to MLflow (a file store) and TensorBoard at once: test_tracking.py
     reads it as it is, test_train.py its train stage, test_pipeline.py a copy it changes (stages run again). Returns
@@ -93,6 +123,7 @@ def tracked_tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+@needs("ray", "train")
 def digits_run(tmp_path_factory):
     """The tiny digits `dce run` of tests/tiny.py, made without its report (--no-report): test_report.py builds it
     with `dce report`, test_augment.py reads the augmented training's history. Returns the run directory."""
@@ -104,6 +135,77 @@ def digits_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture
+@needs("ray", "train")
+def ray_train(ray_local):
+    """The shared local Ray, for a test that runs Ray Train itself (a `dce run`, `train_encoder`, ...)."""
+    yield ray_local
+
+
+@pytest.fixture
+@needs("ray")
+def ray_processes():
+    """For a test whose commands start a Ray of their own in a child process (`dce` run as a command)."""
+    yield
+
+
+def _train_runs() -> int:
+    """Ray Train runs this process's Ray has seen (their controller actors, dead ones included), from the GCS's
+    actor table (the state API needs the dashboard, which the embedded local Ray does not start)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return 0
+    import ray
+
+    if not ray.is_initialized():
+        return 0
+    from ray._private.state import actors
+
+    return sum("TrainController" in a.get("ActorClassName", "") for a in actors().values())
+
+
+@pytest.fixture(autouse=True)
+def _markers_are_honest(request):
+    """A test not marked `ray` must not start Ray here; one not marked `train` must not run Ray Train."""
+    import sys
+
+    marked_ray = "ray" in request.keywords
+    if not marked_ray:
+        before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+        yield
+        started = "ray" in sys.modules and sys.modules["ray"].is_initialized() and not before
+        assert not started, ("this test started Ray but is not marked `ray`: request the ray_local fixture (or "
+                             "ray_train for a Ray Train run)")
+        return
+    if "train" in request.keywords or "own_cluster" in request.keywords:
+        yield
+        return
+    runs = _train_runs()
+    yield
+    assert _train_runs() <= runs, "this test ran Ray Train but is not marked `train`: request the ray_train fixture"
+
+
+def _our_processes() -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes that carry this session's mark, the suite's own aside."""
+    mark = f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode()
+    mine = {os.getpid()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        try:
+            if mark not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie has ended; its parent has not reaped it yet
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        found.append((int(entry.name), cmd[:160]))
+    return found
+
+
 def pytest_sessionfinish(session, exitstatus):
     try:
         import ray
@@ -112,3 +214,22 @@ def pytest_sessionfinish(session, exitstatus):
             ray.shutdown()
     except ImportError:
         pass
+    if not Path("/proc/self/environ").exists():
+        return
+    deadline = time.monotonic() + 30  # Ray's processes take a few seconds to stop after a shutdown
+    left = _our_processes()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.5)
+        left = _our_processes()
+    if left:
+        import signal
+
+        lines = "\n".join(f"  {pid}: {cmd}" for pid, cmd in left)
+        session.config.get_terminal_writer().line(
+            f"\nFAILED: {len(left)} process(es) started by the suite outlived it (now killed):\n{lines}", red=True)
+        for pid, _ in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        session.exitstatus = 1

@@ -124,7 +124,6 @@ def test_augment_settings_are_checked():
 # ---- Ray Train -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.ray
 def test_ray_train_with_augmented_images_in_bf16(digits_run):
     """Two Ray Train workers of a `dce run` (conftest's `digits_run`) transform every row of every epoch (their
     counts, all-reduced, are in the history) and train in bf16 (fp32 on a CPU without native bfloat16) to a falling

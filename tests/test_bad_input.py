@@ -117,7 +117,7 @@ def new_rows(tmp_path_factory) -> Path:
 
 def test_move_into_place_never_deletes_a_folder_that_is_not_a_result(tmp_path):
     """The staged write of a result onto a folder of the user's: refused, the folder kept (it was removed)."""
-    from engine.data.shards import staged_folder, write_manifest
+    from engine.data.folders import staged_folder, write_manifest
 
     out = foreign_folder(tmp_path / "out") / "model"
     before = snapshot(tmp_path)
@@ -443,10 +443,10 @@ def test_interrupted_run_keeps_its_checkpoints_and_says_how_to_resume(ray_local,
 
 
 def test_python_api_applies_the_same_policy(finished_run, new_rows, tmp_path):
-    from engine.assign import assign_source, input_source, load_run, open_new_rows
     from engine.config import config_from_dict
     from engine.data.prepare import prepare_source
     from engine.pipeline import run_pipeline
+    from engine.predict import assign_source, input_source, load_run, open_new_rows
 
     mine = foreign_folder(tmp_path / "mine")
     before = snapshot(tmp_path)

@@ -10,7 +10,7 @@ from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
 
 from engine.cluster import KMeans, cluster_means, fit_labels
-from engine.cluster._other import WARD_MAX_ROWS, size_entropy
+from engine.cluster._in_memory import WARD_MAX_ROWS, size_entropy
 from engine.config import ClusterConfig, check_installed, config_from_dict
 from engine.errors import ConfigError
 from engine.metrics import evaluate

@@ -15,8 +15,7 @@ import pytest
 
 from engine.config import config_from_dict
 from engine.data.describe import describe, normalisation
-from engine.data.schema import check_finite, vector_array, vectors_to_numpy
-from engine.data.shards import (
+from engine.data.folders import (
     MANIFEST,
     read_manifest,
     read_shards,
@@ -25,6 +24,7 @@ from engine.data.shards import (
     write_dataset,
     write_manifest,
 )
+from engine.data.schema import check_finite, vector_array, vectors_to_numpy
 from engine.data.sources import open_source, read_dataset, read_shard
 from engine.errors import ConfigError, DataError, IncompleteResultError, find_engine_error
 
@@ -596,7 +596,7 @@ def test_a_failed_rewrite_keeps_the_previous_result(ray_local, tmp_path, monkeyp
     assert os.listdir(tmp_path) == ["result"] and snapshot(out) == before
 
     # Fault injection: the final rename fails after the old folder was moved aside; it must come back.
-    import engine.data.shards as shards
+    import engine.data.folders as shards
 
     real_replace = os.replace
 

@@ -9,6 +9,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from markers import needs
 from typer.testing import CliRunner
 
 from engine.cli import app
@@ -253,6 +254,7 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
+@needs("ray", "train")
 def idec_run(ray_local, tmp_path_factory):
     """`dce run` with model.name=idec on 2 Ray Train workers: train, refine, embed, cluster, evaluate."""
     out = tmp_path_factory.mktemp("runs") / "idec"
@@ -263,7 +265,7 @@ def idec_run(ray_local, tmp_path_factory):
 
 def _normalised_input(run_dir):
     from engine.data import open_source, read_dataset
-    from engine.pipeline import load_run_config
+    from engine.rundir import load_run_config
 
     table = read_dataset(open_source(load_run_config(run_dir).data)).to_pandas()
     state = load_checkpoint(run_dir / "refined")
@@ -271,7 +273,6 @@ def _normalised_input(run_dir):
     return table["id"].to_numpy(), (x - state["input"]["shift"]) * state["input"]["scale"]
 
 
-@pytest.mark.ray
 def test_refine_stage_writes_the_refined_model(idec_run):
     run = json.loads((idec_run / "run.json").read_text())
     assert set(run["seconds"]) == {"train", "refine", "embed", "cluster", "evaluate", "report"}
@@ -293,7 +294,6 @@ def test_refine_stage_writes_the_refined_model(idec_run):
     assert json.loads((idec_run / "metrics.json").read_text())["ari"] > 0.8
 
 
-@pytest.mark.ray
 def test_refinement_is_tracked_per_target_update(idec_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -308,9 +308,8 @@ def test_refinement_is_tracked_per_target_update(idec_run):
     assert len(events.Scalars("train/loss")) == 3  # the pretraining's epochs, before the refinement's updates
 
 
-@pytest.mark.ray
 def test_embed_and_cluster_use_the_refined_model(idec_run):
-    from engine.cluster.shards import load_vectors
+    from engine.cluster.assignments import load_vectors
 
     ids, z, _ = load_vectors(idec_run / "embeddings")
     input_ids, x = _normalised_input(idec_run)
@@ -328,13 +327,12 @@ def test_embed_and_cluster_use_the_refined_model(idec_run):
     np.testing.assert_array_equal(table.column("cluster").to_numpy()[order][ids], dec_labels)
 
 
-@pytest.mark.ray
 def test_one_worker_agrees_with_two(idec_run, tmp_path):
     """The same refinement on 1 worker: P of the first update is identical (f all-reduced), the result close."""
     from sklearn.metrics import adjusted_rand_score
 
     from engine.data import open_source, read_dataset
-    from engine.pipeline import load_run_config
+    from engine.rundir import load_run_config
     from engine.train.refine import refine_model
 
     cfg = load_run_config(idec_run)
@@ -356,10 +354,9 @@ def test_one_worker_agrees_with_two(idec_run, tmp_path):
     assert adjusted_rand_score(*labels) > 0.9
 
 
-@pytest.mark.ray
 def test_refine_refuses_bad_input(idec_run, tmp_path):
     from engine.data import open_source, read_dataset
-    from engine.pipeline import load_run_config
+    from engine.rundir import load_run_config
     from engine.train.refine import refine_model
 
     cfg = load_run_config(idec_run)

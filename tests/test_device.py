@@ -117,12 +117,12 @@ def test_kmeans_precision_settings():
 
 def test_device_kmeans_plusplus_draws_the_host_version_s_seeds():
     from engine.cluster._device import kmeans_plusplus_device
-    from engine.cluster._stats import _kmeans_plusplus
+    from engine.cluster._stats import kmeans_plusplus_unchecked
 
     X, _ = blobs_with_ties(seed=5)
     w = np.random.default_rng(2).uniform(0.5, 1.5, len(X))
     rows = DeviceRows(X, w, device="cpu")
-    host = _kmeans_plusplus(X, 24, w, np.random.default_rng(7), None)
+    host = kmeans_plusplus_unchecked(X, 24, w, np.random.default_rng(7), None)
     device = kmeans_plusplus_device(rows, 24, w, np.random.default_rng(7))
     np.testing.assert_array_equal(device, host)
     streamed = DeviceRows(X, w, device="cpu", memory_limit=1000 * 80)

@@ -24,7 +24,7 @@ from engine.cluster import KMeans, ShardedKMeans
 from engine.config import config_from_dict
 from engine.data import open_source, read_dataset, read_manifest, read_table
 from engine.data.describe import describe
-from engine.data.shards import commit_partial, completed_ids, partial_folder, write_shard
+from engine.data.folders import commit_partial, completed_ids, partial_folder, write_shard
 from engine.embed import embed_dataset
 from engine.errors import CheckpointError, ConfigError, DataError, IncompleteResultError
 from engine.models import build_model
@@ -132,7 +132,6 @@ def test_resume_refuses_overrides_and_needs_a_run_directory(tmp_path):
 # ---- on Ray ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.ray
 def test_training_worker_killed_resumes_from_its_checkpoint(ray_local, tmp_path):
     cfg = config_from_dict({**TINY, "train": {"epochs": 5, "batch_size": 64, "num_workers": 2,
                                               "checkpoint_every": 1, "max_failures": 2}})
@@ -174,7 +173,6 @@ def test_training_worker_killed_resumes_from_its_checkpoint(ray_local, tmp_path)
     assert state["starts"][-1] == 5 and [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.ray
 def test_embedding_actor_killed_every_id_written_once(ray_local, tmp_path):
     cfg = config_from_dict({**TINY, "data": {**TINY["data"], "n_samples": 3000, "rows_per_shard": 100}})
     ds = read_dataset(open_source(cfg.data)).materialize()
@@ -203,7 +201,6 @@ def test_embedding_actor_killed_every_id_written_once(ray_local, tmp_path):
     assert manifest["rows"] == 3000 and not (tmp_path / ".embeddings.partial").exists()
 
 
-@pytest.mark.ray
 def test_sharded_kmeans_continues_from_its_checkpoint(ray_local, tmp_path):
     rng = np.random.default_rng(0)
     shards = [rng.normal(size=(400, 4)).astype(np.float32) + 4 * i for i in range(3)]
@@ -224,7 +221,6 @@ def _pipeline(*args: str) -> list[str]:
     return [sys.executable, "-m", "jobs.pipeline", *args]
 
 
-@pytest.mark.ray
 def test_driver_killed_then_resumed_equals_an_uninterrupted_run(ray_local, tmp_path):
     config = tmp_path / "faults.yaml"
     config.write_text(yaml.safe_dump(TINY))
@@ -286,7 +282,7 @@ def test_resume_refuses_a_stage_made_with_other_settings(tmp_path):
     cfg = config_from_dict(TINY)
     save_config(cfg, tmp_path)
     (tmp_path / "model").mkdir()
-    from engine.data.shards import write_manifest
+    from engine.data.folders import write_manifest
 
     write_manifest(tmp_path / "model", stage="train", config_hash="0123456789abcdef")
     with pytest.raises(ConfigError, match=r"model was made with other settings \(config hash 0123456789abcdef\) "

@@ -127,7 +127,7 @@ def test_simulated_partitions_from_a_config():
 
 
 def test_pipeline_embeddings_as_input(tmp_path, data):
-    from engine.data.shards import staged_folder, write_manifest
+    from engine.data.folders import staged_folder, write_manifest
 
     X, y = data
     folder = tmp_path / "run" / "embeddings"

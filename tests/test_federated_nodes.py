@@ -6,19 +6,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from markers import needs
 from sklearn.datasets import make_blobs
 
 from engine.cluster import KMeans
 from engine.data.schema import vector_array
 from engine.federated import FederatedKMeans
 
-pytestmark = [pytest.mark.ray, pytest.mark.own_cluster]
-
 K = 3
 SIZES = {"a": 90, "b": 110, "c": 70}
 
 
 @pytest.fixture(scope="module")
+@needs("own_cluster")
 def cluster():
     import ray
     from ray.cluster_utils import Cluster

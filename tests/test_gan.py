@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from markers import needs
 
 from engine.config import ModelConfig, config_from_dict
 from engine.errors import CheckpointError, ConfigError
@@ -221,6 +222,7 @@ def _train(cfg, run_dir, resume=False):
 
 
 @pytest.fixture(scope="module")
+@needs("ray", "train")
 def gan_runs(ray_local, tmp_path_factory):
     """The same GAN trained on 1 and on 2 workers, full-batch steps on a 4-component mixture of 128 rows stored
     sorted by component in 2 blocks (see the DDP test). The other tests read the 2-worker run and the histories
@@ -241,7 +243,6 @@ def gan_run(gan_runs):
     return gan_runs[2]
 
 
-@pytest.mark.ray
 def test_ray_train_logs_every_loss_per_epoch(gan_run):
     _, _, _, _, state = gan_run
     history = state["history"]
@@ -252,7 +253,6 @@ def test_ray_train_logs_every_loss_per_epoch(gan_run):
     assert state["model"]["n_clusters"] == 4  # from cluster.k
 
 
-@pytest.mark.ray
 def test_ray_embeddings_have_the_configured_shape(gan_run, tmp_path):
     from engine.embed import embed_dataset
 
@@ -273,7 +273,6 @@ def test_ray_embeddings_have_the_configured_shape(gan_run, tmp_path):
     np.testing.assert_allclose(z[ids == 0][0], model.encode(x[None]).detach().numpy()[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.ray
 def test_ray_resume_restores_both_optimizers(gan_run):
     """A second run on the same run directory with more epochs continues from the last checkpoint."""
     cfg, _, _, run_dir, first = gan_run
@@ -287,7 +286,6 @@ def test_ray_resume_restores_both_optimizers(gan_run):
     assert steps == {"generator": 17, "critic": 17 * 2}
 
 
-@pytest.mark.ray
 def test_ddp_two_workers_follow_the_single_worker_run(gan_runs):
     """Full-batch steps: with gradients all-reduced, 2 workers take the steps of 1 worker on the same data.
 

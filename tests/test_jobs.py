@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from markers import needs
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray_head import RayHead, ray_cli, start_ray_head
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 EXCLUDES = [".venv*", "runs", ".git", "*.egg-info", "__pycache__", "test-artifacts", ".pytest_cache", ".ruff_cache"]
@@ -40,6 +41,7 @@ def pipeline_entrypoint(out: Path, epochs: int, job: str = "pipeline") -> list[s
 
 
 @pytest.fixture(scope="module")
+@needs("own_cluster")
 def head() -> Iterator[RayHead]:
     import ray
 

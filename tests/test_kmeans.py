@@ -702,7 +702,7 @@ def test_faiss_gpu_backend_uses_one_gpu(monkeypatch):
 
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4)
     monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
-    monkeypatch.setattr(_stats, "_faiss_gpu_resources", lambda: "one-resources")
+    monkeypatch.setattr(_stats, "faiss_gpu_resources", lambda: "one-resources")
     labels, _ = assign(X12, X12[:3], backend="faiss")
     np.testing.assert_array_equal(labels, brute_force(X12, X12[:3])[0])
     assert calls == [("one-resources", (), {})]  # no device argument: faiss's default, the current device

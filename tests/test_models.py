@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from markers import needs
 
 from engine.config import ModelConfig, config_from_dict
 from engine.data import open_source, read_dataset, read_manifest, read_table
@@ -239,6 +240,7 @@ def _cfg(folder, name: str, workers: int):
 
 
 @pytest.fixture(scope="module", params=["conv_ae", "vae"])
+@needs("ray", "train")
 def runs(request, ray_local, digits_npy, tmp_path_factory):
     """Each model through the whole pipeline (Ray Train on 2 workers), and trained alone on 1 worker with
     the same data and seed. A Ray Train run costs ~20 s on a quiet 2-core machine, 60-100 s on a busy one."""
@@ -270,7 +272,6 @@ def _history(model_dir, key="loss") -> np.ndarray:
     return np.array([h[key] for h in load_checkpoint(model_dir)["history"]])
 
 
-@pytest.mark.ray
 def test_pipeline_runs_on_digit_images(runs):
     name, cfg, result, _ = runs
     # Eight full-batch steps of a tiny encoder: far from converged, but well above chance (0.1) on 10 classes.
@@ -279,7 +280,6 @@ def test_pipeline_runs_on_digit_images(runs):
     assert read_manifest(result.run_dir / "model", stage="train")["num_workers"] == 2
 
 
-@pytest.mark.ray
 def test_loss_decreases_on_two_workers(runs):
     name, cfg, result, _ = runs
     model_dir = result.run_dir / "model"
@@ -294,7 +294,6 @@ def test_loss_decreases_on_two_workers(runs):
         np.testing.assert_allclose(terms, losses, rtol=1e-4)
 
 
-@pytest.mark.ray
 def test_two_workers_follow_the_one_worker_run(runs):
     name, cfg, result, single = runs
     two, one = _history(result.run_dir / "model"), _history(single)
@@ -316,7 +315,6 @@ def test_two_workers_follow_the_one_worker_run(runs):
         assert float((z2 - z1).norm()) < 0.5 * moved
 
 
-@pytest.mark.ray
 def test_checkpoint_rebuilds_the_model_alone(runs, tmp_path):
     name, cfg, result, _ = runs
     state = load_checkpoint(result.run_dir / "model")
@@ -334,7 +332,6 @@ def test_checkpoint_rebuilds_the_model_alone(runs, tmp_path):
         assert torch.equal(again.state_dict()[k], v), k
 
 
-@pytest.mark.ray
 def test_embeddings_match_the_config(runs):
     name, cfg, result, _ = runs
     embeddings = result.run_dir / "embeddings"

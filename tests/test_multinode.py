@@ -7,13 +7,14 @@ import json
 
 import numpy as np
 import pytest
+from markers import needs
 
 from engine.config import load_config
 from engine.errors import ConfigError
 from engine.pipeline import run_pipeline
 from jobs import train_encoder as train_job
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
+pytestmark = pytest.mark.slow
 
 # One scheduling slot per node: two 1-CPU training workers (or embedding actors) cannot share a node.
 NODES = {"head": {"num_cpus": 1}, "worker_a": {"num_cpus": 1}, "worker_b": {"num_cpus": 1}}
@@ -27,6 +28,7 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
+@needs("own_cluster")
 def cluster():
     import ray
     from ray.cluster_utils import Cluster

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from markers import needs
 from namespaces import unshare_works
 from s3_server import s3_server
 from typer.testing import CliRunner
@@ -37,7 +38,7 @@ from engine.errors import CheckpointError
 from engine.models import build_model
 from engine.train import load_checkpoint, save_checkpoint, train_encoder
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.own_cluster]
+pytestmark = pytest.mark.slow
 
 # The head has no CPU, so every actor and task runs on a worker node, and removing one always takes work with it.
 WORKER = {"num_cpus": 2}
@@ -48,6 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
+@needs("own_cluster")
 def cluster():
     import ray
     from ray.cluster_utils import Cluster
@@ -175,7 +177,7 @@ def test_node_removed_during_sharded_kmeans_its_shards_are_reloaded(two_workers,
             removed_after.append(record["iter"])
 
     seen = []
-    with caplog.at_level(logging.WARNING, logger="engine.cluster._sharded"):
+    with caplog.at_level(logging.WARNING, logger="engine.cluster._shard_actors"):
         fitted = ShardedKMeans(**settings, callback=lambda r: (seen.append(r["iter"]), remove_a_node(r))).fit(shards)
     assert removed_after == [3] and len(cluster.worker_nodes) == 1
     assert "iteration 4: 1 shard actor(s) died" in caplog.text

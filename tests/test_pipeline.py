@@ -20,8 +20,6 @@ from typer.testing import CliRunner
 from engine.cli import app
 from engine.data import read_manifest, read_table
 
-pytestmark = pytest.mark.ray
-
 REPO = Path(__file__).resolve().parent.parent
 METRIC_KEYS = {"acc", "nmi", "ari", "silhouette", "davies_bouldin", "calinski_harabasz", "inertia",
                "noise_fraction"}

@@ -78,3 +78,13 @@ def test_links_resolve_inside_the_repository(page):
         assert linked.exists(), f"{_name(page)} links to {target}, which does not exist"
         if anchor:
             assert anchor in _anchors(linked), f"{_name(page)} links to {target}: no such heading"
+
+
+def test_the_configuration_reference_is_generated_from_the_config():
+    """docs/configuration.md's settings tables are scripts/config_docs.py's output for engine/config.py as it is."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "scripts/config_docs.py", "--check"], cwd=REPO, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr

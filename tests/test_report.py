@@ -25,8 +25,6 @@ from typer.testing import CliRunner
 from engine.cli import app
 from engine.data import read_table
 
-pytestmark = pytest.mark.ray
-
 SECTIONS = {"metrics", "map", "curves", "sizes", "images", "confusion", "run"}
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

@@ -12,10 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import make_blobs
 
-from engine.cluster import KMeans, partial_stats
-from engine.cluster._sharded import ShardActor, ShardedKMeans
+from engine.cluster import KMeans, ShardActor, ShardedKMeans, partial_stats
+from engine.data.folders import staged_folder, write_manifest
 from engine.data.schema import vector_array
-from engine.data.shards import staged_folder, write_manifest
 from engine.errors import ConfigError, DataError, IncompleteResultError
 
 K = 6
@@ -127,7 +126,6 @@ def test_shard_actor_passes_allocate_an_assignment_not_copies_of_the_share():
 # --- on Ray -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.ray
 def test_equals_kmeans_from_the_same_init_with_an_empty_cluster(ray_local, blobs, shards):
     init = blobs[np.random.default_rng(0).choice(len(blobs), K, replace=False)].copy()
     init[3] = 1e3  # starts empty: the repair must split the same cluster as KMeans's
@@ -146,7 +144,6 @@ def test_equals_kmeans_from_the_same_init_with_an_empty_cluster(ray_local, blobs
     assert_no_shard_actors(ray_local)
 
 
-@pytest.mark.ray
 def test_folder_source_with_kmeans_parallel_is_seeded_and_near_kmeans_plusplus(ray_local, blobs, embeddings):
     ref = KMeans(K, init="k-means++", seed=0).fit(blobs)
     a = ShardedKMeans(K, seed=3).fit(embeddings)  # two shards, two actors
@@ -159,7 +156,6 @@ def test_folder_source_with_kmeans_parallel_is_seeded_and_near_kmeans_plusplus(r
     assert_no_shard_actors(ray_local)
 
 
-@pytest.mark.ray
 def test_random_init_draws_rows_across_shards(ray_local, blobs, shards):
     model = ShardedKMeans(K, init="random", max_iter=1, tol=0, seed=1, num_actors=2).fit(shards)
     # One Lloyd step from k rows drawn by the seed over all 600 rows: reproduce it in process.
@@ -205,7 +201,6 @@ def test_bad_settings():
         ShardedKMeans(K, num_actors=4).fit([np.zeros((10, 2))] * 3)
 
 
-@pytest.mark.ray
 def test_nan_in_a_shard_names_file_and_row(ray_local, tmp_path, blobs):
     good = write_shard(tmp_path / "good.parquet", blobs[:50])
     Z = blobs[:50].copy()
@@ -220,10 +215,9 @@ def test_nan_in_a_shard_names_file_and_row(ray_local, tmp_path, blobs):
 # --- sample, train, then assign every row --------------------------------------------------------------
 
 
-@pytest.mark.ray
 def test_sample_then_assign_writes_every_id_once(ray_local, blobs, embeddings, tmp_path):
-    from engine.cluster._sharded import fit_sample_then_assign
-    from engine.data.shards import read_table
+    from engine.cluster import fit_sample_then_assign
+    from engine.data.folders import read_table
 
     out = tmp_path / "assignments"
     model, manifest = fit_sample_then_assign(embeddings, out, K, sample_size=200, seed=0, num_actors=1,
@@ -243,13 +237,12 @@ def _status_kib(field: str) -> int:
         return int(next(line for line in status if line.startswith(field + ":")).split()[1])
 
 
-@pytest.mark.ray
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset needs Linux /proc")
 def test_sample_is_trained_on_in_a_ray_task_exactly_as_kmeans_on_those_rows(ray_local, tmp_path):
     """The sample (rows drawn with the seed, in row order, gathered across 2 actors) reaches a Ray task that fits
     KMeans on it: the centroids equal KMeans on the same rows in this process, and this process, the driver,
     never holds the sample (its peak RSS grows by less than half the sample's bytes)."""
-    from engine.cluster._sharded import fit_sample_then_assign
+    from engine.cluster import fit_sample_then_assign
 
     n, d, size = 480_000, 64, 400_000  # a 98 MiB sample
     X, _ = make_blobs(n_samples=n, n_features=d, centers=K, cluster_std=2.0, random_state=1)
@@ -275,10 +268,9 @@ def test_sample_is_trained_on_in_a_ray_task_exactly_as_kmeans_on_those_rows(ray_
     assert_no_shard_actors(ray_local)
 
 
-@pytest.mark.ray
 def test_spherical_equals_kmeans_spherical(ray_local, blobs, shards, embeddings, tmp_path):
-    from engine.cluster._sharded import fit_sample_then_assign
-    from engine.data.shards import read_table
+    from engine.cluster import fit_sample_then_assign
+    from engine.data.folders import read_table
 
     X = blobs + 5.0  # away from the origin, so directions differ between blobs
     init = X[np.random.default_rng(1).choice(len(X), K, replace=False)]

@@ -18,7 +18,7 @@ from jobs import cluster as cluster_job
 from jobs import embed as embed_job
 from jobs import train_encoder as train_job
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 ROWS = 300
 TINY = [
@@ -75,7 +75,7 @@ def test_shard_folders_on_s3_are_written_by_ray_data_and_committed_by_their_mani
     import ray.data
 
     from engine.data import read_manifest, read_shards, read_table, staged_folder, write_dataset
-    from engine.data.shards import write_manifest
+    from engine.data.folders import write_manifest
     from engine.errors import DataError, IncompleteResultError
 
     with s3_server() as s3:

@@ -47,7 +47,6 @@ def _history(run_dir: Path) -> list[dict[str, float]]:
     return load_checkpoint(run_dir / "model")["history"]
 
 
-@pytest.mark.ray
 def test_mlflow_has_every_epoch_once(tracked_run):
     run_dir, client, run = tracked_run
     history = _history(run_dir)
@@ -62,7 +61,6 @@ def test_mlflow_has_every_epoch_once(tracked_run):
     assert history[1]["loss"] < history[0]["loss"]
 
 
-@pytest.mark.ray
 def test_mlflow_has_final_metrics_times_and_params(tracked_run):
     run_dir, client, run = tracked_run
     assert run.info.status == "FINISHED" and run.info.run_name == "digits"  # the config's name
@@ -83,7 +81,6 @@ def test_mlflow_has_final_metrics_times_and_params(tracked_run):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == ["report/index.html"]
 
 
-@pytest.mark.ray
 def test_tensorboard_has_the_same_curves(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -135,7 +135,6 @@ def trained(ray_local, tracked_tiny_run):
     return cfg, ds, info, run_dir, run_dir / "model"
 
 
-@pytest.mark.ray
 def test_ray_train_two_workers(trained):
     cfg, _, info, run_dir, model_dir = trained
     manifest = read_manifest(model_dir, stage="train")
@@ -154,7 +153,6 @@ def test_ray_train_two_workers(trained):
     assert any((run_dir / "train").glob("checkpoint_*/checkpoint.pt"))
 
 
-@pytest.mark.ray
 def test_embed_writes_every_id_once(trained, tmp_path):
     cfg, ds, info, _, model_dir = trained
     out = tmp_path / "embeddings"
@@ -175,7 +173,6 @@ def test_embed_writes_every_id_once(trained, tmp_path):
     np.testing.assert_allclose(z, model.encode(x[None]).detach().numpy()[0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.ray
 def test_embed_refuses_checkpoint_of_other_input_size(trained, tmp_path):
     _, ds, _, _, model_dir = trained
     with pytest.raises(CheckpointError, match=r"takes 6 input features but the data has 5"):

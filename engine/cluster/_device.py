@@ -221,11 +221,11 @@ def faiss_nearest(X: torch.Tensor, C: torch.Tensor) -> tuple[torch.Tensor, torch
     import faiss.contrib.torch_utils  # noqa: F401  (faiss indexes take torch tensors, CUDA ones without a copy)
 
     if X.device.type == "cuda":
-        from engine.cluster._stats import _faiss_gpu_resources
+        from engine.cluster._stats import faiss_gpu_resources
 
         config = faiss.GpuIndexFlatConfig()
         config.device = X.device.index if X.device.index is not None else torch.cuda.current_device()
-        index = faiss.GpuIndexFlatL2(_faiss_gpu_resources(), C.shape[1], config)
+        index = faiss.GpuIndexFlatL2(faiss_gpu_resources(), C.shape[1], config)
     else:
         index = faiss.IndexFlatL2(C.shape[1])
     index.add(C.contiguous())

@@ -17,19 +17,22 @@ from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.utils.validation import check_is_fitted
 
+from engine import storage
 from engine.cluster._device import PRECISIONS, DeviceRows, kmeans_plusplus_device, place_rows
 from engine.cluster._lloyd import lloyd
 from engine.cluster._seeding import PARALLEL_ABOVE_K, LocalRows, kmeans_parallel
 from engine.cluster._stats import (
     HostRows,
-    _assign,
-    _kmeans_plusplus,
     as_float32_matrix,
     as_weights,
     check_enough_weight,
+    check_int,
     check_n_clusters,
+    kmeans_plusplus_unchecked,
+    nearest_on_host,
     resolve_backend,
     row_sq_norms,
+    unit_rows,
 )
 from engine.errors import CheckpointError, ConfigError, DataError
 
@@ -135,9 +138,9 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         init, n_init, backend = self._check_params(X)
         check_enough_weight(w, self.n_clusters)
         if self.spherical:
-            X = _unit_rows(X)
+            X = unit_rows(X)
             if isinstance(init, np.ndarray):
-                init = _unit_rows(init, name="init")
+                init = unit_rows(init, name="init")
         run_seqs = np.random.SeedSequence(self.seed).spawn(n_init)
         # The subsample draws from its own stream (a spawn key no run uses), so the runs keep their seeds.
         sample_rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(_SUBSAMPLE_KEY,)))
@@ -146,7 +149,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         rows = place_rows(train_X, train_w, backend, device=self.device, precision=self.precision,
                           x_sq=x_sq if train_X is X else None)
 
-        saved = _FitState(self.checkpoint, self._fingerprint(train_X, train_w, init, n_init))
+        saved = FitState(self.checkpoint, self._fingerprint(train_X, train_w, init, n_init))
         start, best = saved.load()
         for run, child in enumerate(run_seqs, start=1):
             if run < start.get("run", 1):
@@ -165,7 +168,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             if labels is None:  # the best run was restored from the checkpoint
                 labels = rows.assign(centroids)[0]
         else:
-            labels, sq_distances = _assign(X, centroids, backend, x_sq)
+            labels, sq_distances = nearest_on_host(X, centroids, backend, x_sq)
             inertia = float(sq_distances.astype(np.float64) @ w)
 
         self.cluster_centers_ = centroids
@@ -181,7 +184,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         """Index of the nearest centroid for each row."""
         X = self._check_fitted_input(X)
-        return _assign(X, self.cluster_centers_, resolve_backend(self.backend))[0]
+        return nearest_on_host(X, self.cluster_centers_, resolve_backend(self.backend))[0]
 
     def fit_predict(self, X: Any, y: Any = None, sample_weight: Any = None) -> np.ndarray:
         """Fit, then return labels_."""
@@ -200,7 +203,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         """Minus the weighted SSE of X to its nearest centroids (higher is better, as scikit-learn)."""
         X = self._check_fitted_input(X)
         w = as_weights(sample_weight, X.shape[0])
-        _, sq_distances = _assign(X, self.cluster_centers_, resolve_backend(self.backend))
+        _, sq_distances = nearest_on_host(X, self.cluster_centers_, resolve_backend(self.backend))
         return -float(sq_distances.astype(np.float64) @ w)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -227,11 +230,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             "n_training_samples": self.n_training_samples_,
             "history": self.history_,
         }
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with storage.atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
-        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> KMeans:
@@ -263,21 +263,21 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         """Validate every setting against X; returns (init, effective n_init, concrete backend)."""
         n_samples, n_features = X.shape
         check_n_clusters(self.n_clusters, n_samples)
-        n_init = _check_int("n_init", self.n_init, minimum=1)
-        _check_int("max_iter", self.max_iter, minimum=1)
+        n_init = check_int("n_init", self.n_init, minimum=1)
+        check_int("max_iter", self.max_iter, minimum=1)
         if isinstance(self.tol, bool) or not isinstance(self.tol, int | float | np.number):
             raise ConfigError(f"tol should be a number, got {self.tol!r}.")
         if not (math.isfinite(self.tol) and self.tol >= 0):
             raise ConfigError(f"tol={self.tol} should be a finite number >= 0.")
-        _check_int("seed", self.seed, minimum=0)
+        check_int("seed", self.seed, minimum=0)
         for flag in ("verbose", "spherical"):
             if not isinstance(getattr(self, flag), bool | np.bool_):
                 raise ConfigError(f"{flag} should be True or False, got {getattr(self, flag)!r}.")
         if self.max_points_per_centroid is not None:
-            _check_int("max_points_per_centroid", self.max_points_per_centroid, minimum=1)
+            check_int("max_points_per_centroid", self.max_points_per_centroid, minimum=1)
         if self.callback is not None and not callable(self.callback):
             raise ConfigError(f"callback should be a callable or None, got {self.callback!r}.")
-        _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
+        check_int("checkpoint_every", self.checkpoint_every, minimum=1)
         backend = resolve_backend(self.backend)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r} should be one of {', '.join(map(repr, PRECISIONS))}.")
@@ -326,7 +326,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
                 f"X has {X.shape[1]} features, but {type(self).__name__} was fitted with "
                 f"{self.n_features_in_} features."
             )
-        return _unit_rows(X) if self.spherical else X
+        return unit_rows(X) if self.spherical else X
 
     def _training_rows(
         self, X: np.ndarray, w: np.ndarray, rng: np.random.Generator
@@ -355,7 +355,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         if init == "k-means++":
             if isinstance(rows, DeviceRows) and not rows.streamed:
                 return kmeans_plusplus_device(rows, self.n_clusters, w, rng)  # where the rows are
-            return _kmeans_plusplus(X, self.n_clusters, w, rng, n_local_trials=None)
+            return kmeans_plusplus_unchecked(X, self.n_clusters, w, rng, n_local_trials=None)
         if init == "k-means||":
             local = LocalRows(X, None if np.all(w == 1) else w, self.backend, rows)
             return kmeans_parallel(
@@ -377,8 +377,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         if self.checkpoint is None:
             return {}
         return {
-            "estimator": type(self).__name__, "shape": list(X.shape), "data": _digest(X, w),
-            "init": init if isinstance(init, str) else _digest(init), "params": {
+            "estimator": type(self).__name__, "shape": list(X.shape), "data": digest(X, w),
+            "init": init if isinstance(init, str) else digest(init), "params": {
                 k: getattr(self, k).item() if isinstance(getattr(self, k), np.generic) else getattr(self, k)
                 for k in ("n_clusters", "max_iter", "tol", "seed", "spherical", "max_points_per_centroid",
                           "precision")},
@@ -421,7 +421,7 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
 _STATE_FORMAT = "engine.cluster.fit-state/1"
 
 
-class _FitState:
+class FitState:
     """The resumable state of a k-means fit in an .npz (arrays + JSON, no pickle), written atomically.
 
     A state is a dict: "run" (the run to do next, or being done), and while inside a run its "centroids",
@@ -470,36 +470,14 @@ class _FitState:
             "state": {k: v for k, v in state.items() if k != "centroids"},
             "best": None if best is None else {k: best[k] for k in ("inertia", "n_iter", "history")},
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
+        with storage.atomic_path(self.path) as tmp, open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(meta, default=float)), **arrays)
-        os.replace(tmp, self.path)
 
 
-def _digest(*arrays: np.ndarray) -> str:
+def digest(*arrays: np.ndarray) -> str:
     import hashlib
 
     h = hashlib.blake2b(digest_size=16)
     for a in arrays:
         h.update(np.ascontiguousarray(a).data)
     return h.hexdigest()
-
-
-def _unit_rows(X: np.ndarray, name: str = "X", first_row: int = 0) -> np.ndarray:
-    """A copy of X with every row scaled to unit L2 norm; a zero row is a DataError naming it (counted from
-    `first_row`, for a piece of a larger input)."""
-    norms = np.sqrt(row_sq_norms(X))
-    zero = norms == 0
-    if zero.any():
-        row = first_row + int(np.flatnonzero(zero)[0])
-        raise DataError(f"{name} row {row} is all zeros: spherical=True needs rows with a direction.")
-    return X / norms[:, None]
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ConfigError(f"{name} should be an int, got {value!r}.")
-    if value < minimum:
-        raise ConfigError(f"{name}={value} should be >= {minimum}.")
-    return int(value)

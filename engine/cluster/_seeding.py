@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.cluster._stats import _assign, kmeans_plusplus, resolve_backend
+from engine.cluster._stats import kmeans_plusplus, nearest_on_host, resolve_backend
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,8 @@ class SeedingRows:
     _closest_sq: np.ndarray | None = None
 
     def _assign_rows(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _assign(self._X, np.ascontiguousarray(centroids, dtype=np.float32), resolve_backend(self._backend))
+        C = np.ascontiguousarray(centroids, dtype=np.float32)
+        return nearest_on_host(self._X, C, resolve_backend(self._backend))
 
     def update_closest(self, candidates: np.ndarray, first: bool = False) -> float:
         """Fold new candidates into each row's nearest-candidate distance; returns the (weighted) cost.

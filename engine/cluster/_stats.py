@@ -84,7 +84,7 @@ def assign(
     """
     X = as_float32_matrix(X)
     centroids = as_centroids(centroids, n_features=X.shape[1])
-    return _assign(X, centroids, resolve_backend(backend))
+    return nearest_on_host(X, centroids, resolve_backend(backend))
 
 
 def stats_from_assignment(
@@ -141,7 +141,7 @@ def partial_stats(
     X = as_float32_matrix(X)
     centroids = as_centroids(centroids, n_features=X.shape[1])
     w = None if sample_weight is None else as_weights(sample_weight, X.shape[0])
-    labels, sq_distances = _assign(X, centroids, resolve_backend(backend))
+    labels, sq_distances = nearest_on_host(X, centroids, resolve_backend(backend))
     return stats_from_assignment(X, labels, sq_distances, centroids.shape[0], w)
 
 
@@ -168,7 +168,7 @@ def kmeans_plusplus(
             raise ConfigError(f"n_local_trials should be an int or None, got {n_local_trials!r}.")
         if n_local_trials < 1:
             raise ConfigError(f"n_local_trials={n_local_trials} should be >= 1.")
-    return _kmeans_plusplus(X, n_clusters, w, np.random.default_rng(seed), n_local_trials)
+    return kmeans_plusplus_unchecked(X, n_clusters, w, np.random.default_rng(seed), n_local_trials)
 
 
 def resolve_backend(backend: str) -> str:
@@ -265,6 +265,26 @@ def check_n_clusters(n_clusters: object, n_samples: int) -> None:
         raise ConfigError(f"n_samples={n_samples} should be >= n_clusters={n_clusters}.")
 
 
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """`value` as an int >= `minimum`; anything else (a bool, a float, a smaller int) is a ConfigError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ConfigError(f"{name} should be an int, got {value!r}.")
+    if value < minimum:
+        raise ConfigError(f"{name}={value} should be >= {minimum}.")
+    return int(value)
+
+
+def unit_rows(X: np.ndarray, name: str = "X", first_row: int = 0) -> np.ndarray:
+    """A copy of X with every row scaled to unit L2 norm; a zero row is a DataError naming it (counted from
+    `first_row`, for a piece of a larger input)."""
+    norms = np.sqrt(row_sq_norms(X))
+    zero = norms == 0
+    if zero.any():
+        row = first_row + int(np.flatnonzero(zero)[0])
+        raise DataError(f"{name} row {row} is all zeros: spherical=True needs rows with a direction.")
+    return X / norms[:, None]
+
+
 def check_enough_weight(w: np.ndarray, n_clusters: int) -> None:
     """At least n_clusters rows have positive weight, so k distinct rows can seed the centroids."""
     nonzero = int(np.count_nonzero(w))
@@ -272,7 +292,7 @@ def check_enough_weight(w: np.ndarray, n_clusters: int) -> None:
         raise DataError(f"sample_weight has {nonzero} nonzero entries, should be >= n_clusters={n_clusters}.")
 
 
-def _assign(
+def nearest_on_host(
     X: np.ndarray, centroids: np.ndarray, backend: str, x_sq: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Labels and squared distances; x_sq (the rows' squared norms) may be passed in to skip recomputing it."""
@@ -283,7 +303,7 @@ def _assign(
     if backend == "faiss-gpu":
         # knn_gpu runs on the current device only: exactly one GPU, the one Ray assigned (faiss.Kmeans(gpu=1)
         # would shard over every visible GPU instead).
-        sq_distances, labels = faiss.knn_gpu(_faiss_gpu_resources(), X, centroids, 1)
+        sq_distances, labels = faiss.knn_gpu(faiss_gpu_resources(), X, centroids, 1)
     else:
         sq_distances, labels = faiss.knn(X, centroids, 1)
     # The BLAS expansion ||x||^2 - 2x.c + ||c||^2 can dip just below 0 for points on a centroid.
@@ -301,7 +321,7 @@ def _assign_and_stats(
     if backend == "torch" and not torch.cuda.is_available():
         labels, sq_distances, stats = _assign_torch(X, centroids, x_sq, w)
         return labels, sq_distances, cast(PartialStats, stats)  # given w, the CPU path always reduces
-    labels, sq_distances = _assign(X, centroids, backend, x_sq)
+    labels, sq_distances = nearest_on_host(X, centroids, backend, x_sq)
     return labels, sq_distances, stats_from_assignment(X, labels, sq_distances, centroids.shape[0], w)
 
 
@@ -321,7 +341,7 @@ class HostRows:
         return _assign_and_stats(self.X, centroids, self.backend, self.w, self.x_sq)[2]
 
     def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return _assign(self.X, centroids, self.backend, self.x_sq)
+        return nearest_on_host(self.X, centroids, self.backend, self.x_sq)
 
 
 def row_sq_norms(X: np.ndarray) -> np.ndarray:
@@ -424,14 +444,14 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
 
 
 @functools.cache
-def _faiss_gpu_resources() -> faiss.StandardGpuResources:  # noqa: F821
+def faiss_gpu_resources() -> faiss.StandardGpuResources:  # noqa: F821
     import faiss
 
     # One set of GPU scratch buffers per process; allocating them per call costs more than the search.
     return faiss.StandardGpuResources()
 
 
-def _kmeans_plusplus(
+def kmeans_plusplus_unchecked(
     X: np.ndarray, n_clusters: int, w: np.ndarray, rng: np.random.Generator, n_local_trials: int | None
 ) -> np.ndarray:
     if n_local_trials is None:

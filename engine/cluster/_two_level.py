@@ -8,8 +8,16 @@ from typing import Any
 
 import numpy as np
 
-from engine.cluster._kmeans import KMeans, _check_int, _unit_rows
-from engine.cluster._stats import _assign, as_float32_matrix, as_weights, check_enough_weight, row_sq_norms
+from engine.cluster._kmeans import KMeans
+from engine.cluster._stats import (
+    as_float32_matrix,
+    as_weights,
+    check_enough_weight,
+    check_int,
+    nearest_on_host,
+    row_sq_norms,
+    unit_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +79,10 @@ class TwoLevelKMeans(KMeans):
 
             raise ConfigError("TwoLevelKMeans takes init='k-means++' or 'random', not an array of centroids.")
         check_enough_weight(w, self.n_clusters)
-        refine_iter = _check_int("refine_iter", self.refine_iter, minimum=0)
+        refine_iter = check_int("refine_iter", self.refine_iter, minimum=0)
         n_coarse = self._coarse_count(X.shape[0])
         if self.spherical:
-            X = _unit_rows(X)
+            X = unit_rows(X)
         seeds = np.random.SeedSequence(self.seed).spawn(n_coarse + 2)
         history: list[dict[str, Any]] = []
 
@@ -102,7 +110,7 @@ class TwoLevelKMeans(KMeans):
             refine = self._sub_model(self.n_clusters, seeds[-1], level="refine", history=history)
             refine.set_params(init=C, n_init=1, max_iter=refine_iter)
             C = refine.fit(X, sample_weight=w).cluster_centers_
-        labels, sq = _assign(X, C, backend, row_sq_norms(X))
+        labels, sq = nearest_on_host(X, C, backend, row_sq_norms(X))
         self.cluster_centers_ = C
         self.labels_ = labels
         self.inertia_ = float(sq.astype(np.float64) @ w)
@@ -116,7 +124,7 @@ class TwoLevelKMeans(KMeans):
     def _coarse_count(self, n_samples: int) -> int:
         if self.n_coarse is None:
             return max(1, min(self.n_clusters, round(self.n_clusters**0.5)))
-        n_coarse = _check_int("n_coarse", self.n_coarse, minimum=1)
+        n_coarse = check_int("n_coarse", self.n_coarse, minimum=1)
         if n_coarse > self.n_clusters:
             from engine.errors import ConfigError
 

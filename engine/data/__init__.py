@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from engine.data.shards import read_manifest, read_shards, read_table, staged_folder, write_dataset
+from engine.data.folders import read_manifest, read_shards, read_table, staged_folder, write_dataset
 
 __all__ = [
     "SOURCES",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.data.shards import write_dataset
+from engine.data.folders import write_dataset
 from engine.data.sources import open_source, read_dataset
 
 STAGE = "input"

@@ -106,3 +106,19 @@ def _numeric(values: pa.Array, name: str, where: str) -> np.ndarray:
 
 def _prefix(where: str) -> str:
     return f"{where}: " if where else ""
+
+
+def match_by_id(ids: np.ndarray, other_ids: np.ndarray, values: np.ndarray, *, where: str) -> np.ndarray:
+    """`values` (keyed by `other_ids`) reordered to `ids`; both id sets must be equal, each id exactly once."""
+    if len(other_ids) != len(ids):
+        raise DataError(f"{where}: holds {len(other_ids)} rows but the embeddings hold {len(ids)}")
+    order = np.argsort(other_ids, kind="stable")
+    sorted_ids = other_ids[order]
+    if len(sorted_ids) > 1 and (sorted_ids[1:] == sorted_ids[:-1]).any():
+        raise DataError(f"{where}: some ids appear more than once")
+    pos = np.searchsorted(sorted_ids, ids)
+    pos = np.minimum(pos, len(sorted_ids) - 1)
+    if (sorted_ids[pos] != ids).any():
+        missing = ids[sorted_ids[pos] != ids][0]
+        raise DataError(f"{where}: id {missing} of the embeddings has no row")
+    return values[order][pos]

@@ -7,7 +7,6 @@ run, its partitions and what it spent) and, in experiment mode with labels, `met
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import storage
 from engine.config import PipelineConfig
 from engine.errors import ConfigError, DataError
 from engine.progress import Progress
@@ -200,14 +200,13 @@ def _summary(cfg: PipelineConfig, km: Any, built: FederatedPartitions, seconds: 
 
 
 def _write(cfg: PipelineConfig, run_dir: Path, km: Any, built: FederatedPartitions, summary: dict[str, Any]) -> None:
-    from engine.data.shards import staged_folder, write_manifest
+    from engine.data.folders import staged_folder, write_manifest
     from engine.metrics import evaluate
     from engine.rundir import save_config
 
     save_config(cfg, run_dir)
-    tmp = run_dir / f".centroids.tmp-{os.getpid()}.npy"
-    np.save(tmp, km.cluster_centers_)
-    os.replace(tmp, run_dir / "centroids.npy")
+    with storage.atomic_path(run_dir / "centroids.npy") as tmp:
+        np.save(tmp, km.cluster_centers_)
     with staged_folder(run_dir / STAGE) as folder:
         (folder / ROUNDS_FILE).write_text("".join(json.dumps(r, default=float) + "\n" for r in km.history_))
         (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=float))
@@ -216,6 +215,4 @@ def _write(cfg: PipelineConfig, run_dir: Path, km: Any, built: FederatedPartitio
     if built.pooled is not None and built.labels is not None:
         metrics = evaluate(km.predict(built.pooled), labels_true=built.labels, X=built.pooled, inertia=km.inertia_,
                            silhouette_sample=cfg.evaluate.silhouette_sample, seed=cfg.seed)
-        tmp = run_dir / f".metrics.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, run_dir / "metrics.json")
+        storage.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))

@@ -16,9 +16,8 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.validation import check_is_fitted
 
 from engine.cluster import KMeans, PartialStats, assign
-from engine.cluster._kmeans import _check_int
 from engine.cluster._lloyd import lloyd
-from engine.cluster._stats import as_float32_matrix, check_n_clusters, resolve_backend
+from engine.cluster._stats import as_float32_matrix, check_int, check_n_clusters, resolve_backend
 from engine.errors import ConfigError, DataError, EngineError, find_engine_error, user_message
 from engine.federated import secure
 from engine.federated.client import FederatedClient, Release
@@ -211,7 +210,7 @@ class FederatedKMeans(BaseEstimator):
             if name == "local_k" and self.local_k is None:
                 continue
             try:
-                _check_int(name, getattr(self, name), minimum=minimum)
+                check_int(name, getattr(self, name), minimum=minimum)
             except ConfigError as e:
                 raise _error(name, str(e)) from None
         if isinstance(self.tol, bool) or not isinstance(self.tol, int | float | np.number) or not (

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 
 from engine.errors import ConfigError
 from engine.models.registry import register_model
+from engine.widths import MLP_HIDDEN
 
 
 @dataclass
 class MLPAutoencoderConfig:
     in_dim: int  # features of a flattened input row
     latent_dim: int = 10  # DEC uses 10 for MNIST-size data
-    hidden: list[int] = field(default_factory=lambda: [500, 500, 2000])  # encoder widths; decoder mirrors
+    hidden: list[int] = field(default_factory=lambda: list(MLP_HIDDEN))  # encoder widths; decoder mirrors
     dropout: float = 0.0  # on the input only (a denoising AE when > 0)
 
 
@@ -65,5 +66,5 @@ def build_mlp_autoencoder(*, in_dim: int, latent_dim: int = 10, hidden: list[int
                           dropout: float = 0.0) -> MLPAutoencoder:
     # Images reach an MLP as flat rows: it takes no image_shape.
     return MLPAutoencoder(MLPAutoencoderConfig(in_dim=in_dim, latent_dim=latent_dim,
-                                               hidden=list(hidden) if hidden is not None else [500, 500, 2000],
+                                               hidden=list(MLP_HIDDEN if hidden is None else hidden),
                                                dropout=dropout))

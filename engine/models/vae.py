@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from engine.errors import ConfigError, DataError
 from engine.models.registry import register_model
+from engine.widths import MLP_HIDDEN
 
 RECON_LOSSES = ("mse", "bce")
 
@@ -26,7 +27,7 @@ RECON_LOSSES = ("mse", "bce")
 class VAEConfig:
     in_dim: int  # features of a flattened input row
     latent_dim: int = 10  # VaDE uses 10 for MNIST
-    hidden: list[int] = field(default_factory=lambda: [500, 500, 2000])  # encoder widths; decoder mirrors
+    hidden: list[int] = field(default_factory=lambda: list(MLP_HIDDEN))  # encoder widths; decoder mirrors
     beta: float = 1.0  # weight of the KL term; 1 is the plain VAE
     recon_loss: str = "mse"  # mse: squared error; bce: Bernoulli pixels, inputs in [0, 1]
     dropout: float = 0.0  # on the input only
@@ -101,5 +102,5 @@ def build_vae(*, in_dim: int, latent_dim: int = 10, hidden: list[int] | None = N
               beta: float = 1.0, recon_loss: str = "mse") -> VAE:
     # An MLP VAE: images reach it as flat rows.
     return VAE(VAEConfig(in_dim=in_dim, latent_dim=latent_dim,
-                         hidden=list(hidden) if hidden is not None else [500, 500, 2000],
+                         hidden=list(MLP_HIDDEN if hidden is None else hidden),
                          beta=beta, recon_loss=recon_loss, dropout=dropout))

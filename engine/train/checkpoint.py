@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine import storage
 from engine.errors import CheckpointError
 
 FORMAT = "dce-checkpoint/1"
@@ -22,7 +23,7 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, shift: np.ndarr
                     starts: list[int] | None = None) -> None:
     """Write a checkpoint file atomically (temp file + rename); `optimizers` maps names to their state dicts;
     `starts`: the epoch each training attempt started from (more than one after a worker failure or a resume)."""
-    from engine import __version__
+    from engine.version import __version__
 
     module = model.module if hasattr(model, "module") else model  # unwrap DDP
     state = {
@@ -41,10 +42,8 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, shift: np.ndarr
         "config_hash": config_hash,
         "starts": [int(s) for s in starts or [0]],
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with storage.atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

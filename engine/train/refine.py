@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from engine.config import REFINED_MODELS
-from engine.data.shards import staged_folder, write_manifest
+from engine.data.folders import staged_folder, write_manifest
 from engine.errors import ConfigError
 from engine.models.dec import cluster_frequencies, kl_divergence, target_distribution
 from engine.train.checkpoint import FILENAME, load_checkpoint
@@ -298,7 +298,7 @@ def initial_centers(ds, pretrained: str | Path, *, dim: int, n_rows: int, cluste
     from sklearn.metrics import normalized_mutual_info_score
 
     from engine.cluster import KMeans
-    from engine.cluster.shards import table_vectors
+    from engine.cluster.assignments import table_vectors
     from engine.embed import embed_rows
     from engine.errors import DataError
     from engine.metrics import clustering_accuracy

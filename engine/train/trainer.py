@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from engine import storage
-from engine.data.shards import staged_folder, write_manifest
+from engine.data.folders import staged_folder, write_manifest
 from engine.errors import CheckpointError
 from engine.train.augment import augment_options
 from engine.train.checkpoint import FILENAME, load_checkpoint
@@ -239,7 +239,7 @@ def adopt_pretrained(pretrained: str | os.PathLike[str], *, in_dim: int, model: 
     """Make the trained model in `pretrained` (a run directory, its model/ folder or a checkpoint file) this
     run's `run_dir/model/`, instead of training: it must be the model the config builds for this input (the
     error names each setting that differs). Its manifest records where it came from and its epochs."""
-    from engine.data.shards import read_manifest
+    from engine.data.folders import read_manifest
     from engine.models import build_model
 
     source = Path(pretrained)

@@ -20,9 +20,7 @@ import pyarrow as pa
 from engine import storage
 from engine.data.schema import CLUSTER, ID, X, Z, check_finite, vector_array, vectors_to_numpy
 from engine.errors import CheckpointError, ConfigError, DataError, IncompleteResultError
-
-# Methods whose labels are "the nearest centroid": the only ones a new row can be given without refitting.
-CENTROID_METHODS = ("kmeans", "sharded", "sample_assign", "two_level")
+from engine.methods import CENTROID_METHODS
 
 
 class Assigner:
@@ -43,7 +41,7 @@ class Assigner:
         self.backend, self.spherical, self.where = backend, spherical, where
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from engine.cluster.shards import assign_batch
+        from engine.cluster.assignments import assign_batch
 
         # Writable: Arrow's zero-copy buffers are read-only, which torch.from_numpy warns about.
         x = np.require(vectors_to_numpy(batch.column(X), name=X, where=self.where), requirements="W")
@@ -104,7 +102,7 @@ def load_run(run_dir: str | Path) -> Run:
     assignments/ or centroids.npy, results written by another engine version, centroids of another latent size.
     `run_dir` is a local path or an object-store URI.
     """
-    from engine.pipeline import load_run_config, model_folder
+    from engine.rundir import load_run_config, model_folder
     from engine.train.checkpoint import FILENAME, load_checkpoint
 
     cfg = load_run_config(run_dir)
@@ -153,9 +151,9 @@ def clustered_with(run_dir: str | Path, cfg: Any) -> tuple[str, str]:
 
 def check_manifest(folder: str | Path, stage: str) -> dict[str, Any]:
     """The manifest of a complete result folder written by this engine version, else an error naming it."""
-    from engine import __version__
     from engine.data import read_manifest
-    from engine.data.shards import MANIFEST
+    from engine.data.folders import MANIFEST
+    from engine.version import __version__
 
     manifest = read_manifest(folder, stage=stage)
     version = manifest.get("engine_version")

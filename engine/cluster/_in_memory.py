@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.errors import ConfigError, DataError
+from engine.methods import IN_MEMORY_METHODS
 from engine.metrics import NOISE
 
 if TYPE_CHECKING:  # engine.config needs pydantic, which k-means alone does not (benchmarks/gpu.py runs without it)
@@ -21,7 +22,6 @@ if TYPE_CHECKING:  # engine.config needs pydantic, which k-means alone does not 
 
 # Ward on the points keeps a condensed n x n distance matrix (float64): 20,000 rows are 1.6 GB.
 WARD_MAX_ROWS = 20_000
-IN_MEMORY_METHODS = ("kmeans", "gmm", "agglomerative", "hdbscan", "dbscan")
 DBSCAN_MIN_SAMPLES = 5  # scikit-learn's default
 
 

@@ -31,7 +31,7 @@ MANIFEST = storage.MANIFEST
 
 
 def engine_version() -> str:
-    from engine import __version__
+    from engine.version import __version__
 
     return __version__
 
@@ -143,9 +143,8 @@ def write_shard(table: pa.Table, folder: str | Path, *, prefix: str) -> dict[str
     folder = Path(folder)
     ids = np.ascontiguousarray(table.column(ID).to_numpy())
     name = f"{prefix}-{hashlib.blake2b(ids.tobytes(), digest_size=8).hexdigest()}.parquet"
-    tmp = folder / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, folder / name)
+    with storage.atomic_path(folder / name) as tmp:
+        pq.write_table(table, tmp)
     record = {"file": name, "rows": table.num_rows}
     _write_json(folder / DONE / f"{name}.json", record)
     return record
@@ -200,9 +199,7 @@ def commit_partial(folder: str | Path, out_dir: str | Path, *, stage: str, confi
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(value))
 
 
 def write_manifest(folder: str | Path, *, stage: str, config_hash: str, rows: int | None = None,

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from engine.data.folders import read_shards, read_table, write_dataset
 from engine.data.schema import CLUSTER, DISTANCE, ID, LABEL, Z, vectors_to_numpy
-from engine.data.shards import read_shards, read_table, write_dataset
 from engine.errors import DataError
 
 STAGE = "assign"
@@ -38,12 +38,11 @@ def assign_batch(batch: pa.Table, centroids: np.ndarray, backend: str = "auto", 
                  spherical: bool = False) -> pa.Table:
     """Nearest centroid and its Euclidean distance for each row of an embeddings batch (of the unit-norm
     row when spherical)."""
-    from engine.cluster._kmeans import _unit_rows
-    from engine.cluster._stats import assign
+    from engine.cluster._stats import assign, unit_rows
 
     z = vectors_to_numpy(batch.column(column), name=column)
     if spherical:
-        z = _unit_rows(z, name=f"column '{column}'")
+        z = unit_rows(z, name=f"column '{column}'")
     if z.shape[1] != centroids.shape[1]:
         raise DataError(f"column '{column}' has {z.shape[1]} dimensions but the centroids have {centroids.shape[1]}")
     labels, sq = assign(z, centroids, backend=backend)
@@ -67,7 +66,7 @@ def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | 
     """
     from ray.data import TaskPoolStrategy
 
-    from engine.data.shards import read_manifest
+    from engine.data.folders import read_manifest
 
     manifest = read_manifest(embeddings, stage=stage)
     expected = manifest["rows"]
@@ -90,7 +89,7 @@ def write_assignments(ids: np.ndarray, labels: np.ndarray, distances: np.ndarray
     `assign_shards` writes: for clusterings computed in memory (no centroids to assign shards with)."""
     import pyarrow.parquet as pq
 
-    from engine.data.shards import staged_folder, write_manifest
+    from engine.data.folders import staged_folder, write_manifest
 
     n = len(ids)
     if not len(labels) == len(distances) == n:
