@@ -152,6 +152,38 @@ def test_torch_backend_on_cuda_agrees_with_faiss_cpu(blobs, init_rows):
     assert (faiss_labels == torch_labels).mean() > 0.999
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_pruned_lloyd_passes_equal_full_passes_and_skip_most_rows_late(weighted):
+    """HostRows' bounds (torch on CPU, k >= PRUNE_MIN_K) skip rows whose label cannot change: at every Lloyd step
+    the labels, and the squared distances up to rounding, equal a full pass's; and late steps skip most rows."""
+    from engine.cluster._stats import PRUNE_MIN_K, HostRows, nearest_on_host
+
+    X, _ = make_blobs(n_samples=20_000, n_features=8, centers=48, cluster_std=1.5, random_state=3)
+    X = X.astype(np.float32)
+    rng = np.random.default_rng(0)
+    w = rng.uniform(0.5, 2.0, X.shape[0]).astype(np.float32) if weighted else None
+    k = max(PRUNE_MIN_K, 48)
+    rows = HostRows(X, w, "torch")
+    assert rows.prune
+    C = X[rng.choice(X.shape[0], k, replace=False)].copy()
+    skipped = []
+    for _ in range(12):
+        stats = rows.stats(C)
+        labels, sq = rows.assign(C)  # the same centroids again: every row is skipped but near-ties within rounding
+        assert rows.pruned_ >= 0.99 * X.shape[0]
+        full_labels, full_sq = nearest_on_host(X, C, "torch")
+        assert np.array_equal(labels, full_labels)
+        np.testing.assert_allclose(sq, full_sq, rtol=1e-4, atol=1e-3)
+        reference = stats_from_assignment(X, full_labels, full_sq, k, w)
+        np.testing.assert_allclose(stats.sums, reference.sums, rtol=1e-5, atol=1e-3)
+        np.testing.assert_array_equal(stats.counts, reference.counts)
+        C, _ = stats.centroids(C)
+        C = C + rng.normal(0, 0.02, C.shape).astype(np.float32)  # no fixed point: the bounds keep working
+        rows.assign(C)
+        skipped.append(rows.pruned_)
+    assert skipped[0] < X.shape[0] and max(skipped[-3:]) > 0.5 * X.shape[0], skipped
+
+
 def test_partial_stats_match_direct_computation(blobs, init_rows):
     X, _ = blobs
     w = np.random.default_rng(2).uniform(0, 3, len(X))

@@ -19,6 +19,8 @@ BACKENDS = ("auto", "faiss", "torch")
 # The torch backend holds a (rows x k) float32 distance block; a few MiB stays in CPU cache (measured
 # fastest on CPU), while a GPU wants large blocks to keep its cores busy.
 _TORCH_BLOCK_BYTES = {"cpu": 4 << 20, "cuda": 512 << 20}
+# Below this k a full assignment costs little more than the bounds that would let rows skip it.
+PRUNE_MIN_K = 32
 _STATS_BLOCK_ROWS = 8192
 # Elements per block of the NaN / inf check: a bool mask of the whole input would add a quarter of the
 # input's bytes (0.3 GiB for a 5M x 64 shard actor, on every call); a block of it costs 4 MiB.
@@ -327,21 +329,83 @@ def _assign_and_stats(
 
 class HostRows:
     """Rows in host memory with the Lloyd step's reduction (`stats`) and assignment: the CPU paths (torch's
-    threads, faiss), the same interface as `DeviceRows`."""
+    threads, faiss), the same interface as `DeviceRows`.
+
+    With the torch backend on a CPU and k >= PRUNE_MIN_K, an assignment after the first skips the rows whose
+    nearest centroid cannot have changed (Hamerly 2010, exact): each row keeps a lower bound on its distance to
+    every other centroid, lowered by the largest distance any other centroid has moved since; a row whose exact
+    distance to its own centroid (n x d work, not n x k x d) is below that bound keeps its label. Only the other
+    rows are compared with all k centroids. Near convergence that is a small share of the rows, so Lloyd's later
+    iterations cost a fraction of the first (measured in benchmarks/kmeans_inmemory.py). The bounds carry every
+    rounding error of the fp32 distances they come from, so a skipped row's label is the one a full pass gives,
+    ties within rounding aside.
+    """
 
     def __init__(self, X: np.ndarray, w: np.ndarray | None, backend: str, x_sq: np.ndarray | None = None):
         self.X, self.w, self.backend = X, w, backend
         self.x_sq = row_sq_norms(X) if x_sq is None else x_sq
         self.holds = f"{X.shape[0]} rows x {X.shape[1]} in host memory ({backend})"
+        self.prune = backend == "torch" and not torch.cuda.is_available()
+        # The last assignment's centroids, labels, and lower bounds on each row's distance to any other centroid.
+        self._bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.pruned_ = 0  # rows the last assignment did not compare with every centroid
 
     def stats(self, centroids: np.ndarray) -> PartialStats:
-        if self.w is None:  # no weights: nothing of n rows beyond the assignment is allocated
+        if self.w is None or self._prunes(centroids):  # nothing of n rows beyond the assignment is allocated
             labels, sq_distances = self.assign(centroids)
-            return stats_from_assignment(self.X, labels, sq_distances, centroids.shape[0])
+            return stats_from_assignment(self.X, labels, sq_distances, centroids.shape[0], self.w)
         return _assign_and_stats(self.X, centroids, self.backend, self.w, self.x_sq)[2]
 
     def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return nearest_on_host(self.X, centroids, self.backend, self.x_sq)
+        if not self._prunes(centroids):
+            return nearest_on_host(self.X, centroids, self.backend, self.x_sq)
+        return self._assign_pruned(np.ascontiguousarray(centroids, dtype=np.float32))
+
+    def _prunes(self, centroids: np.ndarray) -> bool:
+        return self.prune and centroids.shape[0] >= PRUNE_MIN_K
+
+    def _assign_pruned(self, C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X, n = self.X, self.X.shape[0]
+        c_sq = row_sq_norms(C)
+        if self._bounds is None or self._bounds[0].shape != C.shape:
+            labels, sq_distances, lower = self._nearest_two(np.arange(n), C, c_sq)
+            self._bounds, self.pruned_ = (C.copy(), labels, lower), 0
+            return labels, sq_distances
+        previous, labels, lower = self._bounds
+        labels, lower = labels.copy(), lower.copy()
+        moved = np.sqrt(np.square(C.astype(np.float64) - previous).sum(axis=1))
+        # The largest move among the centroids other than a row's own: the runner-up for the rows of the largest.
+        first, second = (np.argsort(moved)[-2:][::-1] if len(moved) > 1 else (0, 0))
+        lower -= np.where(labels == first, moved[second], moved[first]).astype(np.float32)
+        sq_distances = _own_sq_distances(X, C, labels)
+        check = np.flatnonzero(np.sqrt(sq_distances) >= lower)
+        if check.size:
+            labels[check], sq_distances[check], lower[check] = self._nearest_two(check, C, c_sq)
+        self._bounds, self.pruned_ = (C.copy(), labels, lower), n - check.size
+        return labels, sq_distances
+
+    def _nearest_two(self, rows: np.ndarray, C: np.ndarray, c_sq: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the given rows: the nearest centroid, the squared distance to it (exact, not the expansion), and a
+        lower bound on the distance to every other centroid: the runner-up's fp32 expansion less its worst
+        rounding error, (2d + 4) u (||x||^2 + max ||c||^2) with u = 2^-24 (Higham's bound for a dot product of
+        length d, doubled for the two terms beside it)."""
+        X = self.X if rows.size == self.X.shape[0] else self.X[rows]
+        x_sq = self.x_sq if rows.size == self.X.shape[0] else self.x_sq[rows]
+        labels, _, runner_up = _assign_torch(X, C, x_sq, second=True)
+        error = (2 * X.shape[1] + 4) * 2.0**-24 * (x_sq + float(c_sq.max()))
+        lower = np.sqrt(np.maximum(runner_up - error, 0)).astype(np.float32)
+        return labels, _own_sq_distances(X, C, labels), lower
+
+
+def _own_sq_distances(X: np.ndarray, C: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """||x - c_label||^2 of every row, computed directly (float32, no cancellation), in blocks of rows."""
+    out = np.empty(X.shape[0], dtype=np.float32)
+    for start in range(0, X.shape[0], _STATS_BLOCK_ROWS):
+        stop = min(start + _STATS_BLOCK_ROWS, X.shape[0])
+        diff = X[start:stop] - C[labels[start:stop]]
+        out[start:stop] = np.einsum("ij,ij->i", diff, diff)
+    return out
 
 
 def row_sq_norms(X: np.ndarray) -> np.ndarray:
@@ -350,8 +414,11 @@ def row_sq_norms(X: np.ndarray) -> np.ndarray:
 
 
 def _assign_torch(
-    X: np.ndarray, centroids: np.ndarray, x_sq: np.ndarray | None = None, w: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, PartialStats | None]:
+    X: np.ndarray, centroids: np.ndarray, x_sq: np.ndarray | None = None, w: np.ndarray | None = None,
+    second: bool = False,
+) -> tuple[np.ndarray, np.ndarray, PartialStats | np.ndarray | None]:
+    """Labels and squared distances; the third value is the stats of the rows given `w` (CPU only), or with
+    `second` (CPU only) the runner-up's squared distances by the same expansion."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not X.flags.writeable:
         X = X.copy()  # torch.from_numpy warns on read-only arrays
@@ -365,8 +432,9 @@ def _assign_torch(
         C = torch.from_numpy(np.ascontiguousarray(centroids)).to(device)
         c_sq = (C * C).sum(dim=1)
         if device.type == "cpu":
-            stats = _assign_torch_cpu(X, C, c_sq, block, labels, sq_distances, x_sq, w)
-            return labels, sq_distances, stats
+            runner_up = np.empty(n, dtype=np.float32) if second else None
+            stats = _assign_torch_cpu(X, C, c_sq, block, labels, sq_distances, x_sq, w, runner_up)
+            return labels, sq_distances, runner_up if second else stats
         x_all = torch.from_numpy(X)
         for start in range(0, n, block):
             stop = min(start + block, n)
@@ -389,8 +457,10 @@ def _assign_torch_cpu(
     sq_distances: np.ndarray,
     x_sq: np.ndarray,
     w: np.ndarray | None,
+    runner_up: np.ndarray | None = None,
 ) -> PartialStats | None:
-    """Fill labels and sq_distances, one contiguous row range per thread; with w, also their stats.
+    """Fill labels and sq_distances, one contiguous row range per thread; with w, also their stats; with
+    `runner_up`, fill it with each row's second smallest squared distance.
 
     Each of torch's intra-op threads takes a range and runs single-threaded GEMMs on it: no barrier per
     block. With torch's own 2-thread GEMM on small blocks a shared 2-core machine spent most of its time
@@ -412,7 +482,12 @@ def _assign_torch_cpu(
                 best = dist.argmin(axis=1)
                 labels[start:stop] = best
                 sq_distances[start:stop] = np.take_along_axis(dist, best[:, None], axis=1)[:, 0]
+                if runner_up is not None:
+                    dist[np.arange(stop - start), best] = np.inf
+                    runner_up[start:stop] = dist.min(axis=1) if k > 1 else np.inf
         part = slice(rows.start, rows.stop)
+        if runner_up is not None:
+            runner_up[part] += x_sq[part]
         sq_distances[part] += x_sq[part]
         # The expansion can dip just below 0 for points on a centroid.
         np.maximum(sq_distances[part], 0, out=sq_distances[part])
