@@ -265,9 +265,11 @@ class ClusterConfig(_Section):
     number of clusters (k is not used) and label outliers -1 (noise). The last four hold the embeddings in
     memory."""
     k: int = Field(default=10, ge=1)
-    init: Literal["auto", "k-means++", "k-means||", "random"] = "auto"
-    """k-means seeding: auto is k-means++ up to k=256 and k-means|| above (fewer operations there); sharded
-    k-means seeds by k-means|| for auto and k-means++ (gmm always starts from scikit-learn's k-means)."""
+    init: Literal["auto", "k-means++", "k-means||", "partitioned", "random"] = "auto"
+    """k-means seeding: auto is k-means++ up to k=256, k-means|| up to 4096 and partitioned (k-means++ within
+    the cells of a coarse k-means) above, each doing fewer operations in its range; sharded k-means seeds by
+    k-means|| for auto and k-means++ and has no partitioned seeding (gmm always starts from scikit-learn's
+    k-means)."""
     n_init: int = Field(default=10, ge=1)
     """Restarts of kmeans and gmm; the best objective is kept."""
     max_iter: int = Field(default=100, ge=1)

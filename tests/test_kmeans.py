@@ -394,6 +394,56 @@ def test_auto_init_is_kmeans_parallel_above_256_clusters():
         np.testing.assert_array_equal(auto.cluster_centers_, explicit.cluster_centers_)
 
 
+def test_auto_init_is_partitioned_above_4096_clusters(monkeypatch):
+    from engine.cluster import _kmeans
+
+    monkeypatch.setattr(_kmeans, "PARTITIONED_ABOVE_K", 40)  # the rule, at a size a test affords
+    X = np.random.default_rng(0).standard_normal((3000, 4), dtype=np.float32)
+    auto = KMeans(41, max_iter=1, tol=0).fit(X)
+    explicit = KMeans(41, init="partitioned", max_iter=1, tol=0).fit(X)
+    np.testing.assert_array_equal(auto.cluster_centers_, explicit.cluster_centers_)
+
+
+@pytest.mark.parametrize("centers", [60, 3000])
+def test_partitioned_seeding_is_close_to_greedy_kmeans_plusplus(centers):
+    """Fewer blobs than k (several seeds per blob) and more (a seed per several blobs): the seeds' cost is within
+    15% of greedy k-means++'s, within 2% after 10 Lloyd iterations; seeded, and no zero-weight row is a seed."""
+    from engine.cluster._stats import nearest_on_host
+
+    X, _ = make_blobs(n_samples=20_000, n_features=12, centers=centers, center_box=(-10, 10), random_state=1)
+    X = X.astype(np.float32)
+    w = np.ones(X.shape[0], dtype=np.float32)
+    w[::7] = 0.0
+    k = 400
+
+    def seeds(init: str, seed: int) -> np.ndarray:
+        return KMeans(k, init=init)._initial_centroids(X, w, init, np.random.default_rng(seed))
+
+    def cost(C: np.ndarray) -> float:
+        return float(nearest_on_host(X, C, "faiss-cpu")[1].astype(np.float64) @ w)
+
+    partitioned, greedy = seeds("partitioned", 0), seeds("k-means++", 0)
+    assert partitioned.shape == (k, 12) and len(np.unique(partitioned, axis=0)) == k
+    assert not (np.isin(partitioned.view([("", np.float32)] * 12), X[w == 0].view([("", np.float32)] * 12))).any()
+    np.testing.assert_array_equal(partitioned, seeds("partitioned", 0))
+    assert cost(partitioned) <= 1.15 * cost(greedy)
+    after = [KMeans(k, init=C, max_iter=10, tol=0).fit(X, sample_weight=w).inertia_ for C in (partitioned, greedy)]
+    assert after[0] <= 1.02 * after[1]
+
+
+def test_partitioned_allocation_is_proportional_and_capped():
+    from engine.cluster._seeding import _allocate
+
+    share = _allocate(10, np.array([1.0, 1.0, 2.0, 0.0]), np.array([10, 10, 10, 10]))
+    assert share.tolist() == [3, 2, 4, 1]  # one each, then 6 by mass: 1.5 / 1.5 / 3, the remainder to the first
+    share = _allocate(3, np.array([1.0, 1.0, 2.0, 0.0]), np.array([10, 10, 10, 10]))
+    assert share.tolist() == [1, 1, 1, 0]  # fewer than the cells: by mass alone, largest remainders
+    share = _allocate(10, np.array([100.0, 1.0, 1.0]), np.array([3, 20, 20]))
+    assert share.sum() == 10 and share[0] == 3 and abs(int(share[1]) - int(share[2])) <= 1
+    share = _allocate(5, np.zeros(3), np.array([1, 2, 2]))  # no potential anywhere: by room
+    assert share.sum() == 5 and (share <= [1, 2, 2]).all()
+
+
 def test_random_init_picks_distinct_rows_by_weight():
     X = np.arange(60, dtype=np.float32).reshape(30, 2) ** 1.5
     w = np.zeros(30)
@@ -632,7 +682,7 @@ X12 = np.random.default_rng(0).standard_normal((12, 4)).astype(np.float32)
         ({"max_points_per_centroid": 0}, r"^max_points_per_centroid=0 should be >= 1\.$"),
         ({"max_points_per_centroid": 2.5}, r"^max_points_per_centroid should be an int, got 2\.5\.$"),
         ({"callback": "print"}, r"^callback should be a callable or None, got 'print'\.$"),
-        ({"init": "kmeans"}, r"^init='kmeans' should be 'auto', 'k-means\+\+', 'k-means\|\|', 'random' or an array"),
+        ({"init": "kmeans"}, r"^init='kmeans' should be 'auto', 'k-means\+\+', 'k-means\|\|', 'partitioned', 'random'"),
         ({"backend": "cuda"}, r"^backend='cuda' should be one of 'auto', 'faiss', 'torch'\.$"),
         (
             {"n_clusters": 3, "init": np.zeros((3, 5))},

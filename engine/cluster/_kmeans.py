@@ -20,7 +20,14 @@ from sklearn.utils.validation import check_is_fitted
 from engine import storage
 from engine.cluster._device import PRECISIONS, DeviceRows, kmeans_plusplus_device, place_rows
 from engine.cluster._lloyd import lloyd
-from engine.cluster._seeding import PARALLEL_ABOVE_K, LocalRows, kmeans_parallel
+from engine.cluster._seeding import (
+    COARSE_ITERATIONS,
+    PARALLEL_ABOVE_K,
+    PARTITIONED_ABOVE_K,
+    LocalRows,
+    kmeans_parallel,
+    kmeans_plusplus_partitioned,
+)
 from engine.cluster._stats import (
     HostRows,
     as_float32_matrix,
@@ -38,7 +45,7 @@ from engine.errors import CheckpointError, ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
-INITS = ("auto", "k-means++", "k-means||", "random")
+INITS = ("auto", "k-means++", "k-means||", "partitioned", "random")
 _SAVE_FORMAT = "engine.cluster.KMeans/1"
 _SUBSAMPLE_KEY = 2**32 - 1
 
@@ -49,10 +56,12 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
     Parameters
     ----------
     n_clusters : number of centroids k, >= 1 and <= the number of rows.
-    init : "auto" (k-means++ up to n_clusters=256, k-means|| above: `engine.cluster._seeding.PARALLEL_ABOVE_K`
-        says why), "k-means++" (greedy, as scikit-learn), "k-means||" (Bahmani et al. 2012: 2 rounds
-        oversampling 2k rows by their distance to the candidates so far, then weighted k-means++ and Lloyd on the
-        candidates; the same code as ShardedKMeans's), "random" (k distinct rows drawn with probability
+    init : "auto" (k-means++ up to n_clusters=256, k-means|| up to 4096, partitioned above:
+        `engine.cluster._seeding.PARALLEL_ABOVE_K` and `PARTITIONED_ABOVE_K` say why), "k-means++" (greedy, as
+        scikit-learn), "k-means||" (Bahmani et al. 2012: 2 rounds oversampling 2k rows by their distance to the
+        candidates so far, then weighted k-means++ and Lloyd on the candidates; the same code as ShardedKMeans's),
+        "partitioned" (greedy k-means++ within the cells of a coarse k-means of ~sqrt(k) cells, seeds shared out by
+        the cells' potential: `kmeans_plusplus_partitioned`), "random" (k distinct rows drawn with probability
         proportional to sample_weight) or an array (k, n_features) of initial centroids; with an array only one
         run is made.
     n_init : number of runs from different seeds; the run with the lowest inertia is kept.
@@ -293,12 +302,13 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         if isinstance(self.init, str):
             if self.init not in INITS:
                 raise ConfigError(
-                    f"init={self.init!r} should be 'auto', 'k-means++', 'k-means||', 'random' or an array of shape "
-                    "(n_clusters, n_features)."
+                    f"init={self.init!r} should be 'auto', 'k-means++', 'k-means||', 'partitioned', 'random' or an "
+                    "array of shape (n_clusters, n_features)."
                 )
             init = self.init
             if init == "auto":
-                init = "k-means||" if self.n_clusters > PARALLEL_ABOVE_K else "k-means++"
+                init = ("partitioned" if self.n_clusters > PARTITIONED_ABOVE_K else
+                        "k-means||" if self.n_clusters > PARALLEL_ABOVE_K else "k-means++")
             return init, n_init, backend
         try:
             init = as_float32_matrix(self.init, name="init")
@@ -361,6 +371,8 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
             return kmeans_parallel(
                 lambda method, *args: [getattr(local, method)(*args)], lambda idx: X[idx], X.shape[0],
                 self.n_clusters, int(rng.integers(2**31)), rng, self.fit_candidates, first_weights=w)
+        if init == "partitioned":
+            return kmeans_plusplus_partitioned(X, w, self.n_clusters, rng, self.backend, self._fit_coarse)
         rows = rng.choice(X.shape[0], size=self.n_clusters, replace=False, p=w / w.sum())
         return X[rows].copy()
 
@@ -370,6 +382,11 @@ class KMeans(ClusterMixin, TransformerMixin, BaseEstimator):
         local = KMeans(self.n_clusters, init=seeds, max_iter=self.max_iter, tol=self.tol, backend=self.backend,
                        spherical=self.spherical)
         return local.fit(C, sample_weight=weights).cluster_centers_
+
+    def _fit_coarse(self, X: np.ndarray, w: np.ndarray, cells: int, seed: int) -> np.ndarray:
+        """The coarse partition of the partitioned seeding: a short k-means++ / Lloyd fit on a sample."""
+        return KMeans(cells, init="k-means++", max_iter=COARSE_ITERATIONS, seed=seed, backend=self.backend,
+                      max_points_per_centroid=None).fit(X, sample_weight=w).cluster_centers_
 
     def _fingerprint(self, X: np.ndarray, w: np.ndarray, init: str | np.ndarray, n_init: int) -> dict[str, Any]:
         """What a saved state must match to be continued: the data, its weights and every setting that

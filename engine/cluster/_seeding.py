@@ -1,4 +1,5 @@
-"""k-means|| seeding (Bahmani et al. 2012) over rows held in one process or spread over Ray shard actors."""
+"""Seeding for large k: k-means|| (Bahmani et al. 2012) over rows held in one process or spread over Ray shard
+actors, and k-means++ within the cells of a coarse partition for k in the thousands."""
 
 from __future__ import annotations
 
@@ -7,8 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
 
-from engine.cluster._stats import kmeans_plusplus, nearest_on_host, resolve_backend
+from engine.cluster._stats import (
+    kmeans_plusplus,
+    kmeans_plusplus_unchecked,
+    nearest_on_host,
+    resolve_backend,
+    thread_pool,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +32,13 @@ OVERSAMPLING = 2.0
 # few large products (2 rounds of 2k candidates, and their weighting): k-means|| does fewer above k ~ 400
 # (ln k > 6), and its large products keep a GPU busy where k-means++'s one centre at a time does not.
 PARALLEL_ABOVE_K = 256
+# ... and k-means++ within the cells of a coarse partition above this k: k-means|| costs ~8 n d k (k = 20,000 on
+# 1M x 256 rows: ~8e13 flops, minutes on a CPU), the partitioned seeding ~n d k (2 + ln k) / sqrt(k) (~1e12).
+PARTITIONED_ABOVE_K = 4096
+# The coarse k-means of the partitioned seeding trains on at most this many rows per cell (faiss's
+# max_points_per_centroid) for this many Lloyd iterations: it only has to cut the rows into compact cells.
+COARSE_ROWS_PER_CELL = 256
+COARSE_ITERATIONS = 10
 
 
 class SeedingRows:
@@ -137,3 +153,68 @@ def kmeans_parallel(
     logger.debug("k-means||: %d candidates for k=%d", C.shape[0], k)
     seeds = kmeans_plusplus(C, k, sample_weight=weights, seed=int(rng.integers(2**31)))
     return fit_candidates(C, weights, seeds)
+
+
+def kmeans_plusplus_partitioned(
+    X: np.ndarray,
+    w: np.ndarray,
+    n_clusters: int,
+    rng: np.random.Generator,
+    backend: str,
+    fit_coarse: Callable[[np.ndarray, np.ndarray, int, int], np.ndarray],
+) -> np.ndarray:
+    """k centroids by greedy k-means++ within the cells of a coarse partition (for k in the thousands).
+
+    A coarse k-means of round(sqrt(k)) cells (`fit_coarse(rows, weights, cells, seed)`, on a sample) cuts the rows
+    into cells; each cell gets a share of the k seeds and runs greedy k-means++ on its own rows, so a seed is
+    compared with its cell's rows only: about n d k (2 + ln k) / sqrt(k) operations instead of k-means++'s
+    n d k (2 + ln k). A cell's share follows its potential (the weighted squared distances to its coarse centre,
+    as k-means++'s first draw would) raised to d / (d + 2): in the many-centre limit a quantiser's centres follow
+    the density to that power (Zador's asymptotics), which gives spread cells fewer seeds per unit of potential
+    in low dimensions and tends to plain proportion in high ones. No cell gets more seeds than it has rows.
+    """
+    n, d = X.shape
+    cells = max(2, min(n_clusters, int(round(np.sqrt(n_clusters)))))
+    sample = rng.choice(n, size=min(n, COARSE_ROWS_PER_CELL * cells), replace=False, p=w / w.sum())
+    coarse = fit_coarse(X[np.sort(sample)], np.ones(sample.size, dtype=np.float32), cells,
+                        int(rng.integers(2**31)))
+    labels, sq = nearest_on_host(X, np.ascontiguousarray(coarse, dtype=np.float32), resolve_backend(backend))
+    cells = coarse.shape[0]
+    rows_per_cell = np.bincount(labels, minlength=cells)
+    potential = np.bincount(labels, weights=w * sq, minlength=cells)
+    share = _allocate(n_clusters, potential ** (d / (d + 2)), np.minimum(rows_per_cell, np.bincount(
+        labels, weights=(w > 0).astype(np.float64), minlength=cells).astype(np.int64)))
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(rows_per_cell)])
+    todo = np.flatnonzero(share)
+    cell_seeds = rng.integers(2**63, size=todo.size)  # drawn first: the result does not depend on the threads
+
+    def seed_cell(i: int) -> np.ndarray:
+        rows = order[starts[todo[i]]:starts[todo[i] + 1]]
+        return kmeans_plusplus_unchecked(X[rows], int(share[todo[i]]), w[rows], np.random.default_rng(cell_seeds[i]),
+                                         n_local_trials=None)
+
+    # Cells in parallel, each on one BLAS thread: a cell's products are small (trials x rows), and a
+    # multi-threaded BLAS spends them in its barriers (2 GFLOP/s measured here on a busy 2-core machine).
+    with threadpool_limits(1, user_api="blas"):
+        return np.concatenate(list(thread_pool(torch.get_num_threads()).map(seed_cell, range(todo.size))))
+
+
+def _allocate(total: int, mass: np.ndarray, capacity: np.ndarray) -> np.ndarray:
+    """`total` integer shares (total <= capacity.sum()): one for every entry with capacity while there are enough,
+    the rest in proportion to `mass` by largest remainders, none above its `capacity`; what a capped entry cannot
+    take goes to the others in the same way."""
+    share = np.zeros(mass.shape[0], dtype=np.int64)
+    if total >= np.count_nonzero(capacity):
+        share[capacity > 0] = 1  # no cell without a seed: its rows would all be far from every centroid
+    while (left := total - int(share.sum())) > 0:
+        open_ = np.flatnonzero(capacity > share)
+        room = capacity[open_] - share[open_]
+        m = mass[open_] if mass[open_].sum() > 0 else np.ones(open_.size)  # zero potential: evenly
+        ideal = left * m / m.sum()
+        add = np.minimum(np.floor(ideal).astype(np.int64), room)
+        remainder = np.where(add < room, ideal - np.floor(ideal), -1.0)
+        extra = min(left - int(add.sum()), int(np.count_nonzero(remainder >= 0)))
+        add[np.argsort(-remainder, kind="stable")[:extra]] += 1
+        share[open_] += add
+    return share

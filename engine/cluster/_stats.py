@@ -502,7 +502,7 @@ def _assign_torch_cpu(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        parts = list(_thread_pool(workers).map(run, ranges))
+        parts = list(thread_pool(workers).map(run, ranges))
     finally:
         torch.set_num_threads(threads)
     if w is None:
@@ -514,7 +514,7 @@ def _assign_torch_cpu(
 
 
 @functools.cache
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
+def thread_pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="engine-assign")
 
 
