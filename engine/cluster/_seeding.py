@@ -16,6 +16,7 @@ from engine.cluster._stats import (
     kmeans_plusplus_unchecked,
     nearest_on_host,
     resolve_backend,
+    stats_from_assignment,
     thread_pool,
 )
 
@@ -39,6 +40,7 @@ PARTITIONED_ABOVE_K = 4096
 # max_points_per_centroid) for this many Lloyd iterations: it only has to cut the rows into compact cells.
 COARSE_ROWS_PER_CELL = 256
 COARSE_ITERATIONS = 10
+LOCAL_LLOYD = 3
 
 
 class SeedingRows:
@@ -163,7 +165,8 @@ def kmeans_plusplus_partitioned(
     backend: str,
     fit_coarse: Callable[[np.ndarray, np.ndarray, int, int], np.ndarray],
 ) -> np.ndarray:
-    """k centroids by greedy k-means++ within the cells of a coarse partition (for k in the thousands).
+    """k centroids by greedy k-means++ within the cells of a coarse partition (for k in the thousands), each cell's
+    seeds then moved by LOCAL_LLOYD Lloyd iterations over the cell's rows (as k-means|| refines its candidates).
 
     A coarse k-means of round(sqrt(k)) cells (`fit_coarse(rows, weights, cells, seed)`, on a sample) cuts the rows
     into cells; each cell gets a share of the k seeds and runs greedy k-means++ on its own rows, so a seed is
@@ -191,12 +194,17 @@ def kmeans_plusplus_partitioned(
 
     def seed_cell(i: int) -> np.ndarray:
         rows = order[starts[todo[i]]:starts[todo[i] + 1]]
-        return kmeans_plusplus_unchecked(X[rows], int(share[todo[i]]), w[rows], np.random.default_rng(cell_seeds[i]),
-                                         n_local_trials=None)
+        cell_X, cell_w = X[rows], w[rows]
+        C = kmeans_plusplus_unchecked(cell_X, int(share[todo[i]]), cell_w, np.random.default_rng(cell_seeds[i]),
+                                      n_local_trials=None)
+        for _ in range(LOCAL_LLOYD):  # as k-means|| refines its candidates: cheap, the cell's rows only
+            labels, sq = nearest_on_host(cell_X, C, "faiss-cpu")
+            C = stats_from_assignment(cell_X, labels, sq, C.shape[0], cell_w).centroids(C)[0]
+        return C
 
-    # Cells in parallel, each on one BLAS thread: a cell's products are small (trials x rows), and a
+    # Cells in parallel, each on one BLAS / OpenMP thread: a cell's products are small (trials x rows), and a
     # multi-threaded BLAS spends them in its barriers (2 GFLOP/s measured here on a busy 2-core machine).
-    with threadpool_limits(1, user_api="blas"):
+    with threadpool_limits(1):
         return np.concatenate(list(thread_pool(torch.get_num_threads()).map(seed_cell, range(todo.size))))
 
 
