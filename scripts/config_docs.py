@@ -26,7 +26,7 @@ def _type(annotation: object) -> str:
     """`int`, `str | None`, `list[int]`, `'auto' | bool`, `one of 'a', 'b'`: short, for a table."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
-        return " \\| ".join(repr(a) for a in args)
+        return " \\| ".join(repr(a).replace("|", "\\|") for a in args)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return " \\| ".join(_type(a) for a in args)
     if origin is typing.Annotated:
