@@ -202,6 +202,8 @@ def _our_processes() -> list[tuple[int, str]]:
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:  # ended meanwhile, or not ours to read
             continue
+        if "multiprocessing.resource_tracker" in cmd:
+            continue  # the tracker of a multiprocessing pool: it ends with the suite's process, by design
         found.append((int(entry.name), cmd[:160]))
     return found
 

@@ -141,17 +141,22 @@ def test_run_into_a_folder_of_other_files_is_refused(tmp_path, overwrite):
 
 @pytest.mark.parametrize("command", [
     ["train", *BLOBS], ["federate", "federated", "--set", "data.source=blobs"], ["cluster", "{data}"],
-    ["sweep-k", "{data}", "--k", "2..3"], ["prepare", *BLOBS], ["assign", "{run}", "--input", "{rows}"],
+    ["sweep-k", "{data}", "--k", "2..3"], ["prepare", *BLOBS],
 ], ids=lambda c: c[0])
-def test_every_command_refuses_a_folder_of_other_files(tmp_path, command, request):
+def test_every_command_refuses_a_folder_of_other_files(tmp_path, command):
     """The same policy for every command that writes: a non-empty folder that is not the engine's is refused."""
     data = write_vectors(tmp_path / "emb.parquet", fixed(np.random.default_rng(0).random((30, 3))))
-    fills = {"{data}": data}
-    if "{run}" in command:
-        fills.update({"{run}": request.getfixturevalue("finished_run"), "{rows}": request.getfixturevalue("new_rows")})
     out = foreign_folder(tmp_path / "mine")
     before = snapshot(out)
-    assert_one_error(invoke(*[fills.get(a, a) for a in command], "--out", out), r"mine is not empty")
+    assert_one_error(invoke(*[{"{data}": data}.get(a, a) for a in command], "--out", out), r"mine is not empty")
+    assert snapshot(out) == before
+
+
+def test_assign_refuses_a_folder_of_other_files(tmp_path, finished_run, new_rows):
+    """`dce assign`, which needs a finished run, under the same policy."""
+    out = foreign_folder(tmp_path / "mine")
+    before = snapshot(out)
+    assert_one_error(invoke("assign", finished_run, "--input", new_rows, "--out", out), r"mine is not empty")
     assert snapshot(out) == before
 
 
@@ -412,9 +417,9 @@ TRAIN_STARTS = r'"event": "stage_start", "stage": "train"'
 
 @pytest.mark.parametrize(("sig", "code", "point"), [(signal.SIGINT, 130, EPOCH_2), (signal.SIGTERM, 143, TRAIN_STARTS)],
                          ids=["sigint-in-epoch-2", "sigterm-as-training-starts"])
-def test_interrupted_run_keeps_its_checkpoints_and_says_how_to_resume(ray_local, tmp_path, sig, code, point):
+def test_interrupted_run_keeps_its_checkpoints_and_says_how_to_resume(ray_train, tmp_path, sig, code, point):
     out, log = tmp_path / "run", tmp_path / "progress.jsonl"
-    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_train.get_runtime_context().gcs_address}
     with log.open("w") as stderr:
         proc = subprocess.Popen([str(DCE), "run", *as_args(LONG_RUN), "--out", str(out), "--log-format", "json"],
                                 stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, cwd=tmp_path)
@@ -435,7 +440,7 @@ def test_interrupted_run_keeps_its_checkpoints_and_says_how_to_resume(ray_local,
         assert list((out / "train").glob("checkpoint_*/checkpoint.pt")), "the checkpoints were not kept"
     assert (out / "config.yaml").is_file() and not (out / "model").exists()
     # The interrupted driver's workers are gone: the shared Ray has all its CPUs again.
-    wait_for(lambda: ray_local.available_resources().get("CPU") == ray_local.cluster_resources()["CPU"], 60,
+    wait_for(lambda: ray_train.available_resources().get("CPU") == ray_train.cluster_resources()["CPU"], 60,
              "the interrupted run's workers to end")
 
 

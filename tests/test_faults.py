@@ -132,7 +132,7 @@ def test_resume_refuses_overrides_and_needs_a_run_directory(tmp_path):
 # ---- on Ray ----------------------------------------------------------------------------------------
 
 
-def test_training_worker_killed_resumes_from_its_checkpoint(ray_local, tmp_path):
+def test_training_worker_killed_resumes_from_its_checkpoint(ray_train, tmp_path):
     cfg = config_from_dict({**TINY, "train": {"epochs": 5, "batch_size": 64, "num_workers": 2,
                                               "checkpoint_every": 1, "max_failures": 2}})
     ds = read_dataset(open_source(cfg.data)).materialize()
@@ -221,12 +221,12 @@ def _pipeline(*args: str) -> list[str]:
     return [sys.executable, "-m", "jobs.pipeline", *args]
 
 
-def test_driver_killed_then_resumed_equals_an_uninterrupted_run(ray_local, tmp_path):
+def test_driver_killed_then_resumed_equals_an_uninterrupted_run(ray_train, tmp_path):
     config = tmp_path / "faults.yaml"
     config.write_text(yaml.safe_dump(TINY))
     run_dir = tmp_path / "killed"
     # The driver joins this module's Ray, so a killed driver takes only its own job's actors and tasks with it.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ray_train.get_runtime_context().gcs_address}
     driver = subprocess.Popen(_pipeline("--config", str(config), "--out", str(run_dir)), cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = run_dir / ".embeddings.partial" / "_done"

@@ -148,6 +148,10 @@ class DeviceRows:
         cluster_sse_np = cluster_sse.cpu().numpy()
         return PartialStats(sums.cpu().numpy(), counts.cpu().numpy(), float(cluster_sse_np.sum()), cluster_sse_np)
 
+    def nearest_centroids(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`assign`: the device keeps no bounds between passes (HostRows' seeding entry point, for both)."""
+        return self.assign(centroids)
+
     def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest centroid (int64) and squared distance (float32) of every row, copied back to the host."""
         C, c_sq, C_low = self._centroids(centroids)

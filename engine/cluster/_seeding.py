@@ -109,7 +109,7 @@ class LocalRows(SeedingRows):
     def _assign_rows(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self._placed is None:
             return super()._assign_rows(centroids)
-        return self._placed.assign(np.ascontiguousarray(centroids, dtype=np.float32))
+        return self._placed.nearest_centroids(np.ascontiguousarray(centroids, dtype=np.float32))
 
 
 def kmeans_parallel(

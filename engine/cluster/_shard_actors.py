@@ -140,7 +140,8 @@ class ShardActor(SeedingRows):
         return self._rows().assign(as_centroids(centroids, n_features=self.dim()))
 
     def _assign_rows(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.assign(centroids)  # with the squared norms computed at load
+        # Seeding: where the rows are placed, with the squared norms computed at load, no Lloyd bounds.
+        return self._rows().nearest_centroids(as_centroids(centroids, n_features=self.dim()))
 
     def partial_stats(self, centroids: np.ndarray) -> tuple:
         """The PartialStats fields (`PartialStats.as_tuple`) of this actor's rows for `centroids`."""

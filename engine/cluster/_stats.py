@@ -357,9 +357,15 @@ class HostRows:
         return _assign_and_stats(self.X, centroids, self.backend, self.w, self.x_sq)[2]
 
     def assign(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A Lloyd step's assignment: skips the rows the bounds clear (see the class docstring)."""
         if not self._prunes(centroids):
-            return nearest_on_host(self.X, centroids, self.backend, self.x_sq)
+            return self.nearest_centroids(centroids)
         return self._assign_pruned(np.ascontiguousarray(centroids, dtype=np.float32))
+
+    def nearest_centroids(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A full assignment that neither reads nor keeps bounds: for seeding, whose candidate sets are not a
+        moving set of centroids."""
+        return nearest_on_host(self.X, centroids, self.backend, self.x_sq)
 
     def _prunes(self, centroids: np.ndarray) -> bool:
         return self.prune and centroids.shape[0] >= PRUNE_MIN_K
