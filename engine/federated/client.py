@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from engine.cluster import KMeans, PartialStats, partial_stats
+from engine.errors import EngineError
 from engine.federated import secure
 from engine.federated.partitions import label_counts, read_partition
 from engine.federated.privacy import Noise, add_noise, clip_rows, suppress_small
@@ -127,6 +128,30 @@ class FederatedClient:
         view = secure.masked(values, self.name, self._shared, list(release.participants), release.round,
                              release.attempt)
         return {"masked": view}
+
+
+class ClientHost:
+    """Hosts the clients of one or more partitions in one process (virtual clients): each keeps its own rows,
+    keys and noise; the host only routes the server's requests to them. Ray wraps it with `ray.remote`."""
+
+    def __init__(self, sources: dict[str, Any], **client_args: Any):
+        self.clients = {name: FederatedClient(name, source, **client_args) for name, source in sources.items()}
+
+    def call(self, batch: list[tuple[str, str, tuple]]) -> dict[str, tuple[str, Any]]:
+        """Run each (partition, method, args) request; returns partition -> ("ok", answer) or ("error", why).
+
+        An engine error (bad input) is returned as itself for the server to raise; anything else only fails that
+        partition, as a crashed client would.
+        """
+        out: dict[str, tuple[str, Any]] = {}
+        for name, method, args in batch:
+            try:
+                out[name] = ("ok", getattr(self.clients[name], method)(*args))
+            except EngineError as e:
+                out[name] = ("error", e)
+            except Exception as e:  # one partition's failure must not take its host's other partitions down
+                out[name] = ("error", f"{type(e).__name__}: {str(e)[:200]}")
+        return out
 
 
 def _node_id() -> str | None:
