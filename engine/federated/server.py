@@ -17,16 +17,26 @@ from engine.cluster import KMeans, assign
 from engine.cluster._kmeans import _check_int
 from engine.cluster._stats import as_float32_matrix, check_n_clusters, resolve_backend
 from engine.errors import ConfigError, DataError, EngineError
-from engine.federated import algorithms
+from engine.federated import algorithms, secure
 from engine.federated.algorithms import Session
 from engine.federated.client import Release
 from engine.federated.partitions import read_partition, resolve_partitions
 from engine.federated.privacy import Accountant, privacy_config
-from engine.federated.transport import PIN_AMOUNT, RayTransport, start_ray_hosts
+from engine.federated.transport import (
+    PIN_AMOUNT,
+    InProcessTransport,
+    RayTransport,
+    Transport,
+    start_local_hosts,
+    start_ray_hosts,
+)
 
 logger = logging.getLogger(__name__)
 
 MODES = ("one_shot", "rounds")
+# ray: a Ray actor per client host (the deployment); in_process: the hosts in the driver, no Ray (to measure the
+# algorithms alone: no placement, no timeouts).
+TRANSPORTS = ("ray", "in_process")
 # The centralised reference of experiment mode: a strong baseline, as scikit-learn's classic default.
 _REFERENCE_N_INIT = 10
 
@@ -44,6 +54,8 @@ CONFIG_KEYS = {
 
 def _error(param: str, message: str, kind: type[EngineError] = ConfigError) -> EngineError:
     """`message` with the config key of `param` added: "local_k=5 should be ... (config: federated.local_k)."."""
+    if param not in CONFIG_KEYS:
+        return kind(f"{message.rstrip('.')}.")
     return kind(f"{message.rstrip('.')} (config: {CONFIG_KEYS[param]}).")
 
 
@@ -75,7 +87,13 @@ class FederatedKMeans(BaseEstimator):
         run, see engine.federated.privacy). DP needs mode="rounds", local_steps=1 and an array init: a local
         k-means output has no bounded sensitivity.
     secure_aggregation : rounds: clients send masked fixed-point vectors whose sum is exact and whose parts
-        reveal nothing (engine.federated.secure); a client that drops out makes the round run again without it.
+        reveal nothing (engine.federated.secure: X25519 keys signed by Ed25519 client identities, ChaCha20
+        masks over a sparse neighbour graph); a client that drops out makes the round run again without it.
+    secure_neighbours : degree of the mask graph (None: every pair up to 8 clients, else ~2 log2 n, as SecAgg+).
+    clients_per_actor : virtual clients: partitions hosted per client process, each with its own rows, keys
+        and noise (1: one actor per partition); a host that dies takes its partitions out of the run.
+    transport : "ray" (client hosts are Ray actors) or "in_process" (hosts in this process, run in turn: to
+        measure the algorithms without Ray; no placement, no round_timeout).
     placement : None (Ray places the clients, spread), "resource" (the client of partition p needs the custom
         resource `partition:p`) or a dict partition name -> custom resource name.
     quorum : share of the clients that must answer each round; failed or late clients are dropped for the
@@ -113,6 +131,9 @@ class FederatedKMeans(BaseEstimator):
         init: str | np.ndarray = "k-means++",
         privacy: Any = None,
         secure_aggregation: bool = False,
+        secure_neighbours: int | None = None,
+        clients_per_actor: int = 1,
+        transport: str = "ray",
         placement: str | dict[str, str] | None = None,
         quorum: float = 0.5,
         round_timeout: float | None = None,
@@ -134,6 +155,9 @@ class FederatedKMeans(BaseEstimator):
         self.init = init
         self.privacy = privacy
         self.secure_aggregation = secure_aggregation
+        self.secure_neighbours = secure_neighbours
+        self.clients_per_actor = clients_per_actor
+        self.transport = transport
         self.placement = placement
         self.quorum = quorum
         self.round_timeout = round_timeout
@@ -160,8 +184,11 @@ class FederatedKMeans(BaseEstimator):
         # What the array shapes tell is checked before any actor starts.
         self._check_partitions({n: {"rows": s.shape[0], "dim": s.shape[1]} for n, s in parts.items()
                                 if isinstance(s, np.ndarray)})
-        init_ray()
-        self._check_resources(pins)
+        if self.transport == "ray":
+            init_ray()
+            self._check_resources(pins)
+        elif any(pins.values()):
+            raise _error("placement", "placement needs transport='ray': in-process clients have no nodes.")
         self._privacy = privacy
         self._accountant: Accountant | None = None
         self.history_: list[dict[str, Any]] = []
@@ -190,11 +217,13 @@ class FederatedKMeans(BaseEstimator):
 
     def _check_params(self):
         """Every setting checked in one place; errors name the parameter and its config key."""
+        if self.transport not in TRANSPORTS:
+            raise _error("transport", f"transport={self.transport!r} should be one of {', '.join(TRANSPORTS)}.")
         if self.mode not in MODES:
             raise _error("mode", f"mode={self.mode!r} should be 'rounds' or 'one_shot'.")
         for name, minimum in (("n_clusters", 1), ("local_k", 1), ("max_rounds", 1), ("local_steps", 1),
-                              ("local_max_iter", 1), ("seed", 0)):
-            if name == "local_k" and self.local_k is None:
+                              ("local_max_iter", 1), ("seed", 0), ("secure_neighbours", 2), ("clients_per_actor", 1)):
+            if name in ("local_k", "secure_neighbours") and getattr(self, name) is None:
                 continue
             try:
                 _check_int(name, getattr(self, name), minimum=minimum)
@@ -307,17 +336,22 @@ class FederatedKMeans(BaseEstimator):
 
     # --- clients and the run -----------------------------------------------------------------------
 
-    def _start_transport(self, parts: dict[str, Any], pins: dict[str, str | None], privacy) -> RayTransport:
+    def _start_transport(self, parts: dict[str, Any], pins: dict[str, str | None], privacy) -> Transport:
         clip = privacy.clip_norm if privacy is not None and privacy.epsilon is not None else None
-        hosts = start_ray_hosts(parts, pins, 1, {"column": self.column, "label_column": self.label_column,
-                                                 "backend": self.backend, "clip_norm": clip})
-        return RayTransport(hosts, self.quorum, round_timeout=self.round_timeout,
-                            min_secure=2 if self.secure_aggregation else 1, audit=self.audit)
+        client_args = {"column": self.column, "label_column": self.label_column, "backend": self.backend,
+                       "clip_norm": clip}
+        options = {"min_secure": 2 if self.secure_aggregation else 1, "audit": self.audit}
+        if self.transport == "in_process":
+            return InProcessTransport(start_local_hosts(parts, self.clients_per_actor, client_args), self.quorum,
+                                      **options)
+        hosts = start_ray_hosts(parts, pins, self.clients_per_actor, client_args)
+        return RayTransport(hosts, self.quorum, round_timeout=self.round_timeout, **options)
 
     def _fit(self, parts: dict[str, Any]) -> None:
         t = self._transport
         infos, facts = t.exchange("load", lambda name, release: ("load", ()), release=None)
         t.dead.update(facts["dropped"])  # a client that could not load has no rows to answer for
+        identities = {name: info.pop("identity") for name, info in infos.items()}
         self._check_partitions(infos)
         self.partitions_ = infos
         self.n_features_in_ = int(next(iter(infos.values()))["dim"])
@@ -327,10 +361,10 @@ class FederatedKMeans(BaseEstimator):
         accountant = None
         if self._privacy is not None and self._privacy.epsilon is not None:
             init_releases = 1 if init is not None and init.shape[0] > self.n_clusters else 0
-            accountant = Accountant(self._privacy, init_releases + self.max_rounds)
+            accountant = Accountant(self._privacy, init_releases + self.max_rounds, counts_releases=init_releases)
         self._accountant = accountant
         if self.secure_aggregation:
-            self._agree_keys()
+            self._agree_keys(identities)
         self.reference_ = self._reference(parts) if self.compare_centralised else None
         session = Session(
             transport=t, n_clusters=self.n_clusters,
@@ -364,14 +398,25 @@ class FederatedKMeans(BaseEstimator):
                                     "inertia_ratio": metrics["inertia_ratio"],
                                     "ari_to_centralised": metrics["ari_to_centralised"]})
 
-    def _agree_keys(self) -> None:
-        """Diffie-Hellman through the server: it relays public keys and learns no shared secret."""
+    def _agree_keys(self, identities: dict[str, bytes]) -> None:
+        """Key agreement through the server: it relays identities (pinned at enrolment) and signed X25519 keys,
+        each client only its neighbours' in the public mask graph, and learns no shared key."""
         t = self._transport
-        keys, facts = t.exchange("keys", lambda name, release: ("public_key", ()), release=None)
+        names = tuple(sorted(n for n in t.names if n not in t.dead))
+        degree = self.secure_neighbours if self.secure_neighbours is not None else secure.default_degree(len(names))
+        degree = min(degree, len(names) - 1)
+        seed = int(np.random.SeedSequence([self.seed, 0x5EC]).generate_state(1)[0])
+        graph = secure.neighbour_graph(names, degree, seed)
+        min_participants = max(2, math.ceil(self.quorum * len(t.names) - 1e-9))
+        keys, facts = t.exchange("keys", lambda name, release: (
+            "enrol", ({p: identities[p] for p in graph[name]}, names, degree, seed, min_participants)), release=None)
         # A client without agreed keys could not mask: it leaves the run here, as a dead one.
         t.dead.update(facts["dropped"])
-        _, facts = t.exchange("keys", lambda name, release: ("agree_keys", (keys,)), release=None)
+        _, facts = t.exchange("keys", lambda name, release: (
+            "agree_keys", ({p: keys[p] for p in graph[name] if p in keys},)), release=None)
         t.dead.update(facts["dropped"])
+        self.secure_graph_ = {"clients": len(names), "degree": degree,
+                              "pairs": sum(len(v) for v in graph.values()) // 2}
 
     # --- records and experiment metrics -----------------------------------------------------------
 
