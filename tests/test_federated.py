@@ -261,6 +261,13 @@ def test_bad_input_is_named_before_ray_starts(parts):
         (parts, {"quorum": 1.5}, ConfigError, r"quorum=1.5 should be a share.*\(config: federated.quorum\)"),
         (parts, {"max_rounds": 0}, ConfigError, r"max_rounds=0 should be >= 1 \(config: federated.max_rounds\)"),
         ({"a": parts["a"], "b": [[1.0, 2.0]]}, {}, ConfigError, "partition 'b' should be a numpy array"),
+        ({**parts, "c": parts["c"][:3]}, {"mode": "one_shot"}, ConfigError,
+         r"n_clusters=4 should be <= the rows of partition 'c' \(3\): every client clusters its own rows first "
+         r"\(config: cluster.k\)\.$"),
+        (parts, {"transport": "grpc"}, ConfigError, r"transport='grpc' should be one of ray, in_process\.$"),
+        (parts, {"clients_per_actor": 0}, ConfigError, r"clients_per_actor=0 should be >= 1\.$"),
+        (parts, {"secure_neighbours": 1}, ConfigError, r"secure_neighbours=1 should be >= 2\.$"),
+        (parts, {"placement": "resource", "transport": "in_process"}, ConfigError, "placement needs transport='ray'"),
     ]
     for partitions, kwargs, error, message in cases:
         with pytest.raises(error, match=message):

@@ -23,8 +23,11 @@ from engine.federated.client import Release
 from engine.federated.privacy import Accountant
 from engine.federated.transport import Transport
 
-# The server's k-means runs on a few thousand weighted points at most: restarts cost little there.
-SERVER_N_INIT = 10
+# The server's k-means runs on a few thousand weighted points at most: restarts cost little there, and a stuck
+# server run was the largest one_shot gap left once the clients over-cluster (benchmarks/federated.py --sweep).
+SERVER_N_INIT = 25
+# Default local over-clustering k' = OVERCLUSTER * k (capped at a partition's rows), as k-FED's analysis allows.
+OVERCLUSTER = 2
 
 Record = Callable[[dict[str, Any], dict[str, Any], float, "np.ndarray | None"], None]
 
@@ -35,7 +38,8 @@ class Session:
 
     transport: Transport
     n_clusters: int
-    local_k: int
+    local_k: int | None  # None: min(OVERCLUSTER * n_clusters, rows) per client
+    rows: dict[str, int]
     local_max_iter: int
     tol: float
     seed: int
@@ -83,8 +87,10 @@ def local_kmeans_union(s: Session, kind: str) -> np.ndarray:
         # The union needs each client's own centroids: never masked.
         return dataclasses.replace(release(participants, attempt), participants=None, noise_shares=1)
 
+    local_k = {name: s.local_k if s.local_k is not None else min(OVERCLUSTER * s.n_clusters, rows)
+               for name, rows in s.rows.items()}
     answers, facts = s.transport.exchange(
-        kind, lambda name, r: ("local_kmeans", (s.local_k, seeds[name], s.local_max_iter, s.tol, r)), clear)
+        kind, lambda name, r: ("local_kmeans", (local_k[name], seeds[name], s.local_max_iter, s.tol, r)), clear)
     points, weights = [], []
     for answer in answers.values():
         keep = answer["counts"] > 0
@@ -94,7 +100,7 @@ def local_kmeans_union(s: Session, kind: str) -> np.ndarray:
     if points.shape[0] < s.n_clusters:
         raise s.fail("local_k", f"{kind}: the clients shared {points.shape[0]} local centroids (after min_count "
                      f"suppression), fewer than n_clusters={s.n_clusters}; lower privacy.min_count or raise local_k")
-    server = KMeans(s.n_clusters, init="k-means++", n_init=SERVER_N_INIT, max_iter=s.local_max_iter,
+    server = KMeans(s.n_clusters, init="k-means++", n_init=SERVER_N_INIT, max_iter=max(100, s.local_max_iter),
                     tol=s.tol, seed=s.seed, backend=s.backend).fit(points, sample_weight=weights)
     record = {"round": s.transport.round, "kind": kind, "objective": None, "rel_change": None, "shift": None,
               "empty": 0, "local_centroids": int(points.shape[0]),

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from resource import RUSAGE_SELF, getrusage
 from typing import Any
 
 import numpy as np
@@ -70,8 +71,10 @@ class FederatedKMeans(BaseEstimator):
         to float rounding) or "one_shot" (k-FED, Dennis et al. ICML 2021: each client runs k-means with
         local_k clusters and sends sums and counts; the server runs weighted k-means, k-means++ init, over the
         union of the local centroids weighted by their counts).
-    local_k : k' of the clients' local k-means (one_shot, and the init of rounds); default n_clusters. Every
-        partition needs at least local_k rows.
+    local_k : k' of the clients' local k-means (one_shot, and the init of rounds). Default: over-clustering,
+        min(2 n_clusters, the partition's rows): a local cluster then rarely straddles two true ones, which is what
+        keeps k-FED near centralised cost (benchmarks/federated.py --sweep). Every partition needs at least
+        local_k rows (default: n_clusters rows).
     max_rounds, tol : rounds: at most max_rounds Lloyd rounds; stop when the relative decrease of the global
         inertia falls below tol (as `KMeans`); under DP the inertia is not released and every round runs.
     local_steps : rounds: Lloyd steps each client runs locally per round, FedAvg style (the server weights the
@@ -310,7 +313,6 @@ class FederatedKMeans(BaseEstimator):
         """No empty partition, one dimension for all (naming the first that differs), k' and k fit the rows."""
         first: tuple[str, int] | None = None
         uses_local_k = self.mode == "one_shot" or isinstance(self.init, str)
-        local_k = self.local_k if self.local_k is not None else self.n_clusters
         for name, info in infos.items():
             if info["rows"] == 0:
                 raise DataError(f"partition '{name}' holds no rows")
@@ -319,10 +321,12 @@ class FederatedKMeans(BaseEstimator):
             elif info["dim"] != first[1]:
                 raise DataError(f"partition '{name}' has {info['dim']} dimensions, but partition '{first[0]}' has "
                                 f"{first[1]}")
-            if uses_local_k and local_k > info["rows"]:
-                what = "local_k" if self.local_k is not None else "local_k (default: n_clusters)"
-                raise _error("local_k", f"{what}={local_k} should be <= the rows of partition '{name}' "
+            if uses_local_k and self.local_k is not None and self.local_k > info["rows"]:
+                raise _error("local_k", f"local_k={self.local_k} should be <= the rows of partition '{name}' "
                              f"({info['rows']}).")
+            if uses_local_k and self.local_k is None and self.n_clusters > info["rows"]:
+                raise _error("n_clusters", f"n_clusters={self.n_clusters} should be <= the rows of partition "
+                             f"'{name}' ({info['rows']}): every client clusters its own rows first.")
 
     def _init_points(self, n_features: int) -> np.ndarray:
         try:
@@ -368,7 +372,7 @@ class FederatedKMeans(BaseEstimator):
         self.reference_ = self._reference(parts) if self.compare_centralised else None
         session = Session(
             transport=t, n_clusters=self.n_clusters,
-            local_k=self.local_k if self.local_k is not None else self.n_clusters,
+            local_k=self.local_k, rows={n: int(info["rows"]) for n, info in infos.items()},
             local_max_iter=self.local_max_iter, tol=self.tol, seed=self.seed, backend=self.backend,
             secure=self.secure_aggregation and self.mode == "rounds",
             min_count=self._privacy.min_count if self._privacy is not None else 0,
@@ -431,6 +435,8 @@ class FederatedKMeans(BaseEstimator):
             "bytes_down": facts["bytes_down"],
             "bytes_up": facts["bytes_up"],
             "seconds": time.perf_counter() - start,
+            # The server process's peak resident memory so far (Linux: KiB): with bytes_up, how its cost grows.
+            "server_peak_rss_mb": round(getrusage(RUSAGE_SELF).ru_maxrss / 1024, 1),
             "privacy": None,
         })
         if release is not None and release.noise is not None:
