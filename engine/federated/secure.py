@@ -74,9 +74,12 @@ def neighbour_graph(names: tuple[str, ...], degree: int, seed: int) -> dict[str,
 
 
 @functools.lru_cache(maxsize=64)
-def _connected(names: tuple[str, ...], degree: int, seed: int, participants: tuple[str, ...]) -> bool:
+def _round_view(names: tuple[str, ...], degree: int, seed: int, participants: tuple[str, ...]
+                ) -> tuple[frozenset[str], bool]:
+    """The participants as a set, and whether the graph among them is connected. Cached: the clients of one host
+    get the same participant tuple in a round, so the O(n) work is done once per host, not once per client."""
     graph = neighbour_graph(names, degree, seed)
-    live = set(participants)
+    live = frozenset(participants)
     start = participants[0]
     seen, todo = {start}, [start]
     while todo:
@@ -84,7 +87,7 @@ def _connected(names: tuple[str, ...], degree: int, seed: int, participants: tup
             if b in live and b not in seen:
                 seen.add(b)
                 todo.append(b)
-    return len(seen) == len(live)
+    return live, len(seen) == len(live)
 
 
 class IdentityKey:
@@ -211,18 +214,18 @@ class Masking:
         this client (too few participants, or a graph among them that falls apart)."""
         if self._graph is None:
             raise SecureAggregationError(f"secure aggregation: partition '{self.owner}' has no agreed keys")
-        if self.owner not in participants:
+        live, connected = _round_view(*self._graph, tuple(participants))
+        if self.owner not in live:
             raise SecureAggregationError(f"secure aggregation: partition '{self.owner}' is not a participant")
         if len(participants) < self._min_participants:
             raise SecureAggregationError(
                 f"secure aggregation: partition '{self.owner}' refuses a round of {len(participants)} participants, "
                 f"fewer than the {self._min_participants} agreed at enrolment")
-        if not _connected(*self._graph, tuple(sorted(participants))):
+        if not connected:
             raise SecureAggregationError(
                 f"secure aggregation: partition '{self.owner}' refuses a round whose {len(participants)} "
                 "participants do not form a connected mask graph (too many dropouts for the graph's degree)")
         out = encode(values, len(participants), where=f"partition '{self.owner}'")
-        live = set(participants)
         for peer in sorted(self.neighbours & live):
             if peer not in self._shared:
                 raise SecureAggregationError(f"secure aggregation: partition '{self.owner}' has no key agreed with "

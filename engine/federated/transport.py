@@ -72,11 +72,14 @@ class Transport:
             requests: dict[str, tuple[str, tuple]] = {}
             for name in participants:
                 requests[name] = call(name, this_release)
-                bytes_down += self._log(kind, name, attempt, "down", requests[name][1])
+                self._log(kind, name, attempt, "down", requests[name][1])
+            # What travels down is one batch per host, with the release (and its participant list) in it once.
+            bytes_down += sum(len(pickle.dumps(batch, protocol=5)) for _, batch in self._by_host(requests).values())
             answers, failed = self._send(requests)
             dropped.update(failed)
             for name, answer in answers.items():
-                bytes_up += self._log(kind, name, attempt, "up", answer)
+                self._log(kind, name, attempt, "up", answer)
+                bytes_up += len(pickle.dumps(answer, protocol=5))
             if failed and this_release is not None and this_release.participants is not None:
                 logger.info("%s: %s dropped; secure aggregation runs the round again without them", kind,
                             ", ".join(failed))
@@ -107,12 +110,11 @@ class Transport:
     def _send(self, requests: dict[str, tuple[str, tuple]]) -> tuple[dict[str, Any], dict[str, str]]:
         raise NotImplementedError
 
-    def _log(self, kind: str, name: str, attempt: int, direction: str, payload: Any) -> int:
-        """Bytes of one message (its pickled size); kept in `messages` when auditing."""
+    def _log(self, kind: str, name: str, attempt: int, direction: str, payload: Any) -> None:
+        """Keep one message in `messages` when auditing."""
         if self.audit:
             self.messages.append({"round": self.round, "kind": kind, "attempt": attempt, "partition": name,
                                   "direction": direction, "payload": payload})
-        return len(pickle.dumps(payload, protocol=5))
 
     def _by_host(self, requests: dict[str, tuple[str, tuple]]) -> dict[int, tuple[Any, list]]:
         """The requests grouped by the host that serves them: one call per host and exchange."""
