@@ -37,3 +37,28 @@ def test_a_thousand_virtual_clients_with_secure_aggregation(ray_local):
         assert len(record["participants"]) == CLIENTS and record["secure"]
         assert record["seconds"] > 0 and record["server_peak_rss_mb"] > 0
         assert record["bytes_up"] < CLIENTS * 400  # one masked vector of k*d + 2k + 1 words per client
+
+
+def test_a_dead_host_drops_its_virtual_clients_and_the_secure_round_is_redone(ray_local):
+    rng = np.random.default_rng(1)
+    C = np.array([[0, 0], [6, 6], [-6, 6]], np.float32)
+    parts = {f"c{i:02d}": (C[rng.integers(0, K, ROWS)] + rng.standard_normal((ROWS, D))).astype(np.float32)
+             for i in range(60)}
+
+    def kill_a_host_after_round_1(record):
+        if record["kind"] == "lloyd" and record["round"] == 1:
+            ray_local.kill(km.clients_["c10"])  # the host of c10 .. c19
+
+    km = FederatedKMeans(K, init=C, max_rounds=3, tol=0, secure_aggregation=True, clients_per_actor=10,
+                         callback=kill_a_host_after_round_1)
+    km.fit(parts)
+    second = km.history_[1]
+    gone = [f"c{i}" for i in range(10, 20)]
+    assert sorted(second["dropped"]) == gone and all("client died" in second["dropped"][n] for n in gone)
+    assert second["attempts"] == 2 and len(second["participants"]) == 50
+    survivors = np.concatenate([X for n, X in parts.items() if n not in gone])
+    last = km.history_[-1]
+    assert last["kind"] == "evaluate" and len(last["participants"]) == 50
+    # The evaluate round's secure sum over the 50 survivors is exact: their SSE for the final centroids.
+    sse = float(((survivors[:, None, :] - km.cluster_centers_[None]) ** 2).sum(-1).min(1).sum())
+    assert km.inertia_ == pytest.approx(sse, rel=1e-5)
