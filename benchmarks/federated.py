@@ -14,12 +14,22 @@ centralised Lloyd from its own init (`ratio_same_init`, 1.000 when federated Llo
 pickled sizes of the messages each way, summed over clients and rounds.
 
     python benchmarks/federated.py --record
+    python benchmarks/federated.py --sweep --record         # one_shot / rounds over separated Gaussian mixtures
+    python benchmarks/federated.py --scale 250,500,1000     # per-round time and memory vs virtual clients
+    python benchmarks/federated.py --feddp --sweep-seeds 0,1,2 --record   # DP, FedDP-KMeans's data shape
+
+--sweep measures the algorithms alone: the clients run in this process (FederatedKMeans(transport=
+"in_process")), no Ray, so a cell costs what the k-means costs. Data: k centres drawn N(0, 3^2 I_d) (pairwise
+distance ~4.2 sqrt(d), within-cluster spread ~1.4 sqrt(d): separated), 100 k unit-variance rows; partitions IID or
+Dirichlet(0.1) over the mixture labels (each partition at least k rows); centralised k-means: k-means++, 10
+restarts, 100 iterations.
     python benchmarks/federated.py --n 3000 --partitions 2,4 --splits iid,dirichlet-0.1 --epsilons 10   # quick
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -50,6 +60,113 @@ def pooled_metrics(X: np.ndarray, centroids: np.ndarray, ref_inertia: float, ref
             "ari_to_centralised": float(adjusted_rand_score(ref_labels, labels))}
 
 
+def mixture(k: int, d: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A separated Gaussian mixture: k centres N(0, 3^2 I_d), n unit-variance rows."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0.0, 3.0, (k, d))
+    labels = rng.integers(0, k, n)
+    return (centres[labels] + rng.standard_normal((n, d))).astype(np.float32), labels
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """one_shot and rounds against centralised k-means over the grid, in-process (no Ray)."""
+    from engine.cluster import KMeans
+    from engine.federated import FederatedKMeans, split_indices
+
+    results = []
+    grid = [(k, d) for k in _ints(args.sweep_k) for d in _ints(args.sweep_d)]
+    for (k, d), parts_n, split, seed in itertools.product(grid, _ints(args.sweep_partitions), ("iid", "dirichlet-0.1"),
+                                                          _ints(args.sweep_seeds)):
+        X, y = mixture(k, d, 100 * k, seed)
+        ref = KMeans(k, n_init=10, max_iter=100, tol=1e-4, seed=seed).fit(X)
+        rows = split_indices(len(X), parts_n, split="iid" if split == "iid" else "dirichlet", labels=y, alpha=0.1,
+                             seed=seed, min_rows=k)
+        parts = {name: X[i] for name, i in rows.items()}
+        for method in ("one_shot", "rounds"):
+            start = time.perf_counter()
+            km = FederatedKMeans(k, mode=method, max_rounds=50, tol=1e-4, seed=seed, transport="in_process",
+                                 local_max_iter=50).fit(parts)
+            result = {"bench": "federated-sweep", "k": k, "d": d, "partitions": parts_n, "split": split,
+                      "seed": seed, "method": method, "rounds": int(km.n_rounds_),
+                      **pooled_metrics(X, km.cluster_centers_, ref.inertia_, ref.labels_),
+                      "seconds": time.perf_counter() - start}
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    return results
+
+
+def scale(args: argparse.Namespace) -> list[dict]:
+    """Per-round seconds, bytes and the server's peak memory of secure federated Lloyd vs the client count."""
+    from engine.federated import FederatedKMeans
+
+    results = []
+    rng = np.random.default_rng(0)
+    C = rng.normal(0.0, 3.0, (8, 8)).astype(np.float32)
+    for n in _ints(args.scale):
+        parts = {f"c{i:05d}": (C[rng.integers(0, 8, 10)] + rng.standard_normal((10, 8))).astype(np.float32)
+                 for i in range(n)}
+        start = time.perf_counter()
+        km = FederatedKMeans(8, init=C, max_rounds=3, tol=0, secure_aggregation=True, clients_per_actor=250,
+                             transport=args.scale_transport).fit(parts)
+        lloyd = [r for r in km.history_ if r["kind"] == "lloyd"]
+        result = {"bench": "federated-scale", "clients": n, "transport": args.scale_transport,
+                  "degree": km.secure_graph_["degree"], "seconds_total": time.perf_counter() - start,
+                  "seconds_per_round": float(np.mean([r["seconds"] for r in lloyd])),
+                  "kib_up_per_round": float(np.mean([r["bytes_up"] for r in lloyd])) / 1024,
+                  "server_peak_rss_mb": lloyd[-1]["server_peak_rss_mb"]}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    return results
+
+
+def feddp(args: argparse.Namespace) -> list[dict]:
+    """FedDP-KMeans's data shape (100 clients x 1,000 rows of a Gaussian mixture, total epsilon 1) with the
+    engine's data-point-level DP: rows clipped to a bound read off the public server-side points, secure
+    aggregation (the Gaussian noise split over the clients), init from 500 server-side points."""
+    from engine.cluster import KMeans, assign
+    from engine.federated import FederatedKMeans
+
+    results = []
+    k, d = 10, args.feddp_d
+    for seed, rounds in itertools.product(_ints(args.sweep_seeds), (2, 5)):
+        X, _ = mixture(k, d, 100_000 + 500, seed)
+        server, X = X[:500], X[500:]
+        parts = {f"c{i:03d}": X[i * 1000:(i + 1) * 1000] for i in range(100)}
+        ref = KMeans(k, n_init=10, max_iter=100, seed=seed).fit(X).inertia_
+        clip = 1.2 * float(np.linalg.norm(server, axis=1).max())
+        km = FederatedKMeans(k, init=server, max_rounds=rounds, transport="in_process", secure_aggregation=True,
+                             clients_per_actor=100, seed=seed,
+                             privacy={"epsilon": 1.0, "delta": 1e-6, "clip_norm": clip, "count_noise": "gaussian"}
+                             ).fit(parts)
+        inertia = float(assign(X, km.cluster_centers_)[1].astype(np.float64).sum())
+        result = {"bench": "federated-feddp", "k": k, "d": d, "seed": seed, "rounds": rounds,
+                  "inertia_ratio": inertia / ref, "epsilon_spent": km.privacy_spent_["epsilon"],
+                  "epsilon_first_round": km.history_[1]["privacy"]["epsilon"], "clip_norm": clip}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    return results
+
+
+def record_feddp(args: argparse.Namespace, results: list[dict]) -> None:
+    header = ["d", "seed", "DP rounds", "inertia / centralised non-private", "epsilon of one round",
+              "epsilon total (delta 1e-6)", "target (FedDP-KMeans, client-level)"]
+    table = [[r["d"], r["seed"], r["rounds"], f"{r['inertia_ratio']:.4f}", f"{r['epsilon_first_round']:.3f}",
+              f"{r['epsilon_spent']:.3f}", "<= 1.10"] for r in results]
+    print("\n".join(" | ".join(map(str, row)) for row in [header, *table]))
+    if args.record:
+        command = f"python benchmarks/federated.py {' '.join(sys.argv[1:])}"
+        append_section("Federated DP in FedDP-KMeans's data shape: 100 clients x 1,000 rows, total epsilon 1",
+                       header, table,
+                       f"k 10 Gaussian mixture; data-point-level DP (one row clipped to clip_norm, 1.2 x the largest "
+                       "server-side row norm); client-level DP, FedDP-KMeans's unit, is not implemented, so the "
+                       f"target column is theirs, not this table's. In-process clients; `{command}`. "
+                       f"Python {platform.python_version()}.")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=50_000)
@@ -68,7 +185,22 @@ def main() -> None:
                         help="cluster a run's embeddings (RUN_DIR/embeddings, with their labels) instead of blobs; "
                              "--n, --d, --box are then ignored and DP clips at the rows' largest norm")
     parser.add_argument("--record", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    parser.add_argument("--sweep", action="store_true", help="the one_shot / rounds sweep (in-process, no Ray)")
+    parser.add_argument("--sweep-k", default="8,64")
+    parser.add_argument("--sweep-d", default="8,128")
+    parser.add_argument("--sweep-partitions", default="2,32")
+    parser.add_argument("--sweep-seeds", default="0,1,2,3,4")
+    parser.add_argument("--scale", default="", help="virtual client counts, comma-separated")
+    parser.add_argument("--feddp", action="store_true", help="DP in FedDP-KMeans's shape (in-process)")
+    parser.add_argument("--feddp-d", type=int, default=10)
+    parser.add_argument("--scale-transport", default="in_process", choices=("in_process", "ray"))
     args = parser.parse_args()
+    if args.sweep:
+        return record_sweep(args, sweep(args))
+    if args.scale:
+        return record_scale(args, scale(args))
+    if args.feddp:
+        return record_feddp(args, feddp(args))
 
     import ray
 
@@ -156,6 +288,42 @@ def main() -> None:
         )
         append_section(f"Federated k-means on {'embeddings' if args.embeddings else 'blobs'} (one_shot vs rounds vs "
                        "centralised, DP)", header, table, notes)
+
+
+def record_sweep(args: argparse.Namespace, results: list[dict]) -> None:
+    """Per (k, d, partitions, split): the worst inertia ratio over the seeds, and whether it meets the target."""
+    cells: dict[tuple, dict[str, list[float]]] = {}
+    for r in results:
+        cells.setdefault((r["k"], r["d"], r["partitions"], r["split"]), {}).setdefault(r["method"], []).append(
+            r["inertia_ratio"])
+    header = ["k", "d", "partitions", "split", "one_shot worst / centralised", "rounds worst / centralised",
+              "target one_shot", "met"]
+    table = []
+    for (k, d, p, split), ratios in cells.items():
+        target = 1.01 if split == "iid" else 1.03
+        worst_one, worst_rounds = max(ratios["one_shot"]), max(ratios["rounds"])
+        table.append([k, d, p, split, f"{worst_one:.4f}", f"{worst_rounds:.4f}", f"<= {target}",
+                      "yes" if worst_one <= target and worst_rounds <= 1.001 else "no"])
+    print("\n".join(" | ".join(map(str, row)) for row in [header, *table]))
+    if args.record:
+        command = f"python benchmarks/federated.py {' '.join(sys.argv[1:])}"
+        append_section("Federated one_shot (k-FED) and rounds vs centralised over separated Gaussian mixtures",
+                       header, table, f"Seeds {args.sweep_seeds} (worst shown); `{command}`; in-process clients (no "
+                       f"Ray: the algorithms alone). Python {platform.python_version()}.")
+
+
+def record_scale(args: argparse.Namespace, results: list[dict]) -> None:
+    header = ["clients", "transport", "mask degree", "seconds per round", "KiB up per round", "server peak RSS MiB",
+              "seconds total"]
+    table = [[r["clients"], r["transport"], r["degree"], f"{r['seconds_per_round']:.2f}",
+              f"{r['kib_up_per_round']:.0f}", f"{r['server_peak_rss_mb']:.0f}", f"{r['seconds_total']:.1f}"]
+             for r in results]
+    print("\n".join(" | ".join(map(str, row)) for row in [header, *table]))
+    if args.record:
+        command = f"python benchmarks/federated.py {' '.join(sys.argv[1:])}"
+        append_section("Federated virtual clients: secure federated Lloyd vs the client count", header, table,
+                       f"k 8, d 8, 10 rows per client, 250 clients per host, 3 rounds; `{command}`. Python "
+                       f"{platform.python_version()}.")
 
 
 if __name__ == "__main__":

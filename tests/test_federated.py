@@ -170,9 +170,9 @@ def test_partitions_from_folders_and_columns_are_read_by_their_clients(tmp_path,
 
 def in_process_clients(parts: dict[str, np.ndarray]) -> dict[str, FederatedClient]:
     clients = {name: FederatedClient(name, X) for name, X in parts.items()}
-    for c in clients.values():
-        c.load()
-    keys = {name: c.public_key() for name, c in clients.items()}
+    identities = {name: c.load()["identity"] for name, c in clients.items()}
+    names = tuple(sorted(clients))
+    keys = {name: c.enrol(identities, names, len(names) - 1, 0, 2) for name, c in clients.items()}
     for c in clients.values():
         c.agree_keys(keys)
     return clients
@@ -228,11 +228,16 @@ def test_dp_noise_scales_with_epsilon_and_the_accountant_sums_to_the_budget(part
     assert std_1 == pytest.approx(sigma_1, rel=0.1) and std_10 == pytest.approx(sigma_10, rel=0.1)
     assert std_1 / std_10 > 5  # less budget, more noise
 
-    accountant = Accountant(PrivacyConfig(epsilon=2.0, delta=1e-6, clip_norm=1.0), releases=5)
-    reports = [accountant.spend(accountant.next_noise()) for _ in range(5)]
+    cfg = PrivacyConfig(epsilon=2.0, delta=1e-6, clip_norm=1.0)
+    accountant = Accountant(cfg, releases=5, counts_releases=1)
+    reports = [accountant.spend(accountant.next_noise(counts_only=i == 0)) for i in range(5)]
     totals = [r["epsilon_total"] for r in reports]
-    assert totals == sorted(totals) and totals[-1] == pytest.approx(2.0, rel=1e-9)
-    assert all(r["epsilon"] < 2.0 / 2 for r in reports)  # composition in zCDP beats adding epsilons
+    assert totals == sorted(totals) and 2.0 * 0.99 <= totals[-1] <= 2.0 * (1 + 1e-3)
+    assert all(r["epsilon"] < 2.0 / 2 for r in reports)  # composition beats adding epsilons
+    # The PLD accountant is tighter than the zCDP bound the same noise would get.
+    zcdp_rho = 5 * (1 / (2 * accountant.noise_multiplier ** 2))  # Gaussian-equivalent rho of the plan
+    zcdp_epsilon = zcdp_rho + 2 * np.sqrt(zcdp_rho * np.log(1 / cfg.delta))
+    assert totals[-1] < zcdp_epsilon
 
 
 def test_bad_input_is_named_before_ray_starts(parts):
@@ -256,6 +261,13 @@ def test_bad_input_is_named_before_ray_starts(parts):
         (parts, {"quorum": 1.5}, ConfigError, r"quorum=1.5 should be a share.*\(config: federated.quorum\)"),
         (parts, {"max_rounds": 0}, ConfigError, r"max_rounds=0 should be >= 1 \(config: federated.max_rounds\)"),
         ({"a": parts["a"], "b": [[1.0, 2.0]]}, {}, ConfigError, "partition 'b' should be a numpy array"),
+        ({**parts, "c": parts["c"][:3]}, {"mode": "one_shot"}, ConfigError,
+         r"n_clusters=4 should be <= the rows of partition 'c' \(3\): every client clusters its own rows first "
+         r"\(config: cluster.k\)\.$"),
+        (parts, {"transport": "grpc"}, ConfigError, r"transport='grpc' should be one of ray, in_process\.$"),
+        (parts, {"clients_per_actor": 0}, ConfigError, r"clients_per_actor=0 should be >= 1\.$"),
+        (parts, {"secure_neighbours": 1}, ConfigError, r"secure_neighbours=1 should be >= 2\.$"),
+        (parts, {"placement": "resource", "transport": "in_process"}, ConfigError, "placement needs transport='ray'"),
     ]
     for partitions, kwargs, error, message in cases:
         with pytest.raises(error, match=message):
@@ -337,8 +349,8 @@ def test_dp_with_secure_aggregation_reports_the_budget(ray_local, parts, data):
                          ).fit(parts)
     assert [r["kind"] for r in km.history_] == ["init", "lloyd", "lloyd", "lloyd"]  # no SSE, no evaluate round
     totals = [r["privacy"]["epsilon_total"] for r in km.history_]
-    assert totals == sorted(totals) and totals[-1] == pytest.approx(8.0, rel=1e-9)
-    assert km.privacy_spent_ == {"epsilon": pytest.approx(8.0), "delta": 1e-5}
+    assert totals == sorted(totals) and totals[-1] == pytest.approx(8.0, rel=1e-2) and totals[-1] <= 8.0 * 1.001
+    assert km.privacy_spent_ == {"epsilon": pytest.approx(8.0, rel=1e-2), "delta": 1e-5}
     assert km.inertia_ is None and all(r["objective"] is None for r in km.history_)
     assert km.reference_["inertia_ratio"] < 3  # noisy, but the clusters are still found
 

@@ -10,7 +10,8 @@ from engine.federated.partitions import (
     split_indices,
 )
 from engine.federated.privacy import Accountant, Noise
-from engine.federated.server import FederatedKMeans, QuorumError
+from engine.federated.server import FederatedKMeans
+from engine.federated.transport import QuorumError
 
 __all__ = [
     "Accountant",

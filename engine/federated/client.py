@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from engine.cluster import KMeans, PartialStats, partial_stats
+from engine.errors import EngineError
 from engine.federated import secure
 from engine.federated.partitions import label_counts, read_partition
 from engine.federated.privacy import Noise, add_noise, clip_rows, suppress_small
@@ -49,8 +50,7 @@ class FederatedClient:
         self._backend = backend
         self._clip_norm = clip_norm
         self._X = np.zeros((0, 0), dtype=np.float32)
-        self._keys: secure.KeyPair | None = None
-        self._shared: dict[str, bytes] = {}
+        self._masking = secure.Masking(name)
         # DP noise must be unknown to the server: OS entropy, never a seed the server could know.
         self._rng = np.random.default_rng()
         self.node_id: str | None = None
@@ -67,22 +67,19 @@ class FederatedClient:
         self._X = X
         self.node_id = _node_id()
         return {"rows": int(X.shape[0]), "dim": int(X.shape[1]), "labels": label_counts(labels),
-                "node_id": self.node_id}
+                "node_id": self.node_id, "identity": self._masking.identity.public}
 
     # --- secure aggregation: key agreement ----------------------------------------------------------
 
-    def public_key(self) -> int:
-        """This client's Diffie-Hellman public key (a fresh key pair per client)."""
-        if self._keys is None:
-            self._keys = secure.KeyPair()
-        return self._keys.public
+    def enrol(self, identities: dict[str, bytes], names: tuple[str, ...], degree: int, seed: int,
+              min_participants: int) -> dict[str, bytes]:
+        """Pin the neighbours' identities and the public mask graph; returns this client's signed X25519 key."""
+        return self._masking.enrol(identities, names, degree, seed, min_participants)
 
-    def agree_keys(self, public_keys: dict[str, int]) -> None:
-        """Derive the secret shared with every other client from the public keys the server relayed."""
-        if self._keys is None:
-            self._keys = secure.KeyPair()
-        self._shared = {peer: self._keys.shared_secret(key, peer)
-                        for peer, key in public_keys.items() if peer != self.name}
+    def agree_keys(self, signed_keys: dict[str, dict[str, bytes]]) -> None:
+        """Derive the key shared with every neighbour from the signed public keys the server relayed; a key not
+        signed by the neighbour's pinned identity is refused (SecureAggregationError)."""
+        self._masking.agree(signed_keys)
 
     # --- the requests -------------------------------------------------------------------------------
 
@@ -124,9 +121,32 @@ class FederatedClient:
         k = counts.shape[0]
         values = counts if release.counts_only else np.concatenate(
             [sums.ravel(), counts, np.zeros(k) if cluster_sse is None else cluster_sse, [sse or 0.0]])
-        view = secure.masked(values, self.name, self._shared, list(release.participants), release.round,
-                             release.attempt)
+        view = self._masking.masked(values, release.participants, release.round, release.attempt)
         return {"masked": view}
+
+
+class ClientHost:
+    """Hosts the clients of one or more partitions in one process (virtual clients): each keeps its own rows,
+    keys and noise; the host only routes the server's requests to them. Ray wraps it with `ray.remote`."""
+
+    def __init__(self, sources: dict[str, Any], **client_args: Any):
+        self.clients = {name: FederatedClient(name, source, **client_args) for name, source in sources.items()}
+
+    def call(self, batch: list[tuple[str, str, tuple]]) -> dict[str, tuple[str, Any]]:
+        """Run each (partition, method, args) request; returns partition -> ("ok", answer) or ("error", why).
+
+        An engine error (bad input) is returned as itself for the server to raise; anything else only fails that
+        partition, as a crashed client would.
+        """
+        out: dict[str, tuple[str, Any]] = {}
+        for name, method, args in batch:
+            try:
+                out[name] = ("ok", getattr(self.clients[name], method)(*args))
+            except EngineError as e:
+                out[name] = ("error", e)
+            except Exception as e:  # one partition's failure must not take its host's other partitions down
+                out[name] = ("error", f"{type(e).__name__}: {str(e)[:200]}")
+        return out
 
 
 def _node_id() -> str | None:

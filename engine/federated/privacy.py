@@ -5,10 +5,10 @@ clipped to L2 norm `clip_norm`, so adding or removing one row moves the sums by 
 counts by 1; the sums get Gaussian noise and the counts Laplace (or Gaussian) noise. The SSE is not released
 under DP.
 
-Accounting is in zero-concentrated DP (Bun & Steinke 2016): a Gaussian mechanism with sensitivity D and scale
-sigma is (D^2 / 2 sigma^2)-zCDP, an eps-DP Laplace mechanism is (eps^2 / 2)-zCDP, rho adds up over releases,
-and rho-zCDP implies (rho + 2 sqrt(rho ln(1/delta)), delta)-DP. The run's (epsilon, delta) is turned into a
-rho budget, split evenly over the planned releases and, within each, between sums and counts.
+Accounting is Google's `dp-accounting` privacy loss distributions (PLD): the noise of every planned release is
+calibrated together so that their composition is (epsilon, delta)-DP, and each round reports the epsilon of its
+own release and of every release so far at that delta. PLD accounting is tight for these mechanisms: for the
+same budget it needs about 21% less noise than the zero-concentrated DP bound used before (docs/federated.md).
 """
 
 from __future__ import annotations
@@ -41,15 +41,8 @@ def privacy_config(privacy: Any) -> PrivacyConfig | None:
         raise ConfigError(format_validation_error(e)) from None
 
 
-def rho_for(epsilon: float, delta: float) -> float:
-    """The largest zCDP rho whose (epsilon, delta) conversion is at most `epsilon`."""
-    log = math.log(1 / delta)
-    return (math.sqrt(log + epsilon) - math.sqrt(log)) ** 2
-
-
-def epsilon_for(rho: float, delta: float) -> float:
-    """The epsilon of rho-zCDP at `delta`."""
-    return rho + 2 * math.sqrt(rho * math.log(1 / delta))
+# The noise multiplier is calibrated on a coarser PLD grid (fast) and reported on the default one (exact).
+_CALIBRATION_GRID = 1e-3
 
 
 @dataclass(frozen=True)
@@ -61,45 +54,90 @@ class Noise:
     count_scale: float  # Laplace scale b, or Gaussian standard deviation, on every count
 
 
-class Accountant:
-    """Splits an (epsilon, delta) budget over `releases` releases and reports what each one spends.
+def release_event(noise: Noise, clip_norm: float, count_sensitivity: float = 1.0):
+    """The dp-accounting event of one release: Gaussian sums (sensitivity clip_norm) with noisy counts."""
+    import dp_accounting
 
-    `next_noise(counts_only)` gives the noise of the next release; `spend()` records it once it happened and
-    returns the per-release and cumulative (epsilon, delta).
+    events = []
+    if noise.sigma_sums > 0:
+        events.append(dp_accounting.GaussianDpEvent(noise.sigma_sums / clip_norm))
+    multiplier = noise.count_scale / count_sensitivity
+    events.append(dp_accounting.LaplaceDpEvent(multiplier) if noise.count_noise == "laplace"
+                  else dp_accounting.GaussianDpEvent(multiplier))
+    return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
+
+
+def epsilon_of(events: list, delta: float, grid: float | None = None) -> float:
+    """The epsilon at `delta` of the composition of `events` (PLD accounting)."""
+    from dp_accounting import ComposedDpEvent
+    from dp_accounting.pld import PLDAccountant
+
+    if not events:
+        return 0.0
+    accountant = PLDAccountant(value_discretization_interval=grid) if grid else PLDAccountant()
+    accountant.compose(ComposedDpEvent(events))
+    return float(accountant.get_epsilon(delta))
+
+
+class Accountant:
+    """Calibrates the noise of `releases` planned releases (the first `counts_releases` of them counts only) to
+    an (epsilon, delta) budget, and reports what each one spends.
+
+    One noise multiplier z scales every release: the sums get sigma = clip_norm * z / sqrt(1 - count_share) and
+    the counts z / sqrt(count_share) (for Gaussians, the squared inverses add: count_share is the counts' share of
+    each release's privacy loss); a counts-only release spends its whole share on the counts. z is the smallest
+    for which the PLD accountant puts the whole plan within the budget. `next_noise(counts_only)` gives the noise
+    of the next release; `spend()` records it once it happened and returns the per-release and cumulative
+    (epsilon, delta).
     """
 
-    def __init__(self, cfg: PrivacyConfig, releases: int):
+    def __init__(self, cfg: PrivacyConfig, releases: int, counts_releases: int = 0):
+        import dp_accounting
+
         self.cfg = cfg
         self.releases = releases
-        self.rho_per_release = rho_for(cfg.epsilon, cfg.delta) / releases
-        self.rho_spent = 0.0
-        self.spent_releases = 0
+        self.counts_releases = counts_releases
+        self._spent: list = []
+
+        def plan(z: float):
+            events = [release_event(self._noise(z, True), cfg.clip_norm)] * counts_releases
+            events += [release_event(self._noise(z, False), cfg.clip_norm)] * (releases - counts_releases)
+            return dp_accounting.ComposedDpEvent(events)
+
+        from dp_accounting.pld import PLDAccountant
+
+        # The zCDP bound (Bun & Steinke 2016) brackets the search: its noise is always enough, and PLD needs at
+        # most a few times less; a far lower bracket would make the loss distributions huge.
+        log = math.log(1 / cfg.delta)
+        rho = (math.sqrt(log + cfg.epsilon) - math.sqrt(log)) ** 2
+        z_zcdp = math.sqrt(releases / (2 * rho))
+        self.noise_multiplier = float(dp_accounting.calibrate_dp_mechanism(
+            lambda: PLDAccountant(value_discretization_interval=_CALIBRATION_GRID), plan, cfg.epsilon, cfg.delta,
+            bracket_interval=dp_accounting.ExplicitBracketInterval(z_zcdp / 4, z_zcdp), tol=1e-4 * z_zcdp))
+
+    def _noise(self, z: float, counts_only: bool) -> Noise:
+        share = 1.0 if counts_only else self.cfg.count_share
+        sigma_sums = 0.0 if counts_only else self.cfg.clip_norm * z / math.sqrt(1 - share)
+        return Noise(sigma_sums, self.cfg.count_noise, z / math.sqrt(share))
 
     def next_noise(self, counts_only: bool = False) -> Noise:
-        rho = self.rho_per_release
-        rho_counts = rho if counts_only else rho * self.cfg.count_share
-        rho_sums = 0.0 if counts_only else rho - rho_counts
-        sigma_sums = self.cfg.clip_norm / math.sqrt(2 * rho_sums) if rho_sums > 0 else 0.0
-        # Counts have sensitivity 1: Laplace b = 1 / eps with eps^2 / 2 = rho, and Gaussian sigma = 1 / sqrt(2 rho),
-        # the same number.
-        return Noise(sigma_sums, self.cfg.count_noise, 1 / math.sqrt(2 * rho_counts))
+        return self._noise(self.noise_multiplier, counts_only)
 
     def spend(self, noise: Noise) -> dict[str, Any]:
         """Record one completed release; returns its report for the round record."""
-        self.rho_spent += self.rho_per_release
-        self.spent_releases += 1
+        event = release_event(noise, self.cfg.clip_norm)
+        self._spent.append(event)
         return {
-            "epsilon": epsilon_for(self.rho_per_release, self.cfg.delta),
+            "epsilon": epsilon_of([event], self.cfg.delta),
             "epsilon_total": self.total()[0],
             "delta": self.cfg.delta,
-            "rho": self.rho_per_release,
-            "rho_total": self.rho_spent,
+            "noise_multiplier": self.noise_multiplier,
             **asdict(noise),
         }
 
     def total(self) -> tuple[float, float]:
         """(epsilon, delta) of every release so far."""
-        return epsilon_for(self.rho_spent, self.cfg.delta), self.cfg.delta
+        return epsilon_of(self._spent, self.cfg.delta), self.cfg.delta
 
 
 def clip_rows(X: np.ndarray, clip_norm: float) -> np.ndarray:

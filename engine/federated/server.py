@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import pickle
 import time
 from collections.abc import Callable
+from resource import RUSAGE_SELF, getrusage
 from typing import Any
 
 import numpy as np
@@ -15,24 +14,31 @@ from sklearn.base import BaseEstimator
 from sklearn.metrics import adjusted_rand_score
 from sklearn.utils.validation import check_is_fitted
 
-from engine.cluster import KMeans, PartialStats, assign
-from engine.cluster._lloyd import lloyd
+from engine.cluster import KMeans, assign
 from engine.cluster._stats import as_float32_matrix, check_int, check_n_clusters, resolve_backend
-from engine.errors import ConfigError, DataError, EngineError, find_engine_error, user_message
-from engine.federated import secure
-from engine.federated.client import FederatedClient, Release
+from engine.errors import ConfigError, DataError, EngineError
+from engine.federated import algorithms, secure
+from engine.federated.algorithms import Session
+from engine.federated.client import Release
 from engine.federated.partitions import read_partition, resolve_partitions
 from engine.federated.privacy import Accountant, privacy_config
+from engine.federated.transport import (
+    PIN_AMOUNT,
+    InProcessTransport,
+    RayTransport,
+    Transport,
+    start_local_hosts,
+    start_ray_hosts,
+)
 
 logger = logging.getLogger(__name__)
 
 MODES = ("one_shot", "rounds")
-# The server's k-means runs on a few hundred weighted points at most: restarts cost nothing there.
-_SERVER_N_INIT = 10
+# ray: a Ray actor per client host (the deployment); in_process: the hosts in the driver, no Ray (to measure the
+# algorithms alone: no placement, no timeouts).
+TRANSPORTS = ("ray", "in_process")
 # The centralised reference of experiment mode: a strong baseline, as scikit-learn's classic default.
 _REFERENCE_N_INIT = 10
-# A custom resource amount small enough that a node offering 1 unit can host any number of clients.
-_PIN_AMOUNT = 0.001
 
 
 # The pipeline config key of each parameter: errors name it beside the parameter, for `dce federate` users.
@@ -48,11 +54,9 @@ CONFIG_KEYS = {
 
 def _error(param: str, message: str, kind: type[EngineError] = ConfigError) -> EngineError:
     """`message` with the config key of `param` added: "local_k=5 should be ... (config: federated.local_k)."."""
+    if param not in CONFIG_KEYS:
+        return kind(f"{message.rstrip('.')}.")
     return kind(f"{message.rstrip('.')} (config: {CONFIG_KEYS[param]}).")
-
-
-class QuorumError(EngineError, RuntimeError):
-    """Fewer clients answered a round than the quorum needs."""
 
 
 class FederatedKMeans(BaseEstimator):
@@ -66,8 +70,10 @@ class FederatedKMeans(BaseEstimator):
         to float rounding) or "one_shot" (k-FED, Dennis et al. ICML 2021: each client runs k-means with
         local_k clusters and sends sums and counts; the server runs weighted k-means, k-means++ init, over the
         union of the local centroids weighted by their counts).
-    local_k : k' of the clients' local k-means (one_shot, and the init of rounds); default n_clusters. Every
-        partition needs at least local_k rows.
+    local_k : k' of the clients' local k-means (one_shot, and the init of rounds). Default: over-clustering,
+        min(2 n_clusters, the partition's rows): a local cluster then rarely straddles two true ones, which is what
+        keeps k-FED near centralised cost (benchmarks/federated.py --sweep). Every partition needs at least
+        local_k rows (default: n_clusters rows).
     max_rounds, tol : rounds: at most max_rounds Lloyd rounds; stop when the relative decrease of the global
         inertia falls below tol (as `KMeans`); under DP the inertia is not released and every round runs.
     local_steps : rounds: Lloyd steps each client runs locally per round, FedAvg style (the server weights the
@@ -83,7 +89,13 @@ class FederatedKMeans(BaseEstimator):
         run, see engine.federated.privacy). DP needs mode="rounds", local_steps=1 and an array init: a local
         k-means output has no bounded sensitivity.
     secure_aggregation : rounds: clients send masked fixed-point vectors whose sum is exact and whose parts
-        reveal nothing (engine.federated.secure); a client that drops out makes the round run again without it.
+        reveal nothing (engine.federated.secure: X25519 keys signed by Ed25519 client identities, ChaCha20
+        masks over a sparse neighbour graph); a client that drops out makes the round run again without it.
+    secure_neighbours : degree of the mask graph (None: every pair up to 8 clients, else ~2 log2 n, as SecAgg+).
+    clients_per_actor : virtual clients: partitions hosted per client process, each with its own rows, keys
+        and noise (1: one actor per partition); a host that dies takes its partitions out of the run.
+    transport : "ray" (client hosts are Ray actors) or "in_process" (hosts in this process, run in turn: to
+        measure the algorithms without Ray; no placement, no round_timeout).
     placement : None (Ray places the clients, spread), "resource" (the client of partition p needs the custom
         resource `partition:p`) or a dict partition name -> custom resource name.
     quorum : share of the clients that must answer each round; failed or late clients are dropped for the
@@ -121,6 +133,9 @@ class FederatedKMeans(BaseEstimator):
         init: str | np.ndarray = "k-means++",
         privacy: Any = None,
         secure_aggregation: bool = False,
+        secure_neighbours: int | None = None,
+        clients_per_actor: int = 1,
+        transport: str = "ray",
         placement: str | dict[str, str] | None = None,
         quorum: float = 0.5,
         round_timeout: float | None = None,
@@ -142,6 +157,9 @@ class FederatedKMeans(BaseEstimator):
         self.init = init
         self.privacy = privacy
         self.secure_aggregation = secure_aggregation
+        self.secure_neighbours = secure_neighbours
+        self.clients_per_actor = clients_per_actor
+        self.transport = transport
         self.placement = placement
         self.quorum = quorum
         self.round_timeout = round_timeout
@@ -157,8 +175,6 @@ class FederatedKMeans(BaseEstimator):
 
     def fit(self, partitions: dict[str, Any], y: Any = None) -> FederatedKMeans:
         """Cluster the union of the partitions without pooling them; `y` is ignored."""
-        import ray
-
         from engine.runtime import init_ray
 
         privacy = self._check_params()
@@ -170,22 +186,22 @@ class FederatedKMeans(BaseEstimator):
         # What the array shapes tell is checked before any actor starts.
         self._check_partitions({n: {"rows": s.shape[0], "dim": s.shape[1]} for n, s in parts.items()
                                 if isinstance(s, np.ndarray)})
-        init_ray()
-        self._check_resources(pins)
+        if self.transport == "ray":
+            init_ray()
+            self._check_resources(pins)
+        elif any(pins.values()):
+            raise _error("placement", "placement needs transport='ray': in-process clients have no nodes.")
         self._privacy = privacy
         self._accountant: Accountant | None = None
-        self._dead: set[str] = set()
-        self._busy: dict[str, Any] = {}
-        self._round = 0
         self.history_: list[dict[str, Any]] = []
-        self.messages_: list[dict[str, Any]] = []
-        self.bytes_down_ = self.bytes_up_ = 0
-        self.clients_ = self._start_clients(parts, pins, privacy)
+        self._transport = self._start_transport(parts, pins, privacy)
+        self.clients_ = self._transport.host_of
+        self.messages_ = self._transport.messages
         try:
             self._fit(parts)
         finally:
-            for client in self.clients_.values():
-                ray.kill(client)
+            self._transport.close()
+            self.bytes_down_, self.bytes_up_ = self._transport.bytes_down, self._transport.bytes_up
             self._pooled = self._reference_labels = None
         return self
 
@@ -203,11 +219,13 @@ class FederatedKMeans(BaseEstimator):
 
     def _check_params(self):
         """Every setting checked in one place; errors name the parameter and its config key."""
+        if self.transport not in TRANSPORTS:
+            raise _error("transport", f"transport={self.transport!r} should be one of {', '.join(TRANSPORTS)}.")
         if self.mode not in MODES:
             raise _error("mode", f"mode={self.mode!r} should be 'rounds' or 'one_shot'.")
         for name, minimum in (("n_clusters", 1), ("local_k", 1), ("max_rounds", 1), ("local_steps", 1),
-                              ("local_max_iter", 1), ("seed", 0)):
-            if name == "local_k" and self.local_k is None:
+                              ("local_max_iter", 1), ("seed", 0), ("secure_neighbours", 2), ("clients_per_actor", 1)):
+            if name in ("local_k", "secure_neighbours") and getattr(self, name) is None:
                 continue
             try:
                 check_int(name, getattr(self, name), minimum=minimum)
@@ -284,7 +302,7 @@ class FederatedKMeans(BaseEstimator):
 
         offered = ray.cluster_resources()
         for name, resource in pins.items():
-            if resource is not None and offered.get(resource, 0) < _PIN_AMOUNT:
+            if resource is not None and offered.get(resource, 0) < PIN_AMOUNT:
                 raise _error(
                     "placement", f"placement: partition '{name}' needs the custom resource '{resource}', which no node "
                     f"of the Ray cluster offers (start its node with --resources='{{\"{resource}\": 1}}')."
@@ -294,7 +312,6 @@ class FederatedKMeans(BaseEstimator):
         """No empty partition, one dimension for all (naming the first that differs), k' and k fit the rows."""
         first: tuple[str, int] | None = None
         uses_local_k = self.mode == "one_shot" or isinstance(self.init, str)
-        local_k = self.local_k if self.local_k is not None else self.n_clusters
         for name, info in infos.items():
             if info["rows"] == 0:
                 raise DataError(f"partition '{name}' holds no rows")
@@ -303,10 +320,12 @@ class FederatedKMeans(BaseEstimator):
             elif info["dim"] != first[1]:
                 raise DataError(f"partition '{name}' has {info['dim']} dimensions, but partition '{first[0]}' has "
                                 f"{first[1]}")
-            if uses_local_k and local_k > info["rows"]:
-                what = "local_k" if self.local_k is not None else "local_k (default: n_clusters)"
-                raise _error("local_k", f"{what}={local_k} should be <= the rows of partition '{name}' "
+            if uses_local_k and self.local_k is not None and self.local_k > info["rows"]:
+                raise _error("local_k", f"local_k={self.local_k} should be <= the rows of partition '{name}' "
                              f"({info['rows']}).")
+            if uses_local_k and self.local_k is None and self.n_clusters > info["rows"]:
+                raise _error("n_clusters", f"n_clusters={self.n_clusters} should be <= the rows of partition "
+                             f"'{name}' ({info['rows']}): every client clusters its own rows first.")
 
     def _init_points(self, n_features: int) -> np.ndarray:
         try:
@@ -318,55 +337,63 @@ class FederatedKMeans(BaseEstimator):
                          f"at least n_clusters={self.n_clusters} rows.")
         return init
 
-    # --- clients ------------------------------------------------------------------------------------
+    # --- clients and the run -----------------------------------------------------------------------
 
-    def _start_clients(self, parts: dict[str, Any], pins: dict[str, str | None], privacy) -> dict[str, Any]:
-        import ray
-
+    def _start_transport(self, parts: dict[str, Any], pins: dict[str, str | None], privacy) -> Transport:
         clip = privacy.clip_norm if privacy is not None and privacy.epsilon is not None else None
-        remote = ray.remote(FederatedClient)
-        clients = {}
-        for name, source in parts.items():
-            # Ray's actor default: a CPU to be placed, none held while the client waits for the server, so many
-            # partitions fit on a small machine.
-            pin = pins[name]
-            options: dict[str, Any] = {"resources": {pin: _PIN_AMOUNT}} if pin else {"scheduling_strategy": "SPREAD"}
-            clients[name] = remote.options(**options).remote(name, source, self.column, self.label_column,
-                                                             self.backend, clip)
-        return clients
+        client_args = {"column": self.column, "label_column": self.label_column, "backend": self.backend,
+                       "clip_norm": clip}
+        options = {"min_secure": 2 if self.secure_aggregation else 1, "audit": self.audit}
+        if self.transport == "in_process":
+            return InProcessTransport(start_local_hosts(parts, self.clients_per_actor, client_args), self.quorum,
+                                      **options)
+        hosts = start_ray_hosts(parts, pins, self.clients_per_actor, client_args)
+        return RayTransport(hosts, self.quorum, round_timeout=self.round_timeout, **options)
 
     def _fit(self, parts: dict[str, Any]) -> None:
-        infos, facts = self._exchange("load", lambda name, release: ("load", ()), release=None)
-        self._dead.update(facts["dropped"])  # a client that could not load has no rows to answer for
+        t = self._transport
+        infos, facts = t.exchange("load", lambda name, release: ("load", ()), release=None)
+        t.dead.update(facts["dropped"])  # a client that could not load has no rows to answer for
+        identities = {name: info.pop("identity") for name, info in infos.items()}
         self._check_partitions(infos)
         self.partitions_ = infos
         self.n_features_in_ = int(next(iter(infos.values()))["dim"])
         self.n_samples_ = int(sum(info["rows"] for info in infos.values()))
         check_n_clusters(self.n_clusters, self.n_samples_)
         init = None if isinstance(self.init, str) else self._init_points(self.n_features_in_)
+        accountant = None
         if self._privacy is not None and self._privacy.epsilon is not None:
             init_releases = 1 if init is not None and init.shape[0] > self.n_clusters else 0
-            self._accountant = Accountant(self._privacy, init_releases + self.max_rounds)
+            accountant = Accountant(self._privacy, init_releases + self.max_rounds, counts_releases=init_releases)
+        self._accountant = accountant
         if self.secure_aggregation:
-            self._agree_keys()
+            self._agree_keys(identities)
         self.reference_ = self._reference(parts) if self.compare_centralised else None
+        session = Session(
+            transport=t, n_clusters=self.n_clusters,
+            local_k=self.local_k, rows={n: int(info["rows"]) for n, info in infos.items()},
+            local_max_iter=self.local_max_iter, tol=self.tol, seed=self.seed, backend=self.backend,
+            secure=self.secure_aggregation and self.mode == "rounds",
+            min_count=self._privacy.min_count if self._privacy is not None else 0,
+            accountant=accountant, record=self._record, error=_error)
 
         if self.mode == "one_shot":
-            self.cluster_centers_ = self._local_kmeans_union("local_kmeans")
+            self.cluster_centers_ = algorithms.local_kmeans_union(session, "local_kmeans")
             self.n_rounds_ = 1
         else:
             if init is None:
-                centroids = self._local_kmeans_union("init")
+                centroids = algorithms.local_kmeans_union(session, "init")
             elif init.shape[0] > self.n_clusters:
-                centroids = self._weighted_candidates(init)
+                centroids = algorithms.weighted_candidates(session, init)
             else:
                 centroids = init
             self.init_centers_ = centroids
-            self.cluster_centers_ = self._lloyd_rounds(centroids)
-        self.inertia_ = self._final_inertia()
+            self.cluster_centers_, self.n_rounds_ = algorithms.lloyd_rounds(session, centroids, self.max_rounds,
+                                                                            self.local_steps)
+        self.inertia_ = algorithms.evaluate(session, self.cluster_centers_)
         self.privacy_spent_ = None
-        if self._accountant is not None:
-            epsilon, delta = self._accountant.total()
+        if accountant is not None:
+            epsilon, delta = accountant.total()
             self.privacy_spent_ = {"epsilon": epsilon, "delta": delta}
         if self.reference_ is not None:
             metrics = self._experiment_metrics(self.cluster_centers_)
@@ -374,249 +401,25 @@ class FederatedKMeans(BaseEstimator):
                                     "inertia_ratio": metrics["inertia_ratio"],
                                     "ari_to_centralised": metrics["ari_to_centralised"]})
 
-    # --- one exchange with the clients, with faults ------------------------------------------------------
-
-    def _exchange(self, kind: str, call: Callable[[str, Any], tuple[str, tuple]],
-                  release: Callable[[list[str], int], Release] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Send every live client a request and collect the answers.
-
-        A client that fails (its actor died, it raised something other than an engine error) or does not answer
-        within round_timeout is dropped for this exchange; a dead one for good. With secure aggregation the
-        survivors' masks no longer cancel, so the exchange runs again without the dropped clients. Returns
-        (answers by partition, facts for the round record).
-        """
-        dropped: dict[str, str] = {}
-        attempt = 0
-        bytes_down = bytes_up = 0
-        while True:
-            participants = [n for n in self.clients_ if n not in self._dead and n not in dropped
-                            and not self._still_busy(n, dropped)]
-            self._check_quorum(kind, participants, dropped)
-            this_release = release(participants, attempt) if release is not None else None
-            refs = {}
-            for name in participants:
-                method, args = call(name, this_release)
-                bytes_down += self._log(kind, name, attempt, "down", args)
-                refs[name] = getattr(self.clients_[name], method).remote(*args)
-            answers, failed = self._collect(refs)
-            dropped.update(failed)
-            for name, answer in answers.items():
-                bytes_up += self._log(kind, name, attempt, "up", answer)
-            if failed and this_release is not None and this_release.participants is not None:
-                logger.info("%s: %s dropped; secure aggregation runs the round again without them", kind,
-                            ", ".join(failed))
-                attempt += 1
-                continue
-            self._check_quorum(kind, list(answers), dropped)
-            self.bytes_down_ += bytes_down
-            self.bytes_up_ += bytes_up
-            return answers, {"participants": list(answers), "dropped": dropped, "attempts": attempt + 1,
-                             "bytes_down": bytes_down, "bytes_up": bytes_up, "release": this_release}
-
-    def _collect(self, refs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-        import ray
-        from ray.exceptions import RayActorError
-
-        ready, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.round_timeout)
-        pending_refs = set(pending)
-        answers, failed = {}, {}
-        for name, ref in refs.items():
-            if ref in pending_refs:
-                failed[name] = f"no answer within round_timeout={self.round_timeout:g} s"
-                self._busy[name] = ref
-                continue
-            try:
-                answers[name] = ray.get(ref)
-            except RayActorError as e:
-                self._dead.add(name)
-                failed[name] = f"client died ({type(e).__name__})"
-            except Exception as e:
-                err = find_engine_error(e)
-                if err is not None:
-                    raise err from None
-                failed[name] = f"client failed: {type(e).__name__}: {user_message(e)[:200]}"
-        return answers, failed
-
-    def _still_busy(self, name: str, dropped: dict[str, str]) -> bool:
-        """A client still working on a request it timed out on is left out until it is free again."""
-        import ray
-
-        ref = self._busy.get(name)
-        if ref is None:
-            return False
-        if ray.wait([ref], timeout=0)[0]:
-            del self._busy[name]
-            return False
-        dropped[name] = "still busy with an earlier request"
-        return True
-
-    def _check_quorum(self, kind: str, answered: list[str], dropped: dict[str, str]) -> None:
-        needed = max(1, math.ceil(self.quorum * len(self.clients_) - 1e-9))
-        if self.secure_aggregation and kind not in ("load", "keys"):
-            needed = max(needed, 2)
-        if len(answered) < needed:
-            why = "; ".join(f"{n}: {r}" for n, r in dropped.items()) or "no client left"
-            raise QuorumError(f"{kind} (round {self._round}): {len(answered)} of {len(self.clients_)} clients "
-                              f"answered, quorum={self.quorum:g} needs {needed} ({why})")
-
-    def _log(self, kind: str, name: str, attempt: int, direction: str, payload: Any) -> int:
-        """Bytes of one message (its pickled size, as Ray ships it); kept in messages_ when auditing."""
-        if self.audit:
-            self.messages_.append({"round": self._round, "kind": kind, "attempt": attempt, "partition": name,
-                                   "direction": direction, "payload": payload})
-        return len(pickle.dumps(payload, protocol=5))
-
-    def _agree_keys(self) -> None:
-        """Diffie-Hellman through the server: it relays public keys and learns no shared secret."""
-        keys, facts = self._exchange("keys", lambda name, release: ("public_key", ()), release=None)
+    def _agree_keys(self, identities: dict[str, bytes]) -> None:
+        """Key agreement through the server: it relays identities (pinned at enrolment) and signed X25519 keys,
+        each client only its neighbours' in the public mask graph, and learns no shared key."""
+        t = self._transport
+        names = tuple(sorted(n for n in t.names if n not in t.dead))
+        degree = self.secure_neighbours if self.secure_neighbours is not None else secure.default_degree(len(names))
+        degree = min(degree, len(names) - 1)
+        seed = int(np.random.SeedSequence([self.seed, 0x5EC]).generate_state(1)[0])
+        graph = secure.neighbour_graph(names, degree, seed)
+        min_participants = max(2, math.ceil(self.quorum * len(t.names) - 1e-9))
+        keys, facts = t.exchange("keys", lambda name, release: (
+            "enrol", ({p: identities[p] for p in graph[name]}, names, degree, seed, min_participants)), release=None)
         # A client without agreed keys could not mask: it leaves the run here, as a dead one.
-        self._dead.update(facts["dropped"])
-        _, facts = self._exchange("keys", lambda name, release: ("agree_keys", (keys,)), release=None)
-        self._dead.update(facts["dropped"])
-
-    # --- the algorithms -----------------------------------------------------------------------------
-
-    def _release(self, counts_only: bool = False, share_sse: bool = True,
-                 noise: bool = True) -> Callable[[list[str], int], Release]:
-        min_count = self._privacy.min_count if self._privacy is not None else 0
-
-        def make(participants: list[str], attempt: int) -> Release:
-            secure_round = self.secure_aggregation and self.mode == "rounds"
-            dp = self._accountant is not None and noise
-            return Release(
-                round=self._round,
-                noise=self._accountant.next_noise(counts_only) if dp else None,
-                noise_shares=len(participants) if secure_round else 1,
-                min_count=min_count,
-                counts_only=counts_only,
-                share_sse=share_sse and not dp,
-                participants=tuple(participants) if secure_round else None,
-                attempt=attempt,
-            )
-
-        return make
-
-    def _local_kmeans_union(self, kind: str) -> np.ndarray:
-        """k-FED: the clients' local k-means, then weighted k-means (k-means++ init) of the union on the server."""
-        if kind == "local_kmeans":
-            self._round += 1
-        start = time.perf_counter()
-        local_k = self.local_k if self.local_k is not None else self.n_clusters
-        seeds = {name: int(np.random.SeedSequence([self.seed, i]).generate_state(1)[0])
-                 for i, name in enumerate(self.clients_)}
-        release = self._release()
-
-        def clear(participants: list[str], attempt: int) -> Release:
-            # The union needs each client's own centroids: never masked.
-            return dataclasses.replace(release(participants, attempt), participants=None, noise_shares=1)
-
-        answers, facts = self._exchange(
-            kind, lambda name, r: ("local_kmeans", (local_k, seeds[name], self.local_max_iter, self.tol, r)), clear)
-        points, weights = [], []
-        for answer in answers.values():
-            keep = answer["counts"] > 0
-            points.append((answer["sums"][keep] / answer["counts"][keep, None]).astype(np.float32))
-            weights.append(answer["counts"][keep])
-        points, weights = np.concatenate(points), np.concatenate(weights)
-        if points.shape[0] < self.n_clusters:
-            raise _error("local_k", f"{kind}: the clients shared {points.shape[0]} local centroids (after "
-                         f"min_count suppression), fewer than n_clusters={self.n_clusters}; lower privacy.min_count "
-                         "or raise local_k", DataError)
-        server = KMeans(self.n_clusters, init="k-means++", n_init=_SERVER_N_INIT, max_iter=self.local_max_iter,
-                        tol=self.tol, seed=self.seed, backend=self.backend).fit(points, sample_weight=weights)
-        record = {"round": self._round, "kind": kind, "objective": None, "rel_change": None, "shift": None,
-                  "empty": 0, "local_centroids": int(points.shape[0]),
-                  "partition_inertia": {n: a["sse"] for n, a in answers.items()}}
-        self._record(record, facts, start, server.cluster_centers_)
-        return server.cluster_centers_
-
-    def _weighted_candidates(self, candidates: np.ndarray) -> np.ndarray:
-        """FedDP-KMeans-style init: the clients count their rows nearest each server-side candidate (one counts
-        release, private under DP); weighted k-means of the candidates gives k centroids."""
-        start = time.perf_counter()
-        answers, facts = self._exchange("init", lambda name, r: ("lloyd", (candidates, 1, r)),
-                                        self._release(counts_only=True))
-        counts = self._sum(answers, facts["release"], candidates.shape)[0].counts
-        weights = np.maximum(counts, 0.0)
-        if np.count_nonzero(weights) < self.n_clusters:
-            raise _error("init", f"init: only {np.count_nonzero(weights)} of {candidates.shape[0]} candidate points "
-                         f"have rows nearest to them, fewer than n_clusters={self.n_clusters}; give more candidates",
-                         DataError)
-        server = KMeans(self.n_clusters, init="k-means++", n_init=_SERVER_N_INIT, max_iter=self.local_max_iter,
-                        tol=self.tol, seed=self.seed, backend=self.backend).fit(candidates, sample_weight=weights)
-        record = {"round": self._round, "kind": "init", "objective": None, "rel_change": None, "shift": None,
-                  "empty": 0, "candidates": int(candidates.shape[0]),
-                  "partition_inertia": dict.fromkeys(answers)}
-        self._record(record, facts, start, server.cluster_centers_)
-        return server.cluster_centers_
-
-    def _lloyd_rounds(self, centroids: np.ndarray) -> np.ndarray:
-        """Federated Lloyd: the one Lloyd loop, whose step is one broadcast of the centroids and one sum of the
-        clients' stats. Empty clusters are repaired from the summed statistics alone (`split_empty`): no row leaves a
-        client for it. It splits by the per-cluster SSE the clients send beside their SSE, as KMeans does, and by
-        the counts under DP (which releases no SSE): post-processing of released counts."""
-        current: dict[str, Any] = {}  # the round in progress: its start, exchange facts and partition SSEs
-
-        def step(C: np.ndarray) -> PartialStats:
-            self._round += 1
-            current["start"] = time.perf_counter()
-            answers, current["facts"] = self._exchange(
-                "lloyd", lambda name, r: ("lloyd", (C, self.local_steps, r)), self._release())
-            stats, _, current["per_partition"] = self._sum(answers, current["facts"]["release"], C.shape)
-            return stats
-
-        def on_iteration(record: dict[str, Any], new: np.ndarray) -> None:
-            kept = {k: record[k] for k in ("objective", "rel_change", "shift", "empty", "empty_repaired")}
-            self._record({"round": self._round, "kind": "lloyd", **kept,
-                          "partition_inertia": current["per_partition"]}, current["facts"], current["start"], new)
-
-        result = lloyd(step, centroids, max_iter=self.max_rounds, tol=self.tol, on_iteration=on_iteration)
-        self.n_rounds_ = result.n_iter
-        return result.centroids
-
-    def _sum(self, answers: dict[str, Any], release: Release, shape: tuple[int, int]
-             ) -> tuple[PartialStats, float | None, dict[str, float | None]]:
-        """The aggregate stats (sums, counts), the global SSE when shared, and each partition's SSE when seen."""
-        k, d = shape
-        cluster_sse = None
-        if release.participants is not None:
-            total = secure.unmasked_sum([a["masked"] for a in answers.values()])
-            if release.counts_only:
-                sums, counts, sse = np.zeros((k, d)), total, None
-            else:
-                sums, counts = total[:k * d].reshape(k, d), total[k * d:k * d + k]
-                cluster_sse, sse = total[k * d + k:k * d + 2 * k], float(total[-1])
-            per_partition = dict.fromkeys(answers)
-        else:
-            counts = np.sum([a["counts"] for a in answers.values()], axis=0)
-            sums = np.zeros((k, d)) if release.counts_only else np.sum([a["sums"] for a in answers.values()], axis=0)
-            per_partition = {n: a.get("sse") for n, a in answers.items()}
-            sse = None if release.counts_only or not release.share_sse else float(sum(per_partition.values()))
-            if all(a.get("cluster_sse") is not None for a in answers.values()):
-                cluster_sse = np.sum([a["cluster_sse"] for a in answers.values()], axis=0)
-        if release.noise is not None:
-            # A noisy count below one row says nothing reliable about the mean: treat the cluster as empty.
-            small = counts < 1
-            sums, counts = sums.copy(), counts.copy()
-            sums[small], counts[small] = 0.0, 0.0
-        if not release.share_sse or release.noise is not None:
-            sse = cluster_sse = None
-        return PartialStats(sums, counts, float("nan") if sse is None else sse, cluster_sse), sse, per_partition
-
-    def _final_inertia(self) -> float | None:
-        """The global SSE of the final centroids: one more exchange, skipped under DP (the SSE is private)."""
-        if self._accountant is not None:
-            return None
-        self._round += 1
-        start = time.perf_counter()
-        centroids = self.cluster_centers_
-        answers, facts = self._exchange("evaluate", lambda name, r: ("lloyd", (centroids, 1, r)),
-                                        self._release(noise=False))
-        _, sse, per_partition = self._sum(answers, facts["release"], centroids.shape)
-        record = {"round": self._round, "kind": "evaluate", "objective": sse, "rel_change": None, "shift": 0.0,
-                  "empty": 0, "partition_inertia": per_partition}
-        self._record(record, facts, start, None)
-        return sse
+        t.dead.update(facts["dropped"])
+        _, facts = t.exchange("keys", lambda name, release: (
+            "agree_keys", ({p: keys[p] for p in graph[name] if p in keys},)), release=None)
+        t.dead.update(facts["dropped"])
+        self.secure_graph_ = {"clients": len(names), "degree": degree,
+                              "pairs": sum(len(v) for v in graph.values()) // 2}
 
     # --- records and experiment metrics -----------------------------------------------------------
 
@@ -631,6 +434,8 @@ class FederatedKMeans(BaseEstimator):
             "bytes_down": facts["bytes_down"],
             "bytes_up": facts["bytes_up"],
             "seconds": time.perf_counter() - start,
+            # The server process's peak resident memory so far (Linux: KiB): with bytes_up, how its cost grows.
+            "server_peak_rss_mb": round(getrusage(RUSAGE_SELF).ru_maxrss / 1024, 1),
             "privacy": None,
         })
         if release is not None and release.noise is not None:
