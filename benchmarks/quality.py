@@ -12,6 +12,12 @@ mnist_n2d and mnist_idec) train once per seed: the later ones start from the fir
 (`dce run --pretrained`), and their reported seconds include that run's train stage, so every row's time is
 what the method costs alone. --no-share trains each config anew.
 
+--perturb float16 and/or --perturb drop1 run every config and seed again on a perturbed copy of its input (the
+raw rows rounded to float16 and back; 1% of the rows, a seeded draw, left out) written as .npy beside the runs, so
+that a recipe's accuracy on slightly different input can be compared with its own:
+
+    python benchmarks/quality.py --configs digits --seeds 3 --perturb float16 --perturb drop1 --record
+
 --runs DIR keeps the run directories there, and a later invocation with the same DIR reads back every
 (config, seed) that already finished with the same config (its metrics.json and run.json: wall time, stage
 times, the run it was pretrained by) instead of running it again, so a long table can be built in parts:
@@ -60,6 +66,31 @@ def _pixels(cfg) -> tuple[np.ndarray, np.ndarray]:
     return vectors_to_numpy(table.column("x"), name="x"), table.column("label").to_numpy()
 
 
+PERTURBATIONS = ("float16", "drop1")
+
+
+def perturbed_input(cfg, kind: str, folder: Path, seed: int = 0) -> list[str]:
+    """`--set` overrides that make `cfg` read a perturbed copy of its input, written to `folder` as .npy: `float16`
+    rounds the raw rows to float16 and back, `drop1` leaves out 1% of the rows (a draw seeded by `seed`). Images
+    keep their shape, and the input normalisation is the config's."""
+    from engine.data.sources import open_source
+
+    x, y = _pixels(cfg)
+    if kind == "float16":
+        x = x.astype(np.float16).astype(np.float32)
+    elif kind == "drop1":
+        keep = np.sort(np.random.default_rng(seed).permutation(len(x))[: len(x) - len(x) // 100])
+        x, y = x[keep], y[keep]
+    else:
+        raise ValueError(f"--perturb {kind!r} should be one of {list(PERTURBATIONS)}")
+    shape = open_source(cfg.data).image_shape
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "x.npy", x.reshape(len(x), *shape) if shape else x)
+    np.save(folder / "y.npy", y.astype(np.int64))
+    return [f"data={{source: npy, path: {folder / 'x.npy'}, labels_path: {folder / 'y.npy'}, "
+            f"normalize: {cfg.data.normalize}}}"]
+
+
 def _steps(cfg) -> str:
     """The method's name, as PUBLISHED_ACC knows it; trained on augmented images is said after it."""
     model = cfg.model.name
@@ -81,6 +112,8 @@ def main() -> None:
                                                                 "train stage as an earlier one")
     parser.add_argument("--runs", metavar="DIR", help="keep the run directories in DIR and read back the runs "
                                                      "that finished there before, instead of redoing them")
+    parser.add_argument("--perturb", action="append", default=[], choices=PERTURBATIONS,
+                        help="also run every config and seed on a perturbed copy of its input (repeatable)")
     parser.add_argument("--replay", metavar="JSONL", help="record the result lines of an earlier run (its stdout) "
                                                          "instead of running anything")
     args = parser.parse_args()
@@ -108,47 +141,53 @@ def main() -> None:
     runs_root = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="dce-quality-"))
     runs_root.mkdir(parents=True, exist_ok=True)
     trained: dict[str, tuple[Path, str, float]] = {}  # train-stage key -> (run dir, config, train seconds)
-    for name in args.configs:
-        for seed in range(args.seeds):
-            cfg = load_config(name, [*args.overrides, f"seed={seed}"])
-            dataset = cfg.data.source if cfg.data.source != "idx" else Path(cfg.data.images[0]).parent.name
-            peer_file = runs_root / f"kmeans_pixels-{dataset}-{seed}.json"
-            if (dataset, seed) not in peers_done:
-                if peer_file.is_file():  # measured by an earlier invocation with the same --runs
-                    peer = json.loads(peer_file.read_text())
-                else:
-                    x, y = _pixels(cfg)
-                    t0 = time.perf_counter()
-                    pred = SKKMeans(cfg.cluster.k, n_init=cfg.cluster.n_init, random_state=seed).fit_predict(x)
-                    peer = {"bench": "quality", "data": dataset, "impl": "kmeans_pixels", "config": "scikit-learn",
-                            "seed": seed, "acc": clustering_accuracy(y, pred),
-                            "nmi": normalized_mutual_info_score(y, pred), "ari": adjusted_rand_score(y, pred),
-                            "seconds": time.perf_counter() - t0}
-                    peer_file.write_text(json.dumps(peer))
-                print(json.dumps(peer), flush=True)
-                rows.setdefault(dataset, []).append(peer)
-                peers_done.add((dataset, seed))
-            key = json.dumps([cfg.data.model_dump(mode="json"), model_args(cfg), cfg.train.model_dump(mode="json"),
-                              cfg.seed], sort_keys=True)
-            base = None if args.no_share else trained.get(key)
-            out = runs_root / f"{Path(name).stem}-{seed}"
-            earlier = _finished_run(out, cfg)
-            if earlier is not None:  # finished in an earlier invocation with the same --runs
-                seconds, stage_seconds, metrics = earlier
+    jobs = [(name, seed, kind) for name in args.configs for kind in [None, *args.perturb] for seed in range(args.seeds)]
+    for name, seed, kind in jobs:
+        cfg = load_config(name, [*args.overrides, f"seed={seed}"])
+        label = name if kind is None else f"{name} [{kind}]"
+        if kind is not None:
+            folder = runs_root / f"input-{Path(name).stem}-{kind}"
+            cfg = load_config(name, [*args.overrides, f"seed={seed}",
+                                     *perturbed_input(cfg, kind, folder)])
+        source = load_config(name).data
+        dataset = source.source if source.source != "idx" else Path(source.images[0]).parent.name
+        peer_file = runs_root / f"kmeans_pixels-{dataset}-{seed}.json"
+        if (dataset, seed) not in peers_done:
+            if peer_file.is_file():  # measured by an earlier invocation with the same --runs
+                peer = json.loads(peer_file.read_text())
             else:
+                x, y = _pixels(cfg)
                 t0 = time.perf_counter()
-                result = run_pipeline(cfg, out, pretrained=base[0] if base else None)
-                seconds, stage_seconds, metrics = time.perf_counter() - t0, result.seconds, result.metrics
-            if base is None:
-                trained.setdefault(key, (out, name, stage_seconds["train"]))
-            line = {"bench": "quality", "data": dataset, "impl": _steps(cfg), "config": name, "seed": seed,
-                    "epochs": cfg.train.epochs, "workers": cfg.train.num_workers,
-                    # A shared pretraining counts in full against every method that uses it.
-                    "seconds": seconds + (base[2] if base else 0.0), "pretrained_by": base[1] if base else None,
-                    "stage_seconds": stage_seconds, **{k: metrics[k] for k in ("acc", "nmi", "ari")},
-                    **({"read_back": True} if earlier is not None else {})}
-            print(json.dumps(line), flush=True)
-            rows.setdefault(dataset, []).append(line)
+                pred = SKKMeans(cfg.cluster.k, n_init=cfg.cluster.n_init, random_state=seed).fit_predict(x)
+                peer = {"bench": "quality", "data": dataset, "impl": "kmeans_pixels", "config": "scikit-learn",
+                        "seed": seed, "acc": clustering_accuracy(y, pred),
+                        "nmi": normalized_mutual_info_score(y, pred), "ari": adjusted_rand_score(y, pred),
+                        "seconds": time.perf_counter() - t0}
+                peer_file.write_text(json.dumps(peer))
+            print(json.dumps(peer), flush=True)
+            rows.setdefault(dataset, []).append(peer)
+            peers_done.add((dataset, seed))
+        key = json.dumps([cfg.data.model_dump(mode="json"), model_args(cfg), cfg.train.model_dump(mode="json"),
+                          cfg.seed], sort_keys=True)
+        base = None if args.no_share else trained.get(key)
+        out = runs_root / (f"{Path(name).stem}-{seed}" + (f"-{kind}" if kind else ""))
+        earlier = _finished_run(out, cfg)
+        if earlier is not None:  # finished in an earlier invocation with the same --runs
+            seconds, stage_seconds, metrics = earlier
+        else:
+            t0 = time.perf_counter()
+            result = run_pipeline(cfg, out, pretrained=base[0] if base else None)
+            seconds, stage_seconds, metrics = time.perf_counter() - t0, result.seconds, result.metrics
+        if base is None:
+            trained.setdefault(key, (out, name, stage_seconds["train"]))
+        line = {"bench": "quality", "data": dataset, "impl": _steps(cfg), "config": label, "seed": seed,
+                "epochs": cfg.train.epochs, "workers": cfg.train.num_workers,
+                # A shared pretraining counts in full against every method that uses it.
+                "seconds": seconds + (base[2] if base else 0.0), "pretrained_by": base[1] if base else None,
+                "stage_seconds": stage_seconds, **{k: metrics[k] for k in ("acc", "nmi", "ari")},
+                **({"read_back": True} if earlier is not None else {})}
+        print(json.dumps(line), flush=True)
+        rows.setdefault(dataset, []).append(line)
 
     if not args.runs:
         shutil.rmtree(runs_root, ignore_errors=True)

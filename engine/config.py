@@ -86,7 +86,8 @@ REFINED_MODELS = ("dec", "idec")
 class ModelConfig(_Section):
     name: str = "mlp_ae"
     """mlp_ae (DEC's MLP autoencoder), conv_ae (DCEC's convolutional autoencoder, image sources only), vae,
-    vade (a VAE with a mixture-of-Gaussians prior, one component per cluster; see `pretrain_epochs`), dec / idec (pretrain `base`, then refine it with the DEC clustering head, see `refine`), or gan
+    vade (a VAE with a mixture-of-Gaussians prior, one component per cluster; see `pretrain_epochs`), dec / idec
+    (pretrain `base`, then refine it with the DEC clustering head, see `refine`), or gan
     (ClusterGAN: a WGAN-GP generator and critic with an encoder that inverts the generator)."""
     latent_dim: int = Field(default=10, ge=1)
     hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [500, 500, 2000])

@@ -1,4 +1,4 @@
-"""Encoders built by name: MLP and convolutional autoencoders, VAE, VaDE, ClusterGAN, and the DEC/IDEC clustering heads."""
+"""Encoders built by name: MLP and convolutional autoencoders, VAE, VaDE, ClusterGAN, and DEC/IDEC clustering heads."""
 
 from engine.models import autoencoder, conv_autoencoder, dec, gan, vade, vae  # noqa: F401  (register every model)
 from engine.models.autoencoder import MLPAutoencoder, MLPAutoencoderConfig

