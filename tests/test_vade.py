@@ -296,8 +296,8 @@ def test_two_workers_follow_the_one_worker_run(runs):
     # Pretraining is deterministic and full-batch: DDP's averaged gradient is the single worker's.
     np.testing.assert_allclose(two[:3], one[:3], rtol=1e-4)
     # The first VaDE epoch is one step from the prior fitted to the gathered codes: the same mixture as the single
-    # worker's, so the same loss but for each worker's own samples of z (measured 2e-4 apart; a prior fitted to one
-    # worker's half of the rows is another mixture). Later steps at lr 1e-2 on sampled z drift apart (up to 50%).
+    # worker's, so the same loss but for each worker's own samples of z (measured 2e-4 apart; a prior fitted to
+    # each worker's own half of the rows would differ). Later steps at lr 1e-2 on sampled z drift apart (up to 50%).
     np.testing.assert_allclose(two[3], one[3], rtol=0.01)
     assert np.isfinite(two).all() and np.isfinite(one).all()
 
