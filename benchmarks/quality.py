@@ -1,7 +1,7 @@
 """Clustering quality of whole `dce run` pipelines over seeds, beside k-means on the raw pixels, in one Ray session.
 
-    python benchmarks/quality.py --configs digits digits_conv digits_vae digits_idec digits_gan --seeds 3 --record
-    python benchmarks/quality.py --configs mnist_ae mnist_n2d mnist_idec mnist_vae mnist_gan --seeds 3 --record
+    python benchmarks/quality.py --configs digits digits_conv digits_vae digits_vade digits_idec digits_gan --record
+    python benchmarks/quality.py --configs mnist_ae mnist_n2d mnist_idec mnist_vae mnist_vade mnist_gan --record
 
 One JSON line per (config, seed), and one for the peer (scikit-learn KMeans on the pixels, same k and
 restarts) per data set and seed. With --record, one table per data set is appended to RESULTS.md, with
@@ -11,6 +11,12 @@ Configs whose train stage is the same (data, train section, seed and the model i
 mnist_n2d and mnist_idec) train once per seed: the later ones start from the first one's model
 (`dce run --pretrained`), and their reported seconds include that run's train stage, so every row's time is
 what the method costs alone. --no-share trains each config anew.
+
+--perturb float16 and/or --perturb drop1 run every config and seed again on a perturbed copy of its input (the
+raw rows rounded to float16 and back; 1% of the rows, a seeded draw, left out) written as .npy beside the runs, so
+that a recipe's accuracy on slightly different input can be compared with its own:
+
+    python benchmarks/quality.py --configs digits --seeds 3 --perturb float16 --perturb drop1 --record
 
 --runs DIR keeps the run directories there, and a later invocation with the same DIR reads back every
 (config, seed) that already finished with the same config (its metrics.json and run.json: wall time, stage
@@ -41,7 +47,7 @@ PUBLISHED_ACC = {
     "mnist": {"kmeans_pixels": "0.53", "mlp_ae + kmeans": "0.82-0.88 (AE + k-means)", "dec": "0.84-0.87 (DEC)",
               "idec": "0.88 (IDEC)", "conv_ae + kmeans": "0.85 (DCEC's CAE + k-means)",
               "vae + kmeans": "0.94 (VaDE, a VAE with a GMM prior)", "gan + kmeans": "0.91-0.95 (ClusterGAN)",
-              "mlp_ae + umap + gmm": "0.979 (N2D)"},
+              "mlp_ae + umap + gmm": "0.979 (N2D)", "vade + gmm": "0.945 (VaDE)"},
 }
 
 
@@ -58,6 +64,31 @@ def _pixels(cfg) -> tuple[np.ndarray, np.ndarray]:
     source = open_source(cfg.data)
     table = pa.concat_tables([read_shard(cfg.data, spec) for spec in source.specs])
     return vectors_to_numpy(table.column("x"), name="x"), table.column("label").to_numpy()
+
+
+PERTURBATIONS = ("float16", "drop1")
+
+
+def perturbed_input(cfg, kind: str, folder: Path, seed: int = 0) -> list[str]:
+    """`--set` overrides that make `cfg` read a perturbed copy of its input, written to `folder` as .npy: `float16`
+    rounds the raw rows to float16 and back, `drop1` leaves out 1% of the rows (a draw seeded by `seed`). Images
+    keep their shape, and the input normalisation is the config's."""
+    from engine.data.sources import open_source
+
+    x, y = _pixels(cfg)
+    if kind == "float16":
+        x = x.astype(np.float16).astype(np.float32)
+    elif kind == "drop1":
+        keep = np.sort(np.random.default_rng(seed).permutation(len(x))[: len(x) - len(x) // 100])
+        x, y = x[keep], y[keep]
+    else:
+        raise ValueError(f"--perturb {kind!r} should be one of {list(PERTURBATIONS)}")
+    shape = open_source(cfg.data).image_shape
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "x.npy", x.reshape(len(x), *shape) if shape else x)
+    np.save(folder / "y.npy", y.astype(np.int64))
+    return [f"data={{source: npy, path: {folder / 'x.npy'}, labels_path: {folder / 'y.npy'}, "
+            f"normalize: {cfg.data.normalize}}}"]
 
 
 def _steps(cfg) -> str:
@@ -81,6 +112,8 @@ def main() -> None:
                                                                 "train stage as an earlier one")
     parser.add_argument("--runs", metavar="DIR", help="keep the run directories in DIR and read back the runs "
                                                      "that finished there before, instead of redoing them")
+    parser.add_argument("--perturb", action="append", default=[], choices=PERTURBATIONS,
+                        help="also run every config and seed on a perturbed copy of its input (repeatable)")
     parser.add_argument("--replay", metavar="JSONL", help="record the result lines of an earlier run (its stdout) "
                                                          "instead of running anything")
     args = parser.parse_args()
@@ -108,47 +141,53 @@ def main() -> None:
     runs_root = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="dce-quality-"))
     runs_root.mkdir(parents=True, exist_ok=True)
     trained: dict[str, tuple[Path, str, float]] = {}  # train-stage key -> (run dir, config, train seconds)
-    for name in args.configs:
-        for seed in range(args.seeds):
-            cfg = load_config(name, [*args.overrides, f"seed={seed}"])
-            dataset = cfg.data.source if cfg.data.source != "idx" else Path(cfg.data.images[0]).parent.name
-            peer_file = runs_root / f"kmeans_pixels-{dataset}-{seed}.json"
-            if (dataset, seed) not in peers_done:
-                if peer_file.is_file():  # measured by an earlier invocation with the same --runs
-                    peer = json.loads(peer_file.read_text())
-                else:
-                    x, y = _pixels(cfg)
-                    t0 = time.perf_counter()
-                    pred = SKKMeans(cfg.cluster.k, n_init=cfg.cluster.n_init, random_state=seed).fit_predict(x)
-                    peer = {"bench": "quality", "data": dataset, "impl": "kmeans_pixels", "config": "scikit-learn",
-                            "seed": seed, "acc": clustering_accuracy(y, pred),
-                            "nmi": normalized_mutual_info_score(y, pred), "ari": adjusted_rand_score(y, pred),
-                            "seconds": time.perf_counter() - t0}
-                    peer_file.write_text(json.dumps(peer))
-                print(json.dumps(peer), flush=True)
-                rows.setdefault(dataset, []).append(peer)
-                peers_done.add((dataset, seed))
-            key = json.dumps([cfg.data.model_dump(mode="json"), model_args(cfg), cfg.train.model_dump(mode="json"),
-                              cfg.seed], sort_keys=True)
-            base = None if args.no_share else trained.get(key)
-            out = runs_root / f"{Path(name).stem}-{seed}"
-            earlier = _finished_run(out, cfg)
-            if earlier is not None:  # finished in an earlier invocation with the same --runs
-                seconds, stage_seconds, metrics = earlier
+    jobs = [(name, seed, kind) for name in args.configs for kind in [None, *args.perturb] for seed in range(args.seeds)]
+    for name, seed, kind in jobs:
+        cfg = load_config(name, [*args.overrides, f"seed={seed}"])
+        label = name if kind is None else f"{name} [{kind}]"
+        if kind is not None:
+            folder = runs_root / f"input-{Path(name).stem}-{kind}"
+            cfg = load_config(name, [*args.overrides, f"seed={seed}",
+                                     *perturbed_input(cfg, kind, folder)])
+        source = load_config(name).data
+        dataset = source.source if source.source != "idx" else Path(source.images[0]).parent.name
+        peer_file = runs_root / f"kmeans_pixels-{dataset}-{seed}.json"
+        if (dataset, seed) not in peers_done:
+            if peer_file.is_file():  # measured by an earlier invocation with the same --runs
+                peer = json.loads(peer_file.read_text())
             else:
+                x, y = _pixels(cfg)
                 t0 = time.perf_counter()
-                result = run_pipeline(cfg, out, pretrained=base[0] if base else None)
-                seconds, stage_seconds, metrics = time.perf_counter() - t0, result.seconds, result.metrics
-            if base is None:
-                trained.setdefault(key, (out, name, stage_seconds["train"]))
-            line = {"bench": "quality", "data": dataset, "impl": _steps(cfg), "config": name, "seed": seed,
-                    "epochs": cfg.train.epochs, "workers": cfg.train.num_workers,
-                    # A shared pretraining counts in full against every method that uses it.
-                    "seconds": seconds + (base[2] if base else 0.0), "pretrained_by": base[1] if base else None,
-                    "stage_seconds": stage_seconds, **{k: metrics[k] for k in ("acc", "nmi", "ari")},
-                    **({"read_back": True} if earlier is not None else {})}
-            print(json.dumps(line), flush=True)
-            rows.setdefault(dataset, []).append(line)
+                pred = SKKMeans(cfg.cluster.k, n_init=cfg.cluster.n_init, random_state=seed).fit_predict(x)
+                peer = {"bench": "quality", "data": dataset, "impl": "kmeans_pixels", "config": "scikit-learn",
+                        "seed": seed, "acc": clustering_accuracy(y, pred),
+                        "nmi": normalized_mutual_info_score(y, pred), "ari": adjusted_rand_score(y, pred),
+                        "seconds": time.perf_counter() - t0}
+                peer_file.write_text(json.dumps(peer))
+            print(json.dumps(peer), flush=True)
+            rows.setdefault(dataset, []).append(peer)
+            peers_done.add((dataset, seed))
+        key = json.dumps([cfg.data.model_dump(mode="json"), model_args(cfg), cfg.train.model_dump(mode="json"),
+                          cfg.seed], sort_keys=True)
+        base = None if args.no_share else trained.get(key)
+        out = runs_root / (f"{Path(name).stem}-{seed}" + (f"-{kind}" if kind else ""))
+        earlier = _finished_run(out, cfg)
+        if earlier is not None:  # finished in an earlier invocation with the same --runs
+            seconds, stage_seconds, metrics = earlier
+        else:
+            t0 = time.perf_counter()
+            result = run_pipeline(cfg, out, pretrained=base[0] if base else None)
+            seconds, stage_seconds, metrics = time.perf_counter() - t0, result.seconds, result.metrics
+        if base is None:
+            trained.setdefault(key, (out, name, stage_seconds["train"]))
+        line = {"bench": "quality", "data": dataset, "impl": _steps(cfg), "config": label, "seed": seed,
+                "epochs": cfg.train.epochs, "workers": cfg.train.num_workers,
+                # A shared pretraining counts in full against every method that uses it.
+                "seconds": seconds + (base[2] if base else 0.0), "pretrained_by": base[1] if base else None,
+                "stage_seconds": stage_seconds, **{k: metrics[k] for k in ("acc", "nmi", "ari")},
+                **({"read_back": True} if earlier is not None else {})}
+        print(json.dumps(line), flush=True)
+        rows.setdefault(dataset, []).append(line)
 
     if not args.runs:
         shutil.rmtree(runs_root, ignore_errors=True)

@@ -89,7 +89,8 @@ REFINED_MODELS = ("dec", "idec")
 class ModelConfig(_Section):
     name: str = "mlp_ae"
     """mlp_ae (DEC's MLP autoencoder), conv_ae (DCEC's convolutional autoencoder, image sources only), vae,
-    dec / idec (pretrain `base`, then refine it with the DEC clustering head, see `refine`), or gan
+    vade (a VAE with a mixture-of-Gaussians prior, one component per cluster; see `pretrain_epochs`), dec / idec
+    (pretrain `base`, then refine it with the DEC clustering head, see `refine`), or gan
     (ClusterGAN: a WGAN-GP generator and critic with an encoder that inverts the generator)."""
     latent_dim: int = Field(default=10, ge=1)
     """Size of the embedding the encoder outputs and the clustering runs on."""
@@ -106,6 +107,13 @@ class ModelConfig(_Section):
     recon_loss: Literal["mse", "bce"] = "mse"
     """vae: reconstruction term, summed over features and averaged over the batch. bce needs inputs in
     [0, 1] (data.normalize: max or minmax on non-negative data)."""
+    pretrain_epochs: int = Field(default=10, ge=0)
+    """vade: the first epochs of train.epochs train a plain autoencoder (the VaDE paper's pretraining); then a
+    diagonal Gaussian mixture on every row's code initialises the prior, and the rest train VaDE itself. 0: no
+    pretraining, the prior starts from `prior_variance`."""
+    prior_variance: float = Field(default=1.0, gt=0)
+    """vade: the variance of every mixture component (means drawn from N(0, I), weights equal) until the mixture
+    fitted after pretraining replaces them."""
     base: str = "mlp_ae"
     """dec / idec: the registered autoencoder the train stage pretrains before the refine stage."""
     n_clusters: int | None = Field(default=None, ge=1)
@@ -508,8 +516,16 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_vade(self) -> PipelineConfig:
+        m = self.model
+        if m.name == "vade" and m.pretrain_epochs >= self.train.epochs:
+            raise ValueError(f"model.pretrain_epochs={m.pretrain_epochs} should be < train.epochs={self.train.epochs}: "
+                             f"vade trains its mixture prior in the epochs after the autoencoder's pretraining")
+        return self
+
+    @model_validator(mode="after")
     def _check_bce_inputs(self) -> PipelineConfig:
-        if self.model.name == "vae" and self.model.recon_loss == "bce" and self.data.normalize == "standard":
+        if self.model.name in ("vae", "vade") and self.model.recon_loss == "bce" and self.data.normalize == "standard":
             raise ValueError("model.recon_loss='bce' needs inputs in [0, 1], but data.normalize='standard' centres "
                              "them on 0; use data.normalize=minmax (or max on non-negative data), or "
                              "model.recon_loss=mse")

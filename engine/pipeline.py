@@ -108,6 +108,11 @@ def check_cluster_sizes(cfg: PipelineConfig, n: int, what: str) -> None:
     and IDEC seed with k-means), every size-dependent setting of the clustering method otherwise."""
     from engine.cluster import check_sizes
 
+    components = cfg.model.n_clusters or cfg.cluster.k
+    if cfg.model.name == "vade" and components > n:  # its prior is a mixture fitted to the rows' codes
+        key = "model.n_clusters" if cfg.model.n_clusters else "cluster.k"
+        raise ConfigError(f"{key}={components} should be <= the number of {what} ({n}): model.name=vade fits one "
+                          f"mixture component per cluster to them")
     if cfg.model.refines:
         if cfg.cluster.k > n:
             raise ConfigError(f"cluster.k={cfg.cluster.k} should be <= the number of {what} ({n})")

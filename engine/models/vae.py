@@ -38,6 +38,18 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
 
 
+def reconstruction_loss(out: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The batch mean of each row's reconstruction term, summed over its features: squared error (`mse`), or
+    Bernoulli cross-entropy of the decoder's logits (`bce`, inputs in [0, 1])."""
+    if kind == "bce":
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise DataError(f"model.recon_loss='bce' needs inputs in [0, 1], but a batch spans [{lo:.4g}, "
+                            f"{hi:.4g}]; use data.normalize=minmax (or max on non-negative data), or mse")
+        return F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(dim=1).mean()
+    return (out - x).pow(2).sum(dim=1).mean()
+
+
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """A sample of N(mu, diag(exp(logvar))) that is differentiable in mu and logvar."""
     return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
@@ -85,14 +97,7 @@ class VAE(nn.Module):
     def loss(self, x: torch.Tensor, forward=None) -> tuple[torch.Tensor, dict[str, float]]:
         """Negative ELBO (beta-weighted); `forward` is the callable to run (a DDP wrapper of self, or self)."""
         out, mu, logvar = (forward or self)(x)
-        if self.cfg.recon_loss == "bce":
-            lo, hi = float(x.min()), float(x.max())
-            if lo < 0.0 or hi > 1.0:
-                raise DataError(f"model.recon_loss='bce' needs inputs in [0, 1], but a batch spans [{lo:.4g}, "
-                                f"{hi:.4g}]; use data.normalize=minmax (or max on non-negative data), or mse")
-            recon = F.binary_cross_entropy_with_logits(out, x, reduction="none").sum(dim=1).mean()
-        else:
-            recon = (out - x).pow(2).sum(dim=1).mean()
+        recon = reconstruction_loss(out, x, self.cfg.recon_loss)
         kl = kl_divergence(mu, logvar).mean()
         return recon + self.cfg.beta * kl, {"reconstruction": float(recon.detach()), "kl": float(kl.detach())}
 

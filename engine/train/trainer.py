@@ -71,7 +71,25 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     augment = config["augment"]
     augmented = [0]  # rows this worker transformed in the current epoch
 
+    core = model.module if hasattr(model, "module") else model
+
+    def rows():  # this worker's rows as they are (no augmentation, no shuffle), for a model's begin_epoch
+        for batch in shard.iter_batches(batch_size=4096, batch_format="pyarrow"):
+            yield (torch.from_numpy(vectors_to_numpy(batch[X]).copy()).to(device) - shift) * scale
+
+    def gather(a: np.ndarray) -> np.ndarray:  # the workers' arrays concatenated in rank order, on every worker
+        if world == 1:
+            return a
+        parts: list[Any] = [None] * world
+        torch.distributed.all_gather_object(parts, a)
+        return np.concatenate(parts)
+
     def epoch_batches(epoch: int):
+        # A model that sets itself up from every row before an epoch (VaDE: its mixture prior, from a GMM on the
+        # pretrained codes) does so here; rank 0's result then goes to every worker, so they stay identical.
+        if hasattr(core, "begin_epoch") and core.begin_epoch(epoch, rows=rows, gather=gather) and world > 1:
+            for t in core.state_dict().values():
+                torch.distributed.broadcast(t, src=0)
         seed = config["seed"] * 100_003 + epoch * 17 + rank
         # Seeded per epoch and worker: a resumed run draws the transforms an uninterrupted one would.
         transforms = torch.Generator().manual_seed(seed) if augment else None
