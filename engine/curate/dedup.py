@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from engine.curate.groups import finished_clusters, process_group
+from engine.curate.groups import FLUSH_ROWS, finished_clusters, process_group
 from engine.curate.output import check_result_output, state_folder, subfolder, write_json, write_result
 from engine.curate.partition import assign_to_buckets, default_sample_size, fit_centroids, plan_groups
 from engine.curate.similarity import KEEP_MODES
@@ -54,7 +54,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
           k: int | None = None, keep: str = "hard", seed: int = 0, column: str = "z", id_column: str = "id",
           summary_eps: Sequence[float] = DEFAULT_SUMMARY_EPS, sample_size: int | None = None,
           max_iter: int = 25, block: int = 2048, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-          overwrite: bool = False, on_progress: Callable[[str, dict[str, Any]], None] | None = None,
+          flush_rows: int = FLUSH_ROWS, overwrite: bool = False,
+          on_progress: Callable[[str, dict[str, Any]], None] | None = None,
           ) -> dict[str, Any]:
     """Remove near-duplicates: spherical k-means, then within each cluster every row whose cosine similarity to an
     already kept row exceeds 1 - eps is removed, the keep order being SemDeDup's (hard: farthest from the
@@ -65,7 +66,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     of each stage), `centroids.npy`. Every input id is in exactly one of kept/ and duplicates/.
 
     An interrupted or killed run keeps its finished stages and clusters in `.NAME.partial` beside `out`; running
-    the same call again continues from them. Ray must be running (the CLI starts it after its checks).
+    the same call again continues from them (a group task records its clusters every `flush_rows` rows). Ray must be
+    running (the CLI starts it after its checks).
     """
     summary_eps = sorted({*map(float, summary_eps), float(eps)})
     check_settings(eps, k, keep, summary_eps, block, sample_size)
@@ -116,7 +118,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     t0 = time.perf_counter()
     resumed = len(finished_clusters(state))
     groups = _run_groups(plan["groups"], centroids, state, emb.dim, summary_eps, keep, seed, block, memory_bytes,
-                         notify)  # [4] one Ray task per cluster group
+                         flush_rows, notify)  # [4] one Ray task per cluster group
     times["similarity"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -156,13 +158,14 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
 
 
 def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim: int, eps: list[float], keep: str,
-                seed: int, block: int, memory_bytes: int, notify: Callable[[str, dict[str, Any]], None]) -> dict:
+                seed: int, block: int, memory_bytes: int, flush_rows: int,
+                notify: Callable[[str, dict[str, Any]], None]) -> dict:
     import ray
 
     # Retries: a task whose worker dies starts again and skips the clusters its records already hold.
     task = ray.remote(num_cpus=1, max_retries=3)(process_group)
     c_ref = ray.put(centroids)
-    pending = [task.remote(g, members, c_ref, str(state), dim, eps, keep, seed, block, memory_bytes)
+    pending = [task.remote(g, members, c_ref, str(state), dim, eps, keep, seed, block, memory_bytes, flush_rows)
                for g, members in enumerate(groups)]
     done, clusters, skipped = 0, 0, 0
     try:

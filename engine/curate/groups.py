@@ -77,7 +77,8 @@ def _flush(folder: Path, batch: list[tuple[int, Any]], n_eps: int) -> None:
 
 
 def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder: str, dim: int,
-                  eps: list[float], keep: str, seed: int, block: int, memory_bytes: int) -> dict[str, Any]:
+                  eps: list[float], keep: str, seed: int, block: int, memory_bytes: int,
+                  flush_rows: int = FLUSH_ROWS) -> dict[str, Any]:
     """Deduplicate every unfinished cluster of one group; returns how many clusters it did and skipped."""
     root = Path(folder)
     (root / "results").mkdir(exist_ok=True)
@@ -111,7 +112,7 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
                 "removed_per_eps": result.removed_per_eps}))
             batch_rows += len(walk)
             rows += len(walk)
-            if batch_rows >= FLUSH_ROWS:
+            if batch_rows >= flush_rows:
                 _flush(root, batch, len(eps))
                 batch, batch_rows = [], 0
         if batch:

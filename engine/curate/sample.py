@@ -55,6 +55,16 @@ def check_settings(n: int, levels: int, ks: Sequence[int] | None, strategy: str,
         raise ConfigError(f"--resample-steps={steps} should be >= 0")
 
 
+def check_rows(n: int, levels: int, k: Sequence[int] | None, n_rows: int) -> list[int]:
+    """The k of every level, checked against the rows the input has (`n` too)."""
+    if n > n_rows:
+        raise ConfigError(f"--n={n} is larger than the number of rows, {n_rows}: a sample draws each row at most once")
+    ks = list(k) if k is not None else default_ks(n_rows, levels)
+    if ks[0] > n_rows:
+        raise ConfigError(f"--k={ks[0]} (level 1) should be <= the number of rows, {n_rows}")
+    return ks
+
+
 def _fit_hierarchy(ks: list[int], steps: int, seed: int, *parts: np.ndarray) -> list[Level]:
     x = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
     return hierarchical_kmeans(x, ks, steps=steps, seed=seed)
@@ -108,12 +118,7 @@ def sample(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, n
     check_settings(n, levels, k, strategy, resample_steps)
     source = str(embeddings)
     emb = open_embeddings(source, column=column, id_column=id_column)
-    if n > emb.n_rows:
-        raise ConfigError(f"--n={n} is larger than the number of rows, {emb.n_rows}: a sample draws each row at most "
-                          "once")
-    ks = list(k) if k is not None else default_ks(emb.n_rows, levels)
-    if ks[0] > emb.n_rows:
-        raise ConfigError(f"--k={ks[0]} (level 1) should be <= the number of rows, {emb.n_rows}")
+    ks = check_rows(n, levels, k, emb.n_rows)
     size = min(emb.n_rows, sample_size or ROWS_PER_CENTROID * ks[0])
     if size < ks[0]:
         raise ConfigError(f"sample_size={size} should be >= the level-1 k, {ks[0]}")
