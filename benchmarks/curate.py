@@ -81,12 +81,13 @@ def main() -> None:
     init_ray()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "emb").mkdir()
         for i, part in enumerate(np.array_split(ids, 8)):
-            pq.write_table(pa.table({"id": ids[part], "z": vector_array(x[part])}), f"{tmp}/part-{i}.parquet")
+            pq.write_table(pa.table({"id": ids[part], "z": vector_array(x[part])}), f"{tmp}/emb/part-{i}.parquet")
         for k in [int(v) for v in args.k.split(",")]:
             out = Path(tmp) / f"out-{k}"
             t0 = time.perf_counter()
-            s = dedup(tmp, out, eps=args.eps, k=k, keep="hard")
+            s = dedup(f"{tmp}/emb", out, eps=args.eps, k=k, keep="hard")
             seconds = time.perf_counter() - t0
             centroids = np.load(out / "centroids.npy")
             labels = (u @ centroids.T).argmax(axis=1)
