@@ -117,8 +117,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
 
     t0 = time.perf_counter()
     resumed = len(finished_clusters(state))
-    groups = _run_groups(plan["groups"], centroids, state, emb.dim, summary_eps, keep, seed, block, memory_bytes,
-                         flush_rows, notify)  # [4] one Ray task per cluster group
+    groups = _run_groups(plan["groups"], centroids, state, emb.dim, summary_eps, summary_eps.index(float(eps)), keep,
+                         seed, block, memory_bytes, flush_rows, notify)  # [4] one Ray task per cluster group
     times["similarity"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -157,7 +157,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     return summary
 
 
-def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim: int, eps: list[float], keep: str,
+def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim: int, eps: list[float], main: int,
+                keep: str,
                 seed: int, block: int, memory_bytes: int, flush_rows: int,
                 notify: Callable[[str, dict[str, Any]], None]) -> dict:
     import ray
@@ -165,7 +166,8 @@ def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim
     # Retries: a task whose worker dies starts again and skips the clusters its records already hold.
     task = ray.remote(num_cpus=1, max_retries=3)(process_group)
     c_ref = ray.put(centroids)
-    pending = [task.remote(g, members, c_ref, str(state), dim, eps, keep, seed, block, memory_bytes, flush_rows)
+    pending = [task.remote(g, members, c_ref, str(state), dim, eps, main, keep, seed, block, memory_bytes,
+                           flush_rows)
                for g, members in enumerate(groups)]
     done, clusters, skipped = 0, 0, 0
     try:

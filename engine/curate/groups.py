@@ -77,9 +77,10 @@ def _flush(folder: Path, batch: list[tuple[int, Any]], n_eps: int) -> None:
 
 
 def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder: str, dim: int,
-                  eps: list[float], keep: str, seed: int, block: int, memory_bytes: int,
+                  eps: list[float], main: int, keep: str, seed: int, block: int, memory_bytes: int,
                   flush_rows: int = FLUSH_ROWS) -> dict[str, Any]:
-    """Deduplicate every unfinished cluster of one group; returns how many clusters it did and skipped."""
+    """Deduplicate every unfinished cluster of one group at `eps[main]` (counting the removals of every eps of
+    `eps`); returns how many clusters it did and skipped."""
     root = Path(folder)
     (root / "results").mkdir(exist_ok=True)
     (root / "records").mkdir(exist_ok=True)
@@ -99,7 +100,7 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
             members = np.sort(members)
             walk = members[keep_order(ids[members], None, None, keep, seed, c, centroid_sims=csims[members])]
             result = greedy_dedup(len(walk), lambda i, j, w=walk: vectors[np.sort(w[i:j])][
-                np.argsort(np.argsort(w[i:j]))], eps, block=block)
+                np.argsort(np.argsort(w[i:j]))], eps, main=main, block=block)
             removed = walk[result.removed]
             is_removed = np.zeros(len(walk), dtype=bool)
             is_removed[result.removed] = True
