@@ -23,10 +23,10 @@ def mnist() -> np.ndarray:
     return np.concatenate(parts).astype(np.float32) / 255
 
 
-def planted_set(n_images: int, n_sources: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def planted_set(n_images: int, n_sources: int, seed: int, shift: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """(pixels (n, 784), group: the source index for planted copies and their source, -1 otherwise) of a seeded
-    subset of `n_images` MNIST images. Copies are shifted by up to 1 pixel, brightness-scaled by 0.9-1.1 and given
-    0.02 Gaussian noise."""
+    subset of `n_images` MNIST images. Copies are shifted by up to `shift` pixels, brightness-scaled by 0.9-1.1 and
+    given 0.02 Gaussian noise."""
     rng = np.random.default_rng(seed)
     images = mnist()
     images = images[np.sort(rng.choice(len(images), min(n_images, len(images)), replace=False))]
@@ -36,7 +36,7 @@ def planted_set(n_images: int, n_sources: int, seed: int) -> tuple[np.ndarray, n
     copies, copy_group = [], []
     for s in sources:
         for _ in range(rng.integers(1, 4)):
-            img = np.roll(images[s], tuple(rng.integers(-1, 2, 2)), axis=(0, 1)) * rng.uniform(0.9, 1.1)
+            img = np.roll(images[s], tuple(rng.integers(-shift, shift + 1, 2)), axis=(0, 1)) * rng.uniform(0.9, 1.1)
             copies.append(np.clip(img + 0.02 * rng.normal(size=img.shape), 0, None))
             copy_group.append(s)
     x = np.concatenate([images, np.array(copies)]).reshape(-1, 784).astype(np.float32)
@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=30000, help="MNIST images (of 70,000); the exact all-pairs "
                    "reference costs images^2 x 784 multiply-adds")
     p.add_argument("--sources", type=int, default=2000, help="images planted with 1-3 copies each")
+    p.add_argument("--shift", type=int, default=1, help="largest pixel shift of a planted copy")
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--k", default="10,50,200")
     p.add_argument("--record", action="store_true")
@@ -127,7 +128,7 @@ def main() -> None:
     from engine.data.schema import vector_array
     from engine.runtime import init_ray
 
-    x, group = planted_set(args.images, args.sources, seed=0)
+    x, group = planted_set(args.images, args.sources, seed=0, shift=args.shift)
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
     ids = np.arange(len(x))
     pi, pj, faiss_s = exact_pairs(u, args.eps)
@@ -174,7 +175,7 @@ def main() -> None:
               r["pair_recall"], r["precision_vs_exact"], r["planted_recall"], r["planted_precision"]]
              for r in results],
             notes=(f"{args.images} MNIST images (seeded subset; raw pixels /255, 784-d) plus {planted_extra} planted "
-                   f"copies of {args.sources} of them (shift <= 1 px, brightness x0.9-1.1, noise 0.02); "
+                   f"copies of {args.sources} of them (shift <= {args.shift} px, brightness x0.9-1.1, noise 0.02); "
                    f"eps={args.eps}, "
                    "keep=hard, seed 0. Pair recall: exact pairs (faiss IndexFlatIP range search, similarity > 1 - "
                    "eps) whose rows share a cluster, i.e. that the within-cluster pass can see. Planted precision "
