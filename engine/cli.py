@@ -407,6 +407,107 @@ def assign(
         typer.echo(out)
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    from engine.errors import ConfigError
+
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag}={text!r} should be a comma-separated list of numbers") from None
+
+
+@app.command()
+@friendly_errors
+def dedup(
+    path: Annotated[str, typer.Argument(help="Parquet embeddings: a run's embeddings/, a folder, file, glob or "
+                                        "object store URI.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for kept/, duplicates/ and summary.json.")],
+    eps: Annotated[float, typer.Option(help="Remove rows whose cosine similarity to a kept row exceeds 1 - eps.")]
+    = 0.05,
+    k: Annotated[int | None, typer.Option("--k", help="Spherical k-means clusters (default: rows / 1000).")] = None,
+    keep: Annotated[str, typer.Option(help="Which row of a duplicate group stays: hard (farthest from the "
+                                      "centroid), easy (closest) or random.")] = "hard",
+    seed: Annotated[int, typer.Option(help="Seed of the k-means sample and of --keep random.")] = 0,
+    summary_eps: Annotated[str, typer.Option(help="Also count the rows each of these eps would remove "
+                                             "(same pass).")] = "0.001,0.005,0.01,0.02,0.05,0.1,0.2",
+    column: ColumnOpt = "z",
+    id_column: Annotated[str, typer.Option(help="Id column of the embeddings.")] = "id",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Semantic deduplication (SemDeDup): spherical k-means, then exact cosine similarity within each cluster on
+    Ray workers. A rerun of a killed or interrupted run continues from its finished clusters."""
+    from engine.curate import dedup as run_dedup
+    from engine.curate.dedup import check_settings
+    from engine.curate.output import check_result_output
+    from engine.curate.source import open_embeddings
+    from engine.rundir import guard_output
+    from engine.runtime import init_ray
+
+    _quiet_env(verbose)
+    eps_list = _floats(summary_eps, "--summary-eps")
+    check_settings(eps, k, keep, eps_list, 1, None)
+    rows = open_embeddings(path, column=column, id_column=id_column).n_rows  # file and column checks before Ray
+    if k is not None and k > rows:
+        from engine.errors import ConfigError
+
+        raise ConfigError(f"--k={k} should be <= the number of rows, {rows}")
+    output = check_result_output(out, path, overwrite=overwrite)
+    init_ray(verbose=verbose)
+    progress = _progress(quiet)
+    with guard_output(output, resumable=False):
+        summary = run_dedup(path, out, eps=eps, k=k, keep=keep, seed=seed, column=column, id_column=id_column,
+                            summary_eps=eps_list, overwrite=overwrite,
+                            on_progress=lambda stage, info: progress.info(f"{stage}: {info}"))
+    typer.echo(out if quiet else f"{out}: kept {summary['kept']} of {summary['rows']} rows, removed "
+               f"{summary['removed']} (eps {eps}, k {summary['k']}, keep {keep})")
+
+
+@app.command()
+@friendly_errors
+def sample(
+    path: Annotated[str, typer.Argument(help="Parquet embeddings: a run's embeddings/, a folder, file, glob or "
+                                        "object store URI.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for sampled/, hierarchy/ and summary.json.")],
+    n: Annotated[int, typer.Option("--n", help="Rows to draw.")],
+    levels: Annotated[int, typer.Option(help="Levels of the k-means hierarchy.")] = 3,
+    k: Annotated[str | None, typer.Option("--k", help="Clusters per level, bottom up: 1000,200,40 (default: rows "
+                                          "/ 50 at most 4096, then 5x fewer a level).")] = None,
+    strategy: Annotated[str, typer.Option(help="Within a level-1 cluster: random or closest (to its "
+                                          "centroid).")] = "random",
+    resample_steps: Annotated[int, typer.Option(help="Resampling steps per level (Vo et al. 2024).")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the sample, k-means and the draws.")] = 0,
+    column: ColumnOpt = "z",
+    id_column: Annotated[str, typer.Option(help="Id column of the embeddings.")] = "id",
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Cluster-balanced sampling (Vo et al. 2024): hierarchical k-means with resampling steps, then N rows drawn
+    evenly across the hierarchy."""
+    from engine.curate import sample as run_sample
+    from engine.curate.output import check_result_output
+    from engine.curate.sample import check_rows, check_settings
+    from engine.curate.source import open_embeddings
+    from engine.rundir import guard_output
+    from engine.runtime import init_ray
+
+    _quiet_env(verbose)
+    ks = None if k is None else [int(v) for v in _floats(k, "--k")]
+    check_settings(n, levels, ks, strategy, resample_steps)
+    check_rows(n, levels, ks, open_embeddings(path, column=column, id_column=id_column).n_rows)
+    output = check_result_output(out, path, overwrite=overwrite)
+    init_ray(verbose=verbose)
+    progress = _progress(quiet)
+    with guard_output(output, resumable=False):
+        summary = run_sample(path, out, n=n, levels=levels, k=ks, strategy=strategy, resample_steps=resample_steps,
+                             seed=seed, column=column, id_column=id_column, overwrite=overwrite,
+                             on_progress=lambda stage, info: progress.info(f"{stage}: {info}"))
+    typer.echo(out if quiet else f"{out}: {summary['n']} of {summary['rows']} rows from "
+               f"{summary['clusters_drawn_from']} clusters (k per level {summary['k']})")
+
+
 @app.command()
 @friendly_errors
 def prepare(config: ConfigArg = None, set_: SetOpt = None,

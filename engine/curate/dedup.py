@@ -1,0 +1,192 @@
+"""Semantic deduplication (SemDeDup, Abbas et al. 2023) of Parquet embeddings, out of core on Ray."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from engine.curate.groups import FLUSH_ROWS, finished_clusters, process_group
+from engine.curate.output import check_result_output, state_folder, subfolder, write_json, write_result
+from engine.curate.partition import assign_to_buckets, default_sample_size, fit_centroids, plan_groups
+from engine.curate.similarity import KEEP_MODES
+from engine.curate.source import open_embeddings, validate
+from engine.errors import ConfigError, DataError
+
+STAGE = "dedup"
+DEFAULT_SUMMARY_EPS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+# Vectors of one cluster group a task holds in memory; a larger group is memory-mapped and read in blocks.
+DEFAULT_MEMORY_BYTES = 256 << 20
+
+
+def check_settings(eps: float, k: int | None, keep: str, summary_eps: Sequence[float], block: int,
+                   sample_size: int | None) -> None:
+    """Every setting, named, before any file is read."""
+    for name, value in (("--eps", eps), *((f"--summary-eps {e}", e) for e in summary_eps)):
+        if not (isinstance(value, int | float) and 0 < value < 2):
+            raise ConfigError(f"{name}={value} is outside (0, 2): eps is a cosine distance (1 - similarity); rows "
+                              "closer than eps to a kept row are removed")
+    if k is not None and k < 1:
+        raise ConfigError(f"--k={k} should be >= 1")
+    if keep not in KEEP_MODES:
+        raise ConfigError(f"--keep={keep!r} should be one of {', '.join(KEEP_MODES)}")
+    if block < 1:
+        raise ConfigError(f"block={block} should be >= 1")
+    if sample_size is not None and sample_size < 1:
+        raise ConfigError(f"sample_size={sample_size} should be >= 1")
+
+
+def default_k(n_rows: int) -> int:
+    """About 1,000 rows a cluster (SemDeDup: 50,000 clusters for 440M rows is ~9,000; smaller clusters cost less
+    in the quadratic pass and lose few pairs, see docs/curation.md)."""
+    return max(1, min(n_rows, round(n_rows / 1000)))
+
+
+def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, eps: float = 0.05,
+          k: int | None = None, keep: str = "hard", seed: int = 0, column: str = "z", id_column: str = "id",
+          summary_eps: Sequence[float] = DEFAULT_SUMMARY_EPS, sample_size: int | None = None,
+          max_iter: int = 25, block: int = 2048, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+          flush_rows: int = FLUSH_ROWS, overwrite: bool = False,
+          on_progress: Callable[[str, dict[str, Any]], None] | None = None,
+          ) -> dict[str, Any]:
+    """Remove near-duplicates: spherical k-means, then within each cluster every row whose cosine similarity to an
+    already kept row exceeds 1 - eps is removed, the keep order being SemDeDup's (hard: farthest from the
+    centroid first, easy: closest first, random: seeded).
+
+    Writes `out/` (atomically, with manifests): `kept/` (id), `duplicates/` (id, duplicate_of, similarity,
+    cluster), `summary.json` (rows removed for each of `summary_eps` and `eps`, from the same pass, and the time
+    of each stage), `centroids.npy`. Every input id is in exactly one of kept/ and duplicates/.
+
+    An interrupted or killed run keeps its finished stages and clusters in `.NAME.partial` beside `out`; running
+    the same call again continues from them (a group task records its clusters every `flush_rows` rows). Ray must be
+    running (the CLI starts it after its checks).
+    """
+    summary_eps = sorted({*map(float, summary_eps), float(eps)})
+    check_settings(eps, k, keep, summary_eps, block, sample_size)
+    source = str(embeddings)
+    emb = open_embeddings(source, column=column, id_column=id_column)
+    k = default_k(emb.n_rows) if k is None else k
+    if k > emb.n_rows:
+        raise ConfigError(f"--k={k} should be <= the number of rows, {emb.n_rows}")
+    sample_size = default_sample_size(k, emb.n_rows) if sample_size is None else min(sample_size, emb.n_rows)
+    if sample_size < k:
+        raise ConfigError(f"sample_size={sample_size} should be >= --k={k}")
+    check_result_output(out, source, overwrite=overwrite)
+    key = {"stage": STAGE, "input": emb.fingerprint(), "k": k, "seed": seed, "sample_size": sample_size,
+           "max_iter": max_iter, "eps": summary_eps, "main_eps": float(eps), "keep": keep}
+    config_hash = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
+    notify = on_progress or (lambda stage, info: None)
+    times: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    ids, sample_refs = validate(emb, sample_size, seed)  # [1] every row checked before anything is written
+    times["validate"] = time.perf_counter() - t0
+    state = state_folder(out, key)
+    notify("validate", {"rows": emb.n_rows, "seconds": times["validate"]})
+
+    t0 = time.perf_counter()
+    plan_path = state / "plan.json"
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        centroids = np.load(state / "centroids.npy")
+        times["kmeans_resumed"] = True
+    else:
+        centroids, counts = fit_centroids(sample_refs, k, seed, max_iter)  # [2] one Ray task
+        import ray
+
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        plan = {"groups": plan_groups(counts, emb.n_rows, emb.dim, memory_bytes=memory_bytes, min_groups=2 * cpus)}
+        np.save(state / "centroids.npy", centroids)
+        plan_path.write_text(json.dumps(plan))  # last: k-means is done only with its plan
+    del sample_refs
+    times["kmeans"] = time.perf_counter() - t0
+    notify("kmeans", {"k": k, "groups": len(plan["groups"]), "seconds": times["kmeans"]})
+
+    t0 = time.perf_counter()
+    assigned = assign_to_buckets(emb, centroids, plan["groups"], state)  # [3] one Ray task per piece
+    times["assign"] = time.perf_counter() - t0
+    notify("assign", {**assigned, "seconds": times["assign"]})
+
+    t0 = time.perf_counter()
+    resumed = len(finished_clusters(state))
+    groups = _run_groups(plan["groups"], centroids, state, emb.dim, summary_eps, summary_eps.index(float(eps)), keep,
+                         seed, block, memory_bytes, flush_rows, notify)  # [4] one Ray task per cluster group
+    times["similarity"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    records = {json.dumps(r["clusters"]): r for r in finished_clusters(state).values()}.values()
+    kept_rows = sum(r["kept_rows"] for r in records)
+    dup_rows = sum(r["duplicate_rows"] for r in records)
+    results = state / "results"
+    kept_files = [results / r["kept"] for r in records]
+    dup_files = [results / r["duplicates"] for r in records]
+    _check_every_id_once(ids, kept_files + dup_files, source)
+    main = summary_eps.index(float(eps))
+    removed = [sum(r["removed_per_eps"][e] for r in records) for e in range(len(summary_eps))]
+    summary = {
+        "rows": emb.n_rows, "kept": kept_rows, "removed": dup_rows, "eps": float(eps), "k": k, "keep": keep,
+        "seed": seed, "sample_size": sample_size, "groups": len(plan["groups"]),
+        "clusters_resumed": resumed, "pieces_resumed": assigned["pieces_resumed"],
+        "summary": [{"eps": e, "removed": r, "fraction": r / emb.n_rows}
+                    for e, r in zip(summary_eps, removed, strict=True)],
+        "group_tasks": groups, "seconds": times,
+    }
+    if removed[main] != dup_rows:
+        raise RuntimeError(f"summary count {removed[main]} differs from the duplicates written, {dup_rows}")
+
+    def build(tmp: Path) -> list[str]:
+        subfolder(tmp, "kept", kept_files, stage="dedup-kept", config_hash=config_hash, rows=kept_rows)
+        subfolder(tmp, "duplicates", dup_files, stage="dedup-duplicates", config_hash=config_hash, rows=dup_rows,
+                  eps=float(eps))
+        np.save(tmp / "centroids.npy", centroids)
+        times["write"] = time.perf_counter() - t0
+        write_json(tmp / "summary.json", summary)
+        return ["kept", "duplicates", "centroids.npy", "summary.json"]
+
+    write_result(out, build, stage=STAGE, config_hash=config_hash, rows=emb.n_rows, eps=float(eps), k=k)
+    shutil.rmtree(state, ignore_errors=True)
+    notify("write", {"kept": kept_rows, "removed": dup_rows, "seconds": times["write"]})
+    return summary
+
+
+def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim: int, eps: list[float], main: int,
+                keep: str,
+                seed: int, block: int, memory_bytes: int, flush_rows: int,
+                notify: Callable[[str, dict[str, Any]], None]) -> dict:
+    import ray
+
+    # Retries: a task whose worker dies starts again and skips the clusters its records already hold.
+    task = ray.remote(num_cpus=1, max_retries=3)(process_group)
+    c_ref = ray.put(centroids)
+    pending = [task.remote(g, members, c_ref, str(state), dim, eps, main, keep, seed, block, memory_bytes,
+                           flush_rows)
+               for g, members in enumerate(groups)]
+    done, clusters, skipped = 0, 0, 0
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            info = ray.get(ready[0])
+            done += 1
+            clusters += info["clusters"]
+            skipped += info["skipped"]
+            notify("similarity", {"groups_done": done, "groups": len(groups), **info})
+    finally:
+        for ref in pending:  # an interrupted driver stops its tasks; their finished clusters stay recorded
+            ray.cancel(ref, force=True)
+    return {"tasks": len(groups), "clusters_done": clusters, "clusters_skipped": skipped}
+
+
+def _check_every_id_once(ids: np.ndarray, files: list[Path], where: str) -> None:
+    written = np.concatenate([pq.read_table(f, columns=["id"]).column("id").to_numpy() for f in files]
+                             or [np.zeros(0, np.int64)])
+    if len(written) != len(ids) or not np.array_equal(np.sort(written), np.sort(ids)):
+        raise DataError(f"{where}: the deduplication wrote {len(written)} ids for {len(ids)} input rows; "
+                        "every input id must be in kept/ or duplicates/ exactly once")

@@ -1,0 +1,123 @@
+"""One Ray task per cluster group: each of its clusters deduplicated in turn, results recorded cluster by cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine import storage
+from engine.curate.similarity import greedy_dedup, keep_order
+from engine.data.schema import vectors_to_numpy
+
+# Results are flushed (and recorded as done) at least every this many rows, so a killed task redoes little.
+FLUSH_ROWS = 50_000
+
+
+def finished_clusters(folder: Path) -> dict[int, dict[str, Any]]:
+    """Cluster -> its record, for every batch of clusters whose result files and record were both written."""
+    out = {}
+    for path in (folder / "records").glob("*.json"):
+        record = json.loads(path.read_text())
+        if all((folder / "results" / record[f]).is_file() for f in ("kept", "duplicates")):
+            for c in record["clusters"]:
+                out[c] = record
+    return out
+
+
+def _load_group(files: list[Path], dim: int, memory_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
+    """(ids, clusters, centroid similarities, vectors) of a group's bucket files; the vectors in memory when they
+    fit `memory_bytes`, else in a memory-mapped file that the blocked pass reads a block at a time."""
+    metas = [pq.ParquetFile(f).metadata.num_rows for f in files]
+    n = sum(metas)
+    spill = n * dim * 4 > memory_bytes
+    if spill:
+        handle = tempfile.NamedTemporaryFile(prefix="dce-dedup-", suffix=".f32", delete=False)
+        handle.close()
+        vectors: Any = np.memmap(handle.name, dtype=np.float32, mode="w+", shape=(max(n, 1), dim))
+    else:
+        vectors = np.empty((n, dim), dtype=np.float32)
+    ids, clusters, sims, row = [], [], [], 0
+    for f in files:
+        t = pq.read_table(f)
+        m = t.num_rows
+        vectors[row:row + m] = vectors_to_numpy(t.column("v"), name="v", where=str(f))
+        ids.append(t.column("id").to_numpy())
+        clusters.append(t.column("cluster").to_numpy())
+        sims.append(t.column("centroid_sim").to_numpy())
+        row += m
+    if spill:
+        vectors.flush()
+    return np.concatenate(ids), np.concatenate(clusters), np.concatenate(sims), vectors
+
+
+def _flush(folder: Path, batch: list[tuple[int, Any]], n_eps: int) -> None:
+    clusters = [c for c, _ in batch]
+    name = hashlib.blake2b(json.dumps(clusters).encode(), digest_size=8).hexdigest()
+    kept = pa.concat_tables([t["kept"] for _, t in batch])
+    dups = pa.concat_tables([t["duplicates"] for _, t in batch])
+    results = folder / "results"
+    for what, table in (("kept", kept), ("duplicates", dups)):
+        with storage.atomic_path(results / f"{what}-{name}.parquet") as tmp:
+            pq.write_table(table, tmp)
+    record = {"clusters": clusters, "kept": f"kept-{name}.parquet", "duplicates": f"duplicates-{name}.parquet",
+              "kept_rows": kept.num_rows, "duplicate_rows": dups.num_rows,
+              "removed_per_eps": [sum(t["removed_per_eps"][e] for _, t in batch) for e in range(n_eps)]}
+    storage.write_text(folder / "records" / f"{name}.json", json.dumps(record))  # last: the batch is done with it
+
+
+def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder: str, dim: int,
+                  eps: list[float], main: int, keep: str, seed: int, block: int, memory_bytes: int,
+                  flush_rows: int = FLUSH_ROWS) -> dict[str, Any]:
+    """Deduplicate every unfinished cluster of one group at `eps[main]` (counting the removals of every eps of
+    `eps`); returns how many clusters it did and skipped."""
+    root = Path(folder)
+    (root / "results").mkdir(exist_ok=True)
+    (root / "records").mkdir(exist_ok=True)
+    done = finished_clusters(root)
+    todo = [c for c in clusters if c not in done]
+    if not todo:
+        return {"group": group, "clusters": 0, "skipped": len(clusters), "rows": 0}
+    files = sorted((root / "buckets" / f"g{group:05d}").glob("p*.parquet"))
+    ids, labels, csims, vectors = _load_group(files, dim, memory_bytes)
+    try:
+        order = np.argsort(labels, kind="stable")
+        bounds = np.searchsorted(labels[order], np.arange(len(centroids) + 1))
+        batch, batch_rows, rows = [], 0, 0
+        for c in todo:
+            members = order[bounds[c]:bounds[c + 1]]
+            # Sorted for memory-mapped reads; the keep order is applied on top.
+            members = np.sort(members)
+            walk = members[keep_order(ids[members], None, None, keep, seed, c, centroid_sims=csims[members])]
+            result = greedy_dedup(len(walk), lambda i, j, w=walk: vectors[np.sort(w[i:j])][
+                np.argsort(np.argsort(w[i:j]))], eps, main=main, block=block)
+            removed = walk[result.removed]
+            is_removed = np.zeros(len(walk), dtype=bool)
+            is_removed[result.removed] = True
+            batch.append((c, {
+                "kept": pa.table({"id": pa.array(ids[walk[~is_removed]], pa.int64())}),
+                "duplicates": pa.table({"id": pa.array(ids[removed], pa.int64()),
+                                        "duplicate_of": pa.array(ids[walk[result.duplicate_of]], pa.int64()),
+                                        "similarity": pa.array(result.similarity, pa.float32()),
+                                        "cluster": pa.array(np.full(len(removed), c, np.int32))}),
+                "removed_per_eps": result.removed_per_eps}))
+            batch_rows += len(walk)
+            rows += len(walk)
+            if batch_rows >= flush_rows:
+                _flush(root, batch, len(eps))
+                batch, batch_rows = [], 0
+        if batch:
+            _flush(root, batch, len(eps))
+    finally:
+        if isinstance(vectors, np.memmap):
+            name = vectors.filename
+            del vectors
+            os.unlink(name)
+    return {"group": group, "clusters": len(todo), "skipped": len(clusters) - len(todo), "rows": rows}

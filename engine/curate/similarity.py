@@ -1,0 +1,92 @@
+"""SemDeDup's within-cluster pass: a keep order, then greedy removal of rows too similar to a kept one, in blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# hard: keep the row farthest from the centroid (SemDeDup's default, "prototypicality" low first), easy: the
+# closest, random: a seeded draw per cluster.
+KEEP_MODES = ("hard", "easy", "random")
+
+
+def keep_order(ids: np.ndarray, unit: np.ndarray | None, centroid: np.ndarray | None, keep: str, seed: int,
+               cluster: int, centroid_sims: np.ndarray | None = None) -> np.ndarray:
+    """The order in which a cluster's rows claim to be kept (first = preferred), ties broken by id."""
+    if keep == "random":
+        # Per cluster and seed, independent of how the clusters were grouped into tasks or resumed.
+        return np.random.default_rng([seed, cluster]).permutation(len(ids))
+    sims = centroid_sims if centroid_sims is not None else unit @ centroid
+    # lexsort: last key first; hard = farthest first = lowest cosine similarity to the centroid first.
+    return np.lexsort((ids, sims if keep == "hard" else -sims))
+
+
+@dataclass
+class ClusterResult:
+    """Positions (in keep order) of the rows removed at the main eps, with the kept row each duplicates and their
+    cosine similarity; the removed count for every eps of the summary."""
+
+    removed: np.ndarray
+    duplicate_of: np.ndarray
+    similarity: np.ndarray
+    removed_per_eps: list[int]
+
+
+def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[float], *, main: int = 0,
+                 block: int = 2048) -> ClusterResult:
+    """Walk the n rows of a cluster in keep order (`rows(i, j)` gives unit rows i..j-1 of that order); a row is
+    removed when its cosine similarity to an earlier kept row exceeds 1 - eps. Done for every eps of `eps` in the
+    same pass (the similarities are computed once), positions of removed rows reported for `eps[main]`.
+
+    Memory is bounded by two blocks of rows and one block x block similarity matrix, whatever n is; the cost is
+    n^2 d / 2 multiply-adds, as one exact pass must be.
+    """
+    thresholds = 1.0 - np.asarray(eps, dtype=np.float64)
+    E = len(thresholds)
+    kept = np.zeros((E, n), dtype=bool)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    dup_sim = np.zeros(n, dtype=np.float32)
+    for b0 in range(0, n, block):
+        b1 = min(n, b0 + block)
+        xb = np.ascontiguousarray(rows(b0, b1), dtype=np.float32)
+        b = b1 - b0
+        best = np.full((E, b), -np.inf, dtype=np.float32)
+        best_at = np.full(b, -1, dtype=np.int64)
+        for a0 in range(0, b0, block):
+            a1 = min(b0, a0 + block)
+            if not kept[:, a0:a1].any():
+                continue
+            s = rows(a0, a1) @ xb.T  # (a, b)
+            for e in range(E):
+                masked = np.where(kept[e, a0:a1, None], s, -np.inf)
+                at = masked.argmax(axis=0)
+                m = masked[at, np.arange(b)]
+                if e == main:
+                    better = m > best[e]
+                    best_at[better] = a0 + at[better]
+                best[e] = np.maximum(best[e], m)
+        s = xb @ xb.T
+        upper = np.triu(np.ones((b, b), dtype=bool), 1)  # (i, j) with i before j
+        for e in range(E):
+            near = upper & (s > thresholds[e])
+            k = best[e] <= thresholds[e]
+            # Only rows with an earlier in-block neighbour above the threshold depend on which earlier rows were
+            # kept; every other row's fate is already known, so the sequential walk is over those few.
+            for j in np.flatnonzero(k & near.any(axis=0)):
+                if (near[:j, j] & k[:j]).any():
+                    k[j] = False
+            kept[e, b0:b1] = k
+            if e == main:
+                inner = np.where(upper & k[:, None], s, -np.inf)
+                at = inner.argmax(axis=0)
+                m = inner[at, np.arange(b)]
+                gone = ~k
+                use_inner = gone & (m > best[e])
+                dup_of[b0:b1][use_inner] = b0 + at[use_inner]
+                outer = gone & ~use_inner
+                dup_of[b0:b1][outer] = best_at[outer]
+                dup_sim[b0:b1][gone] = np.maximum(m, best[e])[gone]
+    removed = np.flatnonzero(~kept[main])
+    return ClusterResult(removed, dup_of[removed], dup_sim[removed], [int(n - kept[e].sum()) for e in range(E)])

@@ -1,0 +1,41 @@
+"""Ray job entry point for semantic deduplication: `ray job submit -- python -m jobs.dedup EMBEDDINGS --out DIR`.
+
+Writes DIR/kept/, DIR/duplicates/, DIR/summary.json; a resubmitted job continues from the finished clusters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jobs._common import run_job
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="jobs.dedup", description=__doc__)
+    p.add_argument("embeddings", help="Parquet embeddings: a run's embeddings/, a folder, file, glob or URI")
+    p.add_argument("--out", required=True)
+    p.add_argument("--eps", type=float, default=0.05)
+    p.add_argument("--k", type=int, default=None)
+    p.add_argument("--keep", default="hard", choices=["hard", "easy", "random"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--column", default="z")
+    p.add_argument("--id-column", default="id")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+
+    def job() -> dict:
+        from engine.curate import dedup
+        from engine.runtime import init_ray
+
+        init_ray()  # [1] join the job's cluster (RAY_ADDRESS) or start a local Ray
+        # [2] validation, k-means, assignment and the within-cluster pass are Ray tasks; the driver holds ids only.
+        return dedup(args.embeddings, args.out, eps=args.eps, k=args.k, keep=args.keep, seed=args.seed,
+                     column=args.column, id_column=args.id_column, overwrite=args.overwrite,
+                     on_progress=lambda stage, info: print({"stage": stage, **info}, flush=True))
+
+    return run_job(job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,308 @@
+"""Curation: SemDeDup against an exact brute-force reference, resume and a killed worker, bad input; balanced
+sampling. Integration tests run on the shared local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+from waiting import wait_for
+
+from engine.cli import app
+from engine.curate import dedup, greedy_dedup, open_embeddings, sample
+from engine.curate.hierarchy import balanced_quotas, split_quota
+from engine.data.schema import vector_array
+
+EPS = 0.05
+
+
+def planted(n: int = 3000, d: int = 32, copies: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, x): random rows in 4 directions, `copies` of them also present 1-3 times lightly perturbed."""
+    rng = np.random.default_rng(seed)
+    # centers small against the noise: unplanted rows stay far below the thresholds tested (no near-ties)
+    centers = rng.normal(size=(4, d)) * 0.5
+    base = n - 2 * copies
+    x = centers[rng.integers(0, 4, base)] + rng.normal(size=(base, d))
+    extra = []
+    for src in rng.choice(base, copies, replace=False):
+        for _ in range(rng.integers(1, 4)):
+            extra.append(x[src] * rng.uniform(0.5, 2) + 0.02 * rng.normal(size=d))
+    x = np.concatenate([x, np.array(extra)])[:n].astype(np.float32)
+    ids = rng.permutation(10 * n)[:len(x)].astype(np.int64)
+    return ids, x
+
+
+def write(folder: Path, ids: np.ndarray, x: np.ndarray, files: int = 3, row_group: int = 400) -> Path:
+    folder.mkdir(parents=True)
+    for i, part in enumerate(np.array_split(np.arange(len(ids)), files)):
+        pq.write_table(pa.table({"id": ids[part], "z": vector_array(x[part])}), folder / f"part-{i}.parquet",
+                       row_group_size=row_group)
+    return folder
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def brute_force(ids: np.ndarray, u: np.ndarray, labels: np.ndarray, centroids: np.ndarray, keep: str,
+                eps: float = EPS) -> dict[int, int]:
+    """removed id -> kept id it duplicates: the definition, row by row, within each cluster."""
+    removed = {}
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        sims = u[members] @ centroids[c]
+        order = members[np.lexsort((ids[members], sims if keep == "hard" else -sims))]
+        kept: list[int] = []
+        for i in order:
+            if kept:
+                s = u[kept].astype(np.float64) @ u[i].astype(np.float64)
+                j = int(np.argmax(s))
+                if s[j] > 1 - eps:
+                    removed[int(ids[i])] = int(ids[kept[j]])
+                    continue
+            kept.append(i)
+    return removed
+
+
+def result(out: Path) -> tuple[np.ndarray, dict[int, int]]:
+    kept = pq.read_table(out / "kept").column("id").to_numpy()
+    dups = pq.read_table(out / "duplicates").to_pydict()
+    return np.sort(kept), dict(zip(dups["id"], dups["duplicate_of"], strict=True))
+
+
+# ---- without Ray ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [7, 64, 5000])
+def test_blocked_pass_equals_the_row_by_row_definition(block):
+    ids, x = planted(n=600, d=8, copies=80, seed=1)
+    u = unit(x)
+    order = np.argsort(ids)
+    res = greedy_dedup(len(u), lambda i, j: u[order[i:j]], [0.01, EPS, 0.3], main=1, block=block)
+    want = brute_force(ids[order], u[order], np.zeros(len(u), int), np.zeros((1, 8)), "hard")
+    # zero centroid: all centroid similarities tie, so the order is by id, as `order` walks
+    got = {int(ids[order][r]): int(ids[order][d]) for r, d in zip(res.removed, res.duplicate_of, strict=True)}
+    assert got == want and len(want) > 50
+    assert res.removed_per_eps[1] == len(want)
+    assert res.removed_per_eps[0] <= res.removed_per_eps[1] <= res.removed_per_eps[2]
+    assert (res.similarity > 1 - EPS).all()
+
+
+def test_balanced_quotas_split_evenly_where_sizes_allow():
+    rng = np.random.default_rng(0)
+    q = split_quota(np.array([100, 3, 50, 1]), 40, rng)
+    assert q.tolist() == [18, 3, 18, 1]
+    assert split_quota(np.array([5, 5]), 20, rng).tolist() == [5, 5]
+
+    class L:
+        def __init__(self, k, labels):
+            self.centroids, self.labels = np.zeros((k, 2)), np.asarray(labels)
+
+    # level 1: 4 clusters; level 2: {0, 1} and {2, 3}
+    quotas = balanced_quotas([L(4, []), L(2, [0, 0, 1, 1])], np.array([1000, 10, 5, 5]), 30, seed=0)
+    # 30 over the top: 20 and 10 (all its rows); the 20 evenly over {1000, 10} rows
+    assert quotas.tolist() == [10, 10, 5, 5]
+
+
+# ---- on Ray --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted_set(tmp_path_factory):
+    ids, x = planted()
+    return ids, x, write(tmp_path_factory.mktemp("planted") / "emb", ids, x)
+
+
+@pytest.mark.parametrize("keep", ["hard", "easy"])
+def test_dedup_equals_brute_force_and_writes_every_id_once(ray_local, planted_set, tmp_path, keep):
+    ids, x, emb = planted_set
+    # tiny memory: every group is memory-mapped and walked in blocks of 50 rows
+    summary = dedup(emb, tmp_path / "out", eps=EPS, k=6, keep=keep, block=50, memory_bytes=1)
+    out = tmp_path / "out"
+    centroids = np.load(out / "centroids.npy")
+    u = unit(x)
+    labels = (u @ centroids.T).argmax(axis=1)
+    want = brute_force(ids, u, labels, centroids, keep)
+    kept, got = result(out)
+    assert got == want and len(want) >= 150
+    np.testing.assert_array_equal(np.sort(np.concatenate([kept, list(got)])), np.sort(ids))
+    assert summary["removed"] == len(want) and summary["kept"] == len(ids) - len(want)
+    counts = {s["eps"]: s["removed"] for s in summary["summary"]}
+    assert counts[EPS] == len(want) and counts[0.001] <= counts[EPS] <= counts[0.2]
+    for name in ("kept", "duplicates"):
+        assert json.loads((out / name / "_manifest.json").read_text())["rows"] == len(pq.read_table(out / name))
+    assert not (tmp_path / ".out.partial").exists()
+
+
+def test_dedup_with_one_cluster_is_the_exact_all_pairs_result(ray_local, planted_set, tmp_path):
+    ids, x, emb = planted_set
+    dedup(emb, tmp_path / "out", eps=EPS, k=1, keep="hard", block=300)
+    u = unit(x)
+    centroids = np.load(tmp_path / "out" / "centroids.npy")
+    assert result(tmp_path / "out")[1] == brute_force(ids, u, np.zeros(len(u), int), centroids, "hard")
+
+
+def test_random_keep_is_seeded(ray_local, planted_set, tmp_path):
+    _, _, emb = planted_set
+    a = dedup(emb, tmp_path / "a", k=4, keep="random", seed=5)
+    b = dedup(emb, tmp_path / "b", k=4, keep="random", seed=5)
+    assert result(tmp_path / "a")[1] == result(tmp_path / "b")[1] and a["removed"] == b["removed"]
+
+
+class Stop(Exception):
+    """Stands for a crash of the driver after some clusters finished."""
+
+
+def test_rerun_skips_finished_clusters_and_equals_an_uninterrupted_run(ray_local, planted_set, tmp_path):
+    _, _, emb = planted_set
+    settings = dict(eps=EPS, k=12, keep="easy", block=64, flush_rows=1)
+    dedup(emb, tmp_path / "whole", **settings)
+
+    def crash(stage, info):
+        if stage == "similarity":
+            raise Stop
+
+    with pytest.raises(Stop):
+        dedup(emb, tmp_path / "out", on_progress=crash, **settings)
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.partial" / "plan.json").is_file()
+    summary = dedup(emb, tmp_path / "out", **settings)
+    # every row group was assigned before the crash, so none is read for assignment again
+    assert summary["clusters_resumed"] > 0 and summary["pieces_resumed"] == len(open_embeddings(str(emb)).pieces)
+    assert summary["group_tasks"]["clusters_skipped"] == summary["clusters_resumed"]
+    assert result(tmp_path / "out")[0].tolist() == result(tmp_path / "whole")[0].tolist()
+    assert result(tmp_path / "out")[1] == result(tmp_path / "whole")[1]
+
+
+def _group_task_pids() -> list[int]:
+    """Workers running a cluster-group task: Ray titles a worker process after the task it runs."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmd.startswith(b"ray::process_group"):
+                pids.append(int(entry))
+    return pids
+
+
+def test_worker_killed_mid_run_loses_nothing(ray_local, tmp_path):
+    ids, x = planted(n=12000, d=64, copies=600, seed=2)
+    emb = write(tmp_path / "emb", ids, x, files=2, row_group=3000)
+    records = tmp_path / ".out.partial" / "records"
+    killed: list[int] = []
+
+    def kill_a_group_task():
+        wait_for(lambda: records.is_dir() and any(records.glob("*.json")), 120, "the first finished cluster")
+        pid = wait_for(_group_task_pids, 30, "a running group task")[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_a_group_task, daemon=True)
+    killer.start()
+    summary = dedup(emb, tmp_path / "out", eps=EPS, k=8, keep="hard", block=16, flush_rows=1)
+    killer.join(timeout=5)
+    assert killed, "no group task was killed"
+    out = tmp_path / "out"
+    centroids = np.load(out / "centroids.npy")
+    u = unit(x)
+    want = brute_force(ids, u, (u @ centroids.T).argmax(axis=1), centroids, "hard")
+    kept, got = result(out)
+    assert got == want and summary["removed"] == len(want)
+    np.testing.assert_array_equal(np.sort(np.concatenate([kept, list(got)])), np.sort(ids))
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def _one_error(r, *words: str) -> None:
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("case", ["zero", "nan", "eps0", "eps2", "id", "k"])
+def test_dedup_bad_input_is_one_error_and_writes_nothing(ray_local, tmp_path, case):
+    ids, x = planted(n=300, d=8, copies=10)
+    if case == "zero":
+        x[17] = 0
+    if case == "nan":
+        x[42, 3] = np.nan
+    emb = write(tmp_path / "emb", ids, x, files=1)
+    if case == "id":
+        pq.write_table(pa.table({"key": ids, "z": vector_array(x)}), emb / "part-0.parquet")
+    args = {"eps0": ["--eps", "0"], "eps2": ["--eps", "2.5"], "k": ["--k", "301"]}.get(case, [])
+    assert len(ids) <= 300
+    r = _cli("dedup", str(emb), "--out", str(tmp_path / "out"), "--k", "3", *args)
+    words = {"zero": ["row 17", f"id={ids[17]}", "all zeros"], "nan": ["row 42", "NaN"], "eps0": ["--eps=0"],
+             "eps2": ["--eps=2.5", "(0, 2)"], "id": ["missing column 'id'", "--id-column"],
+             "k": ["--k=301", f"{len(ids)}"]}[case]
+    _one_error(r, *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]
+
+
+def test_dedup_cli_writes_kept_and_duplicates(ray_local, planted_set, tmp_path):
+    _, _, emb = planted_set
+    r = _cli("dedup", str(emb), "--out", str(tmp_path / "out"), "--k", "4", "--keep", "random")
+    assert r.exit_code == 0, r.output
+    assert "kept" in r.output and (tmp_path / "out" / "summary.json").is_file()
+    again = _cli("dedup", str(emb), "--out", str(tmp_path / "out"), "--k", "4")
+    _one_error(again, "not empty", "--overwrite")
+    assert _cli("dedup", str(emb), "--out", str(tmp_path / "out"), "--k", "4", "--overwrite").exit_code == 0
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def imbalanced(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(5, 16))
+    sizes = [1500, 300, 100, 60, 40]
+    x = np.concatenate([c + 0.1 * rng.normal(size=(s, 16)) for c, s in zip(centers, sizes, strict=True)])
+    labels = np.repeat(np.arange(5), sizes)
+    ids = np.arange(len(x)) * 3 + 1
+    return ids, labels, write(tmp_path_factory.mktemp("imbalanced") / "emb", ids, x.astype(np.float32), files=2)
+
+
+@pytest.mark.parametrize("strategy", ["random", "closest"])
+def test_sample_is_balanced_across_the_hierarchy(ray_local, imbalanced, tmp_path, strategy):
+    ids, labels, emb = imbalanced
+    summary = sample(emb, tmp_path / "out", n=200, levels=2, k=[20, 5], strategy=strategy, resample_steps=3)
+    got = pq.read_table(tmp_path / "out" / "sampled").column("id").to_numpy()
+    assert len(got) == len(set(got)) == 200 and set(got) <= set(ids)
+    per_blob = np.bincount(labels[np.searchsorted(ids, got)], minlength=5)
+    # uniform sampling would give 150/30/10/6/4; balanced gives each concept about the same share
+    assert per_blob.min() >= 25 and per_blob.max() <= 60, per_blob
+    level2 = pq.read_table(tmp_path / "out" / "hierarchy" / "level-2.parquet")
+    assert level2.num_rows == 5 and sum(level2.column("rows").to_pylist()) == len(ids)
+    level1 = pq.read_table(tmp_path / "out" / "hierarchy" / "level-1.parquet")
+    assert sum(level1.column("quota").to_pylist()) == 200 and summary["n"] == 200
+    again = sample(emb, tmp_path / "again", n=200, levels=2, k=[20, 5], strategy=strategy, resample_steps=3)
+    assert again["n"] == 200
+    np.testing.assert_array_equal(pq.read_table(tmp_path / "again" / "sampled").column("id").to_numpy(), np.sort(got))
+
+
+@pytest.mark.parametrize("case", ["n", "levels", "zero"])
+def test_sample_bad_input_is_one_error_and_writes_nothing(ray_local, tmp_path, case):
+    ids, x = planted(n=300, d=8, copies=10)
+    if case == "zero":
+        x[5] = 0
+    emb = write(tmp_path / "emb", ids, x, files=1)
+    args = {"n": ["--n", f"{len(ids) + 1}"], "levels": ["--n", "10", "--levels", "2", "--k", "5"],
+            "zero": ["--n", "10", "--levels", "1", "--k", "5"]}[case]
+    r = _cli("sample", str(emb), "--out", str(tmp_path / "out"), *args)
+    _one_error(r, *{"n": [f"--n={len(ids) + 1}", f"{len(ids)}"], "levels": ["--k has 1 values", "--levels=2"],
+                    "zero": ["row 5", "all zeros"]}[case])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]
