@@ -92,12 +92,14 @@ def read_text(path: str | os.PathLike[str]) -> str:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temporary local path beside `path` (same suffix, so writers that add one do not) for the caller to write;
-    it replaces `path` by rename when the block ends, and is removed when the block fails. Readers of `path` see
-    the old file or the new one, never a part: every file the engine writes on its own goes through here."""
+    """A temporary local path beside `path` for the caller to write; it replaces `path` by rename when the block
+    ends, and is removed when the block fails. Readers of `path` see the old file or the new one, never a part:
+    every file the engine writes on its own goes through here. The temporary name is hidden and has no suffix of
+    its own (`.NAME.tmp-XXXXXXXX`), so no reader listing `*.json` or `*.parquet` ever takes it for a file; writers
+    that add a suffix to a name (np.save) are given a file object instead (`write_npy`)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.stem}.tmp-{uuid.uuid4().hex[:8]}{target.suffix}")
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
         os.replace(tmp, target)
@@ -118,6 +120,14 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, text.encode())
+
+
+def write_npy(path: str | os.PathLike[str], array: object) -> None:
+    """`np.save` of `array` to `path`, atomically (see `atomic_path`)."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
 
 
 def files(path: str | os.PathLike[str]) -> list[str]:

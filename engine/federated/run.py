@@ -205,8 +205,7 @@ def _write(cfg: PipelineConfig, run_dir: Path, km: Any, built: FederatedPartitio
     from engine.rundir import save_config
 
     save_config(cfg, run_dir)
-    with storage.atomic_path(run_dir / "centroids.npy") as tmp:
-        np.save(tmp, km.cluster_centers_)
+    storage.write_npy(run_dir / "centroids.npy", km.cluster_centers_)
     with staged_folder(run_dir / STAGE) as folder:
         (folder / ROUNDS_FILE).write_text("".join(json.dumps(r, default=float) + "\n" for r in km.history_))
         (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=float))
