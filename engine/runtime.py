@@ -113,8 +113,8 @@ def use_gpu(setting: bool | str) -> bool:
 
 def gpus_possible() -> float:
     """GPUs the connected Ray cluster has now, or the most its autoscaler may launch when that is more: read from
-    the cluster config the autoscaler reports to the GCS (its node types' resources and max counts), the record Ray
-    Data's own autoscaling reads. A cluster whose GPU node types all have `min_workers: 0` shows no GPU in
+    the cluster config an autoscaler reports to the GCS (its node types' resources and max counts; the record Ray
+    Data's autoscaling reads). A cluster whose GPU node types all have `min_workers: 0` shows no GPU in
     `ray.cluster_resources()` until a request for one makes the autoscaler launch a node. 0 without Ray."""
     import ray
 
@@ -125,8 +125,9 @@ def gpus_possible() -> float:
 
 
 def autoscaler_max_resources() -> dict[str, float]:
-    """The most of each resource the autoscaler's node types may bring ({} without an autoscaler, as on a local
-    Ray or a cluster started by hand)."""
+    """The most of each resource the autoscaler's node types may bring ({} when no autoscaler has reported its
+    config: a local Ray, a cluster started by hand, and Ray 2.60's own autoscalers, which do not report it yet;
+    see `report_node_types`)."""
     from ray._private import state
 
     try:
@@ -135,6 +136,26 @@ def autoscaler_max_resources() -> dict[str, float]:
         log.debug("no autoscaler cluster config", exc_info=True)
         return {}
     return dict(found or {})
+
+
+def report_node_types(node_types: dict[str, dict[str, Any]]) -> None:
+    """Report a cluster launcher config's `available_node_types` (name -> resources, min_workers, max_workers) to the
+    GCS as the autoscaler's cluster config, the record `autoscaler_max_resources` reads: what an autoscaler that
+    reports its config does, for one that does not (Ray 2.60's)."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    config = autoscaler_pb2.ClusterConfig()
+    for name, spec in node_types.items():
+        group = config.node_group_configs.add()
+        group.name = name
+        group.min_count = int(spec.get("min_workers", 0))
+        group.max_count = int(spec.get("max_workers", 0))
+        for resource, amount in (spec.get("resources") or {}).items():
+            group.resources[resource] = int(amount)
+    from ray._raylet import GcsClient
+
+    GcsClient(address=ray.get_runtime_context().gcs_address).report_cluster_config(config.SerializeToString())
 
 
 def train_backend(gpu: bool) -> str:

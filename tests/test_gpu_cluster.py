@@ -131,6 +131,11 @@ def gpu_cluster():
                     if time.monotonic() > deadline or cluster.process.poll() is not None:
                         raise
                     time.sleep(1)
+            # Ray 2.60's autoscalers do not report their node types to the GCS (newer Ray's v2 autoscaler does):
+            # report them as such an autoscaler would, so that `use_gpu: auto` finds the GPU type it may launch.
+            from engine.runtime import report_node_types
+
+            report_node_types({name: spec for name, spec in cluster._config["available_node_types"].items()})
             yield cluster
         finally:
             ray.shutdown()
@@ -159,6 +164,9 @@ def test_pipeline_on_a_cluster_without_gpus_yet_asks_for_them_and_runs_there(gpu
     assert ray.cluster_resources().get("GPU", 0) == 0
     _wait(lambda: gpus_possible() > 0, "the autoscaler never reported its GPU node type")
     assert use_gpu("auto") and use_gpu(True) and not use_gpu(False)
+    from engine.cluster.shards import actor_gpus
+
+    assert actor_gpus(2) == 0.5 and actor_gpus(1) == 1.0  # shard actors share the GPU they may get
     assert not resources().local  # a Ray Jobs driver on a cluster (RAY_ADDRESS set)
 
     out = tmp_path / "run"
