@@ -29,12 +29,11 @@ from engine.runtime import compute_device, train_backend
 from engine.train.loop import native_precision, to_device
 
 REPO = Path(__file__).resolve().parent.parent
-FAKE_HEAD_NODE_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 # The fake_multinode provider's base config (Ray's fake_multi_node/example.yaml, which the Ray wheel does not ship).
 FAKE_BASE = {
     "cluster_name": "dce-fake-gpu", "max_workers": 1, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
     "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
-                 "disable_launch_config_check": True, "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID},
+                 "disable_launch_config_check": True},
     "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
     "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [],
     "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
@@ -53,9 +52,9 @@ def _autoscaling_cluster_class():
     from ray.cluster_utils import AutoscalingCluster
 
     class FakeGpuCluster(AutoscalingCluster):
-        """ray.cluster_utils.AutoscalingCluster (autoscaler v2, the default of `ray up` since Ray 2.50) on free ports
-        in a temp dir of its own, stopped by its own processes: AutoscalingCluster's start and shutdown run
-        `ray stop --force`, which would end every Ray on this machine."""
+        """ray.cluster_utils.AutoscalingCluster on free ports in a temp dir of its own, stopped by its own processes:
+        AutoscalingCluster's start and shutdown run `ray stop --force`, which would end every Ray on this machine.
+        Autoscaler v1: v2 fills its config from the fake provider's example.yaml, which the Ray wheel lacks."""
 
         def _generate_config(self, head_resources, worker_node_types, autoscaler_v2=False, **config_kwargs):
             config = copy.deepcopy(FAKE_BASE)
@@ -71,9 +70,9 @@ def _autoscaling_cluster_class():
             self._config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
             (self.temp_dir / "autoscaler.json").write_text(json.dumps(self._config))
             env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-            env.update(AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1", RAY_enable_autoscaler_v2="1",
-                       RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_NODE_ID, RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_NODE_ID,
-                       RAY_AUTH_MODE="disabled", DCE_FAKE_GPUS="1", **(override_env or {}))
+            # A test head has nothing to hand over on SIGTERM; Ray's default waits up to 30 s for leases to drain.
+            env.update(AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1", RAY_AUTH_MODE="disabled",
+                       RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", DCE_FAKE_GPUS="1", **(override_env or {}))
             env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
             cmd = [ray_cli(), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                    f"--autoscaling-config={self.temp_dir / 'autoscaler.json'}", f"--temp-dir={self.temp_dir / 't'}",
@@ -114,8 +113,7 @@ def gpu_cluster():
     cluster = _autoscaling_cluster_class()(
         head_resources={"CPU": 2},
         worker_node_types={GPU_NODE_TYPE: {"resources": {"CPU": 2, "GPU": 1}, "node_config": {},
-                                           "min_workers": 0, "max_workers": 1}},
-        autoscaler_v2=True)
+                                           "min_workers": 0, "max_workers": 1}})
     with pytest.MonkeyPatch.context() as mp:
         cluster.start()
         try:
@@ -155,13 +153,12 @@ def _wait(predicate, what: str, timeout: float = 60.0):
 @pytest.mark.own_cluster
 def test_pipeline_on_a_cluster_without_gpus_yet_asks_for_them_and_runs_there(gpu_cluster, tmp_path):
     import ray
-    from ray.autoscaler.v2.sdk import get_cluster_status
     from ray.util.state import list_actors, list_tasks
 
     from engine.runtime import gpus_possible, resources, use_gpu
 
     # No GPU in the cluster yet: only the autoscaler's node types say that one may be launched.
-    assert ray.cluster_resources().get("GPU", 0) == 0
+    assert ray.cluster_resources().get("GPU", 0) == 0 and len(ray.nodes()) == 1
     _wait(lambda: gpus_possible() > 0, "the autoscaler never reported its GPU node type")
     assert use_gpu("auto") and use_gpu(True) and not use_gpu(False)
     from engine.cluster.shards import actor_gpus
@@ -178,15 +175,19 @@ def test_pipeline_on_a_cluster_without_gpus_yet_asks_for_them_and_runs_there(gpu
     printed = done.stdout + done.stderr
     assert done.returncode == 0, printed
     # Quiet: no deprecation warnings and no Ray log lines (autoscaler events, worker logs, INFO lines).
+    # One Ray line remains, from the driver's core worker: Ray Data passes every pool actor its own transformer
+    # and context as object-store references, which Ray 2.60 reports for any actor with restarts (ray#53727); only
+    # max_restarts=0, giving up the embedding actors' fault tolerance, avoids it.
+    known = "has constructor arguments in the object store and max_restarts > 0"
     noisy = [line for line in printed.splitlines()
-             if "deprecat" in line.lower() or "(autoscaler" in line or " INFO " in line or "WARNING" in line
-             or line.startswith(("(", "["))]
+             if ("deprecat" in line.lower() or "(autoscaler" in line or " INFO " in line or "WARNING" in line
+                 or line.startswith(("(", "["))) and known not in line]
     assert not noisy, printed
 
-    # The autoscaler launched the GPU node type for the pipeline's GPU requests.
-    status = get_cluster_status(gpu_cluster.address)
-    gpu_nodes = [n.node_id for n in status.active_nodes + status.idle_nodes if n.ray_node_type_name == GPU_NODE_TYPE]
-    assert len(gpu_nodes) == 1, status
+    # The autoscaler launched the GPU node type (the only one with a GPU) for the pipeline's GPU requests.
+    gpu_nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU") == 1
+                 and n["Resources"].get("CPU") == 2]
+    assert len(gpu_nodes) == 1, ray.nodes()
     gpu_node = gpu_nodes[0]
     head = next(n["NodeID"] for n in ray.nodes() if "node:__internal_head__" in n["Resources"])
     assert head != gpu_node
