@@ -30,11 +30,12 @@ class Embedder:
         import ray
         import torch
 
+        from engine.runtime import compute_device
         from engine.train.checkpoint import model_from_checkpoint
 
         if isinstance(state, ray.ObjectRef):
             state = ray.get(state)
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.device = compute_device("cuda" if use_gpu else "cpu")
         if self.device.type == "cpu" and one_thread:
             # One Ray CPU slot per actor: more intra-op threads would fight the other actors for cores.
             # In a user's own process (one_thread=False) the process's setting is left alone.
@@ -47,8 +48,10 @@ class Embedder:
     def encode(self, x: np.ndarray) -> np.ndarray:
         import torch
 
+        from engine.train.loop import to_device
+
         with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+            t = to_device(np.ascontiguousarray(x, dtype=np.float32), self.device)
             return self.model.encode((t - self.shift) * self.scale).float().cpu().numpy()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -138,20 +141,28 @@ def _embedded(ds, *, state: dict[str, Any], batch_size: int, concurrency: int, u
               max_restarts: int = 3, out_dir: str | None = None):
     """`ds` through a pool of Embedder actors (shard records instead of rows with `out_dir`); the checkpoint goes
     to them through Ray's object store."""
+    import warnings
+
     import ray
     from ray.data import ActorPoolStrategy
+    from ray.util.annotations import RayDeprecationWarning
 
-    return ds.map_batches(
-        Embedder,
-        fn_constructor_kwargs={"state": ray.put(state), "use_gpu": use_gpu, "out_dir": out_dir},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        # min_size=1: a small input with one block must not wait for the whole pool to start; initial_size: the
-        # whole pool is asked for at once (over the cluster's nodes), not grown only under a sustained backlog.
-        compute=ActorPoolStrategy(min_size=1, max_size=concurrency, initial_size=concurrency),
-        num_cpus=1,
-        num_gpus=1 if use_gpu else 0,
-        # Ray 2.60 takes these only as plain remote args (deprecated for named ones that do not exist yet).
-        max_restarts=max_restarts,
-        max_task_retries=max_restarts,
-    )
+    from engine.cluster.assignments import RAY_REMOTE_ARGS_DEPRECATED
+
+    with warnings.catch_warnings():
+        # Bounded restarts have no named parameter in Ray 2.60 (see RAY_REMOTE_ARGS_DEPRECATED); Ray Data's default,
+        # unbounded, would retry a model that kills every actor forever.
+        warnings.filterwarnings("ignore", message=RAY_REMOTE_ARGS_DEPRECATED, category=RayDeprecationWarning)
+        return ds.map_batches(
+            Embedder,
+            fn_constructor_kwargs={"state": ray.put(state), "use_gpu": use_gpu, "out_dir": out_dir},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            # min_size=1: a small input with one block must not wait for the whole pool to start; initial_size: the
+            # whole pool is asked for at once (over the cluster's nodes), not grown only under a sustained backlog.
+            compute=ActorPoolStrategy(min_size=1, max_size=concurrency, initial_size=concurrency),
+            num_cpus=1,
+            num_gpus=1 if use_gpu else 0,
+            max_restarts=max_restarts,
+            max_task_retries=max_restarts,
+        )

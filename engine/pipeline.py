@@ -108,6 +108,7 @@ def check_cluster_sizes(cfg: PipelineConfig, n: int, what: str) -> None:
     and IDEC seed with k-means), every size-dependent setting of the clustering method otherwise."""
     from engine.cluster import check_sizes
 
+    check_faiss(cfg)
     components = cfg.model.n_clusters or cfg.cluster.k
     if cfg.model.name == "vade" and components > n:  # its prior is a mixture fitted to the rows' codes
         key = "model.n_clusters" if cfg.model.n_clusters else "cluster.k"
@@ -194,7 +195,8 @@ def train_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress,
                       model=model, train=cfg.train, seed=cfg.seed, run_dir=run_dir,
                       config_hash=cfg.hash(), image_shape=info.image_shape, use_gpu=gpu, resume=resume,
                       on_epoch=epoch_done, train_storage=run.train_storage)
-    record_run(run_dir, data=info.to_json())
+    manifest = read_manifest(run_dir / "model", stage="train")
+    record_run(run_dir, data=info.to_json(), placement={"train": _placed(manifest)})
     return info
 
 
@@ -210,7 +212,7 @@ def refine_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress
                  on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """dec / idec: k-means on the pretrained model's embeddings, then DEC / IDEC refinement into refined/;
     `on_update` gets every target update's record too (after the progress display)."""
-    from engine.runtime import use_gpu
+    from engine.runtime import offload, use_gpu
     from engine.train.refine import initial_centers, refine_model
 
     run = as_run_dir(run_dir)
@@ -220,11 +222,12 @@ def refine_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress
     model_dir = run_dir / "model"
     read_manifest(model_dir, stage="train")
     ds, dim, n_rows = _input(cfg, validated)
+    embed_gpu = use_gpu(cfg.embed.use_gpu)
     with progress.stage("refine init", f"k-means k={cfg.cluster.k} on the pretrained embeddings"):
         centers, initial = initial_centers(ds, model_dir, dim=dim, n_rows=n_rows, cluster=cfg.cluster,
                                            seed=cfg.seed, batch_size=cfg.embed.batch_size,
-                                           concurrency=cfg.embed.concurrency, use_gpu=use_gpu(cfg.embed.use_gpu),
-                                           callback=progress.iteration)
+                                           concurrency=cfg.embed.concurrency, use_gpu=embed_gpu,
+                                           remote=offload(gpu=embed_gpu), callback=progress.iteration)
         progress.info(", ".join(f"{k} {v:.4g}" for k, v in initial.items()))
     r, gpu = cfg.refine, use_gpu(cfg.train.use_gpu)
     if hasattr(progress, "set_epochs"):
@@ -238,7 +241,7 @@ def refine_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress
                                on_update=lambda record: _update_done(record, progress, on_update))
         progress.info(f"{summary['iterations']} steps, {summary['updates']} target updates, stopped by "
                       f"{summary['stopped']}")
-    record_run(run_dir, refine=summary)
+    record_run(run_dir, refine=summary, placement={"refine": _placed(summary)})
     return summary
 
 
@@ -266,11 +269,14 @@ def embed_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress,
     model_dir, stage = model_dir_for(cfg, run.local)
     read_manifest(model_dir, stage=stage)
     ds, dim, n_rows = _input(cfg, validated)
-    with progress.stage("embed", f"{n_rows} rows, {cfg.embed.concurrency} actor(s)"):
+    gpu = use_gpu(cfg.embed.use_gpu)
+    with progress.stage("embed", f"{n_rows} rows, {cfg.embed.concurrency} actor(s)" + (" on GPU" if gpu else "")):
         manifest = embed_dataset(ds, model_dir, run.folder("embeddings"), dim=dim,
                                  expected_rows=n_rows, config_hash=cfg.hash(),
                                  batch_size=cfg.embed.batch_size, concurrency=cfg.embed.concurrency,
-                                 use_gpu=use_gpu(cfg.embed.use_gpu), max_restarts=cfg.embed.max_restarts)
+                                 use_gpu=gpu, max_restarts=cfg.embed.max_restarts)
+        record_run(run.local, placement={"embed": {"asked": {"CPU": 1, "GPU": 1 if gpu else 0},
+                                                "actors": cfg.embed.concurrency}})
         progress.info(f"{manifest['rows']} embeddings of dimension {manifest['latent_dim']} "
                       f"in {len(manifest['files'])} shard(s)"
                       + (f", {manifest['resumed_rows']} of them kept from before" if manifest["resumed_rows"] else ""))
@@ -327,75 +333,143 @@ def _cluster_and_assign(cfg: PipelineConfig, run: RunDir, progress: Progress, ro
     from engine.cluster.assignments import assign_shards
 
     c, embeddings, run_dir = cfg.cluster, run.folder("embeddings"), run.local
+    gpu = _cluster_gpu(cfg)
     with progress.stage("cluster", f"{method} k={c.k} on {rows} rows"):
-        km = _fit_clusters(cfg, embeddings, run, progress, checkpoint)
+        km, placed = _fit_clusters(cfg, embeddings, run, progress, checkpoint)
         progress.info(f"inertia {km.inertia_:.6g} after {km.n_iter_} iteration(s)")
         centroids = km.cluster_centers_
-        with storage.atomic_path(run_dir / "centroids.npy") as tmp:
-            np.save(tmp, centroids)
+        storage.write_npy(run_dir / "centroids.npy", centroids)
         summary = {"method": method, "manifold": "none", "k": c.k, "inertia": float(km.inertia_),
                    "n_iter": int(km.n_iter_), "history": km.history_}
         storage.write_text(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
+        record_run(run_dir, placement={"cluster": placed})
     if method != "sample_assign":  # sample_assign has written its assignments already
         with progress.stage("assign", f"{rows} rows"):
             assign_shards(embeddings, centroids, run.folder("assignments"), config_hash=cfg.hash(),
                           concurrency=cfg.embed.concurrency, backend=c.backend, spherical=c.spherical,
-                          max_retries=cfg.embed.max_restarts)
+                          max_retries=cfg.embed.max_restarts, use_gpu=gpu)
+            record_run(run_dir, placement={"assign": {"asked": {"CPU": 1, "GPU": 1 if gpu else 0}}})
     return summary
+
+
+def _cluster_gpu(cfg: PipelineConfig) -> bool:
+    """Whether the cluster stage's GPU-capable work asks for GPUs: it follows `embed.use_gpu`, as assignment does."""
+    from engine.runtime import use_gpu
+
+    return use_gpu(cfg.embed.use_gpu)
+
+
+def _in_driver(gpu: bool) -> dict[str, Any]:
+    """run.json's record of work done in the driver process."""
+    from engine.runtime import where_am_i
+
+    return {"asked": {"GPU": 1 if gpu else 0}, "in_driver": True, "ran_on": where_am_i()}
+
+
+def _on_gpu(fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, Any]]:
+    """`fn(*args)` in a Ray task with one GPU (and one CPU) instead of this driver, and where it ran: on a cluster the
+    driver runs on the head, which has no GPU and should carry no compute. The task's result must be small; the
+    data stay where the task reads and writes them (the run's worker folders)."""
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=1, max_retries=0)(_placed_call)
+    return ray.get(task.remote(fn, *args))
+
+
+def _placed_call(fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, Any]]:
+    from engine.runtime import compute_device, where_am_i
+
+    device = compute_device("cuda")
+    return fn(*args), {"asked": {"CPU": 1, "GPU": 1}, "in_driver": False, "ran_on": {**where_am_i(),
+                                                                                     "device": str(device)}}
+
+
+def _placed(record: dict[str, Any]) -> dict[str, Any]:
+    """The resources and place of a Ray Train stage from its manifest or summary (see engine.train.trainer.ran_on)."""
+    return {k: record.get(k) for k in ("asked", "backend", "ran_on", "num_workers")}
+
+
+def check_faiss(cfg: PipelineConfig) -> None:
+    """The cluster settings that need faiss (backend faiss, UMAP's exact Euclidean k-NN graph) with faiss installed,
+    else an error naming the extra to install."""
+    from engine.runtime import require_faiss
+
+    c = cfg.cluster
+    if c.backend == "faiss":
+        require_faiss("cluster.backend=faiss")
+    if c.manifold == "umap" and getattr(c.umap, "metric", "euclidean") in ("euclidean", "l2"):
+        require_faiss("cluster.manifold=umap (its exact Euclidean k-NN graph)")
 
 
 def _cluster_in_memory(cfg: PipelineConfig, run: RunDir, progress: Progress, rows: int) -> dict[str, Any]:
     """Methods without centroids to assign shards with (gmm, agglomerative, hdbscan, dbscan) and any method
-    after a manifold step: labels computed in this process, then written as the assignments.
+    after a manifold step: labels computed in one process (this one; a Ray task with a GPU on a cluster that has or
+    may launch GPUs, see `engine.runtime.offload`), then written as the assignments.
 
     Whatever the method, centroids.npy holds each cluster's mean embedding, `distance` is a row's Euclidean
     distance to it in the latent space (NaN for noise, label -1) and inertia sums the squared distances of
     the rows in clusters; cluster.json adds the number of clusters found and the count and share of noise.
     """
-    from engine.cluster import cluster_means, fit_labels
-    from engine.cluster.assignments import load_vectors, write_assignments
+    from engine.runtime import offload
 
     c, run_dir = cfg.cluster, run.local
     what = c.method if c.manifold == "none" else f"{c.manifold} + {c.method}"
-    with progress.stage("cluster", f"{what} on {rows} rows"):
-        ids, z, _ = load_vectors(run.folder("embeddings"))
-        labels, info = fit_labels(z, c, cfg.seed)
+    gpu = _cluster_gpu(cfg)
+    with progress.stage("cluster", f"{what} on {rows} rows" + (" in a GPU task" if offload(gpu=gpu) else "")):
+        args = (cfg, run.folder("embeddings"), run.folder("assignments"))
+        if offload(gpu=gpu):
+            (centroids, inertia, info), placed = _on_gpu(labels_in_memory, *args)
+        else:
+            (centroids, inertia, info), placed = labels_in_memory(*args), _in_driver(gpu)
         if "layouts" in info.get("umap", {}):
             u = info["umap"]
             progress.info(f"kept UMAP layout {u['kept'] + 1} of {len(u['layouts'])}, the most even in cluster sizes "
                           f"(size entropy {u['layouts'][u['kept']]['size_entropy']:.4f})")
-        centroids, distance = cluster_means(z, labels)
-        inertia = float(np.nansum(np.square(distance.astype(np.float64))))
         progress.info(f"{info['n_clusters']} clusters, {info['n_noise']} noise row(s), inertia {inertia:.6g}")
-        with storage.atomic_path(run_dir / "centroids.npy") as tmp:
-            np.save(tmp, centroids)
+        storage.write_npy(run_dir / "centroids.npy", centroids)
         summary = {"method": c.method, "manifold": c.manifold, "k": c.k, "inertia": inertia, **info}
         storage.write_text(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
-        write_assignments(ids, labels, distance, run.folder("assignments"), config_hash=cfg.hash(),
-                          rows_per_file=cfg.data.rows_per_shard, k=int(len(centroids)), n_noise=info["n_noise"])
+        record_run(run_dir, placement={"cluster": placed})
     return summary
 
 
-def _fit_clusters(cfg: PipelineConfig, embeddings: Path | str, run: RunDir, progress: Progress, checkpoint: Path):
-    """The fitted estimator for `cluster.method`; its inertia is over every row. kmeans and sharded save their
-    state to `checkpoint` and continue from it."""
-    from engine.cluster import KMeans, ShardedKMeans, TwoLevelKMeans, fit_sample_then_assign
-    from engine.cluster.assignments import load_vectors
+def labels_in_memory(cfg: PipelineConfig, embeddings: Path | str,
+                     assignments: Path | str) -> tuple[np.ndarray, float, dict[str, Any]]:
+    """The in-memory clustering of the embeddings (see `_cluster_in_memory`), its assignments written to
+    `assignments`; returns (centroids, inertia, info), all small."""
+    from engine.cluster import cluster_means, fit_labels
+    from engine.cluster.assignments import load_vectors, write_assignments
 
     c = cfg.cluster
+    ids, z, _ = load_vectors(embeddings)
+    labels, info = fit_labels(z, c, cfg.seed)
+    centroids, distance = cluster_means(z, labels)
+    inertia = float(np.nansum(np.square(distance.astype(np.float64))))
+    write_assignments(ids, labels, distance, assignments, config_hash=cfg.hash(),
+                      rows_per_file=cfg.data.rows_per_shard, k=int(len(centroids)), n_noise=info["n_noise"])
+    return centroids, inertia, info
+
+
+def _fit_clusters(cfg: PipelineConfig, embeddings: Path | str, run: RunDir, progress: Progress, checkpoint: Path):
+    """The fitted estimator for `cluster.method` and where it was fitted; its inertia is over every row. kmeans and
+    sharded save their state to `checkpoint` and continue from it (kmeans in a GPU task: when the run directory is
+    one the task's node reaches)."""
+    from engine.cluster import ShardedKMeans, fit_sample_then_assign
+    from engine.runtime import offload
+
+    c = cfg.cluster
+    gpu = _cluster_gpu(cfg)
     if cfg.model.refines:
-        return _refined_centers(cfg, embeddings, run.local)
+        return _refined_centers(cfg, embeddings, run.local), _in_driver(gpu)
     if c.method in ("kmeans", "two_level"):
-        _, z, _ = load_vectors(embeddings)
-        common = dict(n_clusters=c.k, init=c.init, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
-                      backend=c.backend, spherical=c.spherical, callback=progress.iteration)
-        if c.method == "two_level":
-            return TwoLevelKMeans(n_coarse=c.n_coarse, refine_iter=c.refine_iter, **common).fit(z)
-        return KMeans(**common, checkpoint=checkpoint, checkpoint_every=c.checkpoint_every).fit(z)
+        if offload(gpu=gpu):
+            return _on_gpu(fit_kmeans, cfg, embeddings, None if run.remote else checkpoint)
+        return fit_kmeans(cfg, embeddings, checkpoint, progress.iteration), _in_driver(gpu)
+    coordinated = {"asked": {"GPU": 1 if gpu else 0}, "in_driver": False, "ran_on": "shard actors"}
     if c.method == "sharded":
         return ShardedKMeans(n_clusters=c.k, init=c.init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
                              backend=c.backend, num_actors=c.num_actors, spherical=c.spherical,
-                             checkpoint=checkpoint, checkpoint_every=c.checkpoint_every).fit(embeddings)
+                             checkpoint=checkpoint, checkpoint_every=c.checkpoint_every).fit(embeddings), coordinated
     km, manifest = fit_sample_then_assign(embeddings, run.folder("assignments"), c.k, c.sample_size, init=c.init,
                                           max_iter=c.max_iter, tol=c.tol, seed=cfg.seed, backend=c.backend,
                                           num_actors=c.num_actors, config_hash=cfg.hash(),
@@ -403,7 +477,26 @@ def _fit_clusters(cfg: PipelineConfig, embeddings: Path | str, run: RunDir, prog
     # The sample's inertia is not the data's: the assignments' distances give the inertia over every row.
     table = read_table(run.folder("assignments"), stage="assign", columns=["distance"])
     km.inertia_ = float(np.sum(np.square(table.column("distance").to_numpy().astype(np.float64))))
-    return km
+    return km, coordinated
+
+
+def fit_kmeans(cfg: PipelineConfig, embeddings: Path | str, checkpoint: Path | None,
+               callback: Callable[..., Any] | None = None) -> SimpleNamespace:
+    """`cluster.method` kmeans or two_level on the embeddings, read in this process; returns the fitted centres,
+    inertia, iterations and history only (not every row's label), so that it is small to send back from a task."""
+    from engine.cluster import KMeans, TwoLevelKMeans
+    from engine.cluster.assignments import load_vectors
+
+    c = cfg.cluster
+    _, z, _ = load_vectors(embeddings)
+    common = dict(n_clusters=c.k, init=c.init, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed,
+                  backend=c.backend, spherical=c.spherical, callback=callback)
+    if c.method == "two_level":
+        km = TwoLevelKMeans(n_coarse=c.n_coarse, refine_iter=c.refine_iter, **common).fit(z)
+    else:
+        km = KMeans(**common, checkpoint=checkpoint, checkpoint_every=c.checkpoint_every).fit(z)
+    return SimpleNamespace(cluster_centers_=km.cluster_centers_, inertia_=float(km.inertia_), n_iter_=int(km.n_iter_),
+                           history_=km.history_)
 
 
 def _refined_centers(cfg: PipelineConfig, embeddings: Path | str, run_dir: Path):
@@ -542,7 +635,7 @@ def _model_stages(cfg: PipelineConfig) -> set[str]:
 
 
 def versions() -> dict[str, str]:
-    import faiss
+
     import ray
     import sklearn
     import torch
@@ -550,8 +643,20 @@ def versions() -> dict[str, str]:
     from engine.version import __version__
 
     return {"engine": __version__, "python": platform.python_version(), "ray": ray.__version__,
-            "torch": torch.__version__, "faiss": faiss.__version__, "scikit-learn": sklearn.__version__,
+            "torch": torch.__version__, "faiss": _faiss_version(), "scikit-learn": sklearn.__version__,
             "numpy": np.__version__}
+
+
+def _faiss_version() -> str:
+    """The installed faiss distribution and version ('none' without faiss, which is optional)."""
+    import importlib.metadata
+
+    for dist in ("faiss-gpu-cu12", "faiss-cpu", "faiss"):
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "none"
 
 
 def machine() -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from engine.errors import RayStartError
 
@@ -103,9 +104,115 @@ def resources() -> Resources:
 
 
 def use_gpu(setting: bool | str) -> bool:
-    """Resolve a `use_gpu` setting: 'auto' means yes when the Ray cluster has GPUs."""
+    """Resolve a `use_gpu` setting: 'auto' means yes when the Ray cluster has GPUs now, or has a node type with GPUs
+    that its autoscaler may still launch (see `gpus_possible`)."""
     if setting == "auto":
-        import ray
-
-        return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+        return gpus_possible() > 0
     return bool(setting)
+
+
+def gpus_possible() -> float:
+    """GPUs the connected Ray cluster has now, or the most its autoscaler may launch when that is more: read from
+    the cluster config an autoscaler reports to the GCS (its node types' resources and max counts; the record Ray
+    Data's autoscaling reads). A cluster whose GPU node types all have `min_workers: 0` shows no GPU in
+    `ray.cluster_resources()` until a request for one makes the autoscaler launch a node. 0 without Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    now = ray.cluster_resources().get("GPU", 0.0)
+    return max(now, float(autoscaler_max_resources().get("GPU", 0)))
+
+
+def autoscaler_max_resources() -> dict[str, float]:
+    """The most of each resource the autoscaler's node types may bring ({} when no autoscaler has reported its
+    config: a local Ray, a cluster started by hand, and Ray 2.60's own autoscalers, which do not report it yet;
+    see `report_node_types`)."""
+    from ray._private import state
+
+    try:
+        found = state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - an older or unreachable GCS: no autoscaler to count on
+        log.debug("no autoscaler cluster config", exc_info=True)
+        return {}
+    return dict(found or {})
+
+
+def report_node_types(node_types: dict[str, dict[str, Any]]) -> None:
+    """Report a cluster launcher config's `available_node_types` (name -> resources, min_workers, max_workers) to the
+    GCS as the autoscaler's cluster config, the record `autoscaler_max_resources` reads: what an autoscaler that
+    reports its config does, for one that does not (Ray 2.60's)."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    config = autoscaler_pb2.ClusterConfig()
+    for name, spec in node_types.items():
+        group = config.node_group_configs.add()
+        group.name = name
+        group.min_count = int(spec.get("min_workers", 0))
+        group.max_count = int(spec.get("max_workers", 0))
+        for resource, amount in (spec.get("resources") or {}).items():
+            group.resources[resource] = int(amount)
+    from ray._raylet import GcsClient
+
+    GcsClient(address=ray.get_runtime_context().gcs_address).report_cluster_config(config.SerializeToString())
+
+
+def train_backend(gpu: bool) -> str:
+    """The torch.distributed backend of a Ray Train run: NCCL between GPUs, gloo between CPUs. `DCE_FAKE_GPUS` (the
+    fake-GPU test clusters' setting, see `compute_device`) means gloo, since those GPUs have no CUDA behind them."""
+    return "nccl" if gpu and not fake_gpus() else "gloo"
+
+
+def fake_gpus() -> bool:
+    """True in a process of a test cluster whose nodes declare GPU resources without CUDA devices behind them
+    (`DCE_FAKE_GPUS=1`, set by tests/test_gpu_cluster.py): work given such a GPU runs on the CPU there."""
+    return os.environ.get("DCE_FAKE_GPUS") == "1"
+
+
+def compute_device(wanted: str = "cuda"):
+    """The torch device for work that Ray gave a GPU (`wanted` "cuda", or the Ray Train device's type): CUDA when
+    torch sees a device, else an error naming the cause, except on a fake-GPU test cluster (`fake_gpus`), where it
+    is the CPU."""
+    import torch
+
+    if wanted == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if fake_gpus():
+        return torch.device("cpu")
+    raise RuntimeError("Ray assigned this process a GPU but torch sees no CUDA device (torch "
+                       f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                       "install a CUDA build of torch on the GPU nodes, or set use_gpu: false")
+
+
+def where_am_i() -> dict[str, Any]:
+    """Where this Ray worker runs: its node id and IP, the GPU ids Ray gave it and whether torch sees CUDA."""
+    import ray
+    import torch
+
+    ctx = ray.get_runtime_context()
+    return {"node": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "cuda": bool(torch.cuda.is_available())}
+
+
+def offload(res: Resources | None = None, *, gpu: bool) -> bool:
+    """Whether in-memory GPU work (k-means, GMM, UMAP's k-NN graph, DEC's initial k-means) leaves the driver for a
+    Ray task: on a cluster of several nodes (or a head without CPUs) that has or may launch GPUs. A local single-node
+    run computes in this process, as before: no extra worker, no start-up."""
+    if not gpu:
+        return False
+    res = res or resources()
+    return not res.local or res.driver_cpus == 0
+
+
+def require_faiss(feature: str) -> None:
+    """ConfigError naming the extra to install when `feature` needs faiss and it is not installed."""
+    from engine.errors import ConfigError
+
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{feature} needs faiss, which is not installed: pip install 'deep-cluster-engine[faiss]' "
+                          "(CPU) or 'deep-cluster-engine[gpu]' (CUDA 12 GPUs)") from None

@@ -92,20 +92,25 @@ def task_groups(ks: list[int], n_rows: int, dim: int, n_init: int, parallel: int
 
 def sweep_k(z: np.ndarray, ks: list[int], *, n_init: int = 3, max_iter: int = 100, tol: float = 1e-4,
             seed: int = 0, backend: str = "auto", spherical: bool = False, silhouette_sample: int = 10_000,
+            use_gpu: bool = False,
             on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Score every k of `ks` on z with Ray tasks on the connected Ray (started if none): z is put in the object
-    store once and every task reads that copy; the ks are spread over up to one task per CPU of the cluster, fewer
-    when the data are small. Returns {"rule", "suggested_k", "results"}."""
+    store once and every task reads that copy; the ks are spread over up to one task per CPU of the cluster (per
+    GPU it has or its autoscaler may launch, each task taking one, with `use_gpu`), fewer when the data are small.
+    Returns {"rule", "suggested_k", "results"}."""
     import ray
 
     ks = sorted(ks)
     check_ks(ks, len(z))
     z = np.ascontiguousarray(z, dtype=np.float32)
-    score = ray.remote(num_cpus=1)(score_ks)
+    from engine.runtime import gpus_possible
+
+    score = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(score_ks)
     ref = ray.put(z)
     options = dict(n_init=n_init, max_iter=max_iter, tol=tol, seed=seed, backend=backend, spherical=spherical,
                    silhouette_sample=silhouette_sample)
-    groups = task_groups(ks, len(z), z.shape[1], n_init, int(ray.cluster_resources().get("CPU", 1)))
+    slots = gpus_possible() if use_gpu else ray.cluster_resources().get("CPU", 1)
+    groups = task_groups(ks, len(z), z.shape[1], n_init, max(1, int(slots)))
     pending = [score.remote(ref, group, **options) for group in groups]
     results = []
     while pending:
@@ -146,13 +151,15 @@ def sweep_run(run_dir: RunDir | str | Path, cfg: Any, ks: list[int], *,
     spherical) and write `run_dir/sweep_k/` (sweep_k.json, sweep_k.png, manifest) atomically."""
     from engine.cluster.assignments import load_vectors
     from engine.data.folders import staged_folder, write_manifest
+    from engine.runtime import use_gpu
 
     run = as_run_dir(run_dir)
     _, z, _ = load_vectors(run.folder("embeddings"))
     check_ks(sorted(ks), len(z))
     c = cfg.cluster
     sweep = sweep_k(z, ks, n_init=c.n_init, max_iter=c.max_iter, tol=c.tol, seed=cfg.seed, backend=c.backend,
-                    spherical=c.spherical, silhouette_sample=cfg.evaluate.silhouette_sample, on_result=on_result)
+                    spherical=c.spherical, silhouette_sample=cfg.evaluate.silhouette_sample,
+                    use_gpu=use_gpu(cfg.embed.use_gpu), on_result=on_result)
     with staged_folder(run.local / SWEEP_DIR) as tmp:
         (tmp / "sweep_k.json").write_text(json.dumps(sweep, indent=2))
         plot_sweep(sweep, tmp / "sweep_k.png")

@@ -148,11 +148,13 @@ def test_the_count_of_augmented_rows_is_bookkeeping_not_a_loss_term():
     assert _scalars(record, "train/") == {"train/loss": 0.25, "train/reconstruction": 0.25, "train/seconds": 1.5}
 
 
-def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bfloat16():
+def test_bf16_falls_back_to_fp32_on_a_cpu_without_native_bfloat16(monkeypatch):
     assert native_precision("bf16", "cpu", cpu_has_bf16=True) == "bf16"
     with pytest.warns(RuntimeWarning, match=r"train.precision=bf16: this CPU has no native bfloat16"):
         assert native_precision("bf16", "cpu", cpu_has_bf16=False) == "fp32"
-    # GPUs and fp32 are left alone, whatever the CPU.
+    # A GPU with native bfloat16 (Ampere or newer; tests/test_gpu_cluster.py has the others) and fp32 are left alone,
+    # whatever the CPU.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert native_precision("bf16", "cuda", cpu_has_bf16=False) == "bf16"
     assert native_precision("fp32", "cpu", cpu_has_bf16=False) == "fp32"
     # Without the override it asks this machine's CPU.

@@ -25,10 +25,14 @@ def test_launcher_configs_validate_with_token_auth(name):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         starts = [c for c in config[key] if "ray start" in c]
         assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
-    # The token made by `ray get-auth-token --generate` reaches every node; the project is installed with
-    # the GPU extra.
+    # The token made by `ray get-auth-token --generate` reaches every node; the project is installed with one faiss
+    # per node: the GPU extra on the GPU workers, the faiss extra on the coordinating head, never both.
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    assert any('-e ".[gpu]"' in c for c in config["setup_commands"])
+    installs = {key: [c for c in config[key] if "pip install" in c and "-e " in c]
+                for key in ("setup_commands", "head_setup_commands", "worker_setup_commands")}
+    assert installs["setup_commands"] == [], installs
+    assert len(installs["worker_setup_commands"]) == 1 and '-e ".[gpu]"' in installs["worker_setup_commands"][0]
+    assert len(installs["head_setup_commands"]) == 1 and '-e ".[faiss]"' in installs["head_setup_commands"][0]
 
 
 def test_cloud_config_has_a_cpu_head_and_autoscaling_gpu_workers():

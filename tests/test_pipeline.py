@@ -54,6 +54,10 @@ def test_run_directory_layout(tiny_run):
     assert np.load(tiny_run / "centroids.npy").shape == (4, 3)
     run = json.loads((tiny_run / "run.json").read_text())
     assert set(run["seconds"]) == {"train", "embed", "cluster", "evaluate", "report"}
+    # A local run without GPUs: gloo, nothing asks for a GPU, and the k-means runs in the driver (no extra process).
+    placement = run["placement"]
+    assert placement["train"]["backend"] == "gloo" and placement["train"]["asked"] == {"GPU": 0}
+    assert placement["cluster"]["in_driver"] is True and placement["embed"]["asked"]["GPU"] == 0
     assert read_manifest(tiny_run / "report", stage="report")["files"][0] == "index.html"
     # The saved config is the resolved one, overrides applied.
     assert "n_samples: 400" in (tiny_run / "config.yaml").read_text()

@@ -116,6 +116,8 @@ def test_placement_strategy_reaches_ray_trains_scaling_config(tmp_path, monkeypa
             train_encoder(None, in_dim=8, shift=np.zeros(8), scale=np.ones(8), model=cfg.model.pretrain_options(),
                           train=cfg.train, seed=0, run_dir=tmp_path, config_hash=cfg.hash())
         assert built.value.args[0]["scaling_config"].placement_strategy == strategy
+        # The one TorchTrainer setup of train and refine (engine.train.trainer.build_trainer) names its backend.
+        assert built.value.args[0]["torch_config"].backend == "gloo"
     assert _blobs_cfg().train.placement_strategy == "PACK"  # Ray's own default
     with pytest.raises(ConfigError, match=r"'train.placement_strategy': Input should be 'PACK' or 'SPREAD'"):
         _blobs_cfg(placement_strategy="STRICT_SPREAD")

@@ -62,12 +62,14 @@ def _fit_sample(parts: list, params: dict[str, Any]) -> KMeans:
 
     The task reserves one CPU, so that it never waits for a whole node to be free, and computes with as many
     threads as its node has CPUs (Ray would give a 1-CPU task one thread); it takes a GPU when the cluster has
-    one, since every backend computes on the process's GPU.
+    one or its autoscaler may launch one, since every backend computes on the process's GPU.
     """
     import ray
 
+    from engine.runtime import gpus_possible
+
     options: dict[str, Any] = {"num_cpus": 1, "max_retries": 0}
-    if any(n["Resources"].get("GPU", 0.0) >= 1 for n in ray.nodes() if n["Alive"]):
+    if gpus_possible() >= 1:
         options["num_gpus"] = 1
     return ray_get([ray.remote(_fit_parts).options(**options).remote(params, *parts)])[0]
 

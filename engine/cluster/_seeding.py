@@ -198,7 +198,7 @@ def kmeans_plusplus_partitioned(
         C = kmeans_plusplus_unchecked(cell_X, int(share[todo[i]]), cell_w, np.random.default_rng(cell_seeds[i]),
                                       n_local_trials=None)
         for _ in range(LOCAL_LLOYD):  # as k-means|| refines its candidates: cheap, the cell's rows only
-            labels, sq = nearest_on_host(cell_X, C, "faiss-cpu")
+            labels, sq = _nearest_in_cell(cell_X, C)
             C = stats_from_assignment(cell_X, labels, sq, C.shape[0], cell_w).centroids(C)[0]
         return C
 
@@ -206,6 +206,14 @@ def kmeans_plusplus_partitioned(
     # multi-threaded BLAS spends them in its barriers (2 GFLOP/s measured here on a busy 2-core machine).
     with threadpool_limits(1):
         return np.concatenate(list(thread_pool(torch.get_num_threads()).map(seed_cell, range(todo.size))))
+
+
+def _nearest_in_cell(X: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest of a cell's seeds and the squared distance, in numpy (the cell's thread, its one BLAS thread)."""
+    dist = np.einsum("ij,ij->i", C, C)[None, :] - 2.0 * (X @ C.T)
+    labels = dist.argmin(axis=1)
+    sq = np.take_along_axis(dist, labels[:, None], axis=1)[:, 0] + np.einsum("ij,ij->i", X, X)
+    return labels, np.maximum(sq, 0.0)
 
 
 def _allocate(total: int, mass: np.ndarray, capacity: np.ndarray) -> np.ndarray:

@@ -278,14 +278,15 @@ class ShardActorPool:
                  spherical: bool = False):
         import ray
 
+        from engine.cluster.assignments import actor_gpus
         from engine.runtime import init_ray
 
         init_ray()
-        gpus = ray.cluster_resources().get("GPU", 0.0)
         options: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+        gpus = actor_gpus(num_actors)  # the GPUs the cluster has or its autoscaler may launch, shared out
         if gpus:
-            # Every backend computes on a GPU when the process has one ("same code path"); share them out.
-            options["num_gpus"] = min(1.0, gpus / num_actors)
+            # Every backend computes on a GPU when the process has one ("same code path").
+            options["num_gpus"] = gpus
         self._remote = ray.remote(ShardActor).options(**options)
         # Contiguous groups keep the global row order (actor 0's rows first), as KMeans sees the concatenation.
         groups = np.array_split(np.arange(len(shards)), num_actors)

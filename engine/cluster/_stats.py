@@ -181,9 +181,11 @@ def resolve_backend(backend: str) -> str:
         return "torch"
     try:
         import faiss
-    except ImportError as e:  # faiss is imported where it is used: the torch backend runs without it
+    except ImportError:  # faiss is imported where it is used: the torch backend runs without it
         if backend == "faiss":
-            raise ConfigError("backend='faiss' needs the faiss package (pip install faiss-cpu).") from e
+            from engine.runtime import require_faiss
+
+            require_faiss("backend='faiss'")
         return "torch"
     if faiss.get_num_gpus() > 0:
         return "faiss-gpu"

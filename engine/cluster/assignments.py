@@ -13,6 +13,18 @@ from engine.data.schema import CLUSTER, DISTANCE, ID, LABEL, Z, vectors_to_numpy
 from engine.errors import DataError
 
 STAGE = "assign"
+# Ray 2.60's warning for any remote argument without a named parameter of map_batches; retries (max_retries,
+# max_restarts, max_task_retries) have none yet, and bounded retries are what a faulty node needs.
+RAY_REMOTE_ARGS_DEPRECATED = "`ray_remote_args` is deprecated"
+
+
+def actor_gpus(num_actors: int) -> float:
+    """The GPUs each of `num_actors` shard actors asks for: a share of the GPUs the cluster has or its autoscaler
+    may launch (`engine.runtime.gpus_possible`), at most one; 0 without GPUs."""
+    from engine.runtime import gpus_possible
+
+    gpus = gpus_possible()
+    return min(1.0, gpus / max(1, num_actors)) if gpus else 0.0
 
 
 def load_vectors(folder: str | Path, *, stage: str = "embed") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -55,16 +67,20 @@ def assign_batch(batch: pa.Table, centroids: np.ndarray, backend: str = "auto", 
 
 def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | Path, *, config_hash: str,
                   batch_size: int = 65536, concurrency: int = 2, backend: str = "auto", column: str = Z,
-                  stage: str | None = "embed", spherical: bool = False, max_retries: int = 3) -> dict[str, Any]:
+                  stage: str | None = "embed", spherical: bool = False, max_retries: int = 3,
+                  use_gpu: bool = False) -> dict[str, Any]:
     """Write `id, cluster, distance` (Euclidean) for every row of a complete folder into `out_dir`, atomically.
 
     By default the folder holds embeddings (`z`); `column` and `stage` name another vector column and
     manifest stage, e.g. `x` of input shards written by `prepare_source` (stage "input", None for any).
     spherical: rows are L2-normalised first, as `KMeans(spherical=True)` does. A task whose worker dies is
     retried up to `max_retries` times and rewrites its own file (Ray Data names it by write and task), so
-    no id is written twice.
+    no id is written twice. `use_gpu`: each task takes a GPU (the nearest-centroid search runs on it).
     """
+    import warnings
+
     from ray.data import TaskPoolStrategy
+    from ray.util.annotations import RayDeprecationWarning
 
     from engine.data.folders import read_manifest
 
@@ -74,11 +90,15 @@ def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | 
     # Stateless tasks, not an actor pool: the centroids are small enough to travel with each task, and
     # tasks reuse warm worker processes instead of starting actors.
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    out = ds.map_batches(assign_batch, fn_kwargs={"centroids": centroids, "backend": backend, "column": column,
-                                                      "spherical": spherical},
-                         batch_size=batch_size, batch_format="pyarrow",
-                         compute=TaskPoolStrategy(size=max(1, min(concurrency, len(manifest["files"])))),
-                         num_cpus=1, max_retries=max_retries)
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for a task's retries yet: max_retries goes as a plain remote argument,
+        # which it calls deprecated (see RAY_REMOTE_ARGS_DEPRECATED).
+        warnings.filterwarnings("ignore", message=RAY_REMOTE_ARGS_DEPRECATED, category=RayDeprecationWarning)
+        out = ds.map_batches(assign_batch, fn_kwargs={"centroids": centroids, "backend": backend, "column": column,
+                                                          "spherical": spherical},
+                             batch_size=batch_size, batch_format="pyarrow",
+                             compute=TaskPoolStrategy(size=max(1, min(concurrency, len(manifest["files"])))),
+                             num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=max_retries)
     return write_dataset(out, out_dir, stage=STAGE, config_hash=config_hash, expected_rows=expected,
                          k=int(len(centroids)))
 

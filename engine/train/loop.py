@@ -54,14 +54,23 @@ def load_optimizer_states(optimizers: Mapping[str, torch.optim.Optimizer], state
 
 
 def native_precision(precision: str, device_type: str, *, cpu_has_bf16: bool | None = None) -> str:
-    """The precision to train in on `device_type`: `precision`, except bf16 on a CPU without native bfloat16.
+    """The precision to train in on `device_type`: `precision`, except bf16 where the device has no native bfloat16.
 
-    Without AVX512-BF16 or AMX, autocast emulates bfloat16 and a step runs about 8x slower than in float32
-    (measured on a 2-core AMD EPYC without AVX-512): bf16 is a speed setting, so such a CPU trains in
-    float32 and says so. `cpu_has_bf16` overrides the probe of this machine's CPU (oneDNN's).
+    On a CPU without AVX512-BF16 or AMX, autocast emulates bfloat16 and a step runs about 8x slower than in float32
+    (measured on a 2-core AMD EPYC without AVX-512): bf16 is a speed setting, so such a CPU trains in float32 and
+    says so. A CUDA GPU before Ampere (compute capability < 8.0: V100, T4) has no bfloat16 matrix units either (and
+    some of its kernels none at all): it trains in float32 too, with one warning, rather than fail or crawl.
+    `cpu_has_bf16` overrides the probe of this machine's CPU (oneDNN's).
     """
-    if precision != "bf16" or device_type != "cpu":
+    if precision != "bf16" or device_type not in ("cpu", "cuda"):
         return precision
+    if device_type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) >= (8, 0):
+            return precision
+        warnings.warn(f"train.precision=bf16: this GPU (compute capability {major}.{minor}) has no native bfloat16 "
+                      "(Ampere, 8.0, or newer has); training in fp32 instead", RuntimeWarning, stacklevel=2)
+        return "fp32"
     if cpu_has_bf16 is None:
         cpu_has_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if cpu_has_bf16:
@@ -70,6 +79,16 @@ def native_precision(precision: str, device_type: str, *, cpu_has_bf16: bool | N
                   "runs several times slower than float32; training in fp32 instead", RuntimeWarning,
                   stacklevel=2)
     return "fp32"
+
+
+def to_device(x: Any, device: torch.device) -> torch.Tensor:
+    """A host array (numpy, or a tensor) on `device`: to a GPU through page-locked memory with a non-blocking copy,
+    so the copy overlaps the compute already queued; a writable copy on the CPU (Arrow's buffers are read-only)."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.from_numpy(x if x.flags.writeable else x.copy())
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def mixed_precision(model: torch.nn.Module, precision: str) -> Callable[..., Any]:

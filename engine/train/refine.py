@@ -153,18 +153,21 @@ def _refine_loop_per_worker(config: dict[str, Any]) -> None:
 
     from engine.data.schema import X, vectors_to_numpy
     from engine.models import build_model
+    from engine.runtime import compute_device
     from engine.train.checkpoint import save_checkpoint
+    from engine.train.loop import to_device
+    from engine.train.trainer import placement
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
-    device = ray.train.torch.get_device()
+    device = compute_device(ray.train.torch.get_device().type)
 
     model = build_model(**config["model"])
     model.autoencoder.load_state_dict(ray.get(config["pretrained"]))
     with torch.no_grad():
         model.centers.copy_(torch.as_tensor(np.asarray(config["centers"], dtype=np.float32)))
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, move_to_device=device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config["lr"])
 
     shift = torch.as_tensor(np.asarray(config["shift"], dtype=np.float32), device=device)
@@ -172,7 +175,7 @@ def _refine_loop_per_worker(config: dict[str, Any]) -> None:
     # This worker's rows, read once and kept in a fixed order: P needs every one of them at each update.
     shard = ray.train.get_dataset_shard(f"shard_{rank}")
     parts = [vectors_to_numpy(b[X]) for b in shard.iter_batches(batch_size=65_536, batch_format="pyarrow")]
-    x = (torch.from_numpy(np.concatenate(parts)).to(device) - shift) * scale
+    x = (to_device(np.concatenate(parts), device) - shift) * scale
 
     def reduce_sum(t: torch.Tensor) -> torch.Tensor:
         if world > 1:
@@ -197,7 +200,7 @@ def _refine_loop_per_worker(config: dict[str, Any]) -> None:
                             epoch=iterations, history=history, image_shape=config["image_shape"],
                             config_hash=config["config_hash"])
             checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report({"iterations": iterations, "updates": len(history), "stopped": stopped},
+        ray.train.report({"iterations": iterations, "updates": len(history), "stopped": stopped, **placement(device)},
                          checkpoint=checkpoint)
 
 
@@ -216,12 +219,10 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
     """
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from engine.data.schema import X
-    from engine.interrupt import keep_sigint
     from engine.models import build_model
-    from engine.train.trainer import progress_queue, ray_storage
+    from engine.train.trainer import build_trainer, progress_queue, ran_on
 
     if name not in REFINED_MODELS:
         raise ConfigError(f"model.name={name!r} cannot be refined; choose one of {list(REFINED_MODELS)}")
@@ -246,24 +247,18 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
     shards = ds.split_at_indices([n * i // num_workers for i in range(1, num_workers)]) if num_workers > 1 else [ds]
     local_batch = max(1, min(refine.batch_size // num_workers, n // num_workers))
     run_dir = Path(run_dir).resolve()
-    state_path, fs = ray_storage(train_storage or str(run_dir))
     with progress_queue(on_update) as queue:
-        trainer = keep_sigint(TorchTrainer)(
+        trainer = build_trainer(
             _refine_loop_per_worker,
-            train_loop_config={
+            {
                 "model": model_args, "pretrained": ray.put(state["state_dict"]), "centers": centers.tolist(),
                 "seed": seed, "lr": refine.lr, "batch_size": local_batch, "update_interval": refine.update_interval,
                 "max_iter": refine.max_iter, "tol": refine.tol, "shift": state["input"]["shift"].tolist(),
                 "scale": state["input"]["scale"].tolist(), "image_shape": state["input"]["image_shape"],
                 "config_hash": config_hash, "progress": queue,
             },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=num_workers, use_gpu=use_gpu,
-                resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-                placement_strategy=placement_strategy,
-            ),
-            run_config=ray.train.RunConfig(name=STAGE, storage_path=state_path, storage_filesystem=fs,
-                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+            name=STAGE, state_root=train_storage or str(run_dir), num_workers=num_workers,
+            cpus_per_worker=cpus_per_worker, use_gpu=use_gpu, placement_strategy=placement_strategy, num_to_keep=1,
             datasets={f"shard_{i}": shard for i, shard in enumerate(shards)},
             # Each worker reads its own whole share; nothing is split (or dropped) by Ray Train.
             dataset_config=ray.train.DataConfig(datasets_to_split=[]),
@@ -280,24 +275,26 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
         history = refined["history"]
         summary = {"model": name, "iterations": refined["epoch"], "updates": len(history),
                    "stopped": result.metrics["stopped"], "label_change": history[-1].get("label_change"),
-                   "num_workers": num_workers, "use_gpu": use_gpu, "initial": initial or {}}
+                   "num_workers": num_workers, "use_gpu": use_gpu, "initial": initial or {},
+                   **ran_on(result.metrics, use_gpu)}
         write_manifest(tmp, stage=STAGE, config_hash=config_hash, rows=int(history[-1]["rows"]),
                        files=[FILENAME, CENTERS, INITIAL_CENTERS], **summary)
     return {**summary, "rows": int(history[-1]["rows"]), "history": history}
 
 
 def initial_centers(ds, pretrained: str | Path, *, dim: int, n_rows: int, cluster: Any, seed: int,
-                    batch_size: int = 4096, concurrency: int = 2, use_gpu: bool = False,
+                    batch_size: int = 4096, concurrency: int = 2, use_gpu: bool = False, remote: bool = False,
                     callback: Callable[[dict[str, Any]], None] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """K-means (`cluster`, a ClusterConfig) on the pretrained encoder's embeddings of every row of `ds`.
 
     The embeddings come back to this process, nothing is written: the k-means needs them all here anyway.
     Returns the centres and a summary (inertia, iterations; ACC and NMI of the k-means labels when the
-    input has labels: the autoencoder + k-means baseline the refinement starts from).
+    input has labels: the autoencoder + k-means baseline the refinement starts from). With `remote` (a cluster that
+    has or may launch GPUs, see `engine.runtime.offload`) the k-means runs in a Ray task with a GPU, not here, and
+    `callback` gets no iterations.
     """
     from sklearn.metrics import normalized_mutual_info_score
 
-    from engine.cluster import KMeans
     from engine.cluster.assignments import table_vectors
     from engine.embed import embed_rows
     from engine.errors import DataError
@@ -308,10 +305,25 @@ def initial_centers(ds, pretrained: str | Path, *, dim: int, n_rows: int, cluste
     if table is None or table.num_rows != n_rows:
         raise DataError(f"{where}: {0 if table is None else table.num_rows} rows but the input has {n_rows}")
     _, z, labels = table_vectors(table, where=where)
-    km = KMeans(n_clusters=cluster.k, init=cluster.init, n_init=cluster.n_init, max_iter=cluster.max_iter,
-                tol=cluster.tol, seed=seed, backend=cluster.backend, callback=callback).fit(z)
-    summary: dict[str, Any] = {"inertia": float(km.inertia_), "n_iter": int(km.n_iter_)}
+    params = dict(n_clusters=cluster.k, init=cluster.init, n_init=cluster.n_init, max_iter=cluster.max_iter,
+                  tol=cluster.tol, seed=seed, backend=cluster.backend)
+    if remote:
+        import ray
+
+        fit = ray.remote(num_cpus=1, num_gpus=1, max_retries=0)(_fit_kmeans)
+        centers, inertia, n_iter, found = ray.get(fit.remote(ray.put(z), params))
+    else:
+        centers, inertia, n_iter, found = _fit_kmeans(z, params, callback)
+    summary: dict[str, Any] = {"inertia": inertia, "n_iter": n_iter, "in_driver": not remote}
     if labels is not None:
-        summary.update(acc=clustering_accuracy(labels, km.labels_),
-                       nmi=float(normalized_mutual_info_score(labels, km.labels_)))
-    return km.cluster_centers_, summary
+        summary.update(acc=clustering_accuracy(labels, found), nmi=float(normalized_mutual_info_score(labels, found)))
+    return centers, summary
+
+
+def _fit_kmeans(z: np.ndarray, params: dict[str, Any],
+                callback: Callable[[dict[str, Any]], None] | None = None) -> tuple[np.ndarray, float, int, np.ndarray]:
+    """(centres, inertia, iterations, labels) of the engine's KMeans on z; on a GPU when this process has one."""
+    from engine.cluster import KMeans
+
+    km = KMeans(**params, callback=callback).fit(z)
+    return km.cluster_centers_, float(km.inertia_), int(km.n_iter_), km.labels_

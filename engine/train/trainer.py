@@ -34,14 +34,15 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from engine.data.schema import X, vectors_to_numpy
     from engine.models import build_model
+    from engine.runtime import compute_device
     from engine.train.augment import random_affine
     from engine.train.checkpoint import save_checkpoint
-    from engine.train.loop import configure_optimizers, load_optimizer_states, native_precision, train
+    from engine.train.loop import configure_optimizers, load_optimizer_states, native_precision, to_device, train
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])  # identical initial weights on every worker
-    device = ray.train.torch.get_device()
+    device = compute_device(ray.train.torch.get_device().type)
 
     model = build_model(**config["model"])
     optimizer_states, start_epoch, history, starts = None, 0, [], []
@@ -57,7 +58,8 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     # A model with its own train_step (a GAN) runs steps that use only some of its parameters; DDP must
     # look for the unused ones or it waits forever for their gradients.
     model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": True} if hasattr(model, "train_step") else None)
+        model, move_to_device=device,
+        parallel_strategy_kwargs={"find_unused_parameters": True} if hasattr(model, "train_step") else None)
     optimizers = configure_optimizers(model, config["lr"], config["weight_decay"])
     if optimizer_states is not None:
         load_optimizer_states(optimizers, optimizer_states, where="the checkpoint to resume from")
@@ -96,7 +98,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow",
                                         local_shuffle_buffer_size=max(4 * batch_size, 1024),
                                         local_shuffle_seed=seed):
-            x = torch.from_numpy(vectors_to_numpy(batch[X]).copy()).to(device, non_blocking=True)
+            x = to_device(vectors_to_numpy(batch[X]), device)
             if augment:  # on the raw pixels, so that what moves in from outside is background (0)
                 x = random_affine(x, config["image_shape"], generator=transforms, **augment)
                 augmented[0] += x.shape[0]
@@ -133,7 +135,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                                 image_shape=config["image_shape"], config_hash=config["config_hash"],
                                 starts=starts)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report({**metrics, **placement(device)} if epoch == epochs else metrics, checkpoint=checkpoint)
 
     precision = native_precision(config["precision"], device.type)  # warns where it falls back to fp32
     train(model, optimizers, epoch_batches, epochs=epochs, start_epoch=start_epoch, precision=precision,
@@ -155,9 +157,7 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     their checkpoints to the store directly, and a resume reads them from it, from whatever machine it runs on.
     """
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from engine.interrupt import keep_sigint
     from engine.models import build_model
 
     shape = list(image_shape) if image_shape else None
@@ -171,7 +171,6 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
     else:
         # Ray Train restores from any snapshot it finds under storage_path/name: a fresh run must not.
         storage.delete(storage.join(state_root, TRAIN_DIR))
-    state_path, fs = ray_storage(state_root)
     with progress_queue(on_epoch) as queue:
         loop_config = {
             "model": {"in_dim": in_dim, "image_shape": shape, **model},
@@ -189,24 +188,11 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
             "precision": train.precision,
             "augment": augment,
         }
-        trainer = keep_sigint(TorchTrainer)(
-            _train_loop_per_worker,
-            train_loop_config=loop_config,
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=train.num_workers, use_gpu=use_gpu,
-                resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-                placement_strategy=train.placement_strategy,
-            ),
-            run_config=ray.train.RunConfig(
-                name=TRAIN_DIR,
-                storage_path=state_path,
-                storage_filesystem=fs,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-                failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            ),
-            datasets={"train": ds},
-            dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()),
-        )
+        trainer = build_trainer(_train_loop_per_worker, loop_config, name=TRAIN_DIR, state_root=state_root,
+                                num_workers=train.num_workers, cpus_per_worker=train.cpus_per_worker, use_gpu=use_gpu,
+                                placement_strategy=train.placement_strategy, num_to_keep=2,
+                                max_failures=train.max_failures, datasets={"train": ds},
+                                dataset_config=ray.train.DataConfig(execution_options=_ordered_ingest()))
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
@@ -216,8 +202,61 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
         state = load_checkpoint(tmp / FILENAME)
         write_manifest(tmp, stage="train", config_hash=config_hash, rows=None, files=[FILENAME],
                        epochs=state["epoch"], final_loss=state["history"][-1]["loss"] if state["history"] else None,
-                       num_workers=train.num_workers, use_gpu=use_gpu, starts=state.get("starts", [0]))
+                       num_workers=train.num_workers, use_gpu=use_gpu, starts=state.get("starts", [0]),
+                       **ran_on(result.metrics, use_gpu))
     return model_dir
+
+
+def build_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *, name: str, state_root: str,
+                  num_workers: int, cpus_per_worker: float, use_gpu: bool, placement_strategy: str, num_to_keep: int,
+                  datasets: dict[str, Any], dataset_config: Any, max_failures: int = 0):
+    """The Ray Train TorchTrainer of the train and refine stages: `num_workers` workers of `cpus_per_worker` CPUs
+    and one GPU each with `use_gpu`, the torch.distributed backend made explicit (`engine.runtime.train_backend`:
+    NCCL on GPUs, gloo on CPUs), Ray Train's own state under `state_root/name` (a path or an object-store URI),
+    SIGINT left to the engine."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from engine.interrupt import keep_sigint
+    from engine.runtime import train_backend
+
+    state_path, fs = ray_storage(state_root)
+    return keep_sigint(TorchTrainer)(
+        loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=train_backend(use_gpu)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=state_path,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+        datasets=datasets,
+        dataset_config=dataset_config,
+    )
+
+
+def placement(device: Any) -> dict[str, Any]:
+    """What a Ray Train worker reports with its last result: where it ran (`engine.runtime.where_am_i`) and on
+    which torch device."""
+    from engine.runtime import where_am_i
+
+    return {"placement": {**where_am_i(), "device": str(device)}}
+
+
+def ran_on(metrics: dict[str, Any] | None, use_gpu: bool) -> dict[str, Any]:
+    """The manifest's record of a Ray Train run's resources: what each worker asked for, the torch.distributed
+    backend, and where rank 0 ran (node, GPU ids, device)."""
+    from engine.runtime import train_backend
+
+    return {"backend": train_backend(use_gpu), "asked": {"GPU": 1} if use_gpu else {"GPU": 0},
+            "ran_on": (metrics or {}).get("placement")}
 
 
 def ray_storage(root: str) -> tuple[str, Any]:
@@ -282,12 +321,16 @@ def adopt_pretrained(pretrained: str | os.PathLike[str], *, in_dim: int, model: 
 
 def _ordered_ingest():
     """Ray Train's ingest options with the block order kept: with one worker and a seed, training is then
-    reproducible, and a run resumed from a checkpoint ends with the weights of an uninterrupted one."""
-    from ray.train import DataConfig
+    reproducible, and a run resumed from a checkpoint ends with the weights of an uninterrupted one.
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+    Built from the current DataContext's settings as `DataConfig.default_ingest_options()` builds them, less
+    `exclude_resources`, which Ray 2.60 deprecates (and warns about whenever it is passed, even unset)."""
+    from ray.data import ExecutionOptions
+    from ray.data.context import DataContext
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=True,
+                            verbose_progress=current.verbose_progress, label_selector=current.label_selector)
 
 
 @contextlib.contextmanager
