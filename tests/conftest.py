@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from markers import needs
 
+_BEFORE = pytest.StashKey[tuple]()
 # Every process the suite starts inherits this: the session-end check finds the survivors by it, wherever
 # they were re-parented to.
 SESSION_MARK = "DCE_TEST_SESSION"
@@ -165,25 +166,32 @@ def _train_runs() -> int:
     return sum("TrainController" in a.get("ActorClassName", "") for a in actors().values())
 
 
-@pytest.fixture(autouse=True)
-def _markers_are_honest(request):
-    """A test not marked `ray` must not start Ray here; one not marked `train` must not run Ray Train."""
+def _ray_up() -> bool:
     import sys
 
-    marked_ray = "ray" in request.keywords
-    if not marked_ray:
-        before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-        yield
-        started = "ray" in sys.modules and sys.modules["ray"].is_initialized() and not before
-        assert not started, ("this test started Ray but is not marked `ray`: request the ray_local fixture (or "
-                             "ray_train for a Ray Train run)")
-        return
-    if "train" in request.keywords or "own_cluster" in request.keywords:
-        yield
-        return
-    runs = _train_runs()
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    # Counted before any fixture of the test is set up, module- and session-scoped ones included.
+    item.stash[_BEFORE] = (_ray_up(), _train_runs())
     yield
-    assert _train_runs() <= runs, "this test ran Ray Train but is not marked `train`: request the ray_train fixture"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """A test not marked `ray` must not have started Ray here (its fixtures included); one not marked `train` must
+    not have run Ray Train."""
+    before = item.stash.get(_BEFORE, None)
+    if before is not None and "own_cluster" not in item.keywords:
+        if "ray" not in item.keywords and _ray_up() and not before[0]:
+            pytest.fail(f"{item.nodeid} started Ray but is not marked `ray`: let it or its fixture request "
+                        "ray_local (or ray_train for a Ray Train run)", pytrace=False)
+        if "train" not in item.keywords and _train_runs() > before[1]:
+            pytest.fail(f"{item.nodeid} ran Ray Train but is not marked `train`: let it or its fixture request "
+                        "ray_train, or declare @needs('ray', 'train') on the fixture", pytrace=False)
+    yield
 
 
 def _our_processes() -> list[tuple[int, str]]:

@@ -216,6 +216,7 @@ print(sum(sum(f.stats.cache_hits.values()) for f in fns), sum(sum(f.stats.cache_
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_UMAP, reason="umap-learn is not installed (pip install -e '.[umap]')")
 def test_a_new_process_loads_umaps_compiled_functions_from_the_cache():
     """umap-learn compiles its kernels without numba's cache: ~20 s in every new process on 2 cores. With the cache

@@ -195,6 +195,7 @@ def _group_task_pids() -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run_loses_nothing(ray_local, tmp_path):
     ids, x = planted(n=12000, d=64, copies=600, seed=2)
     emb = write(tmp_path / "emb", ids, x, files=2, row_group=3000)

@@ -173,6 +173,7 @@ def test_training_worker_killed_resumes_from_its_checkpoint(ray_train, tmp_path)
     assert state["starts"][-1] == 5 and [h["epoch"] for h in state["history"]] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_embedding_actor_killed_every_id_written_once(ray_local, tmp_path):
     cfg = config_from_dict({**TINY, "data": {**TINY["data"], "n_samples": 3000, "rows_per_shard": 100}})
     ds = read_dataset(open_source(cfg.data)).materialize()
@@ -201,6 +202,7 @@ def test_embedding_actor_killed_every_id_written_once(ray_local, tmp_path):
     assert manifest["rows"] == 3000 and not (tmp_path / ".embeddings.partial").exists()
 
 
+@pytest.mark.slow
 def test_sharded_kmeans_continues_from_its_checkpoint(ray_local, tmp_path):
     rng = np.random.default_rng(0)
     shards = [rng.normal(size=(400, 4)).astype(np.float32) + 4 * i for i in range(3)]

@@ -341,6 +341,7 @@ def test_secure_aggregation_end_to_end(ray_local, parts, init, data):
     assert_only_aggregates(km.messages_, set(SIZES.values()))
 
 
+@pytest.mark.slow
 def test_dp_with_secure_aggregation_reports_the_budget(ray_local, parts, data):
     X, _ = data
     candidates = X[::9]  # server-side points: the init counts rows nearest each, privately

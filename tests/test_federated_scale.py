@@ -18,6 +18,7 @@ def _one_thread(one_thread):
     """Every test here runs with one OpenMP / torch thread (see conftest)."""
 
 
+@pytest.mark.slow
 def test_a_thousand_virtual_clients_with_secure_aggregation(ray_local):
     rng = np.random.default_rng(0)
     C = np.array([[0, 0], [6, 6], [-6, 6]], np.float32)
@@ -39,6 +40,7 @@ def test_a_thousand_virtual_clients_with_secure_aggregation(ray_local):
         assert record["bytes_up"] < CLIENTS * 400  # one masked vector of k*d + 2k + 1 words per client
 
 
+@pytest.mark.slow
 def test_a_dead_host_drops_its_virtual_clients_and_the_secure_round_is_redone(ray_local):
     rng = np.random.default_rng(1)
     C = np.array([[0, 0], [6, 6], [-6, 6]], np.float32)

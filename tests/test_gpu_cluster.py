@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from markers import needs
 from ray_head import _kill_processes_mentioning, free_port, ray_cli
 
 from engine.runtime import compute_device, train_backend
@@ -103,6 +104,7 @@ def _autoscaling_cluster_class():
 
 
 @pytest.fixture(scope="module")
+@needs("own_cluster")
 def gpu_cluster():
     """A CPU head (the driver's node) and a GPU node type with min_workers 0 that the autoscaler launches on demand,
     joined as a Ray Jobs driver would (RAY_ADDRESS)."""
@@ -149,8 +151,6 @@ def _wait(predicate, what: str, timeout: float = 60.0):
     return found
 
 
-@pytest.mark.ray
-@pytest.mark.own_cluster
 def test_pipeline_on_a_cluster_without_gpus_yet_asks_for_them_and_runs_there(gpu_cluster, tmp_path):
     import ray
     from ray.util.state import list_actors, list_tasks
@@ -349,6 +349,7 @@ def _resolves(requirements: list[str]) -> list[dict]:
     return json.loads(report.stdout)["install"]
 
 
+@pytest.mark.slow
 def test_gpu_extra_resolves_exactly_one_faiss_distribution():
     """`.[gpu]` brings faiss-gpu-cu12 and nothing else that installs the module `faiss`; `.[test]` brings faiss-cpu
     alone. A second provider would overwrite the first's files (pip installs both without a word)."""

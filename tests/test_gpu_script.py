@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from markers import needs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
@@ -34,6 +35,7 @@ sys.meta_path.insert(0, _Absent())
 
 
 @pytest.fixture(scope="module")
+@needs("slow")
 def tiny_run(tmp_path_factory) -> list[dict]:
     site = tmp_path_factory.mktemp("site")
     (site / "sitecustomize.py").write_text(BLOCKER)

@@ -271,6 +271,7 @@ def test_incomplete_run_directory(tmp_path):
     _assert_clean_failure(invoke("cluster", tmp_path), r"not a run directory")
 
 
+@pytest.mark.slow
 def test_a_ray_that_cannot_be_joined_ends_with_one_line(tmp_path):
     """A real failed start: RAY_ADDRESS at a port where nothing listens."""
     import socket

@@ -237,6 +237,7 @@ def _status_kib(field: str) -> int:
         return int(next(line for line in status if line.startswith(field + ":")).split()[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset needs Linux /proc")
 def test_sample_is_trained_on_in_a_ray_task_exactly_as_kmeans_on_those_rows(ray_local, tmp_path):
     """The sample (rows drawn with the seed, in row order, gathered across 2 actors) reaches a Ray task that fits
@@ -268,6 +269,7 @@ def test_sample_is_trained_on_in_a_ray_task_exactly_as_kmeans_on_those_rows(ray_
     assert_no_shard_actors(ray_local)
 
 
+@pytest.mark.slow
 def test_spherical_equals_kmeans_spherical(ray_local, blobs, shards, embeddings, tmp_path):
     from engine.cluster import fit_sample_then_assign
     from engine.data.folders import read_table

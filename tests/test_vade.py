@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from markers import needs
 from scipy.stats import multivariate_normal
 
 from engine.config import config_from_dict
@@ -243,6 +244,7 @@ def _cfg(folder, workers: int):
 
 
 @pytest.fixture(scope="module")
+@needs("ray", "train")
 def runs(ray_local, digits_npy, tmp_path_factory):
     """The whole pipeline with Ray Train on 2 workers, and the train stage alone on 1 worker, same data and seed."""
     from engine.pipeline import run_pipeline
@@ -264,7 +266,6 @@ def _history(model_dir, key="loss") -> np.ndarray:
     return np.array([h.get(key, np.nan) for h in load_checkpoint(model_dir)["history"]])
 
 
-@pytest.mark.ray
 def test_pipeline_clusters_digit_images(runs):
     cfg, result, _ = runs
     # Ten full-batch steps of a tiny model on 256 rows: a plumbing check (every row in one cluster scores 0.10 and
@@ -275,7 +276,6 @@ def test_pipeline_clusters_digit_images(runs):
     assert int(state["state_dict"]["prior_ready"]) == 1 and state["state_dict"]["mu_c"].shape == (10, 4)
 
 
-@pytest.mark.ray
 def test_pretraining_then_the_loss_decreases_on_two_workers(runs):
     cfg, result, _ = runs
     model_dir = result.run_dir / "model"
@@ -289,7 +289,6 @@ def test_pretraining_then_the_loss_decreases_on_two_workers(runs):
     np.testing.assert_allclose(_history(model_dir, "reconstruction")[3:] + kl[3:], losses[3:], rtol=1e-4)
 
 
-@pytest.mark.ray
 def test_two_workers_follow_the_one_worker_run(runs):
     cfg, result, single = runs
     two, one = _history(result.run_dir / "model"), _history(single)
@@ -302,7 +301,6 @@ def test_two_workers_follow_the_one_worker_run(runs):
     assert np.isfinite(two).all() and np.isfinite(one).all()
 
 
-@pytest.mark.ray
 def test_checkpoint_rebuilds_the_model_alone(runs, tmp_path):
     cfg, result, _ = runs
     state = load_checkpoint(result.run_dir / "model")
