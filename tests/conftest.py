@@ -54,7 +54,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("ray")
     # Modules with a cluster of their own go last: each one ends the shared local Ray, and every module after it
     # that needs Ray would pay for a new start (~10 s). The sort is stable, so the order is otherwise kept.
-    items.sort(key=lambda item: item.get_closest_marker("own_cluster") is not None)
+    # A module may ask to run after the other own-cluster modules (RUN_LAST = True): test_gpu_cluster.py's fake
+    # autoscaling cluster, run before test_jobs.py's token-auth head, left test_multinode.py's next cluster unable to
+    # start (its GCS answered with token auth); after them it meets nothing of theirs.
+    items.sort(key=lambda item: (item.get_closest_marker("own_cluster") is not None,
+                                 getattr(item.module, "RUN_LAST", False)))
     if _cuda():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -179,19 +183,24 @@ def pytest_runtest_setup(item):
     yield
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     """A test not marked `ray` must not have started Ray here (its fixtures included); one not marked `train` must
-    not have run Ray Train."""
+    not have run Ray Train. Checked before the fixtures are torn down, reported after (as a teardown error), so that
+    the teardown itself runs as always."""
+    problem = None
     before = item.stash.get(_BEFORE, None)
     if before is not None and "own_cluster" not in item.keywords:
         if "ray" not in item.keywords and _ray_up() and not before[0]:
-            pytest.fail(f"{item.nodeid} started Ray but is not marked `ray`: let it or its fixture request "
-                        "ray_local (or ray_train for a Ray Train run)", pytrace=False)
-        if "train" not in item.keywords and _train_runs() > before[1]:
-            pytest.fail(f"{item.nodeid} ran Ray Train but is not marked `train`: let it or its fixture request "
-                        "ray_train, or declare @needs('ray', 'train') on the fixture", pytrace=False)
-    yield
+            problem = (f"{item.nodeid} started Ray but is not marked `ray`: let it or its fixture request ray_local "
+                       "(or ray_train for a Ray Train run)")
+        elif "train" not in item.keywords and _train_runs() > before[1]:
+            problem = (f"{item.nodeid} ran Ray Train but is not marked `train`: let it or its fixture request "
+                       "ray_train, or declare @needs('ray', 'train') on the fixture")
+    result = yield
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    return result
 
 
 def _our_processes() -> list[tuple[int, str]]:

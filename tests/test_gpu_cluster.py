@@ -29,6 +29,7 @@ from ray_head import _kill_processes_mentioning, free_port, ray_cli
 from engine.runtime import compute_device, train_backend
 from engine.train.loop import native_precision, to_device
 
+RUN_LAST = True  # after the other own-cluster modules: see tests/conftest.py
 REPO = Path(__file__).resolve().parent.parent
 # The fake_multinode provider's base config (Ray's fake_multi_node/example.yaml, which the Ray wheel does not ship).
 FAKE_BASE = {

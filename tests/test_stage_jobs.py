@@ -35,7 +35,7 @@ def result_line(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_train_alone_then_the_stage_jobs_and_commands(ray_local, tmp_path, capsys):
+def test_train_alone_then_the_stage_jobs_and_commands(ray_train, tmp_path, capsys):
     """`dce train` alone, then the stage jobs (jobs.embed, jobs.cluster) and `dce evaluate` on its run directory;
     jobs.train_encoder itself runs as a Ray job in test_jobs.py."""
     run = tmp_path / "run"
