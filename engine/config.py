@@ -235,13 +235,27 @@ class RefineConfig(_Section):
 
 
 class EmbedConfig(_Section):
-    batch_size: int = Field(default=4096, ge=1)
-    concurrency: int = Field(default=2, ge=1)
-    """Embedding actors; each loads the checkpoint once."""
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Rows per batch an embedding actor encodes (and per block an assignment task labels); auto: 4096 on CPUs,
+    16384 on GPUs (a GPU needs larger batches to amortise its launches and copies)."""
+    concurrency: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    """Embedding actors (each loads the checkpoint once; also the assignment tasks in flight); auto: 2 on CPUs,
+    one per GPU the cluster has or its autoscaler may launch on GPUs."""
     max_restarts: int = Field(default=3, ge=0)
     """Times a dead embedding actor is replaced (and an assignment task retried); its blocks are redone and
     their shards overwritten, so no id is written twice."""
     use_gpu: bool | Literal["auto"] = "auto"
+
+    def plan(self, gpus: float) -> tuple[int, int]:
+        """(batch_size, concurrency) for a stage that embeds on `gpus` GPUs (0: on CPUs), `auto` resolved."""
+        batch = self.batch_size if self.batch_size != "auto" else (GPU_EMBED_BATCH if gpus else CPU_EMBED_BATCH)
+        actors = self.concurrency if self.concurrency != "auto" else (max(1, int(gpus)) if gpus else CPU_EMBED_ACTORS)
+        return int(batch), int(actors)
+
+
+# `embed: auto`: on CPUs the settings measured for a 2-core node (4096-row batches, 2 actors); on GPUs one actor per
+# GPU and batches 4x larger.
+CPU_EMBED_BATCH, CPU_EMBED_ACTORS, GPU_EMBED_BATCH = 4096, 2, 16384
 
 
 class UmapConfig(_Section):

@@ -37,6 +37,7 @@ from engine.rundir import (
     run_dir_for,
     save_config,
 )
+from engine.runtime import gpus_possible
 
 if TYPE_CHECKING:
     from engine.runtime import Resources
@@ -223,10 +224,10 @@ def refine_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress
     read_manifest(model_dir, stage="train")
     ds, dim, n_rows = _input(cfg, validated)
     embed_gpu = use_gpu(cfg.embed.use_gpu)
+    batch, actors = cfg.embed.plan(gpus_possible() if embed_gpu else 0)
     with progress.stage("refine init", f"k-means k={cfg.cluster.k} on the pretrained embeddings"):
         centers, initial = initial_centers(ds, model_dir, dim=dim, n_rows=n_rows, cluster=cfg.cluster,
-                                           seed=cfg.seed, batch_size=cfg.embed.batch_size,
-                                           concurrency=cfg.embed.concurrency, use_gpu=embed_gpu,
+                                           seed=cfg.seed, batch_size=batch, concurrency=actors, use_gpu=embed_gpu,
                                            remote=offload(gpu=embed_gpu), callback=progress.iteration)
         progress.info(", ".join(f"{k} {v:.4g}" for k, v in initial.items()))
     r, gpu = cfg.refine, use_gpu(cfg.train.use_gpu)
@@ -270,13 +271,13 @@ def embed_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress,
     read_manifest(model_dir, stage=stage)
     ds, dim, n_rows = _input(cfg, validated)
     gpu = use_gpu(cfg.embed.use_gpu)
-    with progress.stage("embed", f"{n_rows} rows, {cfg.embed.concurrency} actor(s)" + (" on GPU" if gpu else "")):
+    batch, actors = cfg.embed.plan(gpus_possible() if gpu else 0)
+    with progress.stage("embed", f"{n_rows} rows, {actors} actor(s)" + (" on GPU" if gpu else "")):
         manifest = embed_dataset(ds, model_dir, run.folder("embeddings"), dim=dim,
-                                 expected_rows=n_rows, config_hash=cfg.hash(),
-                                 batch_size=cfg.embed.batch_size, concurrency=cfg.embed.concurrency,
+                                 expected_rows=n_rows, config_hash=cfg.hash(), batch_size=batch, concurrency=actors,
                                  use_gpu=gpu, max_restarts=cfg.embed.max_restarts)
         record_run(run.local, placement={"embed": {"asked": {"CPU": 1, "GPU": 1 if gpu else 0},
-                                                "actors": cfg.embed.concurrency}})
+                                                   "actors": actors, "batch_size": batch}})
         progress.info(f"{manifest['rows']} embeddings of dimension {manifest['latent_dim']} "
                       f"in {len(manifest['files'])} shard(s)"
                       + (f", {manifest['resumed_rows']} of them kept from before" if manifest["resumed_rows"] else ""))
@@ -346,7 +347,8 @@ def _cluster_and_assign(cfg: PipelineConfig, run: RunDir, progress: Progress, ro
     if method != "sample_assign":  # sample_assign has written its assignments already
         with progress.stage("assign", f"{rows} rows"):
             assign_shards(embeddings, centroids, run.folder("assignments"), config_hash=cfg.hash(),
-                          concurrency=cfg.embed.concurrency, backend=c.backend, spherical=c.spherical,
+                          concurrency=cfg.embed.plan(gpus_possible() if gpu else 0)[1], backend=c.backend,
+                          spherical=c.spherical,
                           max_retries=cfg.embed.max_restarts, use_gpu=gpu)
             record_run(run_dir, placement={"assign": {"asked": {"CPU": 1, "GPU": 1 if gpu else 0}}})
     return summary
@@ -473,7 +475,8 @@ def _fit_clusters(cfg: PipelineConfig, embeddings: Path | str, run: RunDir, prog
     km, manifest = fit_sample_then_assign(embeddings, run.folder("assignments"), c.k, c.sample_size, init=c.init,
                                           max_iter=c.max_iter, tol=c.tol, seed=cfg.seed, backend=c.backend,
                                           num_actors=c.num_actors, config_hash=cfg.hash(),
-                                          concurrency=cfg.embed.concurrency, spherical=c.spherical)
+                                          concurrency=cfg.embed.plan(gpus_possible() if gpu else 0)[1],
+                                          spherical=c.spherical)
     # The sample's inertia is not the data's: the assignments' distances give the inertia over every row.
     table = read_table(run.folder("assignments"), stage="assign", columns=["distance"])
     km.inertia_ = float(np.sum(np.square(table.column("distance").to_numpy().astype(np.float64))))

@@ -83,7 +83,7 @@ class Run:
             c = self.config.cluster
             self._assigner = Assigner(self.state, self.centroids, checkpoint=self.checkpoint, backend=c.backend,
                                       spherical=c.spherical, one_thread=False, where="rows to assign")
-        step = batch_size or self.config.embed.batch_size
+        step = batch_size or self.config.embed.plan(0)[0]  # in this process, on its CPU
         labels = np.empty(len(x), dtype=np.int32)
         for start in range(0, len(x), step):
             part = x[start:start + step]
@@ -207,13 +207,16 @@ def assign_source(run: Run, source: Any, out_dir: str | Path, *, batch_size: int
 
     check_assign_output(run, source, out_dir, overwrite=overwrite)
     c, where = run.config.cluster, str(source.config.path)
+    from engine.runtime import gpus_possible
+
+    plan = run.config.embed.plan(gpus_possible() if use_gpu else 0)
     out = read_dataset(source).map_batches(
         Assigner,
         fn_constructor_kwargs={"state": ray.put(run.state), "centroids": run.centroids, "checkpoint": run.checkpoint,
                                "backend": c.backend, "spherical": c.spherical, "use_gpu": use_gpu, "where": where},
-        batch_size=batch_size or run.config.embed.batch_size,
+        batch_size=batch_size or plan[0],
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=concurrency or run.config.embed.concurrency),
+        compute=ActorPoolStrategy(min_size=1, max_size=concurrency or plan[1]),
         num_cpus=1,
         num_gpus=1 if use_gpu else 0,
     )

@@ -103,3 +103,18 @@ def test_override_values_are_parsed_as_yaml():
         apply_override(data, item)
     assert data == {"a": {"b": 12, "c": True, "d": [1, 2], "e": None, "f": "hello", "g": 1e-3}}
     assert yaml.safe_load(yaml.safe_dump(data)) == data
+
+
+def test_embed_auto_follows_the_gpus():
+    """`embed.batch_size` / `embed.concurrency: auto` resolve per stage: CPU defaults, or one actor per GPU with
+    larger batches; explicit numbers are kept; anything else is refused naming the key."""
+    from engine.config import CPU_EMBED_ACTORS, CPU_EMBED_BATCH, GPU_EMBED_BATCH, EmbedConfig
+
+    auto = EmbedConfig()
+    assert auto.plan(0) == (CPU_EMBED_BATCH, CPU_EMBED_ACTORS)
+    assert auto.plan(4) == (GPU_EMBED_BATCH, 4) and auto.plan(0.5) == (GPU_EMBED_BATCH, 1)
+    assert EmbedConfig(batch_size=100, concurrency=3).plan(8) == (100, 3)
+    with pytest.raises(ValueError, match="concurrency"):
+        EmbedConfig(concurrency="many")
+    with pytest.raises(ValueError, match="batch_size"):
+        EmbedConfig(batch_size=0)
