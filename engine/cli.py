@@ -81,6 +81,8 @@ def _shutdown_ray() -> None:
             ray.shutdown()
 
 
+EmbeddingsArg = Annotated[str, typer.Argument(help="Parquet embeddings: a run's embeddings/, a folder, file, glob "
+                                             "or object store URI.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace the engine's own results in an existing "
                                             "--out (folders with its manifest); other files are never touched.")]
 
@@ -419,8 +421,7 @@ def _floats(text: str, flag: str) -> list[float]:
 @app.command()
 @friendly_errors
 def dedup(
-    path: Annotated[str, typer.Argument(help="Parquet embeddings: a run's embeddings/, a folder, file, glob or "
-                                        "object store URI.")],
+    path: EmbeddingsArg,
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for kept/, duplicates/ and summary.json.")],
     eps: Annotated[float, typer.Option(help="Remove rows whose cosine similarity to a kept row exceeds 1 - eps.")]
     = 0.05,
@@ -467,8 +468,7 @@ def dedup(
 @app.command()
 @friendly_errors
 def sample(
-    path: Annotated[str, typer.Argument(help="Parquet embeddings: a run's embeddings/, a folder, file, glob or "
-                                        "object store URI.")],
+    path: EmbeddingsArg,
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for sampled/, hierarchy/ and summary.json.")],
     n: Annotated[int, typer.Option("--n", help="Rows to draw.")],
     levels: Annotated[int, typer.Option(help="Levels of the k-means hierarchy.")] = 3,
