@@ -18,6 +18,12 @@ that a recipe's accuracy on slightly different input can be compared with its ow
 
     python benchmarks/quality.py --configs digits --seeds 3 --perturb float16 --perturb drop1 --record
 
+--variant invert|rescale16|rotate90|heldout (repeatable) runs every config and seed, unchanged but for its data
+source, on a data set made from its input (see VARIANTS), with its own table and its own k-means on the pixels:
+the evidence that a recipe is not tuned to one data set.
+
+    python benchmarks/quality.py --configs digits --seeds 3 --variant invert --variant heldout --record
+
 --runs DIR keeps the run directories there, and a later invocation with the same DIR reads back every
 (config, seed) that already finished with the same config (its metrics.json and run.json: wall time, stage
 times, the run it was pretrained by) instead of running it again, so a long table can be built in parts:
@@ -67,28 +73,56 @@ def _pixels(cfg) -> tuple[np.ndarray, np.ndarray]:
 
 
 PERTURBATIONS = ("float16", "drop1")
+# Other data sets made from the configured one, for the evidence that a recipe is not tuned to it (issue 26 item 3):
+# the pixels inverted (max - x), every image rescaled to 16x16, every image rotated by 90 degrees, or only the
+# first half of the classes (k halved).
+VARIANTS = ("invert", "rescale16", "rotate90", "heldout")
 
 
 def perturbed_input(cfg, kind: str, folder: Path, seed: int = 0) -> list[str]:
-    """`--set` overrides that make `cfg` read a perturbed copy of its input, written to `folder` as .npy: `float16`
-    rounds the raw rows to float16 and back, `drop1` leaves out 1% of the rows (a draw seeded by `seed`). Images
-    keep their shape, and the input normalisation is the config's."""
+    """`--set` overrides that make `cfg` read a perturbed copy (PERTURBATIONS) or a variant (VARIANTS) of its input,
+    written to `folder` as .npy: `float16` rounds the raw rows to float16 and back, `drop1` leaves out 1% of the rows
+    (a draw seeded by `seed`); the variants are described at VARIANTS. Images keep their shape (but `rescale16`'s),
+    and the input normalisation is the config's."""
     from engine.data.sources import open_source
 
     x, y = _pixels(cfg)
+    shape = open_source(cfg.data).image_shape
+    extra: list[str] = []
     if kind == "float16":
         x = x.astype(np.float16).astype(np.float32)
     elif kind == "drop1":
         keep = np.sort(np.random.default_rng(seed).permutation(len(x))[: len(x) - len(x) // 100])
         x, y = x[keep], y[keep]
+    elif kind == "invert":
+        x = x.max() - x
+    elif kind in ("rescale16", "rotate90"):
+        if not shape:
+            raise ValueError(f"--variant {kind} needs images; {cfg.data.source!r} rows have no image shape")
+        images = x.reshape(len(x), -1, *shape[-2:])  # (n, channels, h, w)
+        if kind == "rotate90":
+            images = np.rot90(images, axes=(2, 3))
+        else:
+            import torch
+
+            images = torch.nn.functional.interpolate(torch.tensor(images, dtype=torch.float32),
+                                                     size=(16, 16), mode="bilinear", antialias=True).numpy()
+            shape = (*shape[:-2], 16, 16)
+        x = np.ascontiguousarray(images).reshape(len(x), -1)
+    elif kind == "heldout":
+        classes = np.unique(y)[: max(2, len(np.unique(y)) // 2)]
+        keep = np.isin(y, classes)
+        x, y = x[keep], y[keep]
+        extra = [f"cluster.k={len(classes)}"]
+        if getattr(cfg.model, "n_clusters", None) is not None:
+            extra.append(f"model.n_clusters={len(classes)}")
     else:
-        raise ValueError(f"--perturb {kind!r} should be one of {list(PERTURBATIONS)}")
-    shape = open_source(cfg.data).image_shape
+        raise ValueError(f"{kind!r} should be one of {list(PERTURBATIONS + VARIANTS)}")
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "x.npy", x.reshape(len(x), *shape) if shape else x)
     np.save(folder / "y.npy", y.astype(np.int64))
     return [f"data={{source: npy, path: {folder / 'x.npy'}, labels_path: {folder / 'y.npy'}, "
-            f"normalize: {cfg.data.normalize}}}"]
+            f"normalize: {cfg.data.normalize}}}", *extra]
 
 
 def _steps(cfg) -> str:
@@ -114,6 +148,9 @@ def main() -> None:
                                                      "that finished there before, instead of redoing them")
     parser.add_argument("--perturb", action="append", default=[], choices=PERTURBATIONS,
                         help="also run every config and seed on a perturbed copy of its input (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], choices=VARIANTS,
+                        help="also run every config and seed on a data set made from its input (repeatable): its "
+                             "own table, with k-means on its pixels")
     parser.add_argument("--replay", metavar="JSONL", help="record the result lines of an earlier run (its stdout) "
                                                          "instead of running anything")
     args = parser.parse_args()
@@ -141,7 +178,8 @@ def main() -> None:
     runs_root = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="dce-quality-"))
     runs_root.mkdir(parents=True, exist_ok=True)
     trained: dict[str, tuple[Path, str, float]] = {}  # train-stage key -> (run dir, config, train seconds)
-    jobs = [(name, seed, kind) for name in args.configs for kind in [None, *args.perturb] for seed in range(args.seeds)]
+    kinds = [None, *args.perturb, *args.variant]
+    jobs = [(name, seed, kind) for name in args.configs for kind in kinds for seed in range(args.seeds)]
     for name, seed, kind in jobs:
         cfg = load_config(name, [*args.overrides, f"seed={seed}"])
         label = name if kind is None else f"{name} [{kind}]"
@@ -151,6 +189,8 @@ def main() -> None:
                                      *perturbed_input(cfg, kind, folder)])
         source = load_config(name).data
         dataset = source.source if source.source != "idx" else Path(source.images[0]).parent.name
+        if kind in VARIANTS:  # another data set: its own table and its own pixel peer
+            dataset = f"{dataset}-{kind}"
         peer_file = runs_root / f"kmeans_pixels-{dataset}-{seed}.json"
         if (dataset, seed) not in peers_done:
             if peer_file.is_file():  # measured by an earlier invocation with the same --runs
