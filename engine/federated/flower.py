@@ -17,13 +17,21 @@ types a message may hold: a peer cannot make the reader run code.
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import logging
+import os
 import pickle
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -287,3 +295,93 @@ def check_address(address: str, timeout: float, setting: str = "federated.flower
         raise ConfigError(f"{setting}={address}: no SuperLink answers there within {timeout:g} s "
                           f"({e.strerror or type(e).__name__})") from None
     return host, int(port)
+
+
+# The Flower app `submit` builds: its components are the two objects at the end of this module, so the SuperLink's
+# ServerApp process and the SuperNodes' ClientApp processes import them from the installed engine (the FAB only
+# carries this pyproject: no dependencies to install on the nodes).
+APP_PYPROJECT = f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "dce-federated-kmeans"
+version = "1.0.0"
+description = "Deep Cluster Engine's federated k-means (engine.federated.flower)"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "dce"
+
+[tool.flwr.app.components]
+serverapp = "engine.federated.flower:deployment_server_app"
+clientapp = "engine.federated.flower:deployment_client_app"
+
+[tool.flwr.app.config]
+{RUN_CONFIG} = ""
+{RUN_OUT} = ""
+{RUN_OVERWRITE} = false
+"""
+
+
+def submit(address: str, run_config: dict[str, Any], *, insecure: bool = False,
+           root_certificates: str | None = None, log: Callable[[str], None] = logger.info) -> None:
+    """Run the Flower app on the SuperLink whose Control API is at `address` with Flower's own `flwr run --stream`
+    (which returns when the run ends); `run_config` values travel base64-encoded when they are strings.
+
+    `flwr` reads its SuperLink connections from FLWR_HOME: a temporary one names this address only, so the user's
+    ~/.flwr is neither read nor changed."""
+    flwr = Path(sys.executable).with_name("flwr")
+    flwr_cmd = str(flwr) if flwr.is_file() else shutil.which("flwr")
+    if flwr_cmd is None:
+        raise ConfigError("federated.backend=flower needs the `flwr` command: pip install "
+                          "'deep-cluster-engine[federated-kmeans]'")
+    with tempfile.TemporaryDirectory(prefix="dce-flower-") as tmp:
+        app, home = Path(tmp, "app"), Path(tmp, "home")
+        app.mkdir()
+        home.mkdir()
+        (app / "pyproject.toml").write_text(APP_PYPROJECT)
+        tls = "insecure = true" if insecure else (f"root-certificates = {json.dumps(root_certificates)}"
+                                                  if root_certificates else "insecure = false")
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "dce"\n\n[superlink.dce]\n'
+                                          f'address = {json.dumps(address)}\n{tls}\n')
+        lines = []
+        for key, value in run_config.items():
+            if isinstance(value, str):
+                value = base64.b64encode(value.encode()).decode()
+            lines.append(f"{json.dumps(key)} = {json.dumps(value)}")
+        overrides = Path(tmp, "run-config.toml")
+        overrides.write_text("\n".join(lines) + "\n")
+        env = {**os.environ, "FLWR_HOME": str(home)}
+        proc = subprocess.Popen([flwr_cmd, "run", str(app), "dce", "--stream", "--run-config", str(overrides)],
+                                cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                log(f"flwr: {line}")
+                tail = [*tail[-4:], line]
+        if proc.wait() != 0:
+            raise ConfigError(f"federated.flower.address={address}: `flwr run` failed (exit {proc.returncode}): "
+                              + " / ".join(tail))
+
+
+def _run_config_text(context: Context, key: str) -> str:
+    return base64.b64decode(str(context.run_config[key])).decode()
+
+
+def _serve(grid: Grid, context: Context) -> None:
+    """The deployment's ServerApp: `run_federated` of the submitted config over the SuperNodes' partitions."""
+    from engine.config import PipelineConfig
+    from engine.federated.run import run_federated
+
+    cfg = PipelineConfig.model_validate_json(_run_config_text(context, RUN_CONFIG))
+    result = run_federated(cfg, _run_config_text(context, RUN_OUT), grid=grid,
+                           overwrite=bool(context.run_config[RUN_OVERWRITE]))
+    logger.warning("dce federate: wrote %s", result.run_dir)
+
+
+deployment_server_app = server_app(_serve)
+deployment_client_app = client_app()

@@ -197,8 +197,8 @@ class FederatedKMeans(BaseEstimator):
         if self.transport == "flower":
             from engine.federated import flower
 
-            flower.simulate(parts, self.clients_per_actor, client_args=self._client_args(privacy),
-                            transport_options=self._transport_options(),
+            flower.simulate(parts, self.clients_per_actor, client_args=self.client_args(privacy),
+                            transport_options=self.transport_options(),
                             fit=lambda transport: self._fit_over(transport, parts, privacy))
             return self
         return self._fit_over(self._start_transport(parts, pins, privacy), parts, privacy)
@@ -364,18 +364,20 @@ class FederatedKMeans(BaseEstimator):
 
     # --- clients and the run -----------------------------------------------------------------------
 
-    def _client_args(self, privacy) -> dict[str, Any]:
-        """What every client is built with, besides its partition."""
+    def client_args(self, privacy: Any = None) -> dict[str, Any]:
+        """What every client is built with, besides its partition (`privacy`: the checked privacy settings)."""
+        if privacy is None:
+            privacy = self._check_params()
         clip = privacy.clip_norm if privacy is not None and privacy.epsilon is not None else None
         return {"column": self.column, "label_column": self.label_column, "backend": self.backend, "clip_norm": clip}
 
-    def _transport_options(self) -> dict[str, Any]:
+    def transport_options(self) -> dict[str, Any]:
         """Every transport's settings: quorum, timeout, secure minimum, audit."""
         return {"quorum": self.quorum, "round_timeout": self.round_timeout,
                 "min_secure": 2 if self.secure_aggregation else 1, "audit": self.audit}
 
     def _start_transport(self, parts: dict[str, Any], pins: dict[str, str | None], privacy) -> Transport:
-        client_args = self._client_args(privacy)
+        client_args = self.client_args(privacy)
         options = {"min_secure": 2 if self.secure_aggregation else 1, "audit": self.audit}
         if self.transport == "in_process":
             return InProcessTransport(start_local_hosts(parts, self.clients_per_actor, client_args), self.quorum,
