@@ -24,7 +24,6 @@ import logging
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -282,19 +281,31 @@ def simulate(parts: dict[str, Any], clients_per_node: int, *, client_args: dict[
 
 # --- deployment -----------------------------------------------------------------------------------------
 
-def check_address(address: str, timeout: float, setting: str = "federated.flower.address") -> tuple[str, int]:
-    """(host, port) of a SuperLink address that answers a TCP connection within `timeout` seconds."""
+# A Control API route of the SuperLink (flwr 1.42's HTTP API): what `check_address` asks for.
+_CONTROL_PROBE = "/v1/control/list-runs"
+
+
+def check_address(address: str, timeout: float, *, insecure: bool = False, root_certificates: str | None = None,
+                  setting: str = "federated.flower.address") -> None:
+    """Check that a Flower SuperLink's Control API answers at `address` (host:port) within `timeout` seconds: its
+    route for listing runs must exist (a GET is refused with 405, or 401/403 with authentication on)."""
+    import httpx
+
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ConfigError(f"{setting}={address!r} should be host:port (the SuperLink's Control API, e.g. "
-                          "127.0.0.1:9093)")
+        raise ConfigError(f"{setting}={address!r} should be host:port (the SuperLink's address, as "
+                          "`flower-superlink --host --port` serve it)")
+    scheme = "http" if insecure else "https"
+    verify: Any = root_certificates if root_certificates else True
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
-    except OSError as e:
+        answer = httpx.get(f"{scheme}://{address}{_CONTROL_PROBE}", timeout=timeout, verify=verify)
+    except httpx.HTTPError as e:
         raise ConfigError(f"{setting}={address}: no SuperLink answers there within {timeout:g} s "
-                          f"({e.strerror or type(e).__name__})") from None
-    return host, int(port)
+                          f"({type(e).__name__}: {str(e)[:120] or 'no answer'})") from None
+    if answer.status_code not in (401, 403, 405):
+        raise ConfigError(f"{setting}={address}: a server answers there, but not a Flower SuperLink's Control API "
+                          f"({scheme.upper()} {answer.status_code} for {_CONTROL_PROBE})")
+
 
 
 # The Flower app `submit` builds: its components are the two objects at the end of this module, so the SuperLink's

@@ -195,7 +195,7 @@ def _submit(cfg: PipelineConfig, run_dir: Path, overwrite: bool, progress: Progr
     from engine.federated import flower
 
     fl = cfg.federated.flower
-    flower.check_address(fl.address, fl.connect_timeout)
+    flower.check_address(fl.address, fl.connect_timeout, insecure=fl.insecure, root_certificates=fl.root_certificates)
     with progress.stage("flower", f"SuperLink {fl.address}"):
         flower.submit(fl.address, {
             flower.RUN_CONFIG: cfg.model_dump_json(), flower.RUN_OUT: str(Path(run_dir).resolve()),
