@@ -386,9 +386,9 @@ class FlowerConfig(_Section):
     """federated.backend=flower: where the Flower SuperLink is (docs/federated.md, "The Flower app")."""
 
     address: str | None = None
-    """host:port of the SuperLink's Control API (`flower-superlink --control-api-address`, Flower's default port
-    9093): `dce federate` submits the Flower app there, and the SuperLink's ServerApp writes the run directory
-    (partitions.by=nodes). None: Flower's simulation engine in this process, over the config's partitions."""
+    """host:port of the SuperLink (`flower-superlink --host --port`: flwr 1.42 serves its Fleet and Control APIs
+    on that one port): `dce federate` submits the Flower app there, and the SuperLink's ServerApp writes the run
+    directory (partitions.by=nodes). None: Flower's simulation engine in this process, over the config's partitions."""
     insecure: bool = False
     """Talk to the SuperLink without TLS (a SuperLink started with --insecure, e.g. on loopback)."""
     root_certificates: str | None = None
