@@ -7,7 +7,7 @@ requests) and one reply, through a `Grid`. The ClientApp holds one `ClientHost` 
 
 - `FederatedKMeans(transport="flower").fit(partitions)`: Flower's simulation engine in this process (its Ray
   backend runs the ClientApps), one virtual SuperNode per client host.
-- `server_app` / `client_app` below are the components of a Flower app (`flwr run`, see `submit`): a SuperLink
+- `engine.federated.flower_app` holds the components of a Flower app (`flwr run`, see `submit`): a SuperLink
   runs the ServerApp, SuperNodes run the ClientApp on their own data (node config `partition` and `data`).
 - `dce federate --backend flower` does either, by whether `federated.flower.address` is set.
 
@@ -47,10 +47,9 @@ RECORD = "dce"  # the ConfigRecord of every message and reply
 STATE = "dce-host"  # the ConfigRecord of a SuperNode's context state that keeps its ClientHost between messages
 # Node config keys of a SuperNode in a deployment: its partition's name and the Parquet file or folder of its rows.
 NODE_PARTITION, NODE_DATA, NODE_COLUMN, NODE_LABEL = "partition", "data", "column", "label-column"
-# Run config keys of a deployment run (`submit`): the resolved pipeline config (YAML) and where the ServerApp
-# writes the run directory.
-RUN_CONFIG, RUN_OUT, RUN_OVERWRITE, RUN_NODES, RUN_WAIT = "dce-config", "dce-out", "dce-overwrite", "dce-nodes", \
-    "dce-wait-nodes"
+# Run config keys of a deployment run (`submit`): the resolved pipeline config (JSON), where the ServerApp writes
+# the run directory, and whether it may replace the engine's results there.
+RUN_CONFIG, RUN_OUT, RUN_OVERWRITE = "dce-config", "dce-out", "dce-overwrite"
 
 
 # --- payloads -------------------------------------------------------------------------------------------
@@ -308,9 +307,9 @@ def check_address(address: str, timeout: float, *, insecure: bool = False, root_
 
 
 
-# The Flower app `submit` builds: its components are the two objects at the end of this module, so the SuperLink's
-# ServerApp process and the SuperNodes' ClientApp processes import them from the installed engine (the FAB only
-# carries this pyproject: no dependencies to install on the nodes).
+# The Flower app `submit` builds: its components are the two objects of engine/federated/flower_app.py, so the
+# SuperLink's ServerApp process and the SuperNodes' ClientApp processes import them from the installed engine (the
+# FAB only carries this pyproject: no dependencies to install on the nodes).
 APP_PYPROJECT = f"""[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
@@ -326,8 +325,8 @@ dependencies = []
 publisher = "dce"
 
 [tool.flwr.app.components]
-serverapp = "engine.federated.flower:deployment_server_app"
-clientapp = "engine.federated.flower:deployment_client_app"
+serverapp = "engine.federated.flower_app:server"
+clientapp = "engine.federated.flower_app:client"
 
 [tool.flwr.app.config]
 {RUN_CONFIG} = ""
@@ -377,22 +376,3 @@ def submit(address: str, run_config: dict[str, Any], *, insecure: bool = False,
         if proc.wait() != 0:
             raise ConfigError(f"federated.flower.address={address}: `flwr run` failed (exit {proc.returncode}): "
                               + " / ".join(tail))
-
-
-def _run_config_text(context: Context, key: str) -> str:
-    return base64.b64decode(str(context.run_config[key])).decode()
-
-
-def _serve(grid: Grid, context: Context) -> None:
-    """The deployment's ServerApp: `run_federated` of the submitted config over the SuperNodes' partitions."""
-    from engine.config import PipelineConfig
-    from engine.federated.run import run_federated
-
-    cfg = PipelineConfig.model_validate_json(_run_config_text(context, RUN_CONFIG))
-    result = run_federated(cfg, _run_config_text(context, RUN_OUT), grid=grid,
-                           overwrite=bool(context.run_config[RUN_OVERWRITE]))
-    logger.warning("dce federate: wrote %s", result.run_dir)
-
-
-deployment_server_app = server_app(_serve)
-deployment_client_app = client_app()
