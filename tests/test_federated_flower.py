@@ -29,6 +29,8 @@ pytest.importorskip("flwr")
 K = 3
 SIZES = {"a": 70, "b": 90, "c": 60}
 ROUNDS = 2
+# A deployed exchange starts a ClientApp process per SuperNode (about 15 s each on a loaded 2-core machine): one round.
+DEPLOYED_ROUNDS = 1
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +57,8 @@ def ray_run(parts, init) -> dict[str, np.ndarray]:
 
     init_ray(num_cpus=4)
     out = {}
-    for key, names in (("abc", "abc"), ("ab", "ab")):
-        km = FederatedKMeans(K, init=init, max_rounds=ROUNDS, tol=0, secure_aggregation=True,
+    for key, names, rounds in (("abc", "abc", ROUNDS), ("ab", "ab", DEPLOYED_ROUNDS)):
+        km = FederatedKMeans(K, init=init, max_rounds=rounds, tol=0, secure_aggregation=True,
                              transport="ray").fit({n: parts[n] for n in names})
         out[key] = km.cluster_centers_
     return out
@@ -153,7 +155,7 @@ def test_superlink_and_two_supernodes_equal_the_ray_run(ray_run, parts, init, su
     config = tmp_path / "flower.yaml"
     config.write_text(yaml.safe_dump({
         "name": "flower", "seed": 0, "cluster": {"k": K, "tol": 0},
-        "federated": {"mode": "rounds", "max_rounds": ROUNDS, "init_points": str(tmp_path / "init.npy"),
+        "federated": {"mode": "rounds", "max_rounds": DEPLOYED_ROUNDS, "init_points": str(tmp_path / "init.npy"),
                       "secure_aggregation": True, "partitions": {"by": "nodes"},
                       "flower": {"address": superlink, "insecure": True, "nodes": 2, "wait": 120}},
     }))
@@ -163,9 +165,33 @@ def test_superlink_and_two_supernodes_equal_the_ray_run(ray_run, parts, init, su
     assert result.exit_code == 0, result.output + "\n" + (tmp_path / "superlink.log").read_text()[-3000:]
     np.testing.assert_allclose(np.load(out / "centroids.npy"), ray_run["ab"], rtol=0, atol=1e-6)
     summary = yaml.safe_load((out / "federated" / "summary.json").read_text())
-    assert set(summary["partitions"]) == {"a", "b"} and summary["rounds"] == ROUNDS
+    assert set(summary["partitions"]) == {"a", "b"} and summary["rounds"] == DEPLOYED_ROUNDS
     assert summary["secure_aggregation"] and summary["partitions_from"] == {"by": "nodes", "superlink": superlink}
     print(f"SuperLink run: {time.perf_counter() - started:.1f} s")
+
+
+def test_a_message_cannot_make_its_reader_run_code(tmp_path):
+    import pickle
+
+    from engine.errors import DataError
+    from engine.federated.client import Release
+    from engine.federated.flower import decode, encode
+    from engine.federated.privacy import Noise
+
+    payload = {"a": ("ok", {"sums": np.ones((2, 3)), "counts": np.arange(2), "sse": np.float64(1.5)}),
+               "b": ("error", DataError("partition 'b' holds no rows")),
+               "release": Release(round=3, noise=Noise(sigma_sums=1.0, count_noise="laplace", count_scale=2.0), participants=("a", "b"))}
+    back = decode(encode(payload))
+    np.testing.assert_array_equal(back["a"][1]["sums"], payload["a"][1]["sums"])
+    assert back["release"] == payload["release"] and str(back["b"][1]) == "partition 'b' holds no rows"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    with pytest.raises(pickle.UnpicklingError, match="may not hold posix.system"):
+        decode(pickle.dumps({"a": ("ok", Exploit())}))
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_a_flower_address_nobody_answers(tmp_path):

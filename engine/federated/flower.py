@@ -39,7 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from engine.errors import ConfigError, EngineError
 from engine.federated.client import ClientHost
-from engine.federated.transport import Transport
+from engine.federated.transport import Transport, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def encode(obj: Any) -> bytes:
 
 # What a payload may hold: containers, numpy arrays and scalars, the release of a round, engine errors.
 _ALLOWED = {
-    ("builtins", n) for n in ("set", "frozenset", "complex", "slice", "range", "bytearray", "getattr")
+    ("builtins", n) for n in ("set", "frozenset", "complex", "slice", "range", "bytearray")
 } | {
     (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")
 } | {
@@ -224,13 +224,11 @@ class FlowerTransport(Transport):
                     for node, (_, batch) in by_node.items()]
         replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.round_timeout)}
         answers, failed = {}, {}
-        from engine.federated.transport import unpack
-
         for node, (_, batch) in by_node.items():
             names = [name for name, _, _ in batch]
             reply = replies.get(node)
             if reply is None:
-                failed.update(dict.fromkeys(names, f"no answer within round_timeout={self.round_timeout:g} s"))
+                failed.update(dict.fromkeys(names, f"no answer within round_timeout={self.round_timeout} s"))
             elif reply.has_error():
                 failed.update(dict.fromkeys(names, f"client failed: {(reply.error.reason or '')[:200]}"))
             else:
