@@ -180,7 +180,8 @@ def test_a_message_cannot_make_its_reader_run_code(tmp_path):
 
     payload = {"a": ("ok", {"sums": np.ones((2, 3)), "counts": np.arange(2), "sse": np.float64(1.5)}),
                "b": ("error", DataError("partition 'b' holds no rows")),
-               "release": Release(round=3, noise=Noise(sigma_sums=1.0, count_noise="laplace", count_scale=2.0), participants=("a", "b"))}
+               "release": Release(round=3, noise=Noise(sigma_sums=1.0, count_noise="laplace", count_scale=2.0),
+                                  participants=("a", "b"))}
     back = decode(encode(payload))
     np.testing.assert_array_equal(back["a"][1]["sums"], payload["a"][1]["sums"])
     assert back["release"] == payload["release"] and str(back["b"][1]) == "partition 'b' holds no rows"

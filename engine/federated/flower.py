@@ -204,7 +204,7 @@ class FlowerTransport(Transport):
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                raise ConfigError(f"SuperNode {node} could not start its client: {reply.error.reason}")
+                raise ConfigError(f"SuperNode {node} could not start its client: {_last_line(reply.error.reason)}")
             host = FlowerNode(node)
             for name in _payload(reply):
                 if name in hosts:
@@ -230,12 +230,18 @@ class FlowerTransport(Transport):
             if reply is None:
                 failed.update(dict.fromkeys(names, f"no answer within round_timeout={self.round_timeout} s"))
             elif reply.has_error():
-                failed.update(dict.fromkeys(names, f"client failed: {(reply.error.reason or '')[:200]}"))
+                failed.update(dict.fromkeys(names, f"client failed: {_last_line(reply.error.reason)}"))
             else:
                 a, f = unpack(_payload(reply))
                 answers.update(a)
                 failed.update(f)
         return answers, failed
+
+
+def _last_line(reason: str | None) -> str:
+    """The last line of a ClientApp's error (Flower sends the whole traceback): the exception itself."""
+    lines = [line.strip() for line in (reason or "").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no reason given"
 
 
 def server_app(fit: Callable[[Grid, Context], None]) -> ServerApp:
