@@ -170,6 +170,21 @@ def test_superlink_and_two_supernodes_equal_the_ray_run(ray_run, parts, init, su
     print(f"SuperLink run: {time.perf_counter() - started:.1f} s")
 
 
+@pytest.mark.slow
+def test_a_supernodes_missing_data_is_one_error_line(parts, superlink, tmp_path):
+    pq.write_table(pa.table({"x": vector_array(parts["a"])}), tmp_path / "a.parquet")  # b's file is missing
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "federate", "federated", "--backend", "flower", "--out", str(out), "--quiet", "--set", f"cluster.k={K}",
+        "--set", "federated.partitions.by=nodes", "--set", f"federated.flower.address={superlink}",
+        "--set", "federated.flower.insecure=true", "--set", "federated.flower.nodes=2"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0] == f"error: {tmp_path / 'b.parquet'}: Parquet file or folder not found", \
+        result.output
+    assert not out.exists()
+
+
 def test_a_message_cannot_make_its_reader_run_code(tmp_path):
     import pickle
 

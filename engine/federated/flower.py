@@ -37,7 +37,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from engine.errors import ConfigError, EngineError
+from engine.errors import ConfigError, DataError, EngineError
 from engine.federated.client import ClientHost
 from engine.federated.transport import Transport, unpack
 
@@ -50,6 +50,8 @@ NODE_PARTITION, NODE_DATA, NODE_COLUMN, NODE_LABEL = "partition", "data", "colum
 # Run config keys of a deployment run (`submit`): the resolved pipeline config (JSON), where the ServerApp writes
 # the run directory, and whether it may replace the engine's results there.
 RUN_CONFIG, RUN_OUT, RUN_OVERWRITE = "dce-config", "dce-out", "dce-overwrite"
+# Marks the line where the ServerApp reports bad input in the run's log (flower_app.serve, `submit`).
+ERROR_MARK = "dce-federate-error:"
 
 
 # --- payloads -------------------------------------------------------------------------------------------
@@ -367,16 +369,24 @@ def submit(address: str, run_config: dict[str, Any], *, insecure: bool = False,
             lines.append(f"{json.dumps(key)} = {json.dumps(value)}")
         overrides = Path(tmp, "run-config.toml")
         overrides.write_text("\n".join(lines) + "\n")
-        env = {**os.environ, "FLWR_HOME": str(home)}
+        # A wide terminal for Flower's rich output, so that no log line (ERROR_MARK's above all) is wrapped.
+        env = {**os.environ, "FLWR_HOME": str(home), "COLUMNS": "100000"}
         proc = subprocess.Popen([flwr_cmd, "run", str(app), "dce", "--stream", "--run-config", str(overrides)],
                                 cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
+        reported: EngineError | None = None
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
-            if line:
-                log(f"flwr: {line}")
-                tail = [*tail[-4:], line]
+            if not line:
+                continue
+            log(f"flwr: {line}")
+            tail = [*tail[-4:], line]
+            if ERROR_MARK in line and reported is None:
+                kind, _, message = line.split(ERROR_MARK, 1)[1].partition(":")
+                reported = (DataError if kind == "DataError" else ConfigError)(message.strip())
         if proc.wait() != 0:
             raise ConfigError(f"federated.flower.address={address}: `flwr run` failed (exit {proc.returncode}): "
                               + " / ".join(tail))
+        if reported is not None:
+            raise reported

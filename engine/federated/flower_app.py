@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import logging
+import sys
 
 from flwr.app import Context
 from flwr.serverapp import Grid
 
-from engine.federated.flower import RUN_CONFIG, RUN_OUT, RUN_OVERWRITE, client_app, server_app
+from engine.errors import EngineError, user_message
+from engine.federated.flower import ERROR_MARK, RUN_CONFIG, RUN_OUT, RUN_OVERWRITE, client_app, server_app
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +25,14 @@ def serve(grid: Grid, context: Context) -> None:
     from engine.federated.run import run_federated
 
     cfg = PipelineConfig.model_validate_json(_run_config_text(context, RUN_CONFIG))
-    result = run_federated(cfg, _run_config_text(context, RUN_OUT), grid=grid,
-                           overwrite=bool(context.run_config[RUN_OVERWRITE]))
+    try:
+        result = run_federated(cfg, _run_config_text(context, RUN_OUT), grid=grid,
+                               overwrite=bool(context.run_config[RUN_OVERWRITE]))
+    except EngineError as e:
+        # Bad input (a SuperNode's missing file, a partition too small): one marked line that `submit` finds in the
+        # run's streamed log and raises in `dce federate` as the one `error:` line.
+        print(f"{ERROR_MARK}{type(e).__name__}:{user_message(e)}", file=sys.stderr, flush=True)
+        raise
     logger.info("dce federate: wrote %s", result.run_dir)
 
 
