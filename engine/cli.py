@@ -36,6 +36,11 @@ class LogFormat(str, Enum):
     json = "json"
 
 
+class FederatedBackend(str, Enum):
+    ray = "ray"
+    flower = "flower"
+
+
 LogFormatOpt = Annotated[LogFormat, typer.Option("--log-format", help="Progress as text or JSON lines.")]
 
 
@@ -531,13 +536,17 @@ def prepare(config: ConfigArg = None, set_: SetOpt = None,
 @friendly_errors
 def federate(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, quiet: QuietOpt = False,
              verbose: VerboseOpt = False, log_format: LogFormatOpt = LogFormat.text,
-             overwrite: OverwriteOpt = False) -> None:
+             overwrite: OverwriteOpt = False,
+             backend: Annotated[FederatedBackend | None, typer.Option(
+                 help="ray: Ray actors host the clients; flower: a Flower ServerApp and ClientApps, on Flower's "
+                      "simulation engine or, with federated.flower.address, on a SuperLink's SuperNodes "
+                      "(default: federated.backend).")] = None) -> None:
     """Federated k-means over the config's partitions: only centroids, counts and sums leave each one."""
     from engine.config import load_config
     from engine.federated.run import run_federated
 
     _quiet_env(verbose)
-    cfg = load_config(config, set_)
+    cfg = load_config(config, [*(set_ or []), *([f"federated.backend={backend.value}"] if backend else [])])
     result = run_federated(cfg, out, progress=_progress(quiet, log_format), verbose=verbose, overwrite=overwrite)
     s = result.summary
     if log_format == LogFormat.json:

@@ -367,9 +367,10 @@ class PrivacyConfig(_Section):
 class PartitionsConfig(_Section):
     """Where the federated partitions come from."""
 
-    by: Literal["simulate", "column", "folders"] = "simulate"
+    by: Literal["simulate", "column", "folders", "nodes"] = "simulate"
     """simulate: split any data source in the driver (experiments); column: one partition per value of
-    `column` in data.path (parquet); folders: one partition per subfolder of data.path (parquet)."""
+    `column` in data.path (parquet); folders: one partition per subfolder of data.path (parquet); nodes: each
+    Flower SuperNode's own partition, named by its node config (needs backend=flower and flower.address)."""
     column: str = "partition"
     split: Literal["iid", "dirichlet", "clusters"] = "iid"
     """simulate: iid, Dirichlet(alpha) label mix per label, or `clusters_per_partition` labels each (k-FED)."""
@@ -379,6 +380,25 @@ class PartitionsConfig(_Section):
     server_rows: int = Field(default=0, ge=0)
     """simulate: rows held out of every partition as server-side data (FedDP-KMeans); when > 0 they are the
     candidate points of the init."""
+
+
+class FlowerConfig(_Section):
+    """federated.backend=flower: where the Flower SuperLink is (docs/federated.md, "The Flower app")."""
+
+    address: str | None = None
+    """host:port of the SuperLink (`flower-superlink --host --port`: flwr 1.42 serves its Fleet and Control APIs
+    on that one port): `dce federate` submits the Flower app there, and the SuperLink's ServerApp writes the run
+    directory (partitions.by=nodes). None: Flower's simulation engine in this process, over the config's partitions."""
+    insecure: bool = False
+    """Talk to the SuperLink without TLS (a SuperLink started with --insecure, e.g. on loopback)."""
+    root_certificates: str | None = None
+    """PEM file of the CA that signed the SuperLink's certificate (TLS; None: the system's CAs)."""
+    nodes: int | None = Field(default=None, ge=1)
+    """SuperNodes the ServerApp waits for before the first exchange (None: those connected when the run starts)."""
+    wait: float = Field(default=60.0, gt=0)
+    """Seconds the ServerApp waits for those SuperNodes, and for their clients to start."""
+    connect_timeout: float = Field(default=5.0, gt=0)
+    """Seconds `dce federate` waits for the SuperLink to answer before it stops with an error."""
 
 
 class FederatedConfig(_Section):
@@ -407,6 +427,25 @@ class FederatedConfig(_Section):
     compare_centralised: Literal["auto"] | bool = "auto"
     """Fit centralised k-means on the pooled data for the inertia ratio and ARI (auto: when simulated).
     The driver then reads every partition: experiments only."""
+    backend: Literal["ray", "flower"] = "ray"
+    """ray: one Ray actor per client host; flower: a Flower ServerApp and ClientApps (the `federated-kmeans`
+    extra), on Flower's simulation engine or, with flower.address, on a SuperLink and its SuperNodes."""
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
+
+    @model_validator(mode="after")
+    def _check_flower(self) -> FederatedConfig:
+        deployed = self.backend == "flower" and self.flower.address is not None
+        if self.partitions.by == "nodes" and not deployed:
+            raise ValueError("federated.partitions.by=nodes needs federated.backend=flower and "
+                             "federated.flower.address (the SuperLink whose SuperNodes hold the partitions)")
+        if deployed and self.partitions.by != "nodes":
+            raise ValueError(f"federated.flower.address={self.flower.address}: the partitions are the SuperNodes' "
+                             f"own, so federated.partitions.by should be nodes (got {self.partitions.by})")
+        if deployed and self.compare_centralised is True:
+            raise ValueError("federated.compare_centralised needs the pooled partitions, which SuperNodes keep")
+        if self.backend == "flower":
+            check_installed("flwr", extra="federated-kmeans", key="federated.backend")
+        return self
 
 
 class EvaluateConfig(_Section):

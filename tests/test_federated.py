@@ -264,7 +264,7 @@ def test_bad_input_is_named_before_ray_starts(parts):
         ({**parts, "c": parts["c"][:3]}, {"mode": "one_shot"}, ConfigError,
          r"n_clusters=4 should be <= the rows of partition 'c' \(3\): every client clusters its own rows first "
          r"\(config: cluster.k\)\.$"),
-        (parts, {"transport": "grpc"}, ConfigError, r"transport='grpc' should be one of ray, in_process\.$"),
+        (parts, {"transport": "grpc"}, ConfigError, r"transport='grpc' should be one of ray, in_process, flower\.$"),
         (parts, {"clients_per_actor": 0}, ConfigError, r"clients_per_actor=0 should be >= 1\.$"),
         (parts, {"secure_neighbours": 1}, ConfigError, r"secure_neighbours=1 should be >= 2\.$"),
         (parts, {"placement": "resource", "transport": "in_process"}, ConfigError, "placement needs transport='ray'"),

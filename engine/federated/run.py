@@ -129,9 +129,12 @@ def _init(cfg: PipelineConfig, built: FederatedPartitions) -> str | np.ndarray:
 
 
 def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progress: Progress | None = None,
-                  verbose: bool = False, overwrite: bool = False) -> FederatedResult:
+                  verbose: bool = False, overwrite: bool = False, grid: Any = None) -> FederatedResult:
     """Build the partitions, fit FederatedKMeans over them, and write the run directory (checked first by
-    engine.rundir's output-path policy; `overwrite` replaces the engine's own results in it)."""
+    engine.rundir's output-path policy; `overwrite` replaces the engine's own results in it).
+
+    With federated.backend=flower and flower.address, this process only submits the Flower app to the SuperLink
+    and waits: the ServerApp there calls this function again with its `grid` (the SuperNodes' partitions)."""
     from engine.federated import FederatedKMeans
     from engine.rundir import check_output, guard_output, run_dir_for
     from engine.runtime import init_ray
@@ -140,13 +143,17 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
     f = cfg.federated
     run_dir = run_dir_for(cfg, out)
     started = time.perf_counter()
-    built = build_partitions(cfg)
+    deployed = f.backend == "flower" and f.flower.address is not None
+    built = FederatedPartitions({}, {}) if deployed else build_partitions(cfg)
     init = _init(cfg, built)
     output = check_output(cfg, run_dir, overwrite=overwrite, resume_command=None)
+    if deployed and grid is None:
+        return _submit(cfg, run_dir, overwrite, progress)
     compare = built.pooled is not None if f.compare_centralised == "auto" else f.compare_centralised
-    with progress.stage("ray"):
-        progress.info(init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
-                               verbose=verbose).describe())
+    if f.backend == "ray":
+        with progress.stage("ray"):
+            progress.info(init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus,
+                                   verbose=verbose).describe())
 
     def on_round(record: dict[str, Any]) -> None:
         inertia = "n/a" if record["objective"] is None else f"{record['objective']:.6g}"
@@ -160,9 +167,17 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
         secure_aggregation=f.secure_aggregation,
         placement=None if f.placement == "any" else f.placement, quorum=f.quorum, round_timeout=f.round_timeout,
         compare_centralised=compare, backend=cfg.cluster.backend, callback=on_round, seed=cfg.seed,
+        transport="flower" if f.backend == "flower" else "ray",
     )
-    with progress.stage("federate", f"{f.mode}, k={cfg.cluster.k}, {len(built.partitions)} partition(s)"):
-        km.fit(built.partitions)
+    if grid is not None:
+        from engine.federated.flower import FlowerTransport
+
+        with progress.stage("federate", f"{f.mode}, k={cfg.cluster.k}, Flower SuperNodes"):
+            km.fit_transport(FlowerTransport.start(grid, km.client_args(), nodes=f.flower.nodes, wait=f.flower.wait,
+                                                   **km.transport_options()))
+    else:
+        with progress.stage("federate", f"{f.mode}, k={cfg.cluster.k}, {len(built.partitions)} partition(s)"):
+            km.fit(built.partitions)
     summary = _summary(cfg, km, built, time.perf_counter() - started)
     progress.info("partitions: " + ", ".join(
         f"{name} {p['rows']} rows" + (f" / {len(p['labels'])} labels" if p["labels"] else "")
@@ -175,16 +190,42 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
     return FederatedResult(run_dir, summary)
 
 
+def _submit(cfg: PipelineConfig, run_dir: Path, overwrite: bool, progress: Progress) -> FederatedResult:
+    """Submit the Flower app to the SuperLink and wait for its ServerApp, which writes the run directory."""
+    from engine.federated import flower
+
+    fl = cfg.federated.flower
+    flower.check_address(fl.address, fl.connect_timeout, insecure=fl.insecure, root_certificates=fl.root_certificates)
+    with progress.stage("flower", f"SuperLink {fl.address}"):
+        flower.submit(fl.address, {
+            flower.RUN_CONFIG: cfg.model_dump_json(), flower.RUN_OUT: str(Path(run_dir).resolve()),
+            flower.RUN_OVERWRITE: overwrite}, insecure=fl.insecure, root_certificates=fl.root_certificates,
+            log=progress.info)
+    summary_path = Path(run_dir) / STAGE / SUMMARY_FILE
+    if not summary_path.is_file():
+        raise DataError(f"federated.flower.address={fl.address}: the Flower run ended without writing {summary_path} "
+                        "(its ServerApp failed, or writes on the SuperLink's host: see the SuperLink's log)")
+    return FederatedResult(run_dir, json.loads(summary_path.read_text()))
+
+
+def _partitions_from(cfg: PipelineConfig) -> dict[str, Any]:
+    p = cfg.federated.partitions
+    if p.by == "simulate":
+        return p.model_dump()
+    if p.by == "nodes":
+        return {"by": p.by, "superlink": cfg.federated.flower.address}
+    return {"by": p.by, "path": cfg.data.path}
+
+
 def _summary(cfg: PipelineConfig, km: Any, built: FederatedPartitions, seconds: float) -> dict[str, Any]:
     partitions = {}
     for name, info in km.partitions_.items():
         labels = info.get("labels") or built.report.get(name, {}).get("labels")
         partitions[name] = {"rows": info["rows"], "dim": info["dim"], "node_id": info["node_id"], "labels": labels}
-    p = cfg.federated.partitions
     return {
         "mode": cfg.federated.mode,
         "k": cfg.cluster.k,
-        "partitions_from": p.model_dump() if p.by == "simulate" else {"by": p.by, "path": cfg.data.path},
+        "partitions_from": _partitions_from(cfg),
         "partitions": partitions,
         "rounds": int(km.n_rounds_),
         "inertia": km.inertia_,

@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 MODES = ("one_shot", "rounds")
 # ray: a Ray actor per client host (the deployment); in_process: the hosts in the driver, no Ray (to measure the
 # algorithms alone: no placement, no timeouts).
-TRANSPORTS = ("ray", "in_process")
+# flower: Flower's simulation engine, the clients' hosts as virtual SuperNodes (engine.federated.flower).
+TRANSPORTS = ("ray", "in_process", "flower")
 # The centralised reference of experiment mode: a strong baseline, as scikit-learn's classic default.
 _REFERENCE_N_INIT = 10
 
@@ -94,8 +95,10 @@ class FederatedKMeans(BaseEstimator):
     secure_neighbours : degree of the mask graph (None: every pair up to 8 clients, else ~2 log2 n, as SecAgg+).
     clients_per_actor : virtual clients: partitions hosted per client process, each with its own rows, keys
         and noise (1: one actor per partition); a host that dies takes its partitions out of the run.
-    transport : "ray" (client hosts are Ray actors) or "in_process" (hosts in this process, run in turn: to
-        measure the algorithms without Ray; no placement, no round_timeout).
+    transport : "ray" (client hosts are Ray actors), "in_process" (hosts in this process, run in turn: to
+        measure the algorithms without Ray; no placement, no round_timeout) or "flower" (Flower's simulation
+        engine: each host is a virtual SuperNode running the ClientApp of engine.federated.flower; needs the
+        `federated-kmeans` extra). A deployment on real SuperNodes uses `fit_transport` in a ServerApp.
     placement : None (Ray places the clients, spread), "resource" (the client of partition p needs the custom
         resource `partition:p`) or a dict partition name -> custom resource name.
     quorum : share of the clients that must answer each round; failed or late clients are dropped for the
@@ -190,11 +193,33 @@ class FederatedKMeans(BaseEstimator):
             init_ray()
             self._check_resources(pins)
         elif any(pins.values()):
-            raise _error("placement", "placement needs transport='ray': in-process clients have no nodes.")
+            raise _error("placement", f"placement needs transport='ray': {self.transport} clients have no Ray nodes.")
+        if self.transport == "flower":
+            from engine.federated import flower
+
+            flower.simulate(parts, self.clients_per_actor, client_args=self.client_args(privacy),
+                            transport_options=self.transport_options(),
+                            fit=lambda transport: self._fit_over(transport, parts, privacy))
+            return self
+        return self._fit_over(self._start_transport(parts, pins, privacy), parts, privacy)
+
+    def fit_transport(self, transport: Transport) -> FederatedKMeans:
+        """Cluster the partitions of clients that `transport` already reaches (a Flower ServerApp's SuperNodes:
+        `engine.federated.flower.FlowerTransport.start`); the driver never sees their rows."""
+        privacy = self._check_params()
+        if self.compare_centralised:
+            raise _error("compare_centralised", "compare_centralised needs the partitions in the driver, which "
+                         "clients reached through a transport keep to themselves.")
+        return self._fit_over(transport, {}, privacy)
+
+    def _fit_over(self, transport: Transport, parts: dict[str, Any], privacy) -> FederatedKMeans:
+        if self.secure_aggregation and len(transport.names) < 2:
+            raise _error("secure_aggregation", "secure_aggregation needs at least 2 partitions: a lone client's sum "
+                         "is its own")
         self._privacy = privacy
         self._accountant: Accountant | None = None
         self.history_: list[dict[str, Any]] = []
-        self._transport = self._start_transport(parts, pins, privacy)
+        self._transport = transport
         self.clients_ = self._transport.host_of
         self.messages_ = self._transport.messages
         try:
@@ -339,10 +364,20 @@ class FederatedKMeans(BaseEstimator):
 
     # --- clients and the run -----------------------------------------------------------------------
 
-    def _start_transport(self, parts: dict[str, Any], pins: dict[str, str | None], privacy) -> Transport:
+    def client_args(self, privacy: Any = None) -> dict[str, Any]:
+        """What every client is built with, besides its partition (`privacy`: the checked privacy settings)."""
+        if privacy is None:
+            privacy = self._check_params()
         clip = privacy.clip_norm if privacy is not None and privacy.epsilon is not None else None
-        client_args = {"column": self.column, "label_column": self.label_column, "backend": self.backend,
-                       "clip_norm": clip}
+        return {"column": self.column, "label_column": self.label_column, "backend": self.backend, "clip_norm": clip}
+
+    def transport_options(self) -> dict[str, Any]:
+        """Every transport's settings: quorum, timeout, secure minimum, audit."""
+        return {"quorum": self.quorum, "round_timeout": self.round_timeout,
+                "min_secure": 2 if self.secure_aggregation else 1, "audit": self.audit}
+
+    def _start_transport(self, parts: dict[str, Any], pins: dict[str, str | None], privacy) -> Transport:
+        client_args = self.client_args(privacy)
         options = {"min_secure": 2 if self.secure_aggregation else 1, "audit": self.audit}
         if self.transport == "in_process":
             return InProcessTransport(start_local_hosts(parts, self.clients_per_actor, client_args), self.quorum,
