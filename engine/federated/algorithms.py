@@ -48,6 +48,7 @@ class Session:
     min_count: int
     accountant: Accountant | None
     record: Record
+    client_clip: tuple[float, float] | None = None  # client-level DP: (clip_norm, count_clip)
     error: Callable[[str, str, type], Exception] | None = None  # names the setting in a message
 
     def fail(self, param: str, message: str) -> Exception:
@@ -69,6 +70,7 @@ def release_maker(s: Session, counts_only: bool = False, share_sse: bool = True,
             share_sse=share_sse and not dp,
             participants=tuple(participants) if s.secure else None,
             attempt=attempt,
+            client_clip=s.client_clip if dp else None,
         )
 
     return make
@@ -140,7 +142,7 @@ def lloyd_rounds(s: Session, centroids: np.ndarray, max_rounds: int, local_steps
         current["start"] = time.perf_counter()
         answers, current["facts"] = s.transport.exchange(
             "lloyd", lambda name, r: ("lloyd", (C, local_steps, r)), release_maker(s))
-        stats, _, current["per_partition"] = aggregate(answers, current["facts"]["release"], C.shape)
+        stats, _, current["per_partition"] = aggregate(answers, current["facts"]["release"], C.shape, centroids=C)
         return stats
 
     def on_iteration(record: dict[str, Any], new: np.ndarray) -> None:
@@ -167,9 +169,13 @@ def evaluate(s: Session, centroids: np.ndarray) -> float | None:
     return sse
 
 
-def aggregate(answers: dict[str, Any], release: Release, shape: tuple[int, int]
+def aggregate(answers: dict[str, Any], release: Release, shape: tuple[int, int], centroids: np.ndarray | None = None
               ) -> tuple[PartialStats, float | None, dict[str, float | None]]:
-    """The aggregate stats (sums, counts), the global SSE when shared, and each partition's SSE when seen."""
+    """The aggregate stats (sums, counts), the global SSE when shared, and each partition's SSE when seen.
+
+    Under client-level DP the clients' sums are centred on `centroids` (the request's): count x centroid is added
+    back here, so the mean of a cluster is its centroid plus the noisy centred sum over the noisy count.
+    """
     k, d = shape
     cluster_sse = None
     if release.participants is not None:
@@ -187,6 +193,12 @@ def aggregate(answers: dict[str, Any], release: Release, shape: tuple[int, int]
         sse = None if release.counts_only or not release.share_sse else float(sum(per_partition.values()))
         if all(a.get("cluster_sse") is not None for a in answers.values()):
             cluster_sse = np.sum([a["cluster_sse"] for a in answers.values()], axis=0)
+    if release.client_clip is not None and not release.counts_only:
+        # Dividing a noisy centred sum by a count that noise could have made small would throw the centroid
+        # anywhere: counts are floored at 3 standard deviations of their noise, so such a cluster takes a shorter
+        # step towards its noisy mean, and noise alone never empties one. Post-processing: the noise scale is public.
+        counts = np.maximum(counts, 3 * count_noise_std(release, len(answers)))
+        sums = sums + counts[:, None] * np.asarray(centroids, dtype=np.float64)
     if release.noise is not None:
         # A noisy count below one row says nothing reliable about the mean: treat the cluster as empty.
         small = counts < 1
@@ -195,3 +207,13 @@ def aggregate(answers: dict[str, Any], release: Release, shape: tuple[int, int]
     if not release.share_sse or release.noise is not None:
         sse = cluster_sse = None
     return PartialStats(sums, counts, float("nan") if sse is None else sse, cluster_sse), sse, per_partition
+
+
+def count_noise_std(release: Release, clients: int) -> float:
+    """The standard deviation of the noise on an aggregate count summed over `clients` messages."""
+    noise = release.noise
+    if noise is None:
+        return 0.0
+    if noise.count_noise == "laplace":  # every client adds the full scale (Laplace does not split)
+        return float(np.sqrt(2.0 * clients) * noise.count_scale)
+    return float(noise.count_scale * np.sqrt(clients / release.noise_shares))

@@ -11,7 +11,7 @@ from engine.cluster import KMeans, PartialStats, partial_stats
 from engine.errors import EngineError
 from engine.federated import secure
 from engine.federated.partitions import label_counts, read_partition
-from engine.federated.privacy import Noise, add_noise, clip_rows, suppress_small
+from engine.federated.privacy import Noise, add_noise, clip_contribution, clip_rows, suppress_small
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,9 @@ class Release:
 
     noise: DP noise (None: none); noise_shares: clients summed by secure aggregation, over which the Gaussian
     noise is split; min_count: suppression threshold; counts_only: send the counts alone; share_sse: send the
-    SSE (never under DP); participants and attempt: the secure-aggregation round (participants None: in clear).
+    SSE (never under DP); participants and attempt: the secure-aggregation round (participants None: in clear);
+    client_clip: client-level DP's (clip_norm, count_clip): the sums are sent centred on the request's centroids
+    and the whole contribution is scaled to fit both bounds before the noise (None: row-level or no DP).
     """
 
     round: int
@@ -31,6 +33,7 @@ class Release:
     share_sse: bool = True
     participants: tuple[str, ...] | None = None
     attempt: int = 0
+    client_clip: tuple[float, float] | None = None
 
 
 class FederatedClient:
@@ -101,11 +104,21 @@ class FederatedClient:
         for _ in range(local_steps - 1):
             local, _ = stats.centroids(local)
             stats = partial_stats(self._X, local, backend=self._backend)
-        return self._message(PartialStats(stats.sums, stats.counts, sse, cluster_sse), release)
+        sums = stats.sums
+        if release.client_clip is not None:
+            # Client-level DP bounds the sums around the broadcast centroids (the server adds count x centroid
+            # back): their norm is the client's spread, not its distance from the origin. local_steps is 1 here.
+            sums = sums - stats.counts[:, None] * np.asarray(centroids, dtype=np.float64)
+        return self._message(PartialStats(sums, stats.counts, sse, cluster_sse), release)
 
     def _message(self, stats: PartialStats, release: Release) -> dict:
         """The privacy transform, then the clear or masked message."""
         sums, counts = stats.sums, stats.counts
+        if release.client_clip is not None:
+            ord_ = 1 if release.noise is not None and release.noise.count_noise == "laplace" else 2
+            clipped, counts, _ = clip_contribution(None if release.counts_only else sums, counts,
+                                                   *release.client_clip, count_ord=ord_)
+            sums = sums if clipped is None else clipped
         if release.noise is not None:
             sums, counts = add_noise(sums, counts, release.noise, self._rng, release.noise_shares)
         sums, counts, suppressed = suppress_small(sums, counts, release.min_count)

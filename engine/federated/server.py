@@ -340,7 +340,9 @@ class FederatedKMeans(BaseEstimator):
     # --- clients and the run -----------------------------------------------------------------------
 
     def _start_transport(self, parts: dict[str, Any], pins: dict[str, str | None], privacy) -> Transport:
-        clip = privacy.clip_norm if privacy is not None and privacy.epsilon is not None else None
+        # Row-level DP clips the rows once, where they are read; client-level clips each release (Release).
+        clip = privacy.clip_norm if privacy is not None and privacy.epsilon is not None and privacy.unit == "row" \
+            else None
         client_args = {"column": self.column, "label_column": self.label_column, "backend": self.backend,
                        "clip_norm": clip}
         options = {"min_secure": 2 if self.secure_aggregation else 1, "audit": self.audit}
@@ -375,7 +377,9 @@ class FederatedKMeans(BaseEstimator):
             local_max_iter=self.local_max_iter, tol=self.tol, seed=self.seed, backend=self.backend,
             secure=self.secure_aggregation and self.mode == "rounds",
             min_count=self._privacy.min_count if self._privacy is not None else 0,
-            accountant=accountant, record=self._record, error=_error)
+            accountant=accountant, record=self._record, error=_error,
+            client_clip=(self._privacy.clip_norm, self._privacy.count_clip)
+            if accountant is not None and self._privacy.unit == "client" else None)
 
         if self.mode == "one_shot":
             self.cluster_centers_ = algorithms.local_kmeans_union(session, "local_kmeans")
