@@ -129,9 +129,18 @@ class KeyPair:
             raise SecureAggregationError(
                 f"secure aggregation: partition '{self.owner}' refuses the public key relayed for '{peer}': it is "
                 f"not signed by '{peer}''s identity (a substituted key?)") from None
-        pair = "\x00".join(sorted((self.owner, peer))).encode()
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"dce-secagg-mask\x00" + pair
-                    ).derive(secret)
+        return pair_key(secret, self.owner, peer)
+
+    def private_bytes(self) -> bytes:
+        """The raw X25519 private key: only for secret-sharing it among neighbours (engine.federated.recovery)."""
+        return self._private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                           serialization.NoEncryption())
+
+
+def pair_key(secret: bytes, a: str, b: str) -> bytes:
+    """The 32-byte mask key of the pair (a, b) from their X25519 shared secret: HKDF-SHA256 bound to both names."""
+    pair = "\x00".join(sorted((a, b))).encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"dce-secagg-mask\x00" + pair).derive(secret)
 
 
 def mask(key: bytes, round_: int, attempt: int, length: int) -> np.ndarray:
@@ -195,6 +204,16 @@ class Masking:
         self._min_participants = max(2, min_participants)
         self._keys = KeyPair(self.owner, self.identity)
         return self._keys.signed()
+
+    def private_key_bytes(self) -> bytes:
+        """This run's raw X25519 private key (to secret-share it: engine.federated.recovery)."""
+        if self._keys is None:
+            raise SecureAggregationError(f"secure aggregation: partition '{self.owner}' was not enrolled")
+        return self._keys.private_bytes()
+
+    def shared_key(self, peer: str) -> bytes:
+        """The key agreed with neighbour `peer` (KeyError if none was)."""
+        return self._shared[peer]
 
     @property
     def neighbours(self) -> frozenset[str]:
