@@ -12,8 +12,8 @@ share: of the X25519 key of a dropped neighbour (to remove the masks it left dan
 the self-mask seed of a surviving one (to remove its self mask). A client never reveals both kinds for one peer,
 in any round: the server would then hold that peer's pairwise and self masks, i.e. its vector. A client whose key
 was revealed has lost its pairwise masks' secrecy for the rest of the run: its neighbours will not reveal its self
-mask again, so it cannot take part in a later round (the server takes it out). With fewer than t shares of a
-secret the round is refused.
+mask again, so it cannot take part in a later round (a server driving recovery takes it out). With fewer than
+t shares of a secret the round is refused. Not yet driven by FederatedKMeans' transport (docs/federated.md).
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ stays connected after removing any m - 1 clients. A client masks only if the gra
 participants is connected and the round has at least the agreed minimum of participants, so the server
 cannot isolate it (a component's masks cancel within it, which would give away that component's sum).
 
-Dropouts: the round runs again without the dropped clients, with fresh masks (per round and attempt), not by
-secret-sharing mask seeds as Bonawitz et al. (2017) do; see docs/federated.md for what that costs.
+Dropouts: FederatedKMeans runs the round again without the dropped clients, with fresh masks (per round and
+attempt); engine.federated.recovery adds Bonawitz et al.'s (2017) recovery without a redo (secret-shared mask
+keys and self masks), at the protocol level; see docs/federated.md.
 """
 
 from __future__ import annotations
