@@ -44,7 +44,7 @@ def test_a_client_dropped_mid_round_leaves_the_exact_sum_of_the_survivors(federa
     names, graph, keys, clients, vectors = federation
     drop = {"c03", "c07"}  # they masked nothing that arrived, after their shares went out
     views, reveals, _ = run_round(federation, drop)
-    total = unmask(views, reveals, graph, keys, ROUND)
+    total = unmask(views, reveals, graph)
     assert np.allclose(total, sum(vectors[n] for n in names if n not in drop), atol=1e-5)
     # No redo: the views are the one attempt of the round (attempt 0), and the dangling masks were real.
     assert not np.allclose(secure.decode(sum(views.values())), total, atol=1.0)
@@ -62,9 +62,9 @@ def test_the_server_cannot_learn_a_survivors_vector_from_all_it_holds(federation
     without_self = secure.decode(views[u] - self_mask(seed, LENGTH))
     # ... but u's pairwise masks stay on: what is left is not u's vector.
     assert not np.allclose(without_self, vectors[u], atol=1.0)
-    # The boxes it relayed are sealed: none holds u's share in clear.
-    assert all(len(b) == 80 + 16 for b in boxes[u].values())
-    # Asking u's neighbours for the other kind of share of u (its mask key) is refused.
+    # The boxes it relayed are sealed (ChaCha20-Poly1305): a share and its tag, never in clear.
+    assert all(len(b) == 40 + 16 for b in boxes[u].values())
+    # Asking u's neighbours for the other kind (the masks they added towards u) is refused.
     for peer in graph[u]:
         if peer != "c03":
             with pytest.raises(SecureAggregationError, match=f"refuses to reveal the key share of '{u}'"):
@@ -80,7 +80,7 @@ def test_too_few_survivors_refuse_the_round(federation):
     drop = set(sorted(graph[u])[: len(graph[u]) - threshold(len(graph[u])) + 1])  # t - 1 of u's holders survive
     views, reveals, _ = run_round(federation, drop)
     with pytest.raises(SecureAggregationError, match=f"shares of the self mask of '{u}', fewer than the threshold"):
-        unmask(views, reveals, graph, keys, ROUND)
+        unmask(views, reveals, graph)
 
 
 def test_a_share_box_not_sealed_by_its_sender_is_refused(federation):
@@ -91,3 +91,37 @@ def test_a_share_box_not_sealed_by_its_sender_is_refused(federation):
     forged[a] = boxes[b]["c00"]  # b's box passed off as a's
     with pytest.raises(SecureAggregationError, match=f"refuses the shares relayed from '{a}'"):
         clients["c00"].receive(ROUND, forged)
+
+
+def test_federated_kmeans_recovers_a_client_dropped_mid_round_without_a_redo():
+    from engine.cluster import partial_stats
+    from engine.federated import FederatedKMeans
+
+    rng = np.random.default_rng(1)
+    centres = np.array([[0, 0], [6, 0], [0, 6]], dtype=np.float32)
+    parts = {f"p{i:02d}": (centres[rng.integers(0, 3, 40)] + rng.standard_normal((40, 2))).astype(np.float32)
+             for i in range(10)}
+    init = centres + np.float32(0.5)
+    victim = "p04"
+
+    def crash(*args):
+        raise RuntimeError("client crashed mid-round")
+
+    def drop_after_round_one(record):
+        # From round 2 on the victim crashes when asked for its stats: it has shared its seeds by then.
+        if record["round"] == 1:
+            km._transport.host_of[victim].clients[victim].lloyd = crash
+
+    km = FederatedKMeans(3, init=init, max_rounds=2, tol=0, transport="in_process", secure_aggregation=True,
+                         secure_neighbours=4, dropout_recovery=True, callback=drop_after_round_one)
+    km.fit(parts)
+    second = [r for r in km.history_ if r["kind"] == "lloyd"][1]
+    assert list(second["dropped"]) == [victim] and second["attempts"] == 1 and victim not in second["participants"]
+    # The exact Lloyd step of the survivors from round 1's centroids.
+    first = [r for r in km.history_ if r["kind"] == "lloyd"][0]
+    assert first["dropped"] == {}
+    all_rows = np.concatenate(list(parts.values()))
+    c1 = partial_stats(all_rows, init).centroids(init)[0]
+    survivors = np.concatenate([x for n, x in parts.items() if n != victim])
+    c2 = partial_stats(survivors, c1).centroids(c1)[0]
+    assert np.allclose(km.cluster_centers_, c2, atol=1e-4)

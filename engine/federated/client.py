@@ -9,7 +9,7 @@ import numpy as np
 
 from engine.cluster import KMeans, PartialStats, partial_stats
 from engine.errors import EngineError
-from engine.federated import secure
+from engine.federated import recovery, secure
 from engine.federated.partitions import label_counts, read_partition
 from engine.federated.privacy import Noise, add_noise, clip_contribution, clip_rows, suppress_small
 
@@ -34,6 +34,7 @@ class Release:
     participants: tuple[str, ...] | None = None
     attempt: int = 0
     client_clip: tuple[float, float] | None = None
+    self_mask: bool = False  # dropout recovery: the masked view carries this round's self mask too
 
 
 class FederatedClient:
@@ -54,6 +55,7 @@ class FederatedClient:
         self._clip_norm = clip_norm
         self._X = np.zeros((0, 0), dtype=np.float32)
         self._masking = secure.Masking(name)
+        self._recovering = recovery.RecoveringClient(self._masking)
         # DP noise must be unknown to the server: OS entropy, never a seed the server could know.
         self._rng = np.random.default_rng()
         self.node_id: str | None = None
@@ -83,6 +85,20 @@ class FederatedClient:
         """Derive the key shared with every neighbour from the signed public keys the server relayed; a key not
         signed by the neighbour's pinned identity is refused (SecureAggregationError)."""
         self._masking.agree(signed_keys)
+
+    # --- secure aggregation: dropout recovery (engine.federated.recovery) ---------------------------
+
+    def share_seeds(self, round_: int) -> dict[str, bytes]:
+        """This round's self-mask seed and the X25519 key, shared among the neighbours, sealed for each."""
+        return self._recovering.share(round_)
+
+    def receive_shares(self, round_: int, boxes: dict[str, bytes]) -> None:
+        """Keep the shares the neighbours sealed for this client."""
+        self._recovering.receive(round_, boxes)
+
+    def reveal_shares(self, round_: int, dropped: list[str], survivors: list[str]) -> dict:
+        """Key shares of dropped neighbours, self-mask shares of surviving ones; never both for one peer."""
+        return self._recovering.reveal(round_, set(dropped), set(survivors))
 
     # --- the requests -------------------------------------------------------------------------------
 
@@ -134,7 +150,10 @@ class FederatedClient:
         k = counts.shape[0]
         values = counts if release.counts_only else np.concatenate(
             [sums.ravel(), counts, np.zeros(k) if cluster_sse is None else cluster_sse, [sse or 0.0]])
-        view = self._masking.masked(values, release.participants, release.round, release.attempt)
+        if release.self_mask:
+            view = self._recovering.masked(values, release.participants, release.round)
+        else:
+            view = self._masking.masked(values, release.participants, release.round, release.attempt)
         return {"masked": view}
 
 

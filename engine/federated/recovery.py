@@ -1,25 +1,27 @@
-"""Dropout recovery for secure aggregation: secret-shared mask keys and self masks (Bonawitz et al. 2017, SecAgg+).
+"""Dropout recovery for secure aggregation without a redo: double masking with secret-shared self masks
+(Bonawitz et al. 2017, over SecAgg+'s sparse neighbour graph).
 
 Each round a client adds, to the pairwise masks of `secure.Masking`, a self mask: ChaCha20's keystream under a
-fresh 32-byte seed b. Before masking it splits two secrets t-of-m among its m neighbours in the public graph
-(Shamir over GF(2^128), PyCryptodome's `Shamir`, which shares 16-byte secrets: each 32-byte secret is two halves):
-its X25519 private key (from which every pairwise mask of the run follows) and b. Each neighbour's shares travel
-through the server encrypted and authenticated under the pair's agreed key (ChaCha20-Poly1305, bound to both names
-and the round), so the server relays them without reading them.
+fresh 32-byte seed b. Before masking it splits b t-of-m among its m neighbours in the public graph (Shamir over
+GF(2^128): PyCryptodome's `Shamir`, which shares 16-byte secrets, so b is two halves). Each neighbour's share
+travels through the server sealed under the pair's agreed key (ChaCha20-Poly1305, bound to both names and the
+round), so the server relays it without reading it.
 
-When clients drop after the shares went out, the server asks each survivor, for every neighbour, for one kind of
-share: of the X25519 key of a dropped neighbour (to remove the masks it left dangling in the survivors' views), of
-the self-mask seed of a surviving one (to remove its self mask). A client never reveals both kinds for one peer,
-in any round: the server would then hold that peer's pairwise and self masks, i.e. its vector. A client whose key
-was revealed has lost its pairwise masks' secrecy for the rest of the run: its neighbours will not reveal its self
-mask again, so it cannot take part in a later round (a server driving recovery takes it out). With fewer than
-t shares of a secret the round is refused. Not yet driven by FederatedKMeans' transport (docs/federated.md).
+After the masked views, the server asks each survivor, for every neighbour, for one of two things: for a dropped
+neighbour, the pairwise mask this survivor added towards it this round (left dangling, as the dropped client's
+opposite mask never arrived); for a surviving neighbour, its share of that neighbour's self-mask seed. A client
+never gives both for one peer and round: with both the server would hold every mask on that peer's view. The
+pairwise masks are per round (ChaCha20 nonce), so revealing one round's mask of a pair reveals no other round's:
+unlike Bonawitz et al.'s single aggregation, where the dropped client's key itself is reconstructed, no mask key
+is ever revealed, and a client that dropped can come back. With fewer than t shares of a self mask the round is
+refused.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
@@ -66,9 +68,11 @@ class RecoveringClient:
     """One client's side of secure aggregation with dropout recovery, over an enrolled `secure.Masking`."""
 
     masking: secure.Masking
-    held: dict[int, dict[str, dict[str, tuple[int, bytes]]]] = field(default_factory=dict)  # round -> peer -> kind
-    revealed: dict[str, str] = field(default_factory=dict)  # peer -> the kind of share revealed for it
+    held: dict[int, dict[str, tuple[int, bytes]]] = field(default_factory=dict)  # round -> peer -> self share
+    revealed: dict[tuple[int, str], str] = field(default_factory=dict)  # (round, peer) -> kind revealed
     _seeds: dict[int, bytes] = field(default_factory=dict)
+    _participants: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    _lengths: dict[int, int] = field(default_factory=dict)
 
     @property
     def owner(self) -> str:
@@ -80,11 +84,10 @@ class RecoveringClient:
         neighbours = sorted(self.masking.neighbours)
         t = threshold(len(neighbours))
         self._seeds[round_] = os.urandom(32)
-        key = self.masking.private_key_bytes()
-        key_shares, self_shares = split(key, t, neighbours), split(self._seeds[round_], t, neighbours)
+        self_shares = split(self._seeds[round_], t, neighbours)
         out = {}
         for peer in neighbours:
-            plain = _pack(key_shares[peer]) + _pack(self_shares[peer])
+            plain = _pack(self_shares[peer])
             out[peer] = ChaCha20Poly1305(self.masking.shared_key(peer)).encrypt(
                 round_.to_bytes(12, "little"), plain, _aad(self.owner, peer, round_))
         return out
@@ -100,66 +103,58 @@ class RecoveringClient:
             except (InvalidTag, KeyError):
                 raise SecureAggregationError(f"secure aggregation: partition '{self.owner}' refuses the shares "
                                              f"relayed from '{peer}': not sealed by '{peer}'") from None
-            kept[peer] = {KEY: _unpack(plain[:40]), SELF: _unpack(plain[40:])}
+            kept[peer] = _unpack(plain)
         self.held[round_] = kept
 
     def masked(self, values: np.ndarray, participants: tuple[str, ...], round_: int) -> np.ndarray:
         """The pairwise-masked view of `secure.Masking`, plus this round's self mask."""
+        self._participants[round_] = tuple(participants)
         view = self.masking.masked(values, participants, round_, 0)
+        self._lengths[round_] = view.shape[0]
         return view + self_mask(self._seeds[round_], view.shape[0])
 
-    def reveal(self, round_: int, dropped: set[str], survivors: set[str]) -> dict[str, tuple[str, tuple[int, bytes]]]:
-        """For each neighbour in this round: its key share if it dropped, its self-mask share if it survived;
-        never both kinds for one peer in the run."""
+    def reveal(self, round_: int, dropped: set[str], survivors: set[str]) -> dict[str, tuple[str, Any]]:
+        """For each neighbour in this round: the pairwise mask this client added towards it if it dropped (what
+        it left dangling), its self-mask share if it survived; never both for one peer and round."""
         if dropped & survivors:
             raise SecureAggregationError(f"secure aggregation: partition '{self.owner}' refuses to unmask: "
                                          f"{sorted(dropped & survivors)} reported both dropped and surviving")
-        out = {}
-        for peer, shares in self.held.get(round_, {}).items():
-            kind = KEY if peer in dropped else SELF if peer in survivors else None
-            if kind is None:
-                continue
-            if self.revealed.get(peer, kind) != kind:
+        out: dict[str, tuple[str, Any]] = {}
+        for peer in sorted(self.masking.neighbours & (dropped | survivors)):
+            kind = KEY if peer in dropped else SELF
+            if self.revealed.setdefault((round_, peer), kind) != kind:
                 raise SecureAggregationError(
                     f"secure aggregation: partition '{self.owner}' refuses to reveal the {kind} share of '{peer}': "
-                    f"it revealed its {self.revealed[peer]} share before, and both would give away its vector")
-            self.revealed[peer] = kind
-            out[peer] = (kind, shares[kind])
+                    f"it revealed the other kind for round {round_} before, and both would give away its vector")
+            if kind == SELF and peer in self.held.get(round_, {}):
+                out[peer] = (SELF, self.held[round_][peer])
+            elif kind == KEY and peer in self._participants.get(round_, ()):
+                length = self._lengths[round_]
+                m = secure.mask(self.masking.shared_key(peer), round_, 0, length)
+                out[peer] = (KEY, m if self.owner < peer else (np.zeros_like(m) - m))
         return out
 
 
-def unmask(views: dict[str, np.ndarray], reveals: dict[str, dict[str, tuple[str, tuple[int, bytes]]]],
-           graph: dict[str, frozenset[str]], signed_keys: dict[str, dict[str, bytes]], round_: int,
-           attempt: int = 0) -> np.ndarray:
+def unmask(views: dict[str, np.ndarray], reveals: dict[str, dict[str, tuple[str, Any]]],
+           graph: dict[str, frozenset[str]]) -> np.ndarray:
     """The server's side: the decoded sum of the survivors' views (`views`) once their self masks and the masks
-    dropped clients left dangling are removed, from the shares the survivors revealed (`reveals`: survivor ->
-    peer -> (kind, share)). Refuses (SecureAggregationError) when any secret has fewer than t shares."""
-    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-
+    they left towards dropped neighbours are removed, from what the survivors revealed (`reveals`: survivor ->
+    peer -> (kind, share or mask)). Refuses (SecureAggregationError) when a self mask has fewer than t shares."""
     survivors = set(views)
     length = next(iter(views.values())).shape[0]
     total = np.zeros(length, dtype=np.uint64)
     for view in views.values():
         total += view
-    collected: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
+    self_shares: dict[str, list[tuple[int, bytes]]] = {}
     for shares in reveals.values():
-        for peer, (kind, share) in shares.items():
-            collected.setdefault((peer, kind), []).append(share)
+        for peer, (kind, value) in shares.items():
+            if kind == SELF:
+                self_shares.setdefault(peer, []).append(value)
+            elif peer not in survivors:
+                total -= np.asarray(value, dtype=np.uint64)  # the mask a survivor left towards a dropped peer
     for u in sorted(survivors):
-        seed = combine(collected.get((u, SELF), []), threshold(len(graph[u])), f"the self mask of '{u}'")
+        seed = combine(self_shares.get(u, []), threshold(len(graph[u])), f"the self mask of '{u}'")
         total -= self_mask(seed, length)
-    dropped = {u for (u, kind) in collected if kind == KEY}
-    for u in sorted(dropped):
-        private = X25519PrivateKey.from_private_bytes(
-            combine(collected[(u, KEY)], threshold(len(graph[u])), f"the mask key of '{u}'"))
-        for v in sorted(graph[u] & survivors):
-            secret = private.exchange(X25519PublicKey.from_public_bytes(bytes(signed_keys[v]["public"])))
-            m = secure.mask(secure.pair_key(secret, u, v), round_, attempt, length)
-            # v added +m towards a peer whose name sorts after its own, -m otherwise: take it back.
-            if v < u:
-                total -= m
-            else:
-                total += m
     return secure.decode(total)
 
 

@@ -19,8 +19,8 @@ participants is connected and the round has at least the agreed minimum of parti
 cannot isolate it (a component's masks cancel within it, which would give away that component's sum).
 
 Dropouts: FederatedKMeans runs the round again without the dropped clients, with fresh masks (per round and
-attempt); engine.federated.recovery adds Bonawitz et al.'s (2017) recovery without a redo (secret-shared mask
-keys and self masks), at the protocol level; see docs/federated.md.
+attempt); with dropout_recovery, engine.federated.recovery recovers the round without a redo (Bonawitz et al.'s
+2017 double masking, secret-shared self masks); see docs/federated.md.
 """
 
 from __future__ import annotations
@@ -132,10 +132,6 @@ class KeyPair:
                 f"not signed by '{peer}''s identity (a substituted key?)") from None
         return pair_key(secret, self.owner, peer)
 
-    def private_bytes(self) -> bytes:
-        """The raw X25519 private key: only for secret-sharing it among neighbours (engine.federated.recovery)."""
-        return self._private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-                                           serialization.NoEncryption())
 
 
 def pair_key(secret: bytes, a: str, b: str) -> bytes:
@@ -205,12 +201,6 @@ class Masking:
         self._min_participants = max(2, min_participants)
         self._keys = KeyPair(self.owner, self.identity)
         return self._keys.signed()
-
-    def private_key_bytes(self) -> bytes:
-        """This run's raw X25519 private key (to secret-share it: engine.federated.recovery)."""
-        if self._keys is None:
-            raise SecureAggregationError(f"secure aggregation: partition '{self.owner}' was not enrolled")
-        return self._keys.private_bytes()
 
     def shared_key(self, peer: str) -> bytes:
         """The key agreed with neighbour `peer` (KeyError if none was)."""
