@@ -16,7 +16,8 @@ pickled sizes of the messages each way, summed over clients and rounds.
     python benchmarks/federated.py --record
     python benchmarks/federated.py --sweep --record         # one_shot / rounds over separated Gaussian mixtures
     python benchmarks/federated.py --scale 250,500,1000     # per-round time and memory vs virtual clients
-    python benchmarks/federated.py --feddp --sweep-seeds 0,1,2 --record   # DP, FedDP-KMeans's data shape
+    python benchmarks/federated.py --feddp --sweep-seeds 0,1,2,3,4 --record   # client-level DP, FedDP-KMeans's shape
+    python benchmarks/federated.py --feddp --privacy-unit row --record           # data-point-level DP, same shape
 
 --sweep measures the algorithms alone: the clients run in this process (FederatedKMeans(transport=
 "in_process")), no Ray, so a cell costs what the k-means costs. Data: k centres drawn N(0, 3^2 I_d) (pairwise
@@ -120,47 +121,78 @@ def scale(args: argparse.Namespace) -> list[dict]:
 
 
 def feddp(args: argparse.Namespace) -> list[dict]:
-    """FedDP-KMeans's data shape (100 clients x 1,000 rows of a Gaussian mixture, total epsilon 1) with the
-    engine's data-point-level DP: rows clipped to a bound read off the public server-side points, secure
-    aggregation (the Gaussian noise split over the clients), init from 500 server-side points."""
+    """FedDP-KMeans's data shape (100 clients x 1,000 rows of a Gaussian mixture, total epsilon 1 at delta 1e-6),
+    secure aggregation (the Gaussian noise split over the clients), 500 server-side points.
+
+    --privacy-unit row: data-point-level DP, rows clipped to 1.2 x the largest server-side row norm, init from
+    the 500 server-side points as candidates weighted by the clients (one counts release), 2 and 5 rounds.
+    --privacy-unit client: client-level DP. Bounds from public facts only: the server-side points' mean squared
+    distance s2 to their own k-means centroids (10 restarts) and the rows per client m: clip_norm = 2 sqrt(m s2),
+    the norm of a client's centred sums when its rows spread as the server's do, with room for the init's bias;
+    count_clip = m / sqrt(k), a balanced client's count vector (L2, Gaussian counts). Init: those server-side
+    centroids (no release), or the candidates weighted by the clients (one counts release); 1 and 2 rounds.
+    """
     from engine.cluster import KMeans, assign
     from engine.federated import FederatedKMeans
 
     results = []
-    k, d = 10, args.feddp_d
-    for seed, rounds in itertools.product(_ints(args.sweep_seeds), (2, 5)):
-        X, _ = mixture(k, d, 100_000 + 500, seed)
+    k, d, m = 10, args.feddp_d, 1000
+    client = args.privacy_unit == "client"
+    runs = ([("server k-means", 1), ("server k-means", 2), ("candidates", 1)] if client
+            else [("candidates", 2), ("candidates", 5)])
+    for seed, (init_kind, rounds) in itertools.product(_ints(args.sweep_seeds), runs):
+        X, _ = mixture(k, d, 100 * m + 500, seed)
         server, X = X[:500], X[500:]
-        parts = {f"c{i:03d}": X[i * 1000:(i + 1) * 1000] for i in range(100)}
+        parts = {f"c{i:03d}": X[i * m:(i + 1) * m] for i in range(100)}
         ref = KMeans(k, n_init=10, max_iter=100, seed=seed).fit(X).inertia_
-        clip = 1.2 * float(np.linalg.norm(server, axis=1).max())
-        km = FederatedKMeans(k, init=server, max_rounds=rounds, transport="in_process", secure_aggregation=True,
-                             clients_per_actor=100, seed=seed,
-                             privacy={"epsilon": 1.0, "delta": 1e-6, "clip_norm": clip, "count_noise": "gaussian"}
-                             ).fit(parts)
+        server_km = KMeans(k, n_init=10, max_iter=100, seed=seed).fit(server)
+        init = server_km.cluster_centers_ if init_kind == "server k-means" else server
+        if client:
+            spread = float(server_km.inertia_) / server.shape[0]
+            privacy = {"unit": "client", "clip_norm": 2 * float(np.sqrt(m * spread)), "count_clip": m / np.sqrt(k)}
+        else:
+            privacy = {"unit": "row", "clip_norm": 1.2 * float(np.linalg.norm(server, axis=1).max())}
+        start = time.perf_counter()
+        km = FederatedKMeans(k, init=init, max_rounds=rounds, tol=0, transport="in_process",
+                             secure_aggregation=True, clients_per_actor=100, seed=seed,
+                             privacy={"epsilon": 1.0, "delta": 1e-6, "count_noise": "gaussian", **privacy}).fit(parts)
+        seconds = time.perf_counter() - start
         inertia = float(assign(X, km.cluster_centers_)[1].astype(np.float64).sum())
-        result = {"bench": "federated-feddp", "k": k, "d": d, "seed": seed, "rounds": rounds,
-                  "inertia_ratio": inertia / ref, "epsilon_spent": km.privacy_spent_["epsilon"],
-                  "epsilon_first_round": km.history_[1]["privacy"]["epsilon"], "clip_norm": clip}
+        init_inertia = float(assign(X, km.init_centers_)[1].astype(np.float64).sum())
+        lloyd = [r for r in km.history_ if r["kind"] == "lloyd"]
+        result = {"bench": "federated-feddp", "unit": args.privacy_unit, "k": k, "d": d, "seed": seed,
+                  "init": init_kind, "rounds": rounds, "inertia_ratio": inertia / ref,
+                  "init_ratio": init_inertia / ref, "epsilon_spent": km.privacy_spent_["epsilon"],
+                  "epsilon_per_round": lloyd[0]["privacy"]["epsilon"],
+                  "clip_norm": privacy["clip_norm"], "count_clip": privacy.get("count_clip"), "seconds": seconds}
         results.append(result)
         print(json.dumps(result), flush=True)
     return results
 
 
 def record_feddp(args: argparse.Namespace, results: list[dict]) -> None:
-    header = ["d", "seed", "DP rounds", "inertia / centralised non-private", "epsilon of one round",
-              "epsilon total (delta 1e-6)", "target (FedDP-KMeans, client-level)"]
-    table = [[r["d"], r["seed"], r["rounds"], f"{r['inertia_ratio']:.4f}", f"{r['epsilon_first_round']:.3f}",
-              f"{r['epsilon_spent']:.3f}", "<= 1.10"] for r in results]
+    header = ["unit", "d", "seed", "init", "DP rounds", "inertia / centralised non-private", "init / centralised",
+              "epsilon of one round", "epsilon total (delta 1e-6)", "target (FedDP-KMeans, client-level)"]
+    table = [[r["unit"], r["d"], r["seed"], r["init"], r["rounds"], f"{r['inertia_ratio']:.4f}",
+              f"{r['init_ratio']:.4f}", f"{r['epsilon_per_round']:.3f}", f"{r['epsilon_spent']:.3f}", "<= 1.10"]
+             for r in results]
     print("\n".join(" | ".join(map(str, row)) for row in [header, *table]))
     if args.record:
         command = f"python benchmarks/federated.py {' '.join(sys.argv[1:])}"
-        append_section("Federated DP in FedDP-KMeans's data shape: 100 clients x 1,000 rows, total epsilon 1",
-                       header, table,
-                       f"k 10 Gaussian mixture; data-point-level DP (one row clipped to clip_norm, 1.2 x the largest "
-                       "server-side row norm); client-level DP, FedDP-KMeans's unit, is not implemented, so the "
-                       f"target column is theirs, not this table's. In-process clients; `{command}`. "
-                       f"Python {platform.python_version()}.")
+        if args.privacy_unit == "client":
+            clips = sorted({round(r["clip_norm"], 1) for r in results})
+            unit = (f"client-level DP (privacy.unit client: a client's centred per-cluster sums and counts scaled "
+                    f"by one factor to clip_norm 2 sqrt(m s2) = {clips[0]}-{clips[-1]} and count_clip m / sqrt(k) = "
+                    f"{results[0]['count_clip']:.1f}, from the server-side points' spread s2 and the rows per client "
+                    "m); server k-means init: k-means of the 500 server-side points (no release, its ratio in the "
+                    "init column); candidates: those points weighted by the clients (one counts release)")
+        else:
+            unit = "data-point-level DP (one row clipped to clip_norm, 1.2 x the largest server-side row norm)"
+        append_section(f"Federated DP in FedDP-KMeans's data shape: 100 clients x 1,000 rows, total epsilon 1 "
+                       f"({args.privacy_unit}-level)", header, table,
+                       f"k 10 Gaussian mixture; {unit}. Secure aggregation, Gaussian counts, count_share 0.2. "
+                       f"In-process clients; {sum(r['seconds'] for r in results):.0f} s of fitting in all; "
+                       f"`{command}`. Python {platform.python_version()}.")
 
 
 def _ints(text: str) -> list[int]:
@@ -193,6 +225,8 @@ def main() -> None:
     parser.add_argument("--scale", default="", help="virtual client counts, comma-separated")
     parser.add_argument("--feddp", action="store_true", help="DP in FedDP-KMeans's shape (in-process)")
     parser.add_argument("--feddp-d", type=int, default=10)
+    parser.add_argument("--privacy-unit", default="client", choices=("row", "client"),
+                        help="--feddp: data-point-level (row) or client-level (client) DP")
     parser.add_argument("--scale-transport", default="in_process", choices=("in_process", "ray"))
     args = parser.parse_args()
     if args.sweep:

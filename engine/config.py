@@ -350,8 +350,17 @@ class PrivacyConfig(_Section):
     """Differential privacy budget of the whole run (None: no DP). Rows are clipped to clip_norm, the sums get
     Gaussian noise and the counts Laplace (or Gaussian) noise, as FedDP-KMeans (Scott et al., ICML 2025)."""
     delta: float = Field(default=1e-6, gt=0, lt=1)
+    unit: Literal["row", "client"] = "row"
+    """What DP protects. row (data-point-level): one row, clipped to clip_norm. client (client-level, as
+    FedDP-KMeans): a client's whole contribution to a release; its per-cluster sums (centred on the broadcast
+    centroids) and counts are scaled down together, by one factor, until they fit clip_norm and count_clip."""
     clip_norm: float | None = Field(default=None, gt=0)
-    """L2 bound of a row, needed with epsilon: a data-independent choice (from it the noise is calibrated)."""
+    """Needed with epsilon, a data-independent choice (the noise is calibrated to it). unit row: L2 bound of a
+    row. unit client: L2 bound of one client's per-cluster sums of (row - its broadcast centroid), all clusters
+    together, in one release."""
+    count_clip: float | None = Field(default=None, gt=0)
+    """unit client, needed with epsilon: bound on one client's count vector in one release (L2 with gaussian
+    count noise, L1 with laplace); about rows per client / sqrt(k) leaves a balanced client unscaled."""
     count_noise: Literal["laplace", "gaussian"] = "laplace"
     count_share: float = Field(default=0.2, gt=0, lt=1)
     """Share of each release's budget spent on the counts; the rest goes to the sums."""
@@ -359,8 +368,14 @@ class PrivacyConfig(_Section):
     @model_validator(mode="after")
     def _check_clip_norm(self) -> PrivacyConfig:
         if self.epsilon is not None and self.clip_norm is None:
-            raise ValueError("clip_norm is required with epsilon: the noise is calibrated to a data-independent "
-                             "bound on a row's L2 norm")
+            bound = "a row's L2 norm" if self.unit == "row" else "a client's per-cluster sums (L2)"
+            raise ValueError(f"clip_norm is required with epsilon: the noise is calibrated to a data-independent "
+                             f"bound on {bound}")
+        if self.epsilon is not None and self.unit == "client" and self.count_clip is None:
+            raise ValueError("count_clip is required with epsilon and unit client: the count noise is calibrated to "
+                             "a data-independent bound on a client's count vector")
+        if self.count_clip is not None and self.unit != "client":
+            raise ValueError("count_clip applies to unit client (with unit row a row moves a count by 1)")
         return self
 
 

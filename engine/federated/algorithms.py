@@ -18,7 +18,7 @@ import numpy as np
 from engine.cluster import KMeans, PartialStats
 from engine.cluster._lloyd import lloyd
 from engine.errors import DataError
-from engine.federated import secure
+from engine.federated import recovery, secure
 from engine.federated.client import Release
 from engine.federated.privacy import Accountant
 from engine.federated.transport import Transport
@@ -48,6 +48,8 @@ class Session:
     min_count: int
     accountant: Accountant | None
     record: Record
+    client_clip: tuple[float, float] | None = None  # client-level DP: (clip_norm, count_clip)
+    recovery: dict[str, frozenset[str]] | None = None  # dropout recovery (secure rounds): the public mask graph
     error: Callable[[str, str, type], Exception] | None = None  # names the setting in a message
 
     def fail(self, param: str, message: str) -> Exception:
@@ -69,9 +71,39 @@ def release_maker(s: Session, counts_only: bool = False, share_sse: bool = True,
             share_sse=share_sse and not dp,
             participants=tuple(participants) if s.secure else None,
             attempt=attempt,
+            client_clip=s.client_clip if dp else None,
         )
 
     return make
+
+
+def secure_exchange(s: Session, kind: str, call: Callable, make: Callable[[list[str], int], Release]
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One exchange of stats; with dropout recovery, Bonawitz et al.'s rounds around it instead of a redo.
+
+    Shares (each client's key and fresh self-mask seed, sealed for each neighbour, relayed), the masked views
+    (a client that drops is not waited for again), then the survivors' reveals; the server removes the self and
+    dangling masks (recovery.unmask) and the answers become one `total`. A dropped client is out of the round;
+    later rounds ask it again (no mask key of it was revealed).
+    """
+    if s.recovery is None or not s.secure:
+        return s.transport.exchange(kind, call, make)
+    graph = s.recovery
+    t, round_ = s.transport, s.transport.round
+    boxes, facts = t.exchange("shares", lambda name, r: ("share_seeds", (round_,)), None)
+    t.dead.update(facts["dropped"])
+    _, facts = t.exchange("shares", lambda name, r: (
+        "receive_shares", (round_, {p: boxes[p][name] for p in graph[name] if p in boxes})), None)
+    t.dead.update(facts["dropped"])
+    answers, facts = t.exchange(kind, call, lambda participants, attempt: dataclasses.replace(
+        make(participants, attempt), self_mask=True), redo=False)
+    dropped = [n for n in facts["release"].participants if n not in answers]
+    survivors = list(answers)
+    reveals, more = t.exchange("unmask", lambda name, r: ("reveal_shares", (round_, dropped, survivors)), None)
+    total = recovery.unmask({n: a["masked"] for n, a in answers.items()}, reveals, graph)
+    facts = {**facts, "dropped": {**facts["dropped"], **more["dropped"]},
+             "bytes_down": facts["bytes_down"] + more["bytes_down"], "bytes_up": facts["bytes_up"] + more["bytes_up"]}
+    return {"": {"total": total, "participants": survivors}}, facts
 
 
 def local_kmeans_union(s: Session, kind: str) -> np.ndarray:
@@ -113,8 +145,8 @@ def weighted_candidates(s: Session, candidates: np.ndarray) -> np.ndarray:
     """FedDP-KMeans-style init: the clients count their rows nearest each server-side candidate (one counts
     release, private under DP); weighted k-means of the candidates gives k centroids."""
     start = time.perf_counter()
-    answers, facts = s.transport.exchange("init", lambda name, r: ("lloyd", (candidates, 1, r)),
-                                          release_maker(s, counts_only=True))
+    answers, facts = secure_exchange(s, "init", lambda name, r: ("lloyd", (candidates, 1, r)),
+                                     release_maker(s, counts_only=True))
     counts = aggregate(answers, facts["release"], candidates.shape)[0].counts
     weights = np.maximum(counts, 0.0)
     if np.count_nonzero(weights) < s.n_clusters:
@@ -138,9 +170,9 @@ def lloyd_rounds(s: Session, centroids: np.ndarray, max_rounds: int, local_steps
     def step(C: np.ndarray) -> PartialStats:
         s.transport.round += 1
         current["start"] = time.perf_counter()
-        answers, current["facts"] = s.transport.exchange(
-            "lloyd", lambda name, r: ("lloyd", (C, local_steps, r)), release_maker(s))
-        stats, _, current["per_partition"] = aggregate(answers, current["facts"]["release"], C.shape)
+        answers, current["facts"] = secure_exchange(
+            s, "lloyd", lambda name, r: ("lloyd", (C, local_steps, r)), release_maker(s))
+        stats, _, current["per_partition"] = aggregate(answers, current["facts"]["release"], C.shape, centroids=C)
         return stats
 
     def on_iteration(record: dict[str, Any], new: np.ndarray) -> None:
@@ -158,8 +190,8 @@ def evaluate(s: Session, centroids: np.ndarray) -> float | None:
         return None
     s.transport.round += 1
     start = time.perf_counter()
-    answers, facts = s.transport.exchange("evaluate", lambda name, r: ("lloyd", (centroids, 1, r)),
-                                          release_maker(s, noise=False))
+    answers, facts = secure_exchange(s, "evaluate", lambda name, r: ("lloyd", (centroids, 1, r)),
+                                     release_maker(s, noise=False))
     _, sse, per_partition = aggregate(answers, facts["release"], centroids.shape)
     record = {"round": s.transport.round, "kind": "evaluate", "objective": sse, "rel_change": None, "shift": 0.0,
               "empty": 0, "partition_inertia": per_partition}
@@ -167,19 +199,24 @@ def evaluate(s: Session, centroids: np.ndarray) -> float | None:
     return sse
 
 
-def aggregate(answers: dict[str, Any], release: Release, shape: tuple[int, int]
+def aggregate(answers: dict[str, Any], release: Release, shape: tuple[int, int], centroids: np.ndarray | None = None
               ) -> tuple[PartialStats, float | None, dict[str, float | None]]:
-    """The aggregate stats (sums, counts), the global SSE when shared, and each partition's SSE when seen."""
+    """The aggregate stats (sums, counts), the global SSE when shared, and each partition's SSE when seen.
+
+    Under client-level DP the clients' sums are centred on `centroids` (the request's): count x centroid is added
+    back here, so the mean of a cluster is its centroid plus the noisy centred sum over the noisy count.
+    """
     k, d = shape
     cluster_sse = None
     if release.participants is not None:
-        total = secure.unmasked_sum([a["masked"] for a in answers.values()])
+        # With dropout recovery the server already removed the masks: one total (secure_exchange).
+        total = answers[""]["total"] if "" in answers else secure.unmasked_sum([a["masked"] for a in answers.values()])
         if release.counts_only:
             sums, counts, sse = np.zeros((k, d)), total, None
         else:
             sums, counts = total[:k * d].reshape(k, d), total[k * d:k * d + k]
             cluster_sse, sse = total[k * d + k:k * d + 2 * k], float(total[-1])
-        per_partition = dict.fromkeys(answers)
+        per_partition = dict.fromkeys(answers[""]["participants"] if "" in answers else answers)
     else:
         counts = np.sum([a["counts"] for a in answers.values()], axis=0)
         sums = np.zeros((k, d)) if release.counts_only else np.sum([a["sums"] for a in answers.values()], axis=0)
@@ -187,6 +224,12 @@ def aggregate(answers: dict[str, Any], release: Release, shape: tuple[int, int]
         sse = None if release.counts_only or not release.share_sse else float(sum(per_partition.values()))
         if all(a.get("cluster_sse") is not None for a in answers.values()):
             cluster_sse = np.sum([a["cluster_sse"] for a in answers.values()], axis=0)
+    if release.client_clip is not None and not release.counts_only:
+        # Dividing a noisy centred sum by a count that noise could have made small would throw the centroid
+        # anywhere: counts are floored at 3 standard deviations of their noise, so such a cluster takes a shorter
+        # step towards its noisy mean, and noise alone never empties one. Post-processing: the noise scale is public.
+        counts = np.maximum(counts, 3 * count_noise_std(release, len(answers)))
+        sums = sums + counts[:, None] * np.asarray(centroids, dtype=np.float64)
     if release.noise is not None:
         # A noisy count below one row says nothing reliable about the mean: treat the cluster as empty.
         small = counts < 1
@@ -195,3 +238,14 @@ def aggregate(answers: dict[str, Any], release: Release, shape: tuple[int, int]
     if not release.share_sse or release.noise is not None:
         sse = cluster_sse = None
     return PartialStats(sums, counts, float("nan") if sse is None else sse, cluster_sse), sse, per_partition
+
+
+def count_noise_std(release: Release, clients: int) -> float:
+    """The standard deviation of the noise on an aggregate count summed over `clients` messages."""
+    noise = release.noise
+    if noise is None:
+        return 0.0
+    if noise.count_noise == "laplace":  # every client adds the full scale (Laplace does not split)
+        return float(np.sqrt(2.0 * clients) * noise.count_scale)
+    return float(noise.count_scale * np.sqrt(clients / release.noise_shares))
+

@@ -9,9 +9,9 @@ import numpy as np
 
 from engine.cluster import KMeans, PartialStats, partial_stats
 from engine.errors import EngineError
-from engine.federated import secure
+from engine.federated import recovery, secure
 from engine.federated.partitions import label_counts, read_partition
-from engine.federated.privacy import Noise, add_noise, clip_rows, suppress_small
+from engine.federated.privacy import Noise, add_noise, clip_contribution, clip_rows, suppress_small
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,9 @@ class Release:
 
     noise: DP noise (None: none); noise_shares: clients summed by secure aggregation, over which the Gaussian
     noise is split; min_count: suppression threshold; counts_only: send the counts alone; share_sse: send the
-    SSE (never under DP); participants and attempt: the secure-aggregation round (participants None: in clear).
+    SSE (never under DP); participants and attempt: the secure-aggregation round (participants None: in clear);
+    client_clip: client-level DP's (clip_norm, count_clip): the sums are sent centred on the request's centroids
+    and the whole contribution is scaled to fit both bounds before the noise (None: row-level or no DP).
     """
 
     round: int
@@ -31,6 +33,8 @@ class Release:
     share_sse: bool = True
     participants: tuple[str, ...] | None = None
     attempt: int = 0
+    client_clip: tuple[float, float] | None = None
+    self_mask: bool = False  # dropout recovery: the masked view carries this round's self mask too
 
 
 class FederatedClient:
@@ -51,6 +55,7 @@ class FederatedClient:
         self._clip_norm = clip_norm
         self._X = np.zeros((0, 0), dtype=np.float32)
         self._masking = secure.Masking(name)
+        self._recovering = recovery.RecoveringClient(self._masking)
         # DP noise must be unknown to the server: OS entropy, never a seed the server could know.
         self._rng = np.random.default_rng()
         self.node_id: str | None = None
@@ -81,6 +86,20 @@ class FederatedClient:
         signed by the neighbour's pinned identity is refused (SecureAggregationError)."""
         self._masking.agree(signed_keys)
 
+    # --- secure aggregation: dropout recovery (engine.federated.recovery) ---------------------------
+
+    def share_seeds(self, round_: int) -> dict[str, bytes]:
+        """This round's self-mask seed and the X25519 key, shared among the neighbours, sealed for each."""
+        return self._recovering.share(round_)
+
+    def receive_shares(self, round_: int, boxes: dict[str, bytes]) -> None:
+        """Keep the shares the neighbours sealed for this client."""
+        self._recovering.receive(round_, boxes)
+
+    def reveal_shares(self, round_: int, dropped: list[str], survivors: list[str]) -> dict:
+        """Key shares of dropped neighbours, self-mask shares of surviving ones; never both for one peer."""
+        return self._recovering.reveal(round_, set(dropped), set(survivors))
+
     # --- the requests -------------------------------------------------------------------------------
 
     def local_kmeans(self, n_clusters: int, seed: int, max_iter: int, tol: float, release: Release) -> dict:
@@ -101,11 +120,21 @@ class FederatedClient:
         for _ in range(local_steps - 1):
             local, _ = stats.centroids(local)
             stats = partial_stats(self._X, local, backend=self._backend)
-        return self._message(PartialStats(stats.sums, stats.counts, sse, cluster_sse), release)
+        sums = stats.sums
+        if release.client_clip is not None:
+            # Client-level DP bounds the sums around the broadcast centroids (the server adds count x centroid
+            # back): their norm is the client's spread, not its distance from the origin. local_steps is 1 here.
+            sums = sums - stats.counts[:, None] * np.asarray(centroids, dtype=np.float64)
+        return self._message(PartialStats(sums, stats.counts, sse, cluster_sse), release)
 
     def _message(self, stats: PartialStats, release: Release) -> dict:
         """The privacy transform, then the clear or masked message."""
         sums, counts = stats.sums, stats.counts
+        if release.client_clip is not None:
+            ord_ = 1 if release.noise is not None and release.noise.count_noise == "laplace" else 2
+            clipped, counts, _ = clip_contribution(None if release.counts_only else sums, counts,
+                                                   *release.client_clip, count_ord=ord_)
+            sums = sums if clipped is None else clipped
         if release.noise is not None:
             sums, counts = add_noise(sums, counts, release.noise, self._rng, release.noise_shares)
         sums, counts, suppressed = suppress_small(sums, counts, release.min_count)
@@ -121,7 +150,10 @@ class FederatedClient:
         k = counts.shape[0]
         values = counts if release.counts_only else np.concatenate(
             [sums.ravel(), counts, np.zeros(k) if cluster_sse is None else cluster_sse, [sse or 0.0]])
-        view = self._masking.masked(values, release.participants, release.round, release.attempt)
+        if release.self_mask:
+            view = self._recovering.masked(values, release.participants, release.round)
+        else:
+            view = self._masking.masked(values, release.participants, release.round, release.attempt)
         return {"masked": view}
 
 

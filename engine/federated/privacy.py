@@ -1,9 +1,15 @@
 """Client-side privacy: what a client does to its statistics before they leave it, and what that costs.
 
-The mechanisms are those of FedDP-Lloyds (Scott et al., ICML 2025): for fixed centroids, a client's rows are
-clipped to L2 norm `clip_norm`, so adding or removing one row moves the sums by at most clip_norm (L2) and the
-counts by 1; the sums get Gaussian noise and the counts Laplace (or Gaussian) noise. The SSE is not released
-under DP.
+The mechanisms are those of FedDP-Lloyds (Scott et al., ICML 2025), at two units of privacy:
+- row (data-point-level): for fixed centroids, a client's rows are clipped to L2 norm `clip_norm`, so adding or
+  removing one row moves the sums by at most clip_norm (L2) and the counts by 1;
+- client (client-level): a client's whole contribution to a release is bounded as one unit. It sends its
+  per-cluster sums centred on the broadcast centroids (sum of row - centroid) with its counts, both scaled down
+  by one factor until the centred sums fit clip_norm (L2) and the counts count_clip (L2, or L1 under Laplace),
+  so adding or removing a client moves them by at most that. One factor keeps the client's per-cluster means;
+  centring makes the bound the spread around the centroids, not the data's distance from the origin, and the
+  server adds count x centroid back (post-processing of public centroids and released counts).
+The sums get Gaussian noise and the counts Laplace (or Gaussian) noise. The SSE is not released under DP.
 
 Accounting is Google's `dp-accounting` privacy loss distributions (PLD): the noise of every planned release is
 calibrated together so that their composition is (epsilon, delta)-DP, and each round reports the epsilon of its
@@ -99,9 +105,13 @@ class Accountant:
         self.counts_releases = counts_releases
         self._spent: list = []
 
+        # A row moves a count by 1; a client's count vector by at most count_clip.
+        self.count_sensitivity = cfg.count_clip if cfg.unit == "client" else 1.0
+
         def plan(z: float):
-            events = [release_event(self._noise(z, True), cfg.clip_norm)] * counts_releases
-            events += [release_event(self._noise(z, False), cfg.clip_norm)] * (releases - counts_releases)
+            events = [release_event(self._noise(z, True), cfg.clip_norm, self.count_sensitivity)] * counts_releases
+            events += [release_event(self._noise(z, False), cfg.clip_norm, self.count_sensitivity)
+                       ] * (releases - counts_releases)
             return dp_accounting.ComposedDpEvent(events)
 
         from dp_accounting.pld import PLDAccountant
@@ -118,19 +128,20 @@ class Accountant:
     def _noise(self, z: float, counts_only: bool) -> Noise:
         share = 1.0 if counts_only else self.cfg.count_share
         sigma_sums = 0.0 if counts_only else self.cfg.clip_norm * z / math.sqrt(1 - share)
-        return Noise(sigma_sums, self.cfg.count_noise, z / math.sqrt(share))
+        return Noise(sigma_sums, self.cfg.count_noise, self.count_sensitivity * z / math.sqrt(share))
 
     def next_noise(self, counts_only: bool = False) -> Noise:
         return self._noise(self.noise_multiplier, counts_only)
 
     def spend(self, noise: Noise) -> dict[str, Any]:
         """Record one completed release; returns its report for the round record."""
-        event = release_event(noise, self.cfg.clip_norm)
+        event = release_event(noise, self.cfg.clip_norm, self.count_sensitivity)
         self._spent.append(event)
         return {
             "epsilon": epsilon_of([event], self.cfg.delta),
             "epsilon_total": self.total()[0],
             "delta": self.cfg.delta,
+            "unit": self.cfg.unit,
             "noise_multiplier": self.noise_multiplier,
             **asdict(noise),
         }
@@ -145,6 +156,27 @@ def clip_rows(X: np.ndarray, clip_norm: float) -> np.ndarray:
     norms = np.sqrt(np.einsum("ij,ij->i", X, X, dtype=np.float64))
     factor = np.minimum(1.0, clip_norm / np.maximum(norms, 1e-300))
     return (X * factor[:, None]).astype(np.float32)
+
+
+def clip_contribution(sums: np.ndarray | None, counts: np.ndarray, clip_norm: float, count_clip: float,
+                      count_ord: int = 2) -> tuple[np.ndarray | None, np.ndarray, float]:
+    """Client-level DP: one client's (centred) sums and counts scaled by one factor, the largest <= 1 for which
+    ||sums||_2 <= clip_norm and ||counts||_count_ord <= count_clip; returns them and the factor.
+
+    One factor for both keeps sums / counts, the client's per-cluster means: clipping then changes a client's
+    weight in the aggregate, never where it pulls the centroids.
+    """
+    factor = 1.0
+    if sums is not None:
+        norm = float(np.linalg.norm(np.asarray(sums, dtype=np.float64).ravel()))
+        if norm > clip_norm:
+            factor = clip_norm / norm
+    count_norm = float(np.linalg.norm(np.asarray(counts, dtype=np.float64), ord=count_ord))
+    if count_norm > count_clip:
+        factor = min(factor, count_clip / count_norm)
+    if factor == 1.0:
+        return sums, counts, factor
+    return (None if sums is None else sums * factor), counts * factor, factor
 
 
 def add_noise(sums: np.ndarray, counts: np.ndarray, noise: Noise, rng: np.random.Generator,

@@ -18,8 +18,9 @@ stays connected after removing any m - 1 clients. A client masks only if the gra
 participants is connected and the round has at least the agreed minimum of participants, so the server
 cannot isolate it (a component's masks cancel within it, which would give away that component's sum).
 
-Dropouts: the round runs again without the dropped clients, with fresh masks (per round and attempt), not by
-secret-sharing mask seeds as Bonawitz et al. (2017) do; see docs/federated.md for what that costs.
+Dropouts: FederatedKMeans runs the round again without the dropped clients, with fresh masks (per round and
+attempt); with dropout_recovery, engine.federated.recovery recovers the round without a redo (Bonawitz et al.'s
+2017 double masking, secret-shared self masks); see docs/federated.md.
 """
 
 from __future__ import annotations
@@ -129,9 +130,14 @@ class KeyPair:
             raise SecureAggregationError(
                 f"secure aggregation: partition '{self.owner}' refuses the public key relayed for '{peer}': it is "
                 f"not signed by '{peer}''s identity (a substituted key?)") from None
-        pair = "\x00".join(sorted((self.owner, peer))).encode()
-        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"dce-secagg-mask\x00" + pair
-                    ).derive(secret)
+        return pair_key(secret, self.owner, peer)
+
+
+
+def pair_key(secret: bytes, a: str, b: str) -> bytes:
+    """The 32-byte mask key of the pair (a, b) from their X25519 shared secret: HKDF-SHA256 bound to both names."""
+    pair = "\x00".join(sorted((a, b))).encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"dce-secagg-mask\x00" + pair).derive(secret)
 
 
 def mask(key: bytes, round_: int, attempt: int, length: int) -> np.ndarray:
@@ -195,6 +201,10 @@ class Masking:
         self._min_participants = max(2, min_participants)
         self._keys = KeyPair(self.owner, self.identity)
         return self._keys.signed()
+
+    def shared_key(self, peer: str) -> bytes:
+        """The key agreed with neighbour `peer` (KeyError if none was)."""
+        return self._shared[peer]
 
     @property
     def neighbours(self) -> frozenset[str]:

@@ -92,6 +92,8 @@ class FederatedKMeans(BaseEstimator):
     secure_aggregation : rounds: clients send masked fixed-point vectors whose sum is exact and whose parts
         reveal nothing (engine.federated.secure: X25519 keys signed by Ed25519 client identities, ChaCha20
         masks over a sparse neighbour graph); a client that drops out makes the round run again without it.
+    dropout_recovery : secure aggregation: a client that drops mid-round is recovered without a redo (Bonawitz
+        et al.'s double masking: secret-shared self masks, engine.federated.recovery).
     secure_neighbours : degree of the mask graph (None: every pair up to 8 clients, else ~2 log2 n, as SecAgg+).
     clients_per_actor : virtual clients: partitions hosted per client process, each with its own rows, keys
         and noise (1: one actor per partition); a host that dies takes its partitions out of the run.
@@ -137,6 +139,7 @@ class FederatedKMeans(BaseEstimator):
         privacy: Any = None,
         secure_aggregation: bool = False,
         secure_neighbours: int | None = None,
+        dropout_recovery: bool = False,
         clients_per_actor: int = 1,
         transport: str = "ray",
         placement: str | dict[str, str] | None = None,
@@ -161,6 +164,7 @@ class FederatedKMeans(BaseEstimator):
         self.privacy = privacy
         self.secure_aggregation = secure_aggregation
         self.secure_neighbours = secure_neighbours
+        self.dropout_recovery = dropout_recovery
         self.clients_per_actor = clients_per_actor
         self.transport = transport
         self.placement = placement
@@ -266,6 +270,10 @@ class FederatedKMeans(BaseEstimator):
                 or not self.round_timeout > 0):
             raise _error("round_timeout",
                          f"round_timeout={self.round_timeout!r} should be None or a number of seconds > 0.")
+        if not isinstance(self.dropout_recovery, bool | np.bool_):
+            raise ConfigError(f"dropout_recovery should be True or False, got {self.dropout_recovery!r}.")
+        if self.dropout_recovery and not self.secure_aggregation:
+            raise ConfigError("dropout_recovery recovers secure aggregation's masks: it needs secure_aggregation=True.")
         for flag in ("secure_aggregation", "compare_centralised"):
             if not isinstance(getattr(self, flag), bool | np.bool_):
                 raise _error(flag, f"{flag} should be True or False, got {getattr(self, flag)!r}.")
@@ -368,7 +376,9 @@ class FederatedKMeans(BaseEstimator):
         """What every client is built with, besides its partition (`privacy`: the checked privacy settings)."""
         if privacy is None:
             privacy = self._check_params()
-        clip = privacy.clip_norm if privacy is not None and privacy.epsilon is not None else None
+        # Row-level DP clips the rows once, where they are read; client-level clips each release (Release).
+        clip = (privacy.clip_norm if privacy is not None and privacy.epsilon is not None and privacy.unit == "row"
+                else None)
         return {"column": self.column, "label_column": self.label_column, "backend": self.backend, "clip_norm": clip}
 
     def transport_options(self) -> dict[str, Any]:
@@ -410,7 +420,10 @@ class FederatedKMeans(BaseEstimator):
             local_max_iter=self.local_max_iter, tol=self.tol, seed=self.seed, backend=self.backend,
             secure=self.secure_aggregation and self.mode == "rounds",
             min_count=self._privacy.min_count if self._privacy is not None else 0,
-            accountant=accountant, record=self._record, error=_error)
+            accountant=accountant, record=self._record, error=_error,
+            client_clip=(self._privacy.clip_norm, self._privacy.count_clip)
+            if accountant is not None and self._privacy.unit == "client" else None,
+            recovery=self._recovery if self.secure_aggregation and self.dropout_recovery else None)
 
         if self.mode == "one_shot":
             self.cluster_centers_ = algorithms.local_kmeans_union(session, "local_kmeans")
@@ -453,6 +466,7 @@ class FederatedKMeans(BaseEstimator):
         _, facts = t.exchange("keys", lambda name, release: (
             "agree_keys", ({p: keys[p] for p in graph[name] if p in keys},)), release=None)
         t.dead.update(facts["dropped"])
+        self._recovery = graph
         self.secure_graph_ = {"clients": len(names), "degree": degree,
                               "pairs": sum(len(v) for v in graph.values()) // 2}
 

@@ -53,12 +53,14 @@ class Transport:
     def names(self) -> list[str]:
         return list(self.host_of)
 
-    def exchange(self, kind: str, call: Call, release: MakeRelease | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    def exchange(self, kind: str, call: Call, release: MakeRelease | None, redo: bool = True
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Send every live client a request and collect the answers.
 
         A client that fails (its host died, it raised something other than an engine error) or does not answer
         within the timeout is dropped for this exchange; a dead one for good. With secure aggregation the
-        survivors' masks no longer cancel, so the exchange runs again without the dropped clients. Returns
+        survivors' masks no longer cancel, so the exchange runs again without the dropped clients (redo=False:
+        it does not, the caller recovers the masks, engine.federated.recovery). Returns
         (answers by partition, facts for the round record).
         """
         dropped: dict[str, str] = {}
@@ -80,7 +82,7 @@ class Transport:
             for name, answer in answers.items():
                 self._log(kind, name, attempt, "up", answer)
                 bytes_up += len(pickle.dumps(answer, protocol=5))
-            if failed and this_release is not None and this_release.participants is not None:
+            if failed and redo and this_release is not None and this_release.participants is not None:
                 logger.info("%s: %s dropped; secure aggregation runs the round again without them", kind,
                             ", ".join(failed))
                 attempt += 1
