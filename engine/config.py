@@ -438,6 +438,15 @@ class FederatedConfig(_Section):
     round_timeout: float | None = Field(default=None, gt=0)
     """Seconds a round waits for its clients (None: no limit)."""
     secure_aggregation: bool = False
+    secure_neighbours: int | None = Field(default=None, ge=2)
+    """Secure aggregation: masking neighbours of each client in the SecAgg+ graph (None: every pair up to 8
+    clients, else ~2 log2 of the clients, as SecAgg+)."""
+    dropout_recovery: bool = False
+    """Secure aggregation: a client that drops mid-round is recovered in the same round from its neighbours'
+    shares of its self-mask seed (Bonawitz et al. 2017), instead of redoing the round with fresh masks."""
+    clients_per_actor: int = Field(default=1, ge=1)
+    """Partitions (virtual clients) hosted by one Ray actor, each with its own rows, keys, noise and release:
+    1,000 clients on one machine."""
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     compare_centralised: Literal["auto"] | bool = "auto"
     """Fit centralised k-means on the pooled data for the inertia ratio and ARI (auto: when simulated).

@@ -402,7 +402,8 @@ def test_dce_federate_on_a_partition_column(ray_local, parts, tmp_path):
     config = tmp_path / "sites.yaml"
     config.write_text(json.dumps({
         "name": "sites", "data": {"source": "parquet", "path": str(tmp_path / "sites.parquet")},
-        "cluster": {"k": K}, "federated": {"max_rounds": 5, "partitions": {"by": "column"}},
+        "cluster": {"k": K}, "federated": {"max_rounds": 5, "partitions": {"by": "column"}, "secure_aggregation": True,
+                                           "dropout_recovery": True, "clients_per_actor": 2},
     }))
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["federate", str(config), "--out", str(out), "--quiet"])
@@ -412,8 +413,13 @@ def test_dce_federate_on_a_partition_column(ray_local, parts, tmp_path):
     assert rounds[0]["kind"] == "init" and rounds[-1]["kind"] == "evaluate"
     assert {n: p["rows"] for n, p in summary["partitions"].items()} == SIZES
     assert summary["inertia"] == rounds[-1]["objective"] and summary["reference"] is None
+    assert summary["secure_aggregation"] is True and summary["dropout_recovery"] is True
     assert np.load(out / "centroids.npy").shape == (K, D)
     assert json.loads((out / "federated" / "_manifest.json").read_text())["stage"] == "federated"
     bad = CliRunner().invoke(app, ["federate", str(config), "--out", str(tmp_path / "bad"), "--quiet",
                                    "--set", "federated.placement={zz: partition:zz}"])
     assert bad.exit_code == 2 and "placement names partition 'zz'" in bad.output
+    bad = CliRunner().invoke(app, ["federate", str(config), "--out", str(tmp_path / "bad"), "--quiet",
+                                   "--set", "federated.secure_aggregation=false"])
+    assert bad.exit_code == 2 and "federated.dropout_recovery" in bad.output, bad.output
+    assert not (tmp_path / "bad").exists()

@@ -164,7 +164,8 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
     km = FederatedKMeans(
         cfg.cluster.k, mode=f.mode, local_k=f.local_k, max_rounds=f.max_rounds, tol=cfg.cluster.tol,
         local_steps=f.local_steps, local_max_iter=cfg.cluster.max_iter, init=init, privacy=f.privacy,
-        secure_aggregation=f.secure_aggregation,
+        secure_aggregation=f.secure_aggregation, secure_neighbours=f.secure_neighbours,
+        dropout_recovery=f.dropout_recovery, clients_per_actor=f.clients_per_actor,
         placement=None if f.placement == "any" else f.placement, quorum=f.quorum, round_timeout=f.round_timeout,
         compare_centralised=compare, backend=cfg.cluster.backend, callback=on_round, seed=cfg.seed,
         transport="flower" if f.backend == "flower" else "ray",
@@ -233,6 +234,7 @@ def _summary(cfg: PipelineConfig, km: Any, built: FederatedPartitions, seconds: 
         "bytes_up": int(km.bytes_up_),
         "dropouts": {str(r["round"]): r["dropped"] for r in km.history_ if r["dropped"]},
         "secure_aggregation": cfg.federated.secure_aggregation,
+        "dropout_recovery": cfg.federated.dropout_recovery,
         "privacy": km.privacy_spent_,
         "min_count": cfg.federated.privacy.min_count,
         "reference": km.reference_,

@@ -49,7 +49,8 @@ CONFIG_KEYS = {
     "seed": "seed", "tol": "cluster.tol", "quorum": "federated.quorum", "round_timeout": "federated.round_timeout",
     "secure_aggregation": "federated.secure_aggregation", "compare_centralised": "federated.compare_centralised",
     "init": "federated.init_points", "placement": "federated.placement", "privacy": "federated.privacy",
-    "backend": "cluster.backend",
+    "backend": "cluster.backend", "secure_neighbours": "federated.secure_neighbours",
+    "dropout_recovery": "federated.dropout_recovery", "clients_per_actor": "federated.clients_per_actor",
 }
 
 
@@ -271,9 +272,11 @@ class FederatedKMeans(BaseEstimator):
             raise _error("round_timeout",
                          f"round_timeout={self.round_timeout!r} should be None or a number of seconds > 0.")
         if not isinstance(self.dropout_recovery, bool | np.bool_):
-            raise ConfigError(f"dropout_recovery should be True or False, got {self.dropout_recovery!r}.")
+            raise _error("dropout_recovery", f"dropout_recovery should be True or False, got "
+                         f"{self.dropout_recovery!r}.")
         if self.dropout_recovery and not self.secure_aggregation:
-            raise ConfigError("dropout_recovery recovers secure aggregation's masks: it needs secure_aggregation=True.")
+            raise _error("dropout_recovery", "dropout_recovery recovers secure aggregation's masks: it needs "
+                         "secure_aggregation=True")
         for flag in ("secure_aggregation", "compare_centralised"):
             if not isinstance(getattr(self, flag), bool | np.bool_):
                 raise _error(flag, f"{flag} should be True or False, got {getattr(self, flag)!r}.")
