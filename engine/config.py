@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.errors import ConfigError
-from engine.methods import CLUSTER_METHODS, NO_MANIFOLD_METHODS
+from engine.methods import CLUSTER_METHODS, NO_MANIFOLD_METHODS, POSTERIOR_MODELS
 from engine.widths import MLP_HIDDEN
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -285,7 +285,8 @@ class ClusterConfig(_Section):
     Gaussian mixture (scikit-learn) of k components; agglomerative: Ward linkage into k clusters, on the
     points or on `micro_clusters` k-means centroids; hdbscan, dbscan: density-based, they find their own
     number of clusters (k is not used) and label outliers -1 (noise). The last four hold the embeddings in
-    memory."""
+    memory. posterior: each row takes the most probable cluster under the trained model's own q(c|x), for
+    models with a mixture prior (vade); nothing is fitted."""
     k: int = Field(default=10, ge=1)
     init: Literal["auto", "k-means++", "k-means||", "partitioned", "random"] = "auto"
     """k-means seeding: auto is k-means++ up to k=256, k-means|| up to 4096 and partitioned (k-means++ within
@@ -513,6 +514,19 @@ class PipelineConfig(_Section):
             )
         return self
 
+    def _check_posterior(self) -> None:
+        c, m = self.cluster, self.model
+        if m.name not in POSTERIOR_MODELS:
+            raise ValueError(f"cluster.method=posterior labels rows by the model's own posterior q(c|x), which "
+                             f"model.name={m.name} does not have; it is for model.name {', '.join(POSTERIOR_MODELS)}")
+        if c.manifold != "none" or c.spherical:
+            key = "cluster.manifold" if c.manifold != "none" else "cluster.spherical"
+            raise ValueError(f"{key} does not apply to cluster.method=posterior: the model's posterior is computed "
+                             f"at the embeddings themselves")
+        if m.n_clusters is not None and m.n_clusters != c.k:
+            raise ValueError(f"model.n_clusters={m.n_clusters} should equal cluster.k={c.k} with "
+                             f"cluster.method=posterior: the model's mixture components are the clusters")
+
     @model_validator(mode="after")
     def _check_cluster(self) -> PipelineConfig:
         c = self.cluster
@@ -521,6 +535,8 @@ class PipelineConfig(_Section):
                 f"cluster.manifold={c.manifold} needs an in-memory method (kmeans, gmm, agglomerative, hdbscan, "
                 f"dbscan); cluster.method={c.method} does not take one"
             )
+        if c.method == "posterior":
+            self._check_posterior()
         if c.method == "agglomerative" and c.micro_clusters is not None and c.micro_clusters < c.k:
             raise ValueError(f"cluster.micro_clusters={c.micro_clusters} should be >= cluster.k={c.k}")
         if c.manifold == "umap":
