@@ -114,6 +114,14 @@ class ModelConfig(_Section):
     prior_variance: float = Field(default=1.0, gt=0)
     """vade: the variance of every mixture component (means drawn from N(0, I), weights equal) until the mixture
     fitted after pretraining replaces them."""
+    prior_init: Literal["gmm", "n2d"] = "gmm"
+    """vade: how the prior starts after pretraining. gmm: a diagonal Gaussian mixture of the codes (the paper's).
+    n2d: N2D's partition of the codes (UMAP to k dimensions over 20 neighbours, min_dist 0, a full-covariance
+    Gaussian mixture; needs the `umap` extra), each component set to its cluster's share, mean and variance;
+    for `anchor_epochs` epochs q(c|x) is then held at that partition, so that the encoder gathers each cluster's
+    codes around its component before the mixture's own posterior takes over."""
+    anchor_epochs: int = Field(default=10, ge=0)
+    """vade with prior_init n2d: the epochs after pretraining in which q(c|x) is held at N2D's partition."""
     base: str = "mlp_ae"
     """dec / idec: the registered autoencoder the train stage pretrains before the refine stage."""
     n_clusters: int | None = Field(default=None, ge=1)
@@ -541,6 +549,8 @@ class PipelineConfig(_Section):
             raise ValueError(f"cluster.micro_clusters={c.micro_clusters} should be >= cluster.k={c.k}")
         if c.manifold == "umap":
             check_installed("umap", extra="umap", key="cluster.manifold")
+        if self.model.name == "vade" and self.model.prior_init == "n2d":
+            check_installed("umap", extra="umap", key="model.prior_init")
         if self.report.map == "umap":
             check_installed("umap", extra="umap", key="report.map")
         return self

@@ -35,7 +35,7 @@ def posterior_labels(state: dict[str, Any], z: np.ndarray) -> tuple[np.ndarray, 
     labels = np.empty(len(z), dtype=np.int32)
     with torch.no_grad():
         for start in range(0, len(z), _BATCH):
-            block = torch.from_numpy(z[start:start + _BATCH])
+            block = torch.tensor(z[start:start + _BATCH])  # a copy: load_vectors may return a read-only view
             labels[start:start + len(block)] = model.cluster_posterior(block).argmax(1).numpy()
         means = model.mu_c.detach().float().numpy()
     distances = np.linalg.norm(z - means[labels], axis=1).astype(np.float32)

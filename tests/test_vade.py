@@ -428,3 +428,53 @@ def test_pipeline_clusters_by_the_posterior(runs, tmp_path):
     np.testing.assert_allclose(np.load(run_dir / "centroids.npy"), state["state_dict"]["mu_c"].numpy())
     metrics = evaluate_stage(posterior, run_dir, progress)
     assert metrics["acc"] > 0.15, metrics
+
+
+# ---- model.prior_init: n2d -------------------------------------------------------------------------
+
+
+def test_n2d_prior_start_then_anchored_posterior_then_the_mixtures_own():
+    # Rows whose pretrained codes form 3 separated groups; the model's encoder maps x to its code through a
+    # fixed linear layer, so the codes are known.
+    pytest.importorskip("umap")
+    rng = np.random.default_rng(0)
+    centres = np.array([[-6.0, 0], [6, 0], [0, 6]])
+    truth = np.repeat(np.arange(3), 40)
+    x = torch.tensor(np.hstack([centres[truth] + rng.normal(0, 0.3, (120, 2)), np.zeros((120, 2))]),
+                     dtype=torch.float32)
+    torch.manual_seed(0)
+    m = build_model("vade", in_dim=4, n_clusters=3, latent_dim=2, hidden=[4], pretrain_epochs=2, prior_init="n2d",
+                    anchor_epochs=2)
+    with torch.no_grad():  # encoder = identity on the first 2 features (ReLU of x + 10 keeps them positive)
+        m.encoder[0].weight.copy_(torch.eye(4))
+        m.encoder[0].bias.fill_(10.0)
+        m.mu.weight.copy_(torch.eye(2, 4))
+        m.mu.bias.fill_(-10.0)
+    codes = m.encode(x).detach().numpy()
+    np.testing.assert_allclose(codes, x[:, :2].numpy(), atol=1e-5)
+    assert not m.begin_epoch(1, rows=lambda: [x], gather=lambda a: a)  # still pretraining
+    assert m.begin_epoch(2, rows=lambda: [x], gather=lambda a: a) and m.anchor is not None
+    found = m.anchor.labels[torch.cdist(torch.tensor(codes), m.anchor.codes).argmin(1)].numpy()
+    assert len(np.unique(found)) == 3 and all(len(np.unique(found[truth == c])) == 1 for c in range(3))
+    # Each component is its cluster's share, mean and variance of the codes.
+    for c in range(3):
+        rows = codes[found == c]
+        np.testing.assert_allclose(m.mu_c[c].detach().numpy(), rows.mean(0), atol=1e-4)
+        np.testing.assert_allclose(m.logvar_c[c].exp().detach().numpy(), rows.var(0) + 1e-6, rtol=1e-3)
+    np.testing.assert_allclose(m.log_pi.exp().detach().numpy(), np.full(3, 1 / 3), atol=1e-6)
+    # In the anchor epochs, q(c|x) is the anchor's: a one-hot of each row's own cluster.
+    log_gamma = m.anchor.log_gamma(x)
+    np.testing.assert_array_equal(log_gamma.argmax(1).numpy(), found)
+    assert float(log_gamma.exp().max(1).values.min()) > 0.999
+    out, _, kl = m(x)
+    assert kl is not None and torch.isfinite(kl).all()
+    m.loss(x)[0].backward()  # the frozen copy takes no gradient, the model does
+    assert m.mu.weight.grad is not None and all(p.grad is None for p in m.anchor.encoder.parameters())
+    assert not m.begin_epoch(3, rows=lambda: [x], gather=lambda a: a) and m.anchor is not None
+    assert not m.begin_epoch(4, rows=lambda: [x], gather=lambda a: a) and m.anchor is None  # 2 anchor epochs
+    with pytest.raises(ConfigError, match=r"model.prior_init='umap' should be 'gmm' or 'n2d'"):
+        build_model("vade", in_dim=4, prior_init="umap")
+    with pytest.raises(ConfigError, match=r"model.anchor_epochs=-1 should be >= 0"):
+        build_model("vade", in_dim=4, anchor_epochs=-1)
+    with pytest.raises(ConfigError, match=r"'model.prior_init': Input should be 'gmm' or 'n2d'"):
+        config_from_dict({"model": {"name": "vade", "prior_init": "kmeans"}})
