@@ -138,6 +138,11 @@ class ModelConfig(_Section):
     """gan: critic (discriminator) updates per generator update (WGAN-GP's n_critic)."""
     gp_weight: float = Field(default=10.0, ge=0)
     """gan: weight of the WGAN-GP gradient penalty (lambda)."""
+    recon_weight: float = Field(default=0.0, ge=0)
+    """gan: weight of the reconstruction of real rows through the encoder and back through the generator (summed
+    over the features: Bernoulli with a sigmoid output, squared error with a linear one). 0 is ClusterGAN as
+    published, whose encoder sees generated rows only; > 0 makes the encoder an autoencoder's as well, whose
+    embeddings N2D's UMAP + mixture step can cluster."""
     output_activation: Literal["linear", "sigmoid"] = "linear"
     """gan: the generator's output layer; sigmoid for inputs scaled to [0, 1] (normalize: max or minmax),
     as the paper does for images; linear for any other range."""

@@ -478,3 +478,29 @@ def test_n2d_prior_start_then_anchored_posterior_then_the_mixtures_own():
         build_model("vade", in_dim=4, anchor_epochs=-1)
     with pytest.raises(ConfigError, match=r"'model.prior_init': Input should be 'gmm' or 'n2d'"):
         config_from_dict({"model": {"name": "vade", "prior_init": "kmeans"}})
+
+
+@pytest.fixture(scope="module")
+@needs("ray", "train")
+def n2d_run(ray_local, digits_npy, tmp_path_factory):
+    """The train stage on 2 DDP workers with prior_init n2d: 3 pretraining epochs, 2 anchored, 3 of VaDE."""
+    pytest.importorskip("umap")
+    cfg = _cfg(digits_npy, 2)
+    source = open_source(cfg.data)
+    ds = read_dataset(source).materialize()
+    info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape)
+    model = {**cfg.model.pretrain_options(), "n_clusters": 10, "prior_init": "n2d", "anchor_epochs": 2}
+    train = cfg.train.model_copy(update={"epochs": 8, "batch_size": 64})
+    return train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale, model=model,
+                         train=train, seed=cfg.seed, run_dir=tmp_path_factory.mktemp("vade-n2d"),
+                         config_hash=cfg.hash(), image_shape=info.image_shape)
+
+
+def test_n2d_start_trains_on_two_workers(n2d_run):
+    state = load_checkpoint(n2d_run)
+    assert state["model"]["prior_init"] == "n2d" and int(state["state_dict"]["prior_ready"]) == 1
+    kl, losses = _history(n2d_run, "kl"), _history(n2d_run)
+    assert np.isnan(kl[:3]).all() and (kl[3:] > 0).all() and np.isfinite(losses).all(), losses
+    model = model_from_checkpoint(state).eval()
+    # The anchor (a frozen encoder and every row's code) is not part of the checkpoint.
+    assert model.anchor is None and model.predict(torch.zeros(2, 64)).shape == (2,)
