@@ -143,6 +143,10 @@ class ModelConfig(_Section):
     over the features: Bernoulli with a sigmoid output, squared error with a linear one). 0 is ClusterGAN as
     published, whose encoder sees generated rows only; > 0 makes the encoder an autoencoder's as well, whose
     embeddings N2D's UMAP + mixture step can cluster."""
+    embed_code: bool = True
+    """gan: the embedding is [code probabilities, noise estimate] (n_clusters + latent_dim features); false: the
+    noise estimate E_n(x) alone (latent_dim features), for a manifold step on the codes of an encoder trained with
+    recon_weight > 0: there the near one-hot code part splits the clusters along ClusterGAN's own code."""
     output_activation: Literal["linear", "sigmoid"] = "linear"
     """gan: the generator's output layer; sigmoid for inputs scaled to [0, 1] (normalize: max or minmax),
     as the paper does for images; linear for any other range."""

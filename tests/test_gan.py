@@ -118,6 +118,15 @@ def test_reconstruction_term_matches_its_definition(activation):
         config_from_dict({"model": {"name": "gan", "recon_weight": -1}})
 
 
+def test_embedding_without_the_code():
+    m = _gan(embed_code=False).eval()
+    x = torch.rand(5, 8)
+    noise, logits = m.encode_parts(x)
+    assert m.encode(x).shape == (5, 2) and torch.equal(m.encode(x), noise)
+    assert _gan().eval().encode(x).shape == (5, 4 + 2)  # the default: [code probabilities, noise]
+    assert m.build_args["embed_code"] is False  # kept in the checkpoint, so the embed stage rebuilds it
+
+
 def test_critic_loss_and_gradient_penalty():
     m = _gan(gp_weight=7.0)
     x = torch.randn(32, 8)

@@ -11,10 +11,11 @@ fresh noise on the same real batch); G and E are trained jointly on
 E only ever sees generated samples, unless `recon_weight` > 0: then real rows also pass through E and back
 through G, and recon_weight times that reconstruction's error joins the loss above (E becomes an autoencoder's
 encoder with G its decoder, whose codes a manifold step can cluster; on digits ClusterGAN's own code read
-back from real rows stayed at ACC ~0.73). The embedding of a row is [softmax(E_c(x)), E_n(x)] (n_clusters +
-latent_dim features): the code probabilities carry the cluster (k-means on them recovers the argmax
-clusters, which `predict` returns, when the code is confident), and the small noise part separates
-rows within a mode without outweighing the code. Fully connected networks (the input is a flat vector)
+back from real rows stayed at ACC ~0.73; `embed_code: false` then embeds E_n(x) alone, as the near one-hot code
+part split the manifold step's clusters along ClusterGAN's own, weaker, code). The embedding of a row is
+[softmax(E_c(x)), E_n(x)] (n_clusters + latent_dim features): the code probabilities carry the cluster
+(k-means on them recovers the argmax clusters, which `predict` returns, when the code is confident), and the
+small noise part separates rows within a mode without outweighing the code. Fully connected networks (the input is a flat vector)
 as in the paper's MLP experiments: LeakyReLU, batch norm in G only, and a sigmoid output for data in [0, 1].
 """
 
@@ -45,6 +46,7 @@ class ClusterGANConfig:
     gp_weight: float = 10.0  # WGAN-GP's lambda
     output_activation: Literal["linear", "sigmoid"] = "linear"  # the generator's; sigmoid for data in [0, 1]
     recon_weight: float = 0.0  # weight of the reconstruction of real rows through E then G; 0: the paper's
+    embed_code: bool = True  # the embedding holds the code probabilities; False: the noise estimate E_n(x) alone
 
 
 class ClusterGAN(nn.Module):
@@ -94,6 +96,8 @@ class ClusterGAN(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         noise, logits = self.encode_parts(x)
+        if not self.cfg.embed_code:
+            return noise
         return torch.cat([logits.softmax(dim=1), noise], dim=1)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +216,7 @@ def build_cluster_gan(*, in_dim: int, n_clusters: int | None = None, latent_dim:
                       hidden: list[int] | None = None, noise_sigma: float = 0.1, beta_n: float = 10.0,
                       beta_c: float = 10.0, critic_steps: int = 5, gp_weight: float = 10.0,
                       output_activation: Literal["linear", "sigmoid"] = "linear",
-                      recon_weight: float = 0.0) -> ClusterGAN:
+                      recon_weight: float = 0.0, embed_code: bool = True) -> ClusterGAN:
     if n_clusters is None:
         raise ConfigError("model.n_clusters is not set: the gan model needs the number of clusters "
                           "(the pipeline takes cluster.k)")
@@ -220,4 +224,5 @@ def build_cluster_gan(*, in_dim: int, n_clusters: int | None = None, latent_dim:
                                        hidden=list(hidden) if hidden is not None else [256, 256],
                                        noise_sigma=noise_sigma, beta_n=beta_n, beta_c=beta_c,
                                        critic_steps=critic_steps, gp_weight=gp_weight,
-                                       output_activation=output_activation, recon_weight=recon_weight))
+                                       output_activation=output_activation, recon_weight=recon_weight,
+                                       embed_code=embed_code))
