@@ -15,8 +15,9 @@ back from real rows stayed at ACC ~0.73; `embed_code: false` then embeds E_n(x) 
 part split the manifold step's clusters along ClusterGAN's own, weaker, code). The embedding of a row is
 [softmax(E_c(x)), E_n(x)] (n_clusters + latent_dim features): the code probabilities carry the cluster
 (k-means on them recovers the argmax clusters, which `predict` returns, when the code is confident), and the
-small noise part separates rows within a mode without outweighing the code. Fully connected networks (the input is a flat vector)
-as in the paper's MLP experiments: LeakyReLU, batch norm in G only, and a sigmoid output for data in [0, 1].
+small noise part separates rows within a mode without outweighing the code. Fully connected networks (the
+input is a flat vector) as in the paper's MLP experiments: LeakyReLU, batch norm in G only, and a sigmoid output
+for data in [0, 1].
 """
 
 from __future__ import annotations
