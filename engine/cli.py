@@ -231,13 +231,12 @@ def _run_or_embeddings(path: str, config: str | None, set_: list[str] | None, ou
     run directory is published on exit, as every stage command does."""
     from engine import pipeline, storage
     from engine.config import config_from_dict, load_config
+    from engine.errors import ConfigError
     from engine.rundir import Output, check_output, check_run_writable, guard_output, run_dir_for
 
     is_run = storage.is_file(storage.join(path, pipeline.CONFIG_FILE))
     if is_run:
         if config is not None or out is not None or overwrite:
-            from engine.errors import ConfigError
-
             raise ConfigError(f"{path} is a run directory: it has its own config and outputs, so --config, "
                               "--out and --overwrite (for Parquet embeddings) do not apply")
         cfg = pipeline.load_run_config(path, set_)
@@ -256,6 +255,10 @@ def _run_or_embeddings(path: str, config: str | None, set_: list[str] | None, ou
         # Without --config: the engine's plain defaults (k-means, no manifold), not the digits recipe's UMAP + GMM.
         base = load_config(config).to_dict() if config is not None else {"name": "embeddings"}
         cfg = config_from_dict({**base, "data": data}, set_, source=f"{path}")
+        if cfg.cluster.method == "posterior":
+            raise ConfigError(f"cluster.method=posterior labels rows by a trained model's posterior q(c|x), and "
+                              f"embeddings imported from {path} come without a model; choose another "
+                              f"cluster.method, or cluster a run directory")
         run_dir = run_dir_for(cfg, out)
         pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
         output = check_output(cfg, run_dir, overwrite=overwrite, resume_command=None)

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.errors import ConfigError
-from engine.methods import CLUSTER_METHODS, NO_MANIFOLD_METHODS
+from engine.methods import CLUSTER_METHODS, NO_MANIFOLD_METHODS, POSTERIOR_MODELS
 from engine.widths import MLP_HIDDEN
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -114,6 +114,14 @@ class ModelConfig(_Section):
     prior_variance: float = Field(default=1.0, gt=0)
     """vade: the variance of every mixture component (means drawn from N(0, I), weights equal) until the mixture
     fitted after pretraining replaces them."""
+    prior_init: Literal["gmm", "n2d"] = "gmm"
+    """vade: how the prior starts after pretraining. gmm: a diagonal Gaussian mixture of the codes (the paper's).
+    n2d: N2D's partition of the codes (UMAP to k dimensions over 20 neighbours, min_dist 0, a full-covariance
+    Gaussian mixture; needs the `umap` extra), each component set to its cluster's share, mean and variance;
+    for `anchor_epochs` epochs q(c|x) is then held at that partition, so that the encoder gathers each cluster's
+    codes around its component before the mixture's own posterior takes over."""
+    anchor_epochs: int = Field(default=10, ge=0)
+    """vade with prior_init n2d: the epochs after pretraining in which q(c|x) is held at N2D's partition."""
     base: str = "mlp_ae"
     """dec / idec: the registered autoencoder the train stage pretrains before the refine stage."""
     n_clusters: int | None = Field(default=None, ge=1)
@@ -130,6 +138,15 @@ class ModelConfig(_Section):
     """gan: critic (discriminator) updates per generator update (WGAN-GP's n_critic)."""
     gp_weight: float = Field(default=10.0, ge=0)
     """gan: weight of the WGAN-GP gradient penalty (lambda)."""
+    recon_weight: float = Field(default=0.0, ge=0)
+    """gan: weight of the reconstruction of real rows through the encoder and back through the generator (summed
+    over the features: Bernoulli with a sigmoid output, squared error with a linear one). 0 is ClusterGAN as
+    published, whose encoder sees generated rows only; > 0 makes the encoder an autoencoder's as well, whose
+    embeddings N2D's UMAP + mixture step can cluster."""
+    embed_code: bool = True
+    """gan: the embedding is [code probabilities, noise estimate] (n_clusters + latent_dim features); false: the
+    noise estimate E_n(x) alone (latent_dim features), for a manifold step on the codes of an encoder trained with
+    recon_weight > 0: there the near one-hot code part splits the clusters along ClusterGAN's own code."""
     output_activation: Literal["linear", "sigmoid"] = "linear"
     """gan: the generator's output layer; sigmoid for inputs scaled to [0, 1] (normalize: max or minmax),
     as the paper does for images; linear for any other range."""
@@ -285,7 +302,8 @@ class ClusterConfig(_Section):
     Gaussian mixture (scikit-learn) of k components; agglomerative: Ward linkage into k clusters, on the
     points or on `micro_clusters` k-means centroids; hdbscan, dbscan: density-based, they find their own
     number of clusters (k is not used) and label outliers -1 (noise). The last four hold the embeddings in
-    memory."""
+    memory. posterior: each row takes the most probable cluster under the trained model's own q(c|x), for
+    models with a mixture prior (vade); nothing is fitted."""
     k: int = Field(default=10, ge=1)
     init: Literal["auto", "k-means++", "k-means||", "partitioned", "random"] = "auto"
     """k-means seeding: auto is k-means++ up to k=256, k-means|| up to 4096 and partitioned (k-means++ within
@@ -576,6 +594,19 @@ class PipelineConfig(_Section):
             )
         return self
 
+    def _check_posterior(self) -> None:
+        c, m = self.cluster, self.model
+        if m.name not in POSTERIOR_MODELS:
+            raise ValueError(f"cluster.method=posterior labels rows by the model's own posterior q(c|x), which "
+                             f"model.name={m.name} does not have; it is for model.name {', '.join(POSTERIOR_MODELS)}")
+        if c.manifold != "none" or c.spherical:
+            key = "cluster.manifold" if c.manifold != "none" else "cluster.spherical"
+            raise ValueError(f"{key} does not apply to cluster.method=posterior: the model's posterior is computed "
+                             f"at the embeddings themselves")
+        if m.n_clusters is not None and m.n_clusters != c.k:
+            raise ValueError(f"model.n_clusters={m.n_clusters} should equal cluster.k={c.k} with "
+                             f"cluster.method=posterior: the model's mixture components are the clusters")
+
     @model_validator(mode="after")
     def _check_cluster(self) -> PipelineConfig:
         c = self.cluster
@@ -584,10 +615,14 @@ class PipelineConfig(_Section):
                 f"cluster.manifold={c.manifold} needs an in-memory method (kmeans, gmm, agglomerative, hdbscan, "
                 f"dbscan); cluster.method={c.method} does not take one"
             )
+        if c.method == "posterior":
+            self._check_posterior()
         if c.method == "agglomerative" and c.micro_clusters is not None and c.micro_clusters < c.k:
             raise ValueError(f"cluster.micro_clusters={c.micro_clusters} should be >= cluster.k={c.k}")
         if c.manifold == "umap":
             check_installed("umap", extra="umap", key="cluster.manifold")
+        if self.model.name == "vade" and self.model.prior_init == "n2d":
+            check_installed("umap", extra="umap", key="model.prior_init")
         if self.report.map == "umap":
             check_installed("umap", extra="umap", key="report.map")
         return self

@@ -7,4 +7,7 @@ assignment read (no imports, so any module can)."""
 CENTROID_METHODS = ("kmeans", "sharded", "sample_assign", "two_level")
 IN_MEMORY_METHODS = ("kmeans", "gmm", "agglomerative", "hdbscan", "dbscan")
 NO_MANIFOLD_METHODS = ("sharded", "sample_assign", "two_level")
-CLUSTER_METHODS = tuple(dict.fromkeys(CENTROID_METHODS + IN_MEMORY_METHODS))
+# posterior: each row takes the most probable cluster under the trained model's own q(c|x), for the models that
+# have one (a mixture prior); the cluster stage fits nothing.
+POSTERIOR_MODELS = ("vade",)
+CLUSTER_METHODS = tuple(dict.fromkeys(CENTROID_METHODS + IN_MEMORY_METHODS + ("posterior",)))

@@ -320,6 +320,8 @@ def cluster_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progres
     rows = manifest["rows"]
     check_cluster_sizes(cfg, rows, "embeddings")
     method = cfg.model.name if cfg.model.refines else c.method
+    if method == "posterior":
+        return _cluster_posterior(cfg, run, progress, rows)
     if not cfg.model.refines and (c.method not in CENTROID_METHODS or c.manifold != "none"):
         return _cluster_in_memory(cfg, run, progress, rows)
     # The k-means state of an interrupted cluster stage, for these embeddings and settings only.
@@ -351,6 +353,36 @@ def _cluster_and_assign(cfg: PipelineConfig, run: RunDir, progress: Progress, ro
                           spherical=c.spherical,
                           max_retries=cfg.embed.max_restarts, use_gpu=gpu)
             record_run(run_dir, placement={"assign": {"asked": {"CPU": 1, "GPU": 1 if gpu else 0}}})
+    return summary
+
+
+def _cluster_posterior(cfg: PipelineConfig, run: RunDir, progress: Progress, rows: int) -> dict[str, Any]:
+    """`cluster.method: posterior`: every row labelled by the trained model's q(c|x) at its embedding (VaDE's own
+    labels); centroids.npy holds the model's component means and `distance` is a row's distance to its own."""
+    from engine.cluster.assignments import load_vectors, write_assignments
+    from engine.posterior import posterior_labels
+    from engine.train import load_checkpoint
+
+    run_dir = run.local
+    model_dir, stage = model_dir_for(cfg, run_dir)
+    if not (model_dir / storage.MANIFEST).is_file():
+        raise ConfigError(f"cluster.method=posterior labels rows by the trained model's posterior q(c|x), and "
+                          f"{model_dir} holds no finished model; run the train stage, or choose another "
+                          f"cluster.method")
+    read_manifest(model_dir, stage=stage)
+    with progress.stage("cluster", f"posterior q(c|x) of {cfg.model.name} on {rows} rows"):
+        ids, z, _ = load_vectors(run.folder("embeddings"))
+        labels, distance, means = posterior_labels(load_checkpoint(model_dir), z)
+        inertia = float(np.sum(np.square(distance.astype(np.float64))))
+        n_clusters = int(len(np.unique(labels)))
+        write_assignments(ids, labels, distance, run.folder("assignments"), config_hash=cfg.hash(),
+                          rows_per_file=cfg.data.rows_per_shard, k=int(len(means)), n_noise=0)
+        progress.info(f"{n_clusters} of {len(means)} components label rows, inertia {inertia:.6g}")
+        storage.write_npy(run_dir / "centroids.npy", means)
+        summary = {"method": "posterior", "manifold": "none", "k": int(len(means)), "inertia": inertia,
+                   "n_clusters": n_clusters, "n_noise": 0, "noise_fraction": 0.0}
+        storage.write_text(run_dir / "cluster.json", json.dumps(summary, indent=2, default=float))
+        record_run(run_dir, placement={"cluster": _in_driver(False)})
     return summary
 
 

@@ -93,6 +93,40 @@ def test_encoder_inversion_loss_matches_its_definition():
     assert abs(float(ce) - math.log(4)) < 0.5
 
 
+@pytest.mark.parametrize("activation", ["linear", "sigmoid"])
+def test_reconstruction_term_matches_its_definition(activation):
+    m = _gan(recon_weight=0.5, output_activation=activation)
+    x = torch.rand(16, 8)
+    torch.manual_seed(1)
+    loss, terms = m(x, mode="generator")
+    with torch.no_grad():
+        noise, logits = m.encode_parts(x)
+        out = m.generator(torch.cat([noise, logits.softmax(dim=1)], dim=1))
+        per_row = (F.binary_cross_entropy(out, x, reduction="none") if activation == "sigmoid"
+                   else (out - x).square()).sum(1)
+    assert terms["reconstruction"] == pytest.approx(float(per_row.mean()), rel=1e-5)
+    rest = terms["generator"] + 10.0 * terms["encoder_noise"] + 10.0 * terms["encoder_code"]
+    assert float(loss.detach()) == pytest.approx(rest + 0.5 * terms["reconstruction"], rel=1e-4)
+    # The encoder now learns from real rows too: the term alone reaches its weights.
+    m.zero_grad()
+    m.reconstruction(x).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.encoder.parameters())
+    assert "reconstruction" not in _gan()(x, mode="generator")[1]  # 0, the paper's ClusterGAN: no such term
+    with pytest.raises(ConfigError, match=r"model.recon_weight=-1.0 should be >= 0"):
+        _gan(recon_weight=-1.0)
+    with pytest.raises(ConfigError, match=r"'model.recon_weight': Input should be greater than or equal to 0"):
+        config_from_dict({"model": {"name": "gan", "recon_weight": -1}})
+
+
+def test_embedding_without_the_code():
+    m = _gan(embed_code=False).eval()
+    x = torch.rand(5, 8)
+    noise, logits = m.encode_parts(x)
+    assert m.encode(x).shape == (5, 2) and torch.equal(m.encode(x), noise)
+    assert _gan().eval().encode(x).shape == (5, 4 + 2)  # the default: [code probabilities, noise]
+    assert m.build_args["embed_code"] is False  # kept in the checkpoint, so the embed stage rebuilds it
+
+
 def test_critic_loss_and_gradient_penalty():
     m = _gan(gp_weight=7.0)
     x = torch.randn(32, 8)

@@ -315,3 +315,192 @@ def test_checkpoint_rebuilds_the_model_alone(runs, tmp_path):
     assert bool(again.prior_ready)
     for k, v in state["state_dict"].items():
         assert torch.equal(again.state_dict()[k], v), k
+
+
+# ---- cluster.method: posterior ---------------------------------------------------------------------
+
+
+def test_posterior_labels_are_the_models_own(tmp_path):
+    from engine.posterior import posterior_labels
+
+    torch.manual_seed(0)
+    m = build_model("vade", in_dim=6, n_clusters=4, latent_dim=3, hidden=[8], pretrain_epochs=0).eval()
+    with torch.no_grad():
+        m.mu_c.copy_(torch.tensor([[-3.0, 0, 0], [3, 0, 0], [0, 3, 0], [0, -3, 0]]))
+    save_checkpoint(tmp_path / "m.pt", model=m, shift=np.zeros(6, np.float32), scale=np.ones(6, np.float32),
+                    epoch=1, history=[])
+    x = torch.randn(300, 6) * 3
+    z = m.encode(x).detach().numpy()
+    labels, distance, means = posterior_labels(load_checkpoint(tmp_path / "m.pt"), z)
+    expected = m.predict(x).numpy()
+    assert labels.dtype == np.int32 and len(np.unique(expected)) > 1  # not a one-cluster case
+    np.testing.assert_array_equal(labels, expected)
+    np.testing.assert_allclose(means, m.mu_c.detach().numpy())
+    np.testing.assert_allclose(distance, np.linalg.norm(z - means[labels], axis=1), rtol=1e-5)
+
+
+def test_posterior_refuses_a_model_still_pretraining_or_without_one(tmp_path):
+    from engine.posterior import posterior_labels
+
+    m = build_model("vade", in_dim=6, n_clusters=2, latent_dim=3, hidden=[8], pretrain_epochs=5)
+    save_checkpoint(tmp_path / "v.pt", model=m, shift=np.zeros(6, np.float32), scale=np.ones(6, np.float32),
+                    epoch=1, history=[])
+    with pytest.raises(ConfigError, match=r"cluster.method=posterior: the vade model is still in its pretraining"):
+        posterior_labels(load_checkpoint(tmp_path / "v.pt"), np.zeros((4, 3), np.float32))
+    ae = build_model("mlp_ae", in_dim=6, latent_dim=3, hidden=[8])
+    save_checkpoint(tmp_path / "a.pt", model=ae, shift=np.zeros(6, np.float32), scale=np.ones(6, np.float32),
+                    epoch=1, history=[])
+    with pytest.raises(ConfigError, match=r"needs a model with a cluster posterior q\(c\|x\); model.name=mlp_ae"):
+        posterior_labels(load_checkpoint(tmp_path / "a.pt"), np.zeros((4, 3), np.float32))
+
+
+def test_posterior_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"cluster.method=posterior labels rows by the model's own posterior "
+                                          r"q\(c\|x\), which model.name=mlp_ae does not have; it is for model.name "
+                                          r"vade"):
+        config_from_dict({"model": {"name": "mlp_ae"}, "cluster": {"method": "posterior", "manifold": "none"}})
+    with pytest.raises(ConfigError, match=r"cluster.manifold does not apply to cluster.method=posterior"):
+        config_from_dict({"model": {"name": "vade"}, "cluster": {"method": "posterior", "manifold": "umap"}})
+    with pytest.raises(ConfigError, match=r"model.n_clusters=5 should equal cluster.k=10 with "
+                                          r"cluster.method=posterior"):
+        config_from_dict({"model": {"name": "vade", "n_clusters": 5}, "cluster": {"method": "posterior"}})
+    cfg = config_from_dict({"model": {"name": "vade"}, "cluster": {"method": "posterior", "k": 3}})
+    assert cfg.cluster.method == "posterior"
+
+
+def test_the_command_line_refuses_posterior_for_a_model_without_one(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((50, 3)).astype(np.float32))
+    args = [a for s in [*VADE_NPY, f"data.path={tmp_path / 'x.npy'}", "model.name=mlp_ae", "cluster.method=posterior"]
+            for a in ("--set", s)]
+    result = subprocess.run([str(DCE), "run", *args, "--out", str(tmp_path / "run")], capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert len(lines) == 1 and re.search(r"^error: .*cluster.method=posterior .* model.name=mlp_ae", lines[0]), lines
+    assert [p.name for p in tmp_path.iterdir()] == ["x.npy"]  # nothing written
+
+
+def test_the_command_line_refuses_posterior_on_imported_embeddings(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    z = np.random.default_rng(0).random((20, 3)).astype(np.float32)
+    pq.write_table(pa.table({"id": np.arange(20), "z": list(z)}), folder / "part.parquet")
+    config = tmp_path / "vade.yaml"
+    config.write_text("model:\n  name: vade\ncluster:\n  method: posterior\n  k: 3\n")
+    result = subprocess.run([str(DCE), "cluster", str(folder), "--config", str(config), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert len(lines) == 1 and re.search(r"^error: cluster.method=posterior .* embeddings imported from .* come "
+                                         r"without a model", lines[0]), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb", "vade.yaml"]
+
+
+def test_pipeline_clusters_by_the_posterior(runs, tmp_path):
+    import shutil
+
+    import pyarrow.compute as pc
+
+    from engine.data import read_table
+    from engine.pipeline import cluster_stage, evaluate_stage
+    from engine.progress import Progress
+
+    cfg, result, _ = runs
+    run_dir = tmp_path / "run"
+    shutil.copytree(result.run_dir, run_dir)
+    posterior = config_from_dict({**cfg.to_dict(), "cluster": {"k": 10, "method": "posterior"}})
+    progress = Progress()
+    summary = cluster_stage(posterior, run_dir, progress)
+    assert summary["method"] == "posterior" and summary["k"] == 10
+    table = read_table(run_dir / "assignments", stage="assign").sort_by("id")
+    # The model's own labels of the same rows: normalised as the embed stage does, then VaDE's predict.
+    state = load_checkpoint(run_dir / "model")
+    model = model_from_checkpoint(state).eval()
+    x = torch.tensor(np.load(Path(cfg.data.path)).reshape(ROWS, -1))
+    expected = model.predict((x - state["input"]["shift"]) * state["input"]["scale"]).numpy()
+    labels = table.column("cluster").to_numpy()
+    # Ids are the row numbers; a row whose two most probable components are within float rounding may differ.
+    assert np.mean(labels == expected) > 0.99 and len(np.unique(labels)) > 1
+    np.testing.assert_array_equal(pc.unique(table.column("id")).to_numpy(), np.arange(ROWS))
+    np.testing.assert_allclose(np.load(run_dir / "centroids.npy"), state["state_dict"]["mu_c"].numpy())
+    metrics = evaluate_stage(posterior, run_dir, progress)
+    assert metrics["acc"] > 0.15, metrics
+
+
+# ---- model.prior_init: n2d -------------------------------------------------------------------------
+
+
+def test_n2d_prior_start_then_anchored_posterior_then_the_mixtures_own():
+    # Rows whose pretrained codes form 3 separated groups; the model's encoder maps x to its code through a
+    # fixed linear layer, so the codes are known.
+    pytest.importorskip("umap")
+    rng = np.random.default_rng(0)
+    centres = np.array([[-6.0, 0], [6, 0], [0, 6]])
+    truth = np.repeat(np.arange(3), 40)
+    x = torch.tensor(np.hstack([centres[truth] + rng.normal(0, 0.3, (120, 2)), np.zeros((120, 2))]),
+                     dtype=torch.float32)
+    torch.manual_seed(0)
+    m = build_model("vade", in_dim=4, n_clusters=3, latent_dim=2, hidden=[4], pretrain_epochs=2, prior_init="n2d",
+                    anchor_epochs=2)
+    with torch.no_grad():  # encoder = identity on the first 2 features (ReLU of x + 10 keeps them positive)
+        m.encoder[0].weight.copy_(torch.eye(4))
+        m.encoder[0].bias.fill_(10.0)
+        m.mu.weight.copy_(torch.eye(2, 4))
+        m.mu.bias.fill_(-10.0)
+    codes = m.encode(x).detach().numpy()
+    np.testing.assert_allclose(codes, x[:, :2].numpy(), atol=1e-5)
+    assert not m.begin_epoch(1, rows=lambda: [x], gather=lambda a: a)  # still pretraining
+    assert m.begin_epoch(2, rows=lambda: [x], gather=lambda a: a) and m.anchor is not None
+    found = m.anchor.labels[torch.cdist(torch.tensor(codes), m.anchor.codes).argmin(1)].numpy()
+    assert len(np.unique(found)) == 3 and all(len(np.unique(found[truth == c])) == 1 for c in range(3))
+    # Each component is its cluster's share, mean and variance of the codes.
+    for c in range(3):
+        rows = codes[found == c]
+        np.testing.assert_allclose(m.mu_c[c].detach().numpy(), rows.mean(0), atol=1e-4)
+        np.testing.assert_allclose(m.logvar_c[c].exp().detach().numpy(), rows.var(0) + 1e-6, rtol=1e-3)
+    np.testing.assert_allclose(m.log_pi.exp().detach().numpy(), np.full(3, 1 / 3), atol=1e-6)
+    # In the anchor epochs, q(c|x) is the anchor's: a one-hot of each row's own cluster.
+    log_gamma = m.anchor.log_gamma(x)
+    np.testing.assert_array_equal(log_gamma.argmax(1).numpy(), found)
+    assert float(log_gamma.exp().max(1).values.min()) > 0.999
+    out, _, kl = m(x)
+    assert kl is not None and torch.isfinite(kl).all()
+    m.loss(x)[0].backward()  # the frozen copy takes no gradient, the model does
+    assert m.mu.weight.grad is not None and all(p.grad is None for p in m.anchor.encoder.parameters())
+    assert not m.begin_epoch(3, rows=lambda: [x], gather=lambda a: a) and m.anchor is not None
+    assert not m.begin_epoch(4, rows=lambda: [x], gather=lambda a: a) and m.anchor is None  # 2 anchor epochs
+    with pytest.raises(ConfigError, match=r"model.prior_init='umap' should be 'gmm' or 'n2d'"):
+        build_model("vade", in_dim=4, prior_init="umap")
+    with pytest.raises(ConfigError, match=r"model.anchor_epochs=-1 should be >= 0"):
+        build_model("vade", in_dim=4, anchor_epochs=-1)
+    with pytest.raises(ConfigError, match=r"'model.prior_init': Input should be 'gmm' or 'n2d'"):
+        config_from_dict({"model": {"name": "vade", "prior_init": "kmeans"}})
+
+
+@pytest.fixture(scope="module")
+@needs("ray", "train")
+def n2d_run(ray_local, digits_npy, tmp_path_factory):
+    """The train stage on 2 DDP workers with prior_init n2d: 3 pretraining epochs, 2 anchored, 3 of VaDE."""
+    pytest.importorskip("umap")
+    cfg = _cfg(digits_npy, 2)
+    source = open_source(cfg.data)
+    ds = read_dataset(source).materialize()
+    info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape)
+    model = {**cfg.model.pretrain_options(), "n_clusters": 10, "prior_init": "n2d", "anchor_epochs": 2}
+    train = cfg.train.model_copy(update={"epochs": 8, "batch_size": 64})
+    return train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale, model=model,
+                         train=train, seed=cfg.seed, run_dir=tmp_path_factory.mktemp("vade-n2d"),
+                         config_hash=cfg.hash(), image_shape=info.image_shape)
+
+
+def test_n2d_start_trains_on_two_workers(n2d_run):
+    state = load_checkpoint(n2d_run)
+    assert state["model"]["prior_init"] == "n2d" and int(state["state_dict"]["prior_ready"]) == 1
+    kl, losses = _history(n2d_run, "kl"), _history(n2d_run)
+    assert np.isnan(kl[:3]).all() and (kl[3:] > 0).all() and np.isfinite(losses).all(), losses
+    model = model_from_checkpoint(state).eval()
+    # The anchor (a frozen encoder and every row's code) is not part of the checkpoint.
+    assert model.anchor is None and model.predict(torch.zeros(2, 64)).shape == (2,)

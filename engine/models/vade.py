@@ -18,6 +18,7 @@ at z = mu, whose argmax are VaDE's labels.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class VaDEConfig:
     dropout: float = 0.0  # on the input only
     pretrain_epochs: int = 10  # autoencoder epochs before the GMM initialises the prior; 0: no pretraining
     prior_variance: float = 1.0  # every component's variance until the GMM sets them (for good with 0 above)
+    prior_init: str = "gmm"  # gmm: the paper's mixture of the codes; n2d: N2D's partition of them (see init_prior)
+    anchor_epochs: int = 10  # n2d: epochs after pretraining in which q(c|x) is held at that partition
 
 
 # ---- the maths -------------------------------------------------------------------------------------
@@ -82,6 +85,10 @@ class VaDE(VAE):
             raise ConfigError(f"cluster.k={cfg.n_clusters} should be >= 1 (vade's mixture components)")
         if cfg.pretrain_epochs < 0:
             raise ConfigError(f"model.pretrain_epochs={cfg.pretrain_epochs} should be >= 0")
+        if cfg.prior_init not in ("gmm", "n2d"):
+            raise ConfigError(f"model.prior_init={cfg.prior_init!r} should be 'gmm' or 'n2d'")
+        if cfg.anchor_epochs < 0:
+            raise ConfigError(f"model.anchor_epochs={cfg.anchor_epochs} should be >= 0")
         if not cfg.prior_variance > 0:  # also refuses NaN
             raise ConfigError(f"model.prior_variance={cfg.prior_variance} should be > 0 (the variance of each "
                               f"component of vade's mixture prior)")
@@ -96,6 +103,10 @@ class VaDE(VAE):
         # A buffer, so the checkpoint says which phase the model is in and a resumed run continues it; uint8, not
         # bool, as DDP broadcasts buffers and not every backend takes bool tensors.
         self.register_buffer("prior_ready", torch.tensor(int(cfg.pretrain_epochs == 0), dtype=torch.uint8))
+        # prior_init n2d, during the anchor epochs: the pretrained encoder (a frozen copy), the codes it gave every
+        # row and their partition; q(c|x) of a row is then its nearest code's cluster. Not in the checkpoint: a
+        # run resumed inside the anchor epochs goes on as plain VaDE.
+        self.anchor: Anchor | None = None
 
     @property
     def log_pi(self) -> torch.Tensor:
@@ -120,7 +131,10 @@ class VaDE(VAE):
         if not bool(self.prior_ready):  # pretraining: an autoencoder on the means
             return self.decoder(mu), mu, None
         z = reparameterize(mu, logvar)
-        log_gamma = torch.log_softmax(log_joint(z, self.log_pi, self.mu_c, self.logvar_c), dim=1)
+        if self.anchor is not None:
+            log_gamma = self.anchor.log_gamma(x)
+        else:
+            log_gamma = torch.log_softmax(log_joint(z, self.log_pi, self.mu_c, self.logvar_c), dim=1)
         return self.decoder(z), mu, mixture_kl(mu, logvar, log_gamma, self.log_pi, self.mu_c, self.logvar_c)
 
     def loss(self, x: torch.Tensor, forward=None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -151,6 +165,8 @@ class VaDE(VAE):
         `rows()` yields this worker's rows (normalised, not augmented), `gather` concatenates an array over
         the workers (the identity alone). Every worker fits the same mixture on the same codes.
         """
+        if self.anchor is not None and epoch >= self.cfg.pretrain_epochs + self.cfg.anchor_epochs:
+            self.anchor = None  # every worker at the same epoch: q(c|x) is the prior's posterior from here on
         if bool(self.prior_ready) or epoch < self.cfg.pretrain_epochs:
             return False
         training = self.training
@@ -161,26 +177,49 @@ class VaDE(VAE):
         # In a fixed order: the mixture's k-means start then does not depend on how the rows were split.
         codes = codes[np.lexsort(codes.T[::-1])]
         # torch's seed is the run's (every worker sets it first): the mixture is reproducible.
-        self.init_prior(codes, seed=torch.initial_seed() % 2**32)
+        facts = self.init_prior(codes, seed=torch.initial_seed() % 2**32)
+        if "labels" in facts and self.cfg.anchor_epochs > 0:
+            device = self.mu_c.device
+            frozen = copy.deepcopy(nn.Sequential(self.encoder, self.mu)).eval().requires_grad_(False)
+            self.anchor = Anchor(frozen, torch.as_tensor(codes, device=device),
+                                 torch.as_tensor(facts["labels"], device=device), self.cfg.n_clusters)
         return True
 
     @torch.no_grad()
-    def init_prior(self, codes: np.ndarray, seed: int = 0) -> dict[str, float]:
-        """pi, mu_c and log var_c from a diagonal Gaussian mixture fitted on `codes` (the paper's initialisation);
-        returns the mixture's facts."""
-        from sklearn.mixture import GaussianMixture
+    def init_prior(self, codes: np.ndarray, seed: int = 0) -> dict:
+        """pi, mu_c and log var_c from `codes`; returns facts about the fit.
 
+        prior_init gmm: a diagonal Gaussian mixture fitted on the codes (the paper's initialisation). n2d: N2D's
+        partition of the codes (McConville et al. 2020, their published settings: UMAP to k dimensions over 20
+        neighbours, min_dist 0, then a full-covariance Gaussian mixture), each component set to its cluster's share,
+        mean and per-dimension variance of the codes; the facts then hold every row's `labels`. A Gaussian mixture
+        in the code space finds clusters of the shape it can hold, which on digits split and merge classes by seed
+        (ACC 0.67-0.80 at the start); UMAP's neighbourhood graph follows the classes' manifolds.
+        """
         k = self.cfg.n_clusters
         if len(codes) < k:
             raise ConfigError(f"cluster.k={k} should be <= the number of rows ({len(codes)}): vade fits one "
                               f"mixture component per cluster to the rows' codes")
-        # One start, as the paper: ten (the likeliest kept) gave no better clusters on digits (seed 2: 0.819 after
-        # VaDE against 0.922).
-        gmm = GaussianMixture(n_components=k, covariance_type="diag", random_state=seed).fit(codes)
+        facts: dict = {}
+        labels = _n2d_partition(codes, k, seed) if self.cfg.prior_init == "n2d" else None
+        if labels is not None and len(np.unique(labels)) == k:
+            weights = np.bincount(labels, minlength=k) / len(labels)
+            means = np.stack([codes[labels == c].mean(0) for c in range(k)])
+            # A floor as scikit-learn's reg_covar: a cluster of equal codes would have a variance of 0.
+            variances = np.stack([codes[labels == c].var(0) for c in range(k)]) + 1e-6
+            facts["labels"] = labels
+        else:
+            from sklearn.mixture import GaussianMixture
+
+            # One start, as the paper: ten (the likeliest kept) gave no better clusters on digits (seed 2: 0.819
+            # after VaDE against 0.922).
+            gmm = GaussianMixture(n_components=k, covariance_type="diag", random_state=seed).fit(codes)
+            weights, means, variances = gmm.weights_, gmm.means_, gmm.covariances_
+            facts.update(converged=bool(gmm.converged_), n_iter=int(gmm.n_iter_), lower_bound=float(gmm.lower_bound_))
         device = self.mu_c.device
-        self.pi_logits.copy_(torch.as_tensor(np.log(gmm.weights_), dtype=torch.float32, device=device))
-        self.mu_c.copy_(torch.as_tensor(gmm.means_, dtype=torch.float32, device=device))
-        self.logvar_c.copy_(torch.as_tensor(np.log(gmm.covariances_), dtype=torch.float32, device=device))
+        self.pi_logits.copy_(torch.as_tensor(np.log(weights), dtype=torch.float32, device=device))
+        self.mu_c.copy_(torch.as_tensor(means, dtype=torch.float32, device=device))
+        self.logvar_c.copy_(torch.as_tensor(np.log(variances), dtype=torch.float32, device=device))
         # The encoder's log-variance head was not pretrained: left as it is, q(z|x) starts with variances near 1,
         # far above the components' on codes that span a few units, and the first steps' KL (thousands of nats on
         # 8x8 digits) sends the weights to NaN. It starts instead at every row's variance equal to the narrowest
@@ -188,14 +227,42 @@ class VaDE(VAE):
         self.logvar.weight.zero_()
         self.logvar.bias.copy_(self.logvar_c.min(dim=0).values)
         self.prior_ready.fill_(True)
-        return {"converged": bool(gmm.converged_), "n_iter": int(gmm.n_iter_), "lower_bound": float(gmm.lower_bound_)}
+        return facts
+
+
+def _n2d_partition(codes: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """N2D's clusters of the codes (the engine's `cluster.manifold: umap` + `method: gmm` at N2D's settings)."""
+    from engine.cluster import fit_labels
+    from engine.config import ClusterConfig, UmapConfig
+
+    cfg = ClusterConfig(method="gmm", covariance_type="full", k=k, n_init=1, manifold="umap",
+                        umap=UmapConfig(n_neighbors=min(20, len(codes) - 1), min_dist=0.0))
+    return fit_labels(codes, cfg, seed)[0]
+
+
+class Anchor:
+    """q(c|x) held at a partition of the pretrained codes: the cluster of the code nearest to the frozen
+    pretrained encoder's code of x (for a training row, that row's own code and cluster)."""
+
+    def __init__(self, encoder: nn.Module, codes: torch.Tensor, labels: torch.Tensor, k: int):
+        self.encoder, self.codes, self.k = encoder, codes.float(), k
+        self.labels = labels.long()
+
+    @torch.no_grad()
+    def log_gamma(self, x: torch.Tensor) -> torch.Tensor:
+        """log q(c|x) of rows `x`: 0 at the nearest code's cluster, log(1e-8) elsewhere (finite, so the
+        categorical KL's gamma log gamma stays defined)."""
+        nearest = torch.cdist(self.encoder(x).float(), self.codes).argmin(1)
+        gamma = F.one_hot(self.labels[nearest], self.k).float().clamp_min(1e-8)
+        return torch.log(gamma / gamma.sum(1, keepdim=True))
 
 
 @register_model("vade")
 def build_vade(*, in_dim: int, n_clusters: int = 10, latent_dim: int = 10, hidden: list[int] | None = None,
                recon_loss: str = "mse", dropout: float = 0.0, pretrain_epochs: int = 10,
-               prior_variance: float = 1.0) -> VaDE:
+               prior_variance: float = 1.0, prior_init: str = "gmm", anchor_epochs: int = 10) -> VaDE:
     # An MLP VaDE, as the paper's: images reach it as flat rows.
     return VaDE(VaDEConfig(in_dim=in_dim, n_clusters=n_clusters, latent_dim=latent_dim,
                            hidden=list(MLP_HIDDEN if hidden is None else hidden), recon_loss=recon_loss,
-                           dropout=dropout, pretrain_epochs=pretrain_epochs, prior_variance=prior_variance))
+                           dropout=dropout, pretrain_epochs=pretrain_epochs, prior_variance=prior_variance,
+                           prior_init=prior_init, anchor_epochs=anchor_epochs))
