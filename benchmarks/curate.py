@@ -56,38 +56,50 @@ def exact_pairs(u: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, floa
     return rows[keep], labels[keep], seconds
 
 
-def scale(rows: int, dim: int, k: int, record: bool) -> None:
-    """Out-of-core dedup of synthetic embeddings (a mixture of 1,000 directions, 1% planted copies), written in
-    files of 100,000 rows; time per stage and the driver's peak memory."""
-    import resource
-
+def make_scale_data(folder: Path, rows: int, dim: int) -> float:
+    """Synthetic embeddings streamed into `folder` (a mixture of 1,000 directions, 1% planted copies), files of
+    100,000 rows, never all in memory; returns the seconds it took."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.curate import dedup
     from engine.data.schema import vector_array
-    from engine.runtime import init_ray
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(1000, dim)).astype(np.float32)
-    with tempfile.TemporaryDirectory() as tmp:
-        Path(tmp, "emb").mkdir()
-        t0 = time.perf_counter()
-        for f, start in enumerate(range(0, rows, 100_000)):
-            n = min(100_000, rows - start)
-            x = centers[rng.integers(0, 1000, n)] + rng.normal(size=(n, dim)).astype(np.float32) * 0.3
-            copies = rng.choice(n, n // 100, replace=False)
-            half = len(copies) // 2
-            x[copies[:half]] = x[copies[half:2 * half]] + 0.01 * rng.normal(size=(half, dim))
-            pq.write_table(pa.table({"id": np.arange(start, start + n), "z": vector_array(x)}),
-                           f"{tmp}/emb/part-{f:05d}.parquet", row_group_size=50_000)
-        made = time.perf_counter() - t0
+    folder.mkdir(parents=True)
+    t0 = time.perf_counter()
+    for f, start in enumerate(range(0, rows, 100_000)):
+        n = min(100_000, rows - start)
+        x = centers[rng.integers(0, 1000, n)] + rng.standard_normal(size=(n, dim), dtype=np.float32) * 0.3
+        copies = rng.choice(n, n // 100, replace=False)
+        half = len(copies) // 2
+        x[copies[:half]] = x[copies[half:2 * half]] + 0.01 * rng.standard_normal(size=(half, dim), dtype=np.float32)
+        pq.write_table(pa.table({"id": np.arange(start, start + n), "z": vector_array(x)}),
+                       folder / f"part-{f:05d}.parquet", row_group_size=50_000)
+    return time.perf_counter() - t0
+
+
+def scale(rows: int, dim: int, k: int, record: bool, data: Path | None = None, probes: int | None = None) -> None:
+    """Out-of-core dedup of synthetic embeddings (`make_scale_data`, made in a temp folder unless `data` holds
+    them already); time per stage and the driver's peak memory."""
+    import resource
+
+    from engine.curate import dedup
+    from engine.runtime import init_ray
+
+    with tempfile.TemporaryDirectory(dir=data.parent if data else None) as tmp:
+        made = 0.0
+        if data is None or not data.is_dir():
+            data = data or Path(tmp, "emb")
+            made = make_scale_data(data, rows, dim)
         init_ray()
         t0 = time.perf_counter()
-        s = dedup(f"{tmp}/emb", f"{tmp}/out", eps=0.05, k=k)
+        extra = {} if probes is None else {"probes": probes}
+        s = dedup(data, f"{tmp}/out", eps=0.05, k=k, **extra)
         seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    row = {"impl": "engine-scale", "rows": rows, "dim": dim, "k": k, "seconds": round(seconds, 1),
+    row = {"impl": "engine-scale", "rows": rows, "dim": dim, "k": k, "probes": s.get("probes"),
+           "seconds": round(seconds, 1),
            "stages": {a: round(b, 1) for a, b in s["seconds"].items() if isinstance(b, float)},
            "removed": s["removed"], "driver_peak_mib": round(peak), "data_seconds": round(made, 1)}
     print(json.dumps(row), flush=True)
@@ -96,9 +108,9 @@ def scale(rows: int, dim: int, k: int, record: bool) -> None:
 
         st = row["stages"]
         append_section("Semantic dedup out of core (synthetic embeddings)",
-                       ["rows x dim", "k", "validate", "k-means", "assign", "within-cluster", "write", "total s",
-                        "driver peak MiB", "removed"],
-                       [[f"{rows} x {dim}", k, st.get("validate"), st.get("kmeans"), st.get("assign"),
+                       ["rows x dim", "k", "probes", "validate", "k-means", "assign", "within-cluster", "write",
+                        "total s", "driver peak MiB", "removed"],
+                       [[f"{rows} x {dim}", k, row["probes"], st.get("validate"), st.get("kmeans"), st.get("assign"),
                          st.get("similarity"), st.get("write"), row["seconds"], row["driver_peak_mib"],
                          row["removed"]]],
                        notes="Parquet files of 100,000 rows (row groups of 50,000); eps 0.05, keep hard, defaults "

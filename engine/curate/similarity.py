@@ -14,13 +14,24 @@ KEEP_MODES = ("hard", "easy", "random")
 
 def keep_order(ids: np.ndarray, unit: np.ndarray | None, centroid: np.ndarray | None, keep: str, seed: int,
                cluster: int, centroid_sims: np.ndarray | None = None) -> np.ndarray:
-    """The order in which a cluster's rows claim to be kept (first = preferred), ties broken by id."""
+    """The order in which a cluster's rows claim to be kept (first = preferred), ties broken by id. One global
+    order: a row's key depends on the row alone (its similarity to its own centroid, or a seeded hash of its id), so
+    rows compared across clusters (probes) rank the same wherever they meet."""
     if keep == "random":
-        # Per cluster and seed, independent of how the clusters were grouped into tasks or resumed.
-        return np.random.default_rng([seed, cluster]).permutation(len(ids))
+        # Independent of how the clusters were grouped into tasks, resumed, or which cluster the row is met in.
+        return np.lexsort((ids, random_key(ids, seed)))
     sims = centroid_sims if centroid_sims is not None else unit @ centroid
     # lexsort: last key first; hard = farthest first = lowest cosine similarity to the centroid first.
     return np.lexsort((ids, sims if keep == "hard" else -sims))
+
+
+def random_key(ids: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded pseudo-random uint64 per id (SplitMix64's finaliser of id + seed's stream offset)."""
+    with np.errstate(over="ignore"):
+        z = np.asarray(ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 @dataclass
@@ -35,10 +46,11 @@ class ClusterResult:
 
 
 def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[float], *, main: int = 0,
-                 block: int = 2048) -> ClusterResult:
+                 block: int = 2048, counted: np.ndarray | None = None) -> ClusterResult:
     """Walk the n rows of a cluster in keep order (`rows(i, j)` gives unit rows i..j-1 of that order); a row is
     removed when its cosine similarity to an earlier kept row exceeds 1 - eps. Done for every eps of `eps` in the
-    same pass (the similarities are computed once), positions of removed rows reported for `eps[main]`.
+    same pass (the similarities are computed once), positions of removed rows reported for `eps[main]`;
+    `removed_per_eps` counts only the rows where `counted` is true (all when None).
 
     Memory is bounded by two blocks of rows and one block x block similarity matrix, whatever n is; the cost is
     n^2 d / 2 multiply-adds, as one exact pass must be.
@@ -89,4 +101,6 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
                 dup_of[b0:b1][outer] = best_at[outer]
                 dup_sim[b0:b1][gone] = np.maximum(m, best[e])[gone]
     removed = np.flatnonzero(~kept[main])
-    return ClusterResult(removed, dup_of[removed], dup_sim[removed], [int(n - kept[e].sum()) for e in range(E)])
+    counted = np.ones(n, dtype=bool) if counted is None else counted
+    return ClusterResult(removed, dup_of[removed], dup_sim[removed],
+                         [int((counted & ~kept[e]).sum()) for e in range(E)])
