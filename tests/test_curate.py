@@ -20,6 +20,7 @@ from engine.cli import app
 from engine.curate import dedup, greedy_dedup, open_embeddings, sample
 from engine.curate.hierarchy import balanced_quotas, split_quota
 from engine.data.schema import vector_array
+from s3_server import KEY, s3_server
 
 EPS = 0.05
 
@@ -264,6 +265,28 @@ def test_worker_killed_mid_run_loses_nothing(ray_local, tmp_path):
     kept, got = result(out)
     assert got == want and summary["removed"] == len(want)
     np.testing.assert_array_equal(np.sort(np.concatenate([kept, list(got)])), np.sort(ids))
+
+
+def test_dedup_and_sample_read_embeddings_from_an_object_store(ray_local, planted_set, tmp_path):
+    import pyarrow.fs as pafs
+
+    ids, x, emb = planted_set
+    dedup(emb, tmp_path / "local", eps=EPS, k=4, keep="hard")
+    with s3_server() as s3:
+        fs = pafs.S3FileSystem(endpoint_override=s3.endpoint, scheme="http", access_key=KEY, secret_key=KEY,
+                               region="us-east-1")
+        for f in sorted(emb.glob("*.parquet")):
+            pq.write_table(pq.read_table(f), f"{s3.bucket}/emb/{f.name}", filesystem=fs, row_group_size=400)
+        uri = s3.uri("emb")
+        r = _cli("dedup", uri, "--out", str(tmp_path / "remote"), "--k", "4", "--keep", "hard")
+        assert r.exit_code == 0, r.output
+        r = _cli("sample", uri, "--out", str(tmp_path / "sampled"), "--n", "300", "--levels", "2")
+        assert r.exit_code == 0, r.output
+    # the same rows, read from the object store, give the same result as from the local folder
+    assert result(tmp_path / "remote")[1] == result(tmp_path / "local")[1]
+    assert result(tmp_path / "remote")[0].tolist() == result(tmp_path / "local")[0].tolist()
+    sampled = pq.read_table(tmp_path / "sampled" / "sampled").column("id").to_numpy()
+    assert len(sampled) == 300 and np.isin(sampled, ids).all()
 
 
 def _cli(*args: str):
