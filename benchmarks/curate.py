@@ -264,7 +264,10 @@ def main() -> None:
     init_ray()
     sets = [] if args.no_pixels else [("pixels", x)]
     if args.encoder:
-        sets.append((f"encoder:{args.encoder.name}", encode(x, args.encoder)))
+        z = encode(x, args.encoder)
+        # Centred: an autoencoder's codes share an offset far larger than their spread (here ~100x), and cosine
+        # on raw codes would call nearly every pair a duplicate.
+        sets.append((f"encoder:{args.encoder.name} (centred)", z - z[:args.images].mean(axis=0)))
     results, exact = [], []
     with tempfile.TemporaryDirectory(dir=args.encoder.parent if args.encoder else None) as tmp:
         for name, data in sets:

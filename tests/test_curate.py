@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from s3_server import KEY, s3_server
 from typer.testing import CliRunner
 from waiting import wait_for
 
@@ -20,7 +21,6 @@ from engine.cli import app
 from engine.curate import dedup, greedy_dedup, open_embeddings, sample
 from engine.curate.hierarchy import balanced_quotas, split_quota
 from engine.data.schema import vector_array
-from s3_server import KEY, s3_server
 
 EPS = 0.05
 

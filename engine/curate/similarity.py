@@ -56,6 +56,7 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
     n^2 d / 2 multiply-adds, as one exact pass must be.
     """
     thresholds = 1.0 - np.asarray(eps, dtype=np.float64)
+    lowest = thresholds.min()
     E = len(thresholds)
     kept = np.zeros((E, n), dtype=bool)
     dup_of = np.full(n, -1, dtype=np.int64)
@@ -64,6 +65,8 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
         b1 = min(n, b0 + block)
         xb = np.ascontiguousarray(rows(b0, b1), dtype=np.float32)
         b = b1 - b0
+        # Per eps, the best similarity to an earlier kept row, tracked only where some similarity exceeds the lowest
+        # threshold: below it no eps removes the row, so a lower value decides the same.
         best = np.full((E, b), -np.inf, dtype=np.float32)
         best_at = np.full(b, -1, dtype=np.int64)
         for a0 in range(0, b0, block):
@@ -71,35 +74,40 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
             if not kept[:, a0:a1].any():
                 continue
             s = rows(a0, a1) @ xb.T  # (a, b)
+            cols = np.flatnonzero(s.max(axis=0) > lowest)
+            if not len(cols):
+                continue
+            sc = s[:, cols]
             for e in range(E):
-                masked = np.where(kept[e, a0:a1, None], s, -np.inf)
+                masked = np.where(kept[e, a0:a1, None], sc, -np.inf)
                 at = masked.argmax(axis=0)
-                m = masked[at, np.arange(b)]
+                m = masked[at, np.arange(len(cols))]
                 if e == main:
-                    better = m > best[e]
-                    best_at[better] = a0 + at[better]
-                best[e] = np.maximum(best[e], m)
-        s = xb @ xb.T
-        upper = np.triu(np.ones((b, b), dtype=bool), 1)  # (i, j) with i before j
+                    better = m > best[e, cols]
+                    best_at[cols[better]] = a0 + at[better]
+                best[e, cols] = np.maximum(best[e, cols], m)
+        # Similarities to earlier rows of the same block only (i before j); -inf elsewhere.
+        su = np.where(np.triu(np.ones((b, b), dtype=bool), 1), xb @ xb.T, -np.inf).astype(np.float32)
+        cols = np.flatnonzero(su.max(axis=0) > lowest)
+        sc = su[:, cols]
         for e in range(E):
-            near = upper & (s > thresholds[e])
+            near = sc > thresholds[e]  # (b, len(cols))
             k = best[e] <= thresholds[e]
             # Only rows with an earlier in-block neighbour above the threshold depend on which earlier rows were
             # kept; every other row's fate is already known, so the sequential walk is over those few.
-            for j in np.flatnonzero(k & near.any(axis=0)):
-                if (near[:j, j] & k[:j]).any():
-                    k[j] = False
+            for c in np.flatnonzero(k[cols] & near.any(axis=0)):
+                if (near[:, c] & k).any():
+                    k[cols[c]] = False
             kept[e, b0:b1] = k
             if e == main:
-                inner = np.where(upper & k[:, None], s, -np.inf)
+                gone = np.flatnonzero(~k)
+                inner = np.where(k[:, None], su[:, gone], -np.inf)
                 at = inner.argmax(axis=0)
-                m = inner[at, np.arange(b)]
-                gone = ~k
-                use_inner = gone & (m > best[e])
-                dup_of[b0:b1][use_inner] = b0 + at[use_inner]
-                outer = gone & ~use_inner
-                dup_of[b0:b1][outer] = best_at[outer]
-                dup_sim[b0:b1][gone] = np.maximum(m, best[e])[gone]
+                m = inner[at, np.arange(len(gone))]
+                use_inner = m > best[e, gone]
+                dup_of[b0 + gone[use_inner]] = b0 + at[use_inner]
+                dup_of[b0 + gone[~use_inner]] = best_at[gone[~use_inner]]
+                dup_sim[b0 + gone] = np.maximum(m, best[e, gone])
     removed = np.flatnonzero(~kept[main])
     counted = np.ones(n, dtype=bool) if counted is None else counted
     return ClusterResult(removed, dup_of[removed], dup_sim[removed],
