@@ -103,12 +103,12 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
             # its own cluster (a removal whose guest partner ends up removed there is undone by `dedup`).
             member = homes[walk] == c
             if isinstance(vectors, np.memmap):  # sorted reads of the file, the keep order applied on top
-                def rows(i, j, w=walk):
+                def walk_rows(i, j, w=walk):
                     return vectors[np.sort(w[i:j])][np.argsort(np.argsort(w[i:j]))]
             else:  # in memory: the cluster's rows gathered once, in walk order
-                def rows(i, j, xw=vectors[walk]):
+                def walk_rows(i, j, xw=vectors[walk]):
                     return xw[i:j]
-            result = greedy_dedup(len(walk), rows, eps, main=main, block=block, counted=member)
+            result = greedy_dedup(len(walk), walk_rows, eps, main=main, block=block, counted=member)
             is_removed = np.zeros(len(walk), dtype=bool)
             is_removed[result.removed] = True
             mine = member[result.removed]
