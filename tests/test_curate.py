@@ -97,6 +97,27 @@ def test_blocked_pass_equals_the_row_by_row_definition(block):
     assert (res.similarity > 1 - EPS).all()
 
 
+@pytest.mark.parametrize("block", [7, 5000])
+def test_duplicate_of_prefers_rows_whose_fate_is_final(block):
+    ids, x = planted(n=600, d=8, copies=80, seed=1)
+    u = unit(x)[np.argsort(ids)]
+    preferred = np.random.default_rng(0).random(len(u)) < 0.5
+    plain = greedy_dedup(len(u), lambda i, j: u[i:j], [EPS], block=block)
+    res = greedy_dedup(len(u), lambda i, j: u[i:j], [EPS], block=block, preferred=preferred)
+    np.testing.assert_array_equal(res.removed, plain.removed)  # which rows go does not change
+    kept = np.ones(len(u), dtype=bool)
+    kept[res.removed] = False
+    picked_preferred = 0
+    for r, d in zip(res.removed, res.duplicate_of, strict=True):
+        earlier = np.flatnonzero(kept[:r])
+        sims = u[earlier].astype(np.float64) @ u[r]
+        fine = earlier[(sims > 1 - EPS) & preferred[earlier]]
+        want = fine[np.argmax(u[fine] @ u[r])] if len(fine) else earlier[np.argmax(sims)]
+        assert d == want
+        picked_preferred += bool(len(fine))
+    assert 0 < picked_preferred < len(res.removed)
+
+
 def test_balanced_quotas_split_evenly_where_sizes_allow():
     rng = np.random.default_rng(0)
     q = split_quota(np.array([100, 3, 50, 1]), 40, rng)

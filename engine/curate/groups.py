@@ -108,7 +108,8 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
             else:  # in memory: the cluster's rows gathered once, in walk order
                 def walk_rows(i, j, xw=vectors[walk]):
                     return xw[i:j]
-            result = greedy_dedup(len(walk), walk_rows, eps, main=main, block=block, counted=member)
+            result = greedy_dedup(len(walk), walk_rows, eps, main=main, block=block, counted=member,
+                                  preferred=member)  # a member partner is final, a guest one may be undone
             is_removed = np.zeros(len(walk), dtype=bool)
             is_removed[result.removed] = True
             mine = member[result.removed]

@@ -46,11 +46,14 @@ class ClusterResult:
 
 
 def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[float], *, main: int = 0,
-                 block: int = 2048, counted: np.ndarray | None = None) -> ClusterResult:
+                 block: int = 2048, counted: np.ndarray | None = None,
+                 preferred: np.ndarray | None = None) -> ClusterResult:
     """Walk the n rows of a cluster in keep order (`rows(i, j)` gives unit rows i..j-1 of that order); a row is
     removed when its cosine similarity to an earlier kept row exceeds 1 - eps. Done for every eps of `eps` in the
     same pass (the similarities are computed once), positions of removed rows reported for `eps[main]`;
-    `removed_per_eps` counts only the rows where `counted` is true (all when None).
+    `removed_per_eps` counts only the rows where `counted` is true (all when None). A removed row's `duplicate_of`
+    is its most similar earlier kept row where `preferred` is true (rows whose fate is final) when one is above the
+    threshold, else its most similar earlier kept row.
 
     Memory is bounded by two blocks of rows and one block x block similarity matrix, whatever n is; the cost is
     n^2 d / 2 multiply-adds, as one exact pass must be.
@@ -61,6 +64,7 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
     kept = np.zeros((E, n), dtype=bool)
     dup_of = np.full(n, -1, dtype=np.int64)
     dup_sim = np.zeros(n, dtype=np.float32)
+    pref = np.ones(n, dtype=bool) if preferred is None else np.asarray(preferred, dtype=bool)
     for b0 in range(0, n, block):
         b1 = min(n, b0 + block)
         xb = np.ascontiguousarray(rows(b0, b1), dtype=np.float32)
@@ -69,6 +73,8 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
         # threshold: below it no eps removes the row, so a lower value decides the same.
         best = np.full((E, b), -np.inf, dtype=np.float32)
         best_at = np.full(b, -1, dtype=np.int64)
+        pbest = np.full(b, -np.inf, dtype=np.float32)  # the same at the main eps, over preferred kept rows only
+        pbest_at = np.full(b, -1, dtype=np.int64)
         for a0 in range(0, b0, block):
             a1 = min(b0, a0 + block)
             if not kept[:, a0:a1].any():
@@ -85,6 +91,13 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
                 if e == main:
                     better = m > best[e, cols]
                     best_at[cols[better]] = a0 + at[better]
+                    if preferred is not None:
+                        pm = np.where(pref[a0:a1, None], masked, -np.inf)
+                        pat = pm.argmax(axis=0)
+                        pv = pm[pat, np.arange(len(cols))]
+                        pbetter = pv > pbest[cols]
+                        pbest_at[cols[pbetter]] = a0 + pat[pbetter]
+                        pbest[cols] = np.maximum(pbest[cols], pv)
                 best[e, cols] = np.maximum(best[e, cols], m)
         # Similarities to earlier rows of the same block only (i before j); -inf elsewhere.
         su = np.where(np.triu(np.ones((b, b), dtype=bool), 1), xb @ xb.T, -np.inf).astype(np.float32)
@@ -108,6 +121,16 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
                 dup_of[b0 + gone[use_inner]] = b0 + at[use_inner]
                 dup_of[b0 + gone[~use_inner]] = best_at[gone[~use_inner]]
                 dup_sim[b0 + gone] = np.maximum(m, best[e, gone])
+                if preferred is not None:
+                    pin = np.where((k & pref[b0:b1])[:, None], su[:, gone], -np.inf)
+                    pat = pin.argmax(axis=0)
+                    pv = pin[pat, np.arange(len(gone))]
+                    use_pin = pv >= pbest[gone]
+                    pv_best = np.maximum(pv, pbest[gone])
+                    ok = pv_best > thresholds[e]
+                    pick = np.where(use_pin, b0 + pat, pbest_at[gone])
+                    dup_of[b0 + gone[ok]] = pick[ok]
+                    dup_sim[b0 + gone[ok]] = pv_best[ok]
     removed = np.flatnonzero(~kept[main])
     counted = np.ones(n, dtype=bool) if counted is None else counted
     return ClusterResult(removed, dup_of[removed], dup_sim[removed],
