@@ -434,6 +434,8 @@ def dedup(
     eps: Annotated[float, typer.Option(help="Remove rows whose cosine similarity to a kept row exceeds 1 - eps.")]
     = 0.05,
     k: Annotated[int | None, typer.Option("--k", help="Spherical k-means clusters (default: rows / 1000).")] = None,
+    probes: Annotated[int, typer.Option(help="Clusters each row is compared in: its own and the next-nearest "
+                                        "(1: within-cluster only, misses pairs split across clusters).")] = 3,
     keep: Annotated[str, typer.Option(help="Which row of a duplicate group stays: hard (farthest from the "
                                       "centroid), easy (closest) or random.")] = "hard",
     seed: Annotated[int, typer.Option(help="Seed of the k-means sample and of --keep random.")] = 0,
@@ -456,7 +458,7 @@ def dedup(
 
     _quiet_env(verbose)
     eps_list = _floats(summary_eps, "--summary-eps")
-    check_settings(eps, k, keep, eps_list, 1, None)
+    check_settings(eps, k, keep, eps_list, 1, None, probes)
     rows = open_embeddings(path, column=column, id_column=id_column).n_rows  # file and column checks before Ray
     if k is not None and k > rows:
         from engine.errors import ConfigError
@@ -467,7 +469,7 @@ def dedup(
     progress = _progress(quiet)
     with guard_output(output, resumable=False):
         summary = run_dedup(path, out, eps=eps, k=k, keep=keep, seed=seed, column=column, id_column=id_column,
-                            summary_eps=eps_list, overwrite=overwrite,
+                            summary_eps=eps_list, probes=probes, overwrite=overwrite,
                             on_progress=lambda stage, info: progress.info(f"{stage}: {info}"))
     typer.echo(out if quiet else f"{out}: kept {summary['kept']} of {summary['rows']} rows, removed "
                f"{summary['removed']} (eps {eps}, k {summary['k']}, keep {keep})")

@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--k", type=int, default=None)
+    p.add_argument("--probes", type=int, default=3, help="clusters each row is compared in (1: its own only)")
     p.add_argument("--keep", default="hard", choices=["hard", "easy", "random"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--column", default="z")
@@ -30,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
         init_ray()  # [1] join the job's cluster (RAY_ADDRESS) or start a local Ray
         # [2] validation, k-means, assignment and the within-cluster pass are Ray tasks; the driver holds ids only.
-        return dedup(args.embeddings, args.out, eps=args.eps, k=args.k, keep=args.keep, seed=args.seed,
-                     column=args.column, id_column=args.id_column, overwrite=args.overwrite,
+        return dedup(args.embeddings, args.out, eps=args.eps, k=args.k, probes=args.probes, keep=args.keep,
+                     seed=args.seed, column=args.column, id_column=args.id_column, overwrite=args.overwrite,
                      on_progress=lambda stage, info: print({"stage": stage, **info}, flush=True))
 
     return run_job(job)

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from s3_server import KEY, s3_server
 from typer.testing import CliRunner
 from waiting import wait_for
 
@@ -96,6 +97,27 @@ def test_blocked_pass_equals_the_row_by_row_definition(block):
     assert (res.similarity > 1 - EPS).all()
 
 
+@pytest.mark.parametrize("block", [7, 5000])
+def test_duplicate_of_prefers_rows_whose_fate_is_final(block):
+    ids, x = planted(n=600, d=8, copies=80, seed=1)
+    u = unit(x)[np.argsort(ids)]
+    preferred = np.random.default_rng(0).random(len(u)) < 0.5
+    plain = greedy_dedup(len(u), lambda i, j: u[i:j], [EPS], block=block)
+    res = greedy_dedup(len(u), lambda i, j: u[i:j], [EPS], block=block, preferred=preferred)
+    np.testing.assert_array_equal(res.removed, plain.removed)  # which rows go does not change
+    kept = np.ones(len(u), dtype=bool)
+    kept[res.removed] = False
+    picked_preferred = 0
+    for r, d in zip(res.removed, res.duplicate_of, strict=True):
+        earlier = np.flatnonzero(kept[:r])
+        sims = u[earlier].astype(np.float64) @ u[r]
+        fine = earlier[(sims > 1 - EPS) & preferred[earlier]]
+        want = fine[np.argmax(u[fine] @ u[r])] if len(fine) else earlier[np.argmax(sims)]
+        assert d == want
+        picked_preferred += bool(len(fine))
+    assert 0 < picked_preferred < len(res.removed)
+
+
 def test_balanced_quotas_split_evenly_where_sizes_allow():
     rng = np.random.default_rng(0)
     q = split_quota(np.array([100, 3, 50, 1]), 40, rng)
@@ -125,7 +147,7 @@ def planted_set(tmp_path_factory):
 def test_dedup_equals_brute_force_and_writes_every_id_once(ray_local, planted_set, tmp_path, keep):
     ids, x, emb = planted_set
     # tiny memory: every group is memory-mapped and walked in blocks of 50 rows
-    summary = dedup(emb, tmp_path / "out", eps=EPS, k=6, keep=keep, block=50, memory_bytes=1)
+    summary = dedup(emb, tmp_path / "out", eps=EPS, k=6, keep=keep, block=50, memory_bytes=1, probes=1)
     out = tmp_path / "out"
     centroids = np.load(out / "centroids.npy")
     u = unit(x)
@@ -155,6 +177,50 @@ def test_random_keep_is_seeded(ray_local, planted_set, tmp_path):
     a = dedup(emb, tmp_path / "a", k=4, keep="random", seed=5)
     b = dedup(emb, tmp_path / "b", k=4, keep="random", seed=5)
     assert result(tmp_path / "a")[1] == result(tmp_path / "b")[1] and a["removed"] == b["removed"]
+
+
+def boundary_pairs(centers: int = 6, d: int = 64, background: int = 1200, pairs: int = 150,
+                   seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, x): rows around `centers` directions, plus `pairs` near-duplicate pairs planted on the bisecting plane
+    of two centers, so about half of them fall on either side of a cluster boundary."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, d))
+    x = [c[rng.integers(0, centers, background)] + rng.normal(size=(background, d))]
+    for _ in range(pairs):
+        a, b = rng.choice(centers, 2, replace=False)
+        normal = (c[a] - c[b]) / np.linalg.norm(c[a] - c[b])
+        noise = rng.normal(size=d)
+        row = (c[a] + c[b]) / 2 + noise - (noise @ normal) * normal
+        x.append(np.stack([row, row + 0.2 * rng.normal(size=d)]))
+    x = np.concatenate([x[0], *x[1:]]).astype(np.float32)
+    return rng.permutation(10 * len(x))[:len(x)].astype(np.int64), x
+
+
+@pytest.mark.parametrize("keep", ["hard", "random"])
+def test_probes_find_pairs_split_across_clusters(ray_local, tmp_path, keep):
+    ids, x = boundary_pairs()
+    emb = write(tmp_path / "emb", ids, x)
+    u = unit(x).astype(np.float64)
+    sims = u @ u.T
+    exact = np.argwhere(np.triu(sims > 1 - EPS, 1))
+    assert len(exact) >= 150  # the planted pairs, and no near-tie decides the test
+    assert not ((sims > 1 - EPS - 0.01) & (sims < 1 - EPS + 0.01)).any()
+    pos = {int(i): n for n, i in enumerate(ids)}
+    missed = {}
+    for probes in (1, 3):
+        out = tmp_path / f"p{probes}"
+        summary = dedup(emb, out, eps=EPS, k=6, keep=keep, probes=probes, block=64)
+        kept, got = result(out)
+        np.testing.assert_array_equal(np.sort(np.concatenate([kept, list(got)])), np.sort(ids))
+        is_kept = np.isin(ids, kept)
+        # pairs the exact search finds that the result leaves with both rows kept
+        missed[probes] = int((is_kept[exact[:, 0]] & is_kept[exact[:, 1]]).sum())
+        # precision against the exact search: every removed row's partner is kept and really above the threshold
+        for r, d in got.items():
+            assert d in set(kept.tolist()) and sims[pos[r], pos[d]] > 1 - EPS
+        assert summary["removed"] == len(got) and summary["probes"] == probes
+    assert missed[1] >= 10, missed  # within-cluster search alone leaves split pairs
+    assert missed[3] == 0, missed
 
 
 class Stop(Exception):
@@ -210,7 +276,7 @@ def test_worker_killed_mid_run_loses_nothing(ray_local, tmp_path):
 
     killer = threading.Thread(target=kill_a_group_task, daemon=True)
     killer.start()
-    summary = dedup(emb, tmp_path / "out", eps=EPS, k=8, keep="hard", block=16, flush_rows=1)
+    summary = dedup(emb, tmp_path / "out", eps=EPS, k=8, keep="hard", block=16, flush_rows=1, probes=1)
     killer.join(timeout=5)
     assert killed, "no group task was killed"
     out = tmp_path / "out"
@@ -220,6 +286,28 @@ def test_worker_killed_mid_run_loses_nothing(ray_local, tmp_path):
     kept, got = result(out)
     assert got == want and summary["removed"] == len(want)
     np.testing.assert_array_equal(np.sort(np.concatenate([kept, list(got)])), np.sort(ids))
+
+
+def test_dedup_and_sample_read_embeddings_from_an_object_store(ray_local, planted_set, tmp_path):
+    import pyarrow.fs as pafs
+
+    ids, x, emb = planted_set
+    dedup(emb, tmp_path / "local", eps=EPS, k=4, keep="hard")
+    with s3_server() as s3:
+        fs = pafs.S3FileSystem(endpoint_override=s3.endpoint, scheme="http", access_key=KEY, secret_key=KEY,
+                               region="us-east-1")
+        for f in sorted(emb.glob("*.parquet")):
+            pq.write_table(pq.read_table(f), f"{s3.bucket}/emb/{f.name}", filesystem=fs, row_group_size=400)
+        uri = s3.uri("emb")
+        r = _cli("dedup", uri, "--out", str(tmp_path / "remote"), "--k", "4", "--keep", "hard")
+        assert r.exit_code == 0, r.output
+        r = _cli("sample", uri, "--out", str(tmp_path / "sampled"), "--n", "300", "--levels", "2")
+        assert r.exit_code == 0, r.output
+    # the same rows, read from the object store, give the same result as from the local folder
+    assert result(tmp_path / "remote")[1] == result(tmp_path / "local")[1]
+    assert result(tmp_path / "remote")[0].tolist() == result(tmp_path / "local")[0].tolist()
+    sampled = pq.read_table(tmp_path / "sampled" / "sampled").column("id").to_numpy()
+    assert len(sampled) == 300 and np.isin(sampled, ids).all()
 
 
 def _cli(*args: str):

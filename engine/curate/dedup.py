@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine import storage
 from engine.curate.groups import FLUSH_ROWS, finished_clusters, process_group
 from engine.curate.output import check_result_output, state_folder, subfolder, write_json, write_result
-from engine.curate.partition import assign_to_buckets, default_sample_size, fit_centroids, plan_groups
+from engine.curate.partition import assign_to_buckets, default_sample_size, fit_centroids, guest_margin, plan_groups
 from engine.curate.similarity import KEEP_MODES
 from engine.curate.source import open_embeddings, validate
 from engine.errors import ConfigError, DataError
@@ -25,10 +27,13 @@ STAGE = "dedup"
 DEFAULT_SUMMARY_EPS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 # Vectors of one cluster group a task holds in memory; a larger group is memory-mapped and read in blocks.
 DEFAULT_MEMORY_BYTES = 256 << 20
+# Clusters each row is compared in: its own and its next-nearest within the margin of `guest_margin` (see
+# docs/curation.md for how pair recall against the exact search moves with it, on two data sets and three k).
+DEFAULT_PROBES = 3
 
 
 def check_settings(eps: float, k: int | None, keep: str, summary_eps: Sequence[float], block: int,
-                   sample_size: int | None) -> None:
+                   sample_size: int | None, probes: int = 1) -> None:
     """Every setting, named, before any file is read."""
     for name, value in (("--eps", eps), *((f"--summary-eps {e}", e) for e in summary_eps)):
         if not (isinstance(value, int | float) and 0 < value < 2):
@@ -38,6 +43,8 @@ def check_settings(eps: float, k: int | None, keep: str, summary_eps: Sequence[f
         raise ConfigError(f"--k={k} should be >= 1")
     if keep not in KEEP_MODES:
         raise ConfigError(f"--keep={keep!r} should be one of {', '.join(KEEP_MODES)}")
+    if not isinstance(probes, int) or probes < 1:
+        raise ConfigError(f"--probes={probes} should be an integer >= 1 (1: within-cluster only)")
     if block < 1:
         raise ConfigError(f"block={block} should be >= 1")
     if sample_size is not None and sample_size < 1:
@@ -53,6 +60,7 @@ def default_k(n_rows: int) -> int:
 def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, eps: float = 0.05,
           k: int | None = None, keep: str = "hard", seed: int = 0, column: str = "z", id_column: str = "id",
           summary_eps: Sequence[float] = DEFAULT_SUMMARY_EPS, sample_size: int | None = None,
+          probes: int = DEFAULT_PROBES,
           max_iter: int = 25, block: int = 2048, memory_bytes: int = DEFAULT_MEMORY_BYTES,
           flush_rows: int = FLUSH_ROWS, overwrite: bool = False,
           on_progress: Callable[[str, dict[str, Any]], None] | None = None,
@@ -60,6 +68,12 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     """Remove near-duplicates: spherical k-means, then within each cluster every row whose cosine similarity to an
     already kept row exceeds 1 - eps is removed, the keep order being SemDeDup's (hard: farthest from the
     centroid first, easy: closest first, random: seeded).
+
+    With `probes` > 1 each row is also compared with the rows of its next `probes - 1` nearest clusters (those
+    near enough to hold a pair, `guest_margin`), so pairs split across a cluster boundary are found; the keep order
+    is global (it depends on the row alone), a row's fate is decided in its own cluster, and a removal whose partner
+    from another cluster was itself removed there is undone (the row is kept), so every removed row's
+    `duplicate_of` is a kept row above the threshold.
 
     Writes `out/` (atomically, with manifests): `kept/` (id), `duplicates/` (id, duplicate_of, similarity,
     cluster), `summary.json` (rows removed for each of `summary_eps` and `eps`, from the same pass, and the time
@@ -70,7 +84,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     running (the CLI starts it after its checks).
     """
     summary_eps = sorted({*map(float, summary_eps), float(eps)})
-    check_settings(eps, k, keep, summary_eps, block, sample_size)
+    check_settings(eps, k, keep, summary_eps, block, sample_size, probes)
     source = str(embeddings)
     emb = open_embeddings(source, column=column, id_column=id_column)
     k = default_k(emb.n_rows) if k is None else k
@@ -81,7 +95,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
         raise ConfigError(f"sample_size={sample_size} should be >= --k={k}")
     check_result_output(out, source, overwrite=overwrite)
     key = {"stage": STAGE, "input": emb.fingerprint(), "k": k, "seed": seed, "sample_size": sample_size,
-           "max_iter": max_iter, "eps": summary_eps, "main_eps": float(eps), "keep": keep}
+           "max_iter": max_iter, "eps": summary_eps, "main_eps": float(eps), "keep": keep,
+           "probes": probes}
     config_hash = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     notify = on_progress or (lambda stage, info: None)
     times: dict[str, float] = {}
@@ -103,7 +118,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
         import ray
 
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        plan = {"groups": plan_groups(counts, emb.n_rows, emb.dim, memory_bytes=memory_bytes, min_groups=2 * cpus)}
+        plan = {"groups": plan_groups(counts, emb.n_rows, emb.dim, memory_bytes=memory_bytes, min_groups=2 * cpus,
+                                     probes=probes)}
         np.save(state / "centroids.npy", centroids)
         plan_path.write_text(json.dumps(plan))  # last: k-means is done only with its plan
     del sample_refs
@@ -111,7 +127,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     notify("kmeans", {"k": k, "groups": len(plan["groups"]), "seconds": times["kmeans"]})
 
     t0 = time.perf_counter()
-    assigned = assign_to_buckets(emb, centroids, plan["groups"], state)  # [3] one Ray task per piece
+    # [3] one Ray task per piece
+    assigned = assign_to_buckets(emb, centroids, plan["groups"], state, probes=probes, margin=guest_margin(eps))
     times["assign"] = time.perf_counter() - t0
     notify("assign", {**assigned, "seconds": times["assign"]})
 
@@ -128,12 +145,17 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     results = state / "results"
     kept_files = [results / r["kept"] for r in records]
     dup_files = [results / r["duplicates"] for r in records]
+    restored, dup_files, restored_file = _undo_removed_partners(kept_files, dup_files, state)
+    kept_rows, dup_rows = kept_rows + restored, dup_rows - restored
+    kept_files = kept_files + ([restored_file] if restored_file else [])
     _check_every_id_once(ids, kept_files + dup_files, source)
     main = summary_eps.index(float(eps))
     removed = [sum(r["removed_per_eps"][e] for r in records) for e in range(len(summary_eps))]
+    removed[main] -= restored
     summary = {
         "rows": emb.n_rows, "kept": kept_rows, "removed": dup_rows, "eps": float(eps), "k": k, "keep": keep,
-        "seed": seed, "sample_size": sample_size, "groups": len(plan["groups"]),
+        "seed": seed, "sample_size": sample_size, "groups": len(plan["groups"]), "probes": probes,
+        "guests": assigned["guests"], "restored": restored,
         "clusters_resumed": resumed, "pieces_resumed": assigned["pieces_resumed"],
         "summary": [{"eps": e, "removed": r, "fraction": r / emb.n_rows}
                     for e, r in zip(summary_eps, removed, strict=True)],
@@ -182,6 +204,47 @@ def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim
         for ref in pending:  # an interrupted driver stops its tasks; their finished clusters stay recorded
             ray.cancel(ref, force=True)
     return {"tasks": len(groups), "clusters_done": clusters, "clusters_skipped": skipped}
+
+
+def _undo_removed_partners(kept_files: list[Path], dup_files: list[Path], state: Path,
+                           ) -> tuple[int, list[Path], Path | None]:
+    """Keep every removed row whose `duplicate_of` was removed in its own cluster (only a guest partner can be):
+    repeated until none is left, as a kept row only adds partners. Returns (rows restored, the duplicates files,
+    some rewritten under `state/fixed/`, a kept file of the restored ids). Holds ids only: 8 bytes a row and
+    16 a removed row."""
+    kept = np.sort(np.concatenate([pq.read_table(f, columns=["id"]).column("id").to_numpy() for f in kept_files]
+                                  or [np.zeros(0, np.int64)]))
+    tables = [pq.read_table(f, columns=["id", "duplicate_of"]) for f in dup_files]
+    rid = np.concatenate([t.column("id").to_numpy() for t in tables] or [np.zeros(0, np.int64)])
+    did = np.concatenate([t.column("duplicate_of").to_numpy() for t in tables] or [np.zeros(0, np.int64)])
+    del tables
+    restored = np.zeros(0, np.int64)
+    alive = np.ones(len(rid), dtype=bool)
+    while True:
+        ok = np.isin(did, kept, assume_unique=False) | np.isin(did, restored)
+        undo = alive & ~ok
+        if not undo.any():
+            break
+        alive &= ~undo
+        restored = np.sort(np.concatenate([restored, rid[undo]]))
+    if not len(restored):
+        return 0, dup_files, None
+    fixed = state / "fixed"
+    fixed.mkdir(exist_ok=True)
+    out = []
+    for f in dup_files:
+        t = pq.read_table(f)
+        drop = np.isin(t.column("id").to_numpy(), restored)
+        if drop.any():
+            target = fixed / f.name
+            with storage.atomic_path(target) as tmp:
+                pq.write_table(t.filter(pa.array(~drop)), tmp)
+            f = target
+        out.append(f)
+    restored_file = fixed / "kept-restored.parquet"
+    with storage.atomic_path(restored_file) as tmp:
+        pq.write_table(pa.table({"id": pa.array(restored, pa.int64())}), tmp)
+    return len(restored), out, restored_file
 
 
 def _check_every_id_once(ids: np.ndarray, files: list[Path], where: str) -> None:

@@ -32,9 +32,10 @@ def finished_clusters(folder: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _load_group(files: list[Path], dim: int, memory_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Any]:
-    """(ids, clusters, centroid similarities, vectors) of a group's bucket files; the vectors in memory when they
-    fit `memory_bytes`, else in a memory-mapped file that the blocked pass reads a block at a time."""
+def _load_group(files: list[Path], dim: int, memory_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                         np.ndarray, Any]:
+    """(ids, clusters, home clusters, centroid similarities, vectors) of a group's bucket files; the vectors in
+    memory when they fit `memory_bytes`, else in a memory-mapped file that the blocked pass reads a block at a time."""
     metas = [pq.ParquetFile(f).metadata.num_rows for f in files]
     n = sum(metas)
     spill = n * dim * 4 > memory_bytes
@@ -44,18 +45,19 @@ def _load_group(files: list[Path], dim: int, memory_bytes: int) -> tuple[np.ndar
         vectors: Any = np.memmap(handle.name, dtype=np.float32, mode="w+", shape=(max(n, 1), dim))
     else:
         vectors = np.empty((n, dim), dtype=np.float32)
-    ids, clusters, sims, row = [], [], [], 0
+    ids, clusters, homes, sims, row = [], [], [], [], 0
     for f in files:
         t = pq.read_table(f)
         m = t.num_rows
         vectors[row:row + m] = vectors_to_numpy(t.column("v"), name="v", where=str(f))
         ids.append(t.column("id").to_numpy())
         clusters.append(t.column("cluster").to_numpy())
+        homes.append(t.column("home").to_numpy())
         sims.append(t.column("centroid_sim").to_numpy())
         row += m
     if spill:
         vectors.flush()
-    return np.concatenate(ids), np.concatenate(clusters), np.concatenate(sims), vectors
+    return np.concatenate(ids), np.concatenate(clusters), np.concatenate(homes), np.concatenate(sims), vectors
 
 
 def _flush(folder: Path, batch: list[tuple[int, Any]], n_eps: int) -> None:
@@ -86,7 +88,7 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
     if not todo:
         return {"group": group, "clusters": 0, "skipped": len(clusters), "rows": 0}
     files = sorted((root / "buckets" / f"g{group:05d}").glob("p*.parquet"))
-    ids, labels, csims, vectors = _load_group(files, dim, memory_bytes)
+    ids, labels, homes, csims, vectors = _load_group(files, dim, memory_bytes)
     try:
         order = np.argsort(labels, kind="stable")
         bounds = np.searchsorted(labels[order], np.arange(len(centroids) + 1))
@@ -96,20 +98,34 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
             # Sorted for memory-mapped reads; the keep order is applied on top.
             members = np.sort(members)
             walk = members[keep_order(ids[members], None, None, keep, seed, c, centroid_sims=csims[members])]
-            result = greedy_dedup(len(walk), lambda i, j, w=walk: vectors[np.sort(w[i:j])][
-                np.argsort(np.argsort(w[i:j]))], eps, main=main, block=block)
-            removed = walk[result.removed]
+            # Guests (rows of other clusters met here through probes) take part in the walk, so a member can be
+            # removed for a guest ranked before it, but only members' fates are written: a guest's is decided in
+            # its own cluster (a removal whose guest partner ends up removed there is undone by `dedup`).
+            member = homes[walk] == c
+            if isinstance(vectors, np.memmap):  # sorted reads of the file, the keep order applied on top
+                def walk_rows(i, j, w=walk):
+                    return vectors[np.sort(w[i:j])][np.argsort(np.argsort(w[i:j]))]
+            else:  # in memory: the cluster's rows gathered once, in walk order
+                def walk_rows(i, j, xw=vectors[walk]):
+                    return xw[i:j]
+            result = greedy_dedup(len(walk), walk_rows, eps, main=main, block=block, counted=member,
+                                  preferred=member)  # a member partner is final, a guest one may be undone
             is_removed = np.zeros(len(walk), dtype=bool)
             is_removed[result.removed] = True
+            mine = member[result.removed]
+            result.removed, result.duplicate_of = result.removed[mine], result.duplicate_of[mine]
+            result.similarity = result.similarity[mine]
+            removed = walk[result.removed]
+            is_removed &= member
             batch.append((c, {
-                "kept": pa.table({"id": pa.array(ids[walk[~is_removed]], pa.int64())}),
+                "kept": pa.table({"id": pa.array(ids[walk[member & ~is_removed]], pa.int64())}),
                 "duplicates": pa.table({"id": pa.array(ids[removed], pa.int64()),
                                         "duplicate_of": pa.array(ids[walk[result.duplicate_of]], pa.int64()),
                                         "similarity": pa.array(result.similarity, pa.float32()),
                                         "cluster": pa.array(np.full(len(removed), c, np.int32))}),
                 "removed_per_eps": result.removed_per_eps}))
             batch_rows += len(walk)
-            rows += len(walk)
+            rows += int(member.sum())
             if batch_rows >= flush_rows:
                 _flush(root, batch, len(eps))
                 batch, batch_rows = [], 0

@@ -40,14 +40,15 @@ def fit_centroids(sample_refs: list, k: int, seed: int, max_iter: int = 25) -> t
 
 
 def plan_groups(sample_counts: np.ndarray, n_rows: int, dim: int, *, memory_bytes: int,
-                min_groups: int) -> list[list[int]]:
+                min_groups: int, probes: int = 1) -> list[list[int]]:
     """Clusters packed, in index order, into groups of about `memory_bytes` of vectors (sizes estimated from the
     sample), and at least `min_groups` groups where there are that many clusters, so every CPU has work.
 
     A cluster larger than the budget is a group alone; its task then works from a memory-mapped file in blocks.
+    Guests (probes > 1) can add up to probes - 1 copies of a row, so the memory budget counts them at worst.
     """
     est = sample_counts / max(1, sample_counts.sum()) * n_rows
-    target = max(1.0, min(memory_bytes / (4 * dim), math.ceil(n_rows / max(1, min_groups))))
+    target = max(1.0, min(memory_bytes / (4 * dim * probes), math.ceil(n_rows / max(1, min_groups))))
     groups, current, size = [], [], 0.0
     for c in range(len(sample_counts)):
         if current and size + est[c] > target:
@@ -64,33 +65,55 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp)
 
 
+def guest_margin(eps: float) -> float:
+    """The angle (radians) by which a probed centroid may be farther from a row than its own centroid for the row
+    to have a neighbour above the threshold there: for x in cluster A and y in B with angle(x, y) <= t
+    (t = arccos(1 - eps)), angle(x, c_B) <= angle(x, y) + angle(y, c_B) <= t + angle(y, c_A) <= 2t + angle(x, c_A).
+    Rows farther than that from a cluster cannot have a pair in it, so they are not sent there."""
+    return 2.0 * math.acos(max(-1.0, 1.0 - eps))
+
+
 def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: int, centroids: np.ndarray,
-                  group_of: np.ndarray, folder: str) -> int:
+                  group_of: np.ndarray, folder: str, probes: int = 1, margin: float = 0.0) -> int:
     import torch
 
     ids, x = read_unit_piece(piece, column, id_column, dim)
     # Unit rows and centroids: the nearest centroid is the one of highest cosine similarity.
     sims = torch.from_numpy(x) @ torch.from_numpy(centroids).T
-    best, labels = sims.max(dim=1)
-    labels, best = labels.numpy(), best.numpy()
-    groups = group_of[labels]
+    top_sims, top = sims.topk(min(probes, len(centroids)), dim=1)
+    top_sims, top = top_sims.numpy(), top.numpy()
+    home, best = top[:, 0], top_sims[:, 0]
+    # Row positions and the cluster each copy is compared in: its own, then its next-nearest clusters within the
+    # margin (as guests: compared with that cluster's rows, their own fate decided in their home cluster).
+    rows, clusters = [np.arange(len(ids))], [home]
+    limit = np.cos(np.minimum(np.arccos(np.clip(best, -1, 1)) + margin, np.pi))
+    for j in range(1, top.shape[1]):
+        near = np.flatnonzero(top_sims[:, j] >= limit)
+        rows.append(near)
+        clusters.append(top[near, j])
+    rows_all, clusters_all = np.concatenate(rows), np.concatenate(clusters)
+    groups = group_of[clusters_all]
     root = Path(folder)
     for g in np.unique(groups):
-        rows = np.flatnonzero(groups == g)
+        at = np.flatnonzero(groups == g)
+        r = rows_all[at]
         (root / "buckets" / f"g{g:05d}").mkdir(parents=True, exist_ok=True)
-        _write_atomic(pa.table({"id": ids[rows], "cluster": labels[rows].astype(np.int32),
-                                "centroid_sim": best[rows].astype(np.float32), "v": vector_array(x[rows])}),
+        _write_atomic(pa.table({"id": ids[r], "cluster": clusters_all[at].astype(np.int32),
+                                "home": home[r].astype(np.int32), "centroid_sim": best[r].astype(np.float32),
+                                "v": vector_array(x[r])}),
                       root / "buckets" / f"g{g:05d}" / f"p{index:06d}.parquet")
     # The record comes last: a piece without one is assigned again, rewriting the same file names.
     record = root / "assigned" / f"p{index:06d}.json"
     record.parent.mkdir(exist_ok=True)
-    storage.write_text(record, json.dumps({"rows": len(ids)}))
+    storage.write_text(record, json.dumps({"rows": len(ids), "guests": int(len(rows_all) - len(ids))}))
     return len(ids)
 
 
-def assign_to_buckets(emb: Embeddings, centroids: np.ndarray, groups: list[list[int]], folder: Path) -> dict[str, Any]:
+def assign_to_buckets(emb: Embeddings, centroids: np.ndarray, groups: list[list[int]], folder: Path, *,
+                      probes: int = 1, margin: float = 0.0) -> dict[str, Any]:
     """Every row's nearest centroid, written with its unit vector into `folder/buckets/g<group>/p<piece>.parquet`
-    by one Ray task per piece; pieces recorded as done by an earlier, interrupted run are skipped."""
+    by one Ray task per piece, and a guest copy for each of its next `probes - 1` nearest centroids within
+    `margin` (see `guest_margin`); pieces recorded as done by an earlier, interrupted run are skipped."""
     import ray
 
     group_of = np.zeros(len(centroids), dtype=np.int64)
@@ -99,7 +122,9 @@ def assign_to_buckets(emb: Embeddings, centroids: np.ndarray, groups: list[list[
     done = {p.stem for p in (folder / "assigned").glob("p*.json")}
     task = ray.remote(num_cpus=1, max_retries=3)(_assign_piece)
     c_ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
-    refs = [task.remote(i, p, emb.column, emb.id_column, emb.dim, c_ref, group_of, str(folder))
+    refs = [task.remote(i, p, emb.column, emb.id_column, emb.dim, c_ref, group_of, str(folder), probes, margin)
             for i, p in enumerate(emb.pieces) if f"p{i:06d}" not in done]
     rows = sum(ray.get(refs))
-    return {"pieces": len(emb.pieces), "pieces_resumed": len(emb.pieces) - len(refs), "rows": rows}
+    guests = sum(json.loads(p.read_text()).get("guests", 0) for p in (folder / "assigned").glob("p*.json"))
+    return {"pieces": len(emb.pieces), "pieces_resumed": len(emb.pieces) - len(refs), "rows": rows,
+            "guests": guests}
