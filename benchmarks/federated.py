@@ -141,8 +141,18 @@ def feddp(args: argparse.Namespace) -> list[dict]:
     runs = ([("server k-means", 1), ("server k-means", 2), ("candidates", 1)] if client
             else [("candidates", 2), ("candidates", 5)])
     for seed, (init_kind, rounds) in itertools.product(_ints(args.sweep_seeds), runs):
-        X, _ = mixture(k, d, 100 * m + 500, seed)
-        server, X = X[:500], X[500:]
+        if args.server_data == "paper":
+            # FedDP-KMeans's GaussianMixtureUniform server data: 20 rows of each component and 100 rows uniform
+            # over the box the components span (+- 3 sd): small, and partly out of distribution.
+            X, y = mixture(k, d, 100 * m + 40 * k, seed)
+            X, spare, spare_y = X[:100 * m], X[100 * m:], y[100 * m:]
+            mixed = np.concatenate([spare[spare_y == j][:20] for j in range(k)])
+            lo, hi = mixed.min(axis=0) - 3, mixed.max(axis=0) + 3
+            uniform = np.random.default_rng(seed + 1).uniform(lo, hi, (100, d)).astype(np.float32)
+            server = np.concatenate([mixed, uniform])
+        else:
+            X, _ = mixture(k, d, 100 * m + 500, seed)
+            server, X = X[:500], X[500:]
         parts = {f"c{i:03d}": X[i * m:(i + 1) * m] for i in range(100)}
         ref = KMeans(k, n_init=10, max_iter=100, seed=seed).fit(X).inertia_
         server_km = KMeans(k, n_init=10, max_iter=100, seed=seed).fit(server)
@@ -160,7 +170,8 @@ def feddp(args: argparse.Namespace) -> list[dict]:
         inertia = float(assign(X, km.cluster_centers_)[1].astype(np.float64).sum())
         init_inertia = float(assign(X, km.init_centers_)[1].astype(np.float64).sum())
         lloyd = [r for r in km.history_ if r["kind"] == "lloyd"]
-        result = {"bench": "federated-feddp", "unit": args.privacy_unit, "k": k, "d": d, "seed": seed,
+        result = {"bench": "federated-feddp", "unit": args.privacy_unit, "server_data": args.server_data,
+                  "k": k, "d": d, "seed": seed,
                   "init": init_kind, "rounds": rounds, "inertia_ratio": inertia / ref,
                   "init_ratio": init_inertia / ref, "epsilon_spent": km.privacy_spent_["epsilon"],
                   "epsilon_per_round": lloyd[0]["privacy"]["epsilon"],
@@ -184,13 +195,16 @@ def record_feddp(args: argparse.Namespace, results: list[dict]) -> None:
             unit = (f"client-level DP (privacy.unit client: a client's centred per-cluster sums and counts scaled "
                     f"by one factor to clip_norm 2 sqrt(m s2) = {clips[0]}-{clips[-1]} and count_clip m / sqrt(k) = "
                     f"{results[0]['count_clip']:.1f}, from the server-side points' spread s2 and the rows per client "
-                    "m); server k-means init: k-means of the 500 server-side points (no release, its ratio in the "
+                    "m); server k-means init: k-means of the server-side points (no release, its ratio in the "
                     "init column); candidates: those points weighted by the clients (one counts release)")
         else:
             unit = "data-point-level DP (one row clipped to clip_norm, 1.2 x the largest server-side row norm)"
+        server = ("500 server-side rows of the same mixture" if args.server_data == "same" else
+                  "FedDP-KMeans's server data: 20 rows of each component and 100 uniform over their box")
         append_section(f"Federated DP in FedDP-KMeans's data shape: 100 clients x 1,000 rows, total epsilon 1 "
-                       f"({args.privacy_unit}-level)", header, table,
-                       f"k 10 Gaussian mixture; {unit}. Secure aggregation, Gaussian counts, count_share 0.2. "
+                       f"({args.privacy_unit}-level, server data: {args.server_data})", header, table,
+                       f"k 10 Gaussian mixture, d {results[0]['d']}; {server}; {unit}. Secure aggregation, Gaussian "
+                       "counts, count_share 0.2. "
                        f"In-process clients; {sum(r['seconds'] for r in results):.0f} s of fitting in all; "
                        f"`{command}`. Python {platform.python_version()}.")
 
@@ -225,6 +239,9 @@ def main() -> None:
     parser.add_argument("--scale", default="", help="virtual client counts, comma-separated")
     parser.add_argument("--feddp", action="store_true", help="DP in FedDP-KMeans's shape (in-process)")
     parser.add_argument("--feddp-d", type=int, default=10)
+    parser.add_argument("--server-data", choices=["same", "paper"], default="same",
+                        help="--feddp: 500 server-side rows of the clients' mixture (same), or FedDP-KMeans's: 20 rows "
+                             "of each component and 100 uniform over their box (paper)")
     parser.add_argument("--privacy-unit", default="client", choices=("row", "client"),
                         help="--feddp: data-point-level (row) or client-level (client) DP")
     parser.add_argument("--scale-transport", default="in_process", choices=("in_process", "ray"))
