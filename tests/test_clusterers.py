@@ -112,7 +112,7 @@ def test_cluster_means_are_the_mean_rows():
 @pytest.mark.parametrize(
     ("cluster", "message"),
     [
-        ({"method": "spectral"}, r"'cluster.method': Input should be 'kmeans', .*'dbscan' \(got 'spectral'\)"),
+        ({"method": "spectral"}, r"'cluster.method': Input should be 'kmeans', .*'posterior' \(got 'spectral'\)"),
         ({"method": "gmm", "covariance_type": "round"}, r"'cluster.covariance_type': Input should be 'full'"),
         ({"manifold": "tsne"}, r"'cluster.manifold': Input should be 'none' or 'umap'"),
         ({"umap": {"n_neighbours": 5}}, r"unknown key 'cluster.umap.n_neighbours'"),
