@@ -267,7 +267,8 @@ def test_bad_input_is_named_before_ray_starts(parts):
         (parts, {"transport": "grpc"}, ConfigError, r"transport='grpc' should be one of ray, in_process, flower\.$"),
         (parts, {"clients_per_actor": 0}, ConfigError,
          r"clients_per_actor=0 should be >= 1 \(config: federated\.clients_per_actor\)\.$"),
-        (parts, {"secure_neighbours": 1}, ConfigError, r"secure_neighbours=1 should be >= 2\.$"),
+        (parts, {"secure_neighbours": 1}, ConfigError,
+         r"secure_neighbours=1 should be >= 2 \(config: federated\.secure_neighbours\)\.$"),
         (parts, {"placement": "resource", "transport": "in_process"}, ConfigError, "placement needs transport='ray'"),
     ]
     for partitions, kwargs, error, message in cases:
