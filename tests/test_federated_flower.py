@@ -149,29 +149,9 @@ def superlink(tmp_path):
 
 @pytest.mark.slow
 def test_superlink_and_two_supernodes_equal_the_ray_run(ray_run, parts, init, superlink, tmp_path):
-    for name in ("a", "b"):
-        pq.write_table(pa.table({"x": vector_array(parts[name])}), tmp_path / f"{name}.parquet")
-    np.save(tmp_path / "init.npy", init)
-    config = tmp_path / "flower.yaml"
-    config.write_text(yaml.safe_dump({
-        "name": "flower", "seed": 0, "cluster": {"k": K, "tol": 0},
-        "federated": {"mode": "rounds", "max_rounds": DEPLOYED_ROUNDS, "init_points": str(tmp_path / "init.npy"),
-                      "secure_aggregation": True, "partitions": {"by": "nodes"},
-                      "flower": {"address": superlink, "insecure": True, "nodes": 2, "wait": 120}},
-    }))
-    out = tmp_path / "run"
-    started = time.perf_counter()
-    result = CliRunner().invoke(app, ["federate", str(config), "--backend", "flower", "--out", str(out), "--quiet"])
-    assert result.exit_code == 0, result.output + "\n" + (tmp_path / "superlink.log").read_text()[-3000:]
-    np.testing.assert_allclose(np.load(out / "centroids.npy"), ray_run["ab"], rtol=0, atol=1e-6)
-    summary = yaml.safe_load((out / "federated" / "summary.json").read_text())
-    assert set(summary["partitions"]) == {"a", "b"} and summary["rounds"] == DEPLOYED_ROUNDS
-    assert summary["secure_aggregation"] and summary["partitions_from"] == {"by": "nodes", "superlink": superlink}
-    print(f"SuperLink run: {time.perf_counter() - started:.1f} s")
-
-
-@pytest.mark.slow
-def test_a_supernodes_missing_data_is_one_error_line(parts, superlink, tmp_path):
+    """Two runs on one SuperLink (each SuperLink start costs seconds): first with SuperNode b's file missing, which is
+    one `error:` line naming that file and writes nothing; then with both files, which ends at the Ray run's
+    centroids."""
     pq.write_table(pa.table({"x": vector_array(parts["a"])}), tmp_path / "a.parquet")  # b's file is missing
     out = tmp_path / "run"
     result = CliRunner().invoke(app, [
@@ -183,6 +163,24 @@ def test_a_supernodes_missing_data_is_one_error_line(parts, superlink, tmp_path)
     assert len(lines) == 1 and lines[0] == f"error: {tmp_path / 'b.parquet'}: Parquet file or folder not found", \
         result.output
     assert not out.exists()
+
+    pq.write_table(pa.table({"x": vector_array(parts["b"])}), tmp_path / "b.parquet")
+    np.save(tmp_path / "init.npy", init)
+    config = tmp_path / "flower.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "flower", "seed": 0, "cluster": {"k": K, "tol": 0},
+        "federated": {"mode": "rounds", "max_rounds": DEPLOYED_ROUNDS, "init_points": str(tmp_path / "init.npy"),
+                      "secure_aggregation": True, "partitions": {"by": "nodes"},
+                      "flower": {"address": superlink, "insecure": True, "nodes": 2, "wait": 120}},
+    }))
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["federate", str(config), "--backend", "flower", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output + "\n" + (tmp_path / "superlink.log").read_text()[-3000:]
+    np.testing.assert_allclose(np.load(out / "centroids.npy"), ray_run["ab"], rtol=0, atol=1e-6)
+    summary = yaml.safe_load((out / "federated" / "summary.json").read_text())
+    assert set(summary["partitions"]) == {"a", "b"} and summary["rounds"] == DEPLOYED_ROUNDS
+    assert summary["secure_aggregation"] and summary["partitions_from"] == {"by": "nodes", "superlink": superlink}
+    print(f"SuperLink run: {time.perf_counter() - started:.1f} s")
 
 
 def test_a_message_cannot_make_its_reader_run_code(tmp_path):

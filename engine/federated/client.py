@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.cluster import KMeans, PartialStats, partial_stats
+from engine.cluster import PartialStats, partial_stats
 from engine.errors import EngineError
 from engine.federated import recovery, secure
 from engine.federated.partitions import label_counts, read_partition
@@ -104,6 +104,8 @@ class FederatedClient:
 
     def local_kmeans(self, n_clusters: int, seed: int, max_iter: int, tol: float, release: Release) -> dict:
         """k-FED's local step: k-means with k' clusters on this partition; sends sums and counts (k' rows)."""
+        from engine.cluster import KMeans  # scikit-learn's estimator API: only k-FED's clients pay its import
+
         km = KMeans(n_clusters, init="k-means++", n_init=1, max_iter=max_iter, tol=tol, seed=seed,
                     backend=self._backend).fit(self._X)
         return self._message(partial_stats(self._X, km.cluster_centers_, backend=self._backend), release)
