@@ -97,25 +97,72 @@ def test_blocked_pass_equals_the_row_by_row_definition(block):
     assert (res.similarity > 1 - EPS).all()
 
 
-@pytest.mark.parametrize("block", [7, 5000])
-def test_duplicate_of_prefers_rows_whose_fate_is_final(block):
-    ids, x = planted(n=600, d=8, copies=80, seed=1)
-    u = unit(x)[np.argsort(ids)]
-    preferred = np.random.default_rng(0).random(len(u)) < 0.5
-    plain = greedy_dedup(len(u), lambda i, j: u[i:j], [EPS], block=block)
-    res = greedy_dedup(len(u), lambda i, j: u[i:j], [EPS], block=block, preferred=preferred)
-    np.testing.assert_array_equal(res.removed, plain.removed)  # which rows go does not change
-    kept = np.ones(len(u), dtype=bool)
-    kept[res.removed] = False
-    picked_preferred = 0
-    for r, d in zip(res.removed, res.duplicate_of, strict=True):
-        earlier = np.flatnonzero(kept[:r])
-        sims = u[earlier].astype(np.float64) @ u[r]
-        fine = earlier[(sims > 1 - EPS) & preferred[earlier]]
-        want = fine[np.argmax(u[fine] @ u[r])] if len(fine) else earlier[np.argmax(sims)]
-        assert d == want
-        picked_preferred += bool(len(fine))
-    assert 0 < picked_preferred < len(res.removed)
+def global_greedy(ids: np.ndarray, u: np.ndarray, csims: np.ndarray, walks: list[np.ndarray], keep: str,
+                  eps: float = EPS) -> tuple[set[int], set[tuple[int, int]]]:
+    """(removed ids, candidate edges as id pairs): SemDeDup's greedy rule, row by row in the global keep order, over
+    the pairs above the threshold that share a walk (positions of the rows compared together)."""
+    edges = set()
+    for w in walks:
+        s = u[w].astype(np.float64) @ u[w].T.astype(np.float64)
+        for i, j in np.argwhere(np.triu(s > 1 - eps, 1)):
+            edges.add((min(w[i], w[j]), max(w[i], w[j])))
+    partners: dict[int, set[int]] = {}
+    for a, b in edges:
+        partners.setdefault(a, set()).add(b)
+        partners.setdefault(b, set()).add(a)
+    from engine.curate.similarity import keep_order
+
+    removed: set[int] = set()
+    order = keep_order(ids, None, None, keep, 0, 0, centroid_sims=csims)
+    rank = {int(r): n for n, r in enumerate(order)}
+    for i in order:
+        seen = partners.get(int(i), set())
+        if any(rank[p] < rank[int(i)] and p not in removed for p in seen):
+            removed.add(int(i))
+    return {int(ids[r]) for r in removed}, {(int(ids[a]), int(ids[b])) for a, b in edges}
+
+
+@pytest.mark.parametrize("block", [7, 64, 5000])
+@pytest.mark.parametrize("keep", ["hard", "random"])
+def test_walks_and_the_global_pass_equal_the_greedy_rule_over_every_edge(tmp_path, block, keep):
+    from engine.curate.groups import walk_cluster
+    from engine.curate.resolve import resolve_pending
+    from engine.curate.similarity import keep_order
+
+    ids, x = planted(n=600, d=8, copies=120, seed=4)
+    u = unit(x).astype(np.float32)
+    rng = np.random.default_rng(0)
+    csims = rng.random(len(u)).astype(np.float32)
+    homes = rng.integers(0, 3, len(u))
+    # a third of the rows are guests in one other cluster, as probes make them
+    guest_in = np.where(rng.random(len(u)) < 0.33, (homes + rng.integers(1, 3, len(u))) % 3, -1)
+    walks, files = [], {"kept": [], "duplicates": [], "pending": [], "edges": []}
+    alone = set()  # removed by each home walk taken alone, guests counted as kept (the undo-free rule)
+    for c in range(3):
+        w = np.flatnonzero((homes == c) | (guest_in == c))
+        w = w[keep_order(ids[w], None, None, keep, 0, c, centroid_sims=csims[w])]
+        walks.append(w)
+        out = walk_cluster(c, ids[w], homes[w], csims[w], guest_in[w] >= 0, lambda i, j, w=w: u[w[i:j]], [EPS],
+                           0, block)
+        plain = greedy_dedup(len(w), lambda i, j, w=w: u[w[i:j]], [EPS], block=block)
+        alone |= {int(i) for i in ids[w[plain.removed]][homes[w[plain.removed]] == c]}
+        for what in files:
+            files[what].append(tmp_path / f"{what}-{c}.parquet")
+            pq.write_table(out[what], files[what][-1])
+    n_kept, n_removed, extra = resolve_pending(files["kept"], files["pending"], files["edges"], keep, 0,
+                                               tmp_path / "global")
+    kept = np.concatenate([pq.read_table(f).column("id").to_numpy() for f in files["kept"] + extra[:1]])
+    dups = pa.concat_tables([pq.read_table(f) for f in files["duplicates"] + extra[1:]]).to_pydict()
+    want_removed, edges = global_greedy(ids, u, csims, walks, keep)
+    assert set(dups["id"]) == want_removed and len(want_removed) > 100 and n_removed > 0 and n_kept > 0
+    assert len(alone ^ want_removed) >= 5  # deciding in each walk alone is wrong here
+    np.testing.assert_array_equal(np.sort(np.concatenate([kept, dups["id"]])), np.sort(ids))
+    kept_set = set(kept.tolist())
+    assert not [e for e in edges if e[0] in kept_set and e[1] in kept_set]  # no kept pair the walks compared
+    pos = {int(i): n for n, i in enumerate(ids)}
+    for r, d, sim in zip(dups["id"], dups["duplicate_of"], dups["similarity"], strict=True):
+        assert d in kept_set and ((min(r, d), max(r, d)) in edges or (max(r, d), min(r, d)) in edges)
+        assert abs(float(u[pos[r]] @ u[pos[d]]) - sim) < 1e-5 and sim > 1 - EPS
 
 
 def test_balanced_quotas_split_evenly_where_sizes_allow():

@@ -92,6 +92,9 @@ def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: in
         rows.append(near)
         clusters.append(top[near, j])
     rows_all, clusters_all = np.concatenate(rows), np.concatenate(clusters)
+    # A row that is a guest elsewhere can have partners its home walk does not see (see `greedy_dedup`).
+    away = np.zeros(len(ids), dtype=bool)
+    away[rows_all[len(ids):]] = True
     groups = group_of[clusters_all]
     root = Path(folder)
     for g in np.unique(groups):
@@ -100,7 +103,7 @@ def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: in
         (root / "buckets" / f"g{g:05d}").mkdir(parents=True, exist_ok=True)
         _write_atomic(pa.table({"id": ids[r], "cluster": clusters_all[at].astype(np.int32),
                                 "home": home[r].astype(np.int32), "centroid_sim": best[r].astype(np.float32),
-                                "v": vector_array(x[r])}),
+                                "guest_elsewhere": away[r], "v": vector_array(x[r])}),
                       root / "buckets" / f"g{g:05d}" / f"p{index:06d}.parquet")
     # The record comes last: a piece without one is assigned again, rewriting the same file names.
     record = root / "assigned" / f"p{index:06d}.json"
