@@ -270,6 +270,44 @@ def test_probes_find_pairs_split_across_clusters(ray_local, tmp_path, keep):
     assert missed[3] == 0, missed
 
 
+@pytest.mark.parametrize("keep", ["hard", "easy"])
+def test_probes_leave_no_pair_the_search_compared_with_both_rows_kept(ray_local, tmp_path, keep):
+    """Dense rows in 6 dimensions (a few partners each, chains of them across cluster boundaries): deciding each row
+    in its own cluster and undoing removals whose partner went elsewhere left 28 (hard) and 34 (easy) kept pairs
+    here; the global pass leaves none among the pairs the search compared."""
+    from engine.curate.partition import guest_margin
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 6)).astype(np.float32)
+    ids = rng.permutation(30000)[:3000].astype(np.int64)
+    emb = write(tmp_path / "emb", ids, x)
+    out = tmp_path / "out"
+    summary = dedup(emb, out, eps=EPS, k=20, keep=keep, probes=3, block=64)
+    kept, got = result(out)
+    np.testing.assert_array_equal(np.sort(np.concatenate([kept, list(got)])), np.sort(ids))
+    u = unit(x).astype(np.float64)
+    sims = u @ u.T
+    pos = {int(i): n for n, i in enumerate(ids)}
+    is_kept = np.isin(ids, kept)
+    for r, d in got.items():  # the engine compares in float32
+        assert is_kept[pos[d]] and sims[pos[r], pos[d]] > 1 - EPS - 1e-6
+    # the pairs the search compared: same home cluster, or one row a guest (within the margin, among the 3
+    # nearest) in the other's; pairs within 1e-4 of a threshold or margin are left out (float32 vs float64)
+    cs = u @ np.load(out / "centroids.npy").astype(np.float64).T
+    top = np.argsort(-cs, axis=1)[:, :3]
+    home = top[:, 0]
+    limit = np.cos(np.arccos(np.clip(cs[np.arange(len(u)), home], -1, 1)) + guest_margin(EPS))
+    guest = np.zeros(cs.shape, dtype=bool)
+    for j in (1, 2):
+        guest[np.arange(len(u)), top[:, j]] = cs[np.arange(len(u)), top[:, j]] >= limit + 1e-4
+    a, b = np.nonzero(np.triu(sims > 1 - EPS + 1e-4, 1))
+    compared = (home[a] == home[b]) | guest[a, home[b]] | guest[b, home[a]]
+    assert compared.sum() >= 2000 and (home[a] != home[b])[compared].sum() >= 300
+    both = is_kept[a] & is_kept[b] & compared
+    assert not both.any(), [(int(ids[i]), int(ids[j])) for i, j in zip(a[both], b[both], strict=True)][:5]
+    assert summary["pending"] > 0 and summary["removed"] == len(got)
+
+
 class Stop(Exception):
     """Stands for a crash of the driver after some clusters finished."""
 
