@@ -165,6 +165,31 @@ def test_walks_and_the_global_pass_equal_the_greedy_rule_over_every_edge(tmp_pat
         assert abs(float(u[pos[r]] @ u[pos[d]]) - sim) < 1e-5 and sim > 1 - EPS
 
 
+@pytest.mark.parametrize("eps", [0.01, EPS, 0.3])
+def test_guest_bounds_never_drop_a_pair_across_clusters(eps):
+    from engine.curate.partition import bisector_reach, guest_margin
+
+    rng = np.random.default_rng(0)
+    u = unit(rng.normal(size=(2000, 4))).astype(np.float64)
+    c = unit(rng.normal(size=(12, 4)))
+    cs = u @ c.T
+    home = cs.argmax(axis=1)
+    a, b = np.nonzero(np.triu(u @ u.T > 1 - eps, 1))
+    split = home[a] != home[b]
+    a, b = np.concatenate([a[split], b[split]]), np.concatenate([b[split], a[split]])  # both directions
+    assert len(a) > 100
+    # row a of cluster home[a], partner b in home[b]: a must pass both bounds for home[b]
+    gap = np.linalg.norm(c[home[a]] - c[home[b]], axis=1)
+    assert (cs[a, home[a]] - cs[a, home[b]] <= bisector_reach(eps) * gap + 1e-12).all()
+    angle = np.arccos(np.clip(cs, -1, 1))
+    assert (angle[a, home[b]] <= angle[a, home[a]] + guest_margin(eps) + 1e-12).all()
+    # and the bisector bound is the tighter of the two on these rows: fewer rows pass it
+    near_margin = (angle <= angle[np.arange(len(u)), home][:, None] + guest_margin(eps)).sum()
+    gaps = np.linalg.norm(c[home][:, None, :] - c[None, :, :], axis=2)
+    near_bisector = (cs[np.arange(len(u)), home][:, None] - cs <= bisector_reach(eps) * gaps).sum()
+    assert near_bisector < near_margin
+
+
 def test_balanced_quotas_split_evenly_where_sizes_allow():
     rng = np.random.default_rng(0)
     q = split_quota(np.array([100, 3, 50, 1]), 40, rng)

@@ -16,7 +16,14 @@ import pyarrow.parquet as pq
 
 from engine.curate.groups import FLUSH_ROWS, RESULT_FILES, finished_clusters, process_group
 from engine.curate.output import check_result_output, state_folder, subfolder, write_json, write_result
-from engine.curate.partition import assign_to_buckets, default_sample_size, fit_centroids, guest_margin, plan_groups
+from engine.curate.partition import (
+    assign_to_buckets,
+    bisector_reach,
+    default_sample_size,
+    fit_centroids,
+    guest_margin,
+    plan_groups,
+)
 from engine.curate.resolve import resolve_pending
 from engine.curate.similarity import KEEP_MODES
 from engine.curate.source import open_embeddings, validate
@@ -95,7 +102,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     check_result_output(out, source, overwrite=overwrite)
     key = {"stage": STAGE, "input": emb.fingerprint(), "k": k, "seed": seed, "sample_size": sample_size,
            "max_iter": max_iter, "eps": summary_eps, "main_eps": float(eps), "keep": keep,
-           "probes": probes, "format": 2}
+           "probes": probes, "format": 3}
     config_hash = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     notify = on_progress or (lambda stage, info: None)
     times: dict[str, float] = {}
@@ -127,7 +134,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
 
     t0 = time.perf_counter()
     # [3] one Ray task per piece
-    assigned = assign_to_buckets(emb, centroids, plan["groups"], state, probes=probes, margin=guest_margin(eps))
+    assigned = assign_to_buckets(emb, centroids, plan["groups"], state, probes=probes, margin=guest_margin(eps),
+                                 reach=bisector_reach(eps))
     times["assign"] = time.perf_counter() - t0
     notify("assign", {**assigned, "seconds": times["assign"]})
 
