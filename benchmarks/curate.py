@@ -129,6 +129,7 @@ def quality(x: np.ndarray, group: np.ndarray, name: str, ks: list[int], probes: 
                          "rows": len(x), "removed": len(rid), "guests": s["guests"], "pending": s["pending"],
                          "edges": s["edges"],
                          "seconds": round(seconds, 1), "precision_vs_exact": round(precision, 4),
+                         "stages": {a: round(b, 1) for a, b in s["seconds"].items() if isinstance(b, float)},
                          "planted_recall": round(right / planted_extra, 4),
                          "planted_precision": round(right / max(1, len(rid)), 4)})
             configs.append({"home": home, "guests": guests, "kept": kept})

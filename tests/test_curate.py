@@ -190,6 +190,17 @@ def test_guest_bounds_never_drop_a_pair_across_clusters(eps):
     assert near_bisector < near_margin
 
 
+def test_cli_and_job_probes_default_is_the_library_default():
+    import inspect
+
+    from engine.cli import dedup as cli_dedup
+    from engine.curate.dedup import DEFAULT_PROBES
+    from jobs import dedup as job
+
+    assert inspect.signature(cli_dedup).parameters["probes"].default == DEFAULT_PROBES
+    assert f"default={DEFAULT_PROBES}," in inspect.getsource(job)
+
+
 def test_balanced_quotas_split_evenly_where_sizes_allow():
     rng = np.random.default_rng(0)
     q = split_quota(np.array([100, 3, 50, 1]), 40, rng)
