@@ -434,8 +434,9 @@ def dedup(
     eps: Annotated[float, typer.Option(help="Remove rows whose cosine similarity to a kept row exceeds 1 - eps.")]
     = 0.05,
     k: Annotated[int | None, typer.Option("--k", help="Spherical k-means clusters (default: rows / 1000).")] = None,
-    probes: Annotated[int, typer.Option(help="Clusters each row is compared in: its own and the next-nearest "
-                                        "(1: within-cluster only, misses pairs split across clusters).")] = 3,
+    probes: Annotated[int, typer.Option(help="At most this many clusters each row is compared in: its own and the "
+                                        "next-nearest where a pair is possible (1: within-cluster only, misses "
+                                        "pairs split across clusters).")] = 5,  # = curate.dedup.DEFAULT_PROBES
     keep: Annotated[str, typer.Option(help="Which row of a duplicate group stays: hard (farthest from the "
                                       "centroid), easy (closest) or random.")] = "hard",
     seed: Annotated[int, typer.Option(help="Seed of the k-means sample and of --keep random.")] = 0,

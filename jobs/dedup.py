@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--k", type=int, default=None)
-    p.add_argument("--probes", type=int, default=3, help="clusters each row is compared in (1: its own only)")
+    p.add_argument("--probes", type=int, default=5,  # = engine.curate.dedup.DEFAULT_PROBES
+                   help="at most this many clusters each row is compared in (1: its own only)")
     p.add_argument("--keep", default="hard", choices=["hard", "easy", "random"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--column", default="z")

@@ -97,25 +97,108 @@ def test_blocked_pass_equals_the_row_by_row_definition(block):
     assert (res.similarity > 1 - EPS).all()
 
 
-@pytest.mark.parametrize("block", [7, 5000])
-def test_duplicate_of_prefers_rows_whose_fate_is_final(block):
-    ids, x = planted(n=600, d=8, copies=80, seed=1)
-    u = unit(x)[np.argsort(ids)]
-    preferred = np.random.default_rng(0).random(len(u)) < 0.5
-    plain = greedy_dedup(len(u), lambda i, j: u[i:j], [EPS], block=block)
-    res = greedy_dedup(len(u), lambda i, j: u[i:j], [EPS], block=block, preferred=preferred)
-    np.testing.assert_array_equal(res.removed, plain.removed)  # which rows go does not change
-    kept = np.ones(len(u), dtype=bool)
-    kept[res.removed] = False
-    picked_preferred = 0
-    for r, d in zip(res.removed, res.duplicate_of, strict=True):
-        earlier = np.flatnonzero(kept[:r])
-        sims = u[earlier].astype(np.float64) @ u[r]
-        fine = earlier[(sims > 1 - EPS) & preferred[earlier]]
-        want = fine[np.argmax(u[fine] @ u[r])] if len(fine) else earlier[np.argmax(sims)]
-        assert d == want
-        picked_preferred += bool(len(fine))
-    assert 0 < picked_preferred < len(res.removed)
+def global_greedy(ids: np.ndarray, u: np.ndarray, csims: np.ndarray, walks: list[np.ndarray], keep: str,
+                  eps: float = EPS) -> tuple[set[int], set[tuple[int, int]]]:
+    """(removed ids, candidate edges as id pairs): SemDeDup's greedy rule, row by row in the global keep order, over
+    the pairs above the threshold that share a walk (positions of the rows compared together)."""
+    edges = set()
+    for w in walks:
+        s = u[w].astype(np.float64) @ u[w].T.astype(np.float64)
+        for i, j in np.argwhere(np.triu(s > 1 - eps, 1)):
+            edges.add((min(w[i], w[j]), max(w[i], w[j])))
+    partners: dict[int, set[int]] = {}
+    for a, b in edges:
+        partners.setdefault(a, set()).add(b)
+        partners.setdefault(b, set()).add(a)
+    from engine.curate.similarity import keep_order
+
+    removed: set[int] = set()
+    order = keep_order(ids, None, None, keep, 0, 0, centroid_sims=csims)
+    rank = {int(r): n for n, r in enumerate(order)}
+    for i in order:
+        seen = partners.get(int(i), set())
+        if any(rank[p] < rank[int(i)] and p not in removed for p in seen):
+            removed.add(int(i))
+    return {int(ids[r]) for r in removed}, {(int(ids[a]), int(ids[b])) for a, b in edges}
+
+
+@pytest.mark.parametrize("block", [7, 64, 5000])
+@pytest.mark.parametrize("keep", ["hard", "random"])
+def test_walks_and_the_global_pass_equal_the_greedy_rule_over_every_edge(tmp_path, block, keep):
+    from engine.curate.groups import walk_cluster
+    from engine.curate.resolve import resolve_pending
+    from engine.curate.similarity import keep_order
+
+    ids, x = planted(n=600, d=8, copies=120, seed=4)
+    u = unit(x).astype(np.float32)
+    rng = np.random.default_rng(0)
+    csims = rng.random(len(u)).astype(np.float32)
+    homes = rng.integers(0, 3, len(u))
+    # a third of the rows are guests in one other cluster, as probes make them
+    guest_in = np.where(rng.random(len(u)) < 0.33, (homes + rng.integers(1, 3, len(u))) % 3, -1)
+    walks, files = [], {"kept": [], "duplicates": [], "pending": [], "edges": []}
+    alone = set()  # removed by each home walk taken alone, guests counted as kept (the undo-free rule)
+    for c in range(3):
+        w = np.flatnonzero((homes == c) | (guest_in == c))
+        w = w[keep_order(ids[w], None, None, keep, 0, c, centroid_sims=csims[w])]
+        walks.append(w)
+        out = walk_cluster(c, ids[w], homes[w], csims[w], guest_in[w] >= 0, lambda i, j, w=w: u[w[i:j]], [EPS],
+                           0, block)
+        plain = greedy_dedup(len(w), lambda i, j, w=w: u[w[i:j]], [EPS], block=block)
+        alone |= {int(i) for i in ids[w[plain.removed]][homes[w[plain.removed]] == c]}
+        for what in files:
+            files[what].append(tmp_path / f"{what}-{c}.parquet")
+            pq.write_table(out[what], files[what][-1])
+    n_kept, n_removed, extra = resolve_pending(files["kept"], files["pending"], files["edges"], keep, 0,
+                                               tmp_path / "global")
+    kept = np.concatenate([pq.read_table(f).column("id").to_numpy() for f in files["kept"] + extra[:1]])
+    dups = pa.concat_tables([pq.read_table(f) for f in files["duplicates"] + extra[1:]]).to_pydict()
+    want_removed, edges = global_greedy(ids, u, csims, walks, keep)
+    assert set(dups["id"]) == want_removed and len(want_removed) > 100 and n_removed > 0 and n_kept > 0
+    assert len(alone ^ want_removed) >= 5  # deciding in each walk alone is wrong here
+    np.testing.assert_array_equal(np.sort(np.concatenate([kept, dups["id"]])), np.sort(ids))
+    kept_set = set(kept.tolist())
+    assert not [e for e in edges if e[0] in kept_set and e[1] in kept_set]  # no kept pair the walks compared
+    pos = {int(i): n for n, i in enumerate(ids)}
+    for r, d, sim in zip(dups["id"], dups["duplicate_of"], dups["similarity"], strict=True):
+        assert d in kept_set and ((min(r, d), max(r, d)) in edges or (max(r, d), min(r, d)) in edges)
+        assert abs(float(u[pos[r]] @ u[pos[d]]) - sim) < 1e-5 and sim > 1 - EPS
+
+
+@pytest.mark.parametrize("eps", [0.01, EPS, 0.3])
+def test_guest_bounds_never_drop_a_pair_across_clusters(eps):
+    from engine.curate.partition import bisector_reach, guest_margin
+
+    rng = np.random.default_rng(0)
+    u = unit(rng.normal(size=(2000, 4))).astype(np.float64)
+    c = unit(rng.normal(size=(12, 4)))
+    cs = u @ c.T
+    home = cs.argmax(axis=1)
+    a, b = np.nonzero(np.triu(u @ u.T > 1 - eps, 1))
+    split = home[a] != home[b]
+    a, b = np.concatenate([a[split], b[split]]), np.concatenate([b[split], a[split]])  # both directions
+    assert len(a) > 100
+    # row a of cluster home[a], partner b in home[b]: a must pass both bounds for home[b]
+    gap = np.linalg.norm(c[home[a]] - c[home[b]], axis=1)
+    assert (cs[a, home[a]] - cs[a, home[b]] <= bisector_reach(eps) * gap + 1e-12).all()
+    angle = np.arccos(np.clip(cs, -1, 1))
+    assert (angle[a, home[b]] <= angle[a, home[a]] + guest_margin(eps) + 1e-12).all()
+    # and the bisector bound is the tighter of the two on these rows: fewer rows pass it
+    near_margin = (angle <= angle[np.arange(len(u)), home][:, None] + guest_margin(eps)).sum()
+    gaps = np.linalg.norm(c[home][:, None, :] - c[None, :, :], axis=2)
+    near_bisector = (cs[np.arange(len(u)), home][:, None] - cs <= bisector_reach(eps) * gaps).sum()
+    assert near_bisector < near_margin
+
+
+def test_cli_and_job_probes_default_is_the_library_default():
+    import inspect
+
+    from engine.cli import dedup as cli_dedup
+    from engine.curate.dedup import DEFAULT_PROBES
+    from jobs import dedup as job
+
+    assert inspect.signature(cli_dedup).parameters["probes"].default == DEFAULT_PROBES
+    assert f"default={DEFAULT_PROBES}," in inspect.getsource(job)
 
 
 def test_balanced_quotas_split_evenly_where_sizes_allow():
@@ -221,6 +304,44 @@ def test_probes_find_pairs_split_across_clusters(ray_local, tmp_path, keep):
         assert summary["removed"] == len(got) and summary["probes"] == probes
     assert missed[1] >= 10, missed  # within-cluster search alone leaves split pairs
     assert missed[3] == 0, missed
+
+
+@pytest.mark.parametrize("keep", ["hard", "easy"])
+def test_probes_leave_no_pair_the_search_compared_with_both_rows_kept(ray_local, tmp_path, keep):
+    """Dense rows in 6 dimensions (a few partners each, chains of them across cluster boundaries): deciding each row
+    in its own cluster and undoing removals whose partner went elsewhere left 28 (hard) and 34 (easy) kept pairs
+    here; the global pass leaves none among the pairs the search compared."""
+    from engine.curate.partition import guest_margin
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 6)).astype(np.float32)
+    ids = rng.permutation(30000)[:3000].astype(np.int64)
+    emb = write(tmp_path / "emb", ids, x)
+    out = tmp_path / "out"
+    summary = dedup(emb, out, eps=EPS, k=20, keep=keep, probes=3, block=64)
+    kept, got = result(out)
+    np.testing.assert_array_equal(np.sort(np.concatenate([kept, list(got)])), np.sort(ids))
+    u = unit(x).astype(np.float64)
+    sims = u @ u.T
+    pos = {int(i): n for n, i in enumerate(ids)}
+    is_kept = np.isin(ids, kept)
+    for r, d in got.items():  # the engine compares in float32
+        assert is_kept[pos[d]] and sims[pos[r], pos[d]] > 1 - EPS - 1e-6
+    # the pairs the search compared: same home cluster, or one row a guest (within the margin, among the 3
+    # nearest) in the other's; pairs within 1e-4 of a threshold or margin are left out (float32 vs float64)
+    cs = u @ np.load(out / "centroids.npy").astype(np.float64).T
+    top = np.argsort(-cs, axis=1)[:, :3]
+    home = top[:, 0]
+    limit = np.cos(np.arccos(np.clip(cs[np.arange(len(u)), home], -1, 1)) + guest_margin(EPS))
+    guest = np.zeros(cs.shape, dtype=bool)
+    for j in (1, 2):
+        guest[np.arange(len(u)), top[:, j]] = cs[np.arange(len(u)), top[:, j]] >= limit + 1e-4
+    a, b = np.nonzero(np.triu(sims > 1 - EPS + 1e-4, 1))
+    compared = (home[a] == home[b]) | guest[a, home[b]] | guest[b, home[a]]
+    assert compared.sum() >= 2000 and (home[a] != home[b])[compared].sum() >= 300
+    both = is_kept[a] & is_kept[b] & compared
+    assert not both.any(), [(int(ids[i]), int(ids[j])) for i, j in zip(a[both], b[both], strict=True)][:5]
+    assert summary["pending"] > 0 and summary["removed"] == len(got)
 
 
 class Stop(Exception):

@@ -12,13 +12,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import storage
-from engine.curate.groups import FLUSH_ROWS, finished_clusters, process_group
+from engine.curate.groups import FLUSH_ROWS, RESULT_FILES, finished_clusters, process_group
 from engine.curate.output import check_result_output, state_folder, subfolder, write_json, write_result
-from engine.curate.partition import assign_to_buckets, default_sample_size, fit_centroids, guest_margin, plan_groups
+from engine.curate.partition import (
+    assign_to_buckets,
+    bisector_reach,
+    default_sample_size,
+    fit_centroids,
+    guest_margin,
+    plan_groups,
+)
+from engine.curate.resolve import resolve_pending
 from engine.curate.similarity import KEEP_MODES
 from engine.curate.source import open_embeddings, validate
 from engine.errors import ConfigError, DataError
@@ -27,9 +33,11 @@ STAGE = "dedup"
 DEFAULT_SUMMARY_EPS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 # Vectors of one cluster group a task holds in memory; a larger group is memory-mapped and read in blocks.
 DEFAULT_MEMORY_BYTES = 256 << 20
-# Clusters each row is compared in: its own and its next-nearest within the margin of `guest_margin` (see
-# docs/curation.md for how pair recall against the exact search moves with it, on two data sets and three k).
-DEFAULT_PROBES = 3
+# At most this many clusters each row is compared in: its own and its next-nearest where the bounds allow a pair
+# (`guest_margin`, `bisector_reach`). 5 is the smallest cap measured with pair recall >= 0.99 against the exact
+# search on both MNIST pixels and a trained encoder's codes at k = 10, 50 and 200 (docs/curation.md; 3 gave 0.95
+# on the codes at k = 200, 8 no more than 5 but up to 1.7x the guests).
+DEFAULT_PROBES = 5
 
 
 def check_settings(eps: float, k: int | None, keep: str, summary_eps: Sequence[float], block: int,
@@ -96,7 +104,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     check_result_output(out, source, overwrite=overwrite)
     key = {"stage": STAGE, "input": emb.fingerprint(), "k": k, "seed": seed, "sample_size": sample_size,
            "max_iter": max_iter, "eps": summary_eps, "main_eps": float(eps), "keep": keep,
-           "probes": probes}
+           "probes": probes, "format": 3}
     config_hash = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     notify = on_progress or (lambda stage, info: None)
     times: dict[str, float] = {}
@@ -128,7 +136,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
 
     t0 = time.perf_counter()
     # [3] one Ray task per piece
-    assigned = assign_to_buckets(emb, centroids, plan["groups"], state, probes=probes, margin=guest_margin(eps))
+    assigned = assign_to_buckets(emb, centroids, plan["groups"], state, probes=probes, margin=guest_margin(eps),
+                                 reach=bisector_reach(eps))
     times["assign"] = time.perf_counter() - t0
     notify("assign", {**assigned, "seconds": times["assign"]})
 
@@ -143,19 +152,22 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     kept_rows = sum(r["kept_rows"] for r in records)
     dup_rows = sum(r["duplicate_rows"] for r in records)
     results = state / "results"
-    kept_files = [results / r["kept"] for r in records]
-    dup_files = [results / r["duplicates"] for r in records]
-    restored, dup_files, restored_file = _undo_removed_partners(kept_files, dup_files, state)
-    kept_rows, dup_rows = kept_rows + restored, dup_rows - restored
-    kept_files = kept_files + ([restored_file] if restored_file else [])
+    files = {what: [results / r[what] for r in records] for what in RESULT_FILES}
+    # [5] the rows a walk could not decide alone, decided in the global keep order over every walk's edges
+    p_kept, p_removed, p_files = resolve_pending(files["kept"], files["pending"], files["edges"], keep, seed,
+                                                 state / "global")
+    kept_files = files["kept"] + p_files[:1]
+    dup_files = files["duplicates"] + p_files[1:]
+    kept_rows, dup_rows = kept_rows + p_kept, dup_rows + p_removed
     _check_every_id_once(ids, kept_files + dup_files, source)
     main = summary_eps.index(float(eps))
     removed = [sum(r["removed_per_eps"][e] for r in records) for e in range(len(summary_eps))]
-    removed[main] -= restored
+    removed[main] += p_removed
     summary = {
         "rows": emb.n_rows, "kept": kept_rows, "removed": dup_rows, "eps": float(eps), "k": k, "keep": keep,
         "seed": seed, "sample_size": sample_size, "groups": len(plan["groups"]), "probes": probes,
-        "guests": assigned["guests"], "restored": restored,
+        "guests": assigned["guests"], "pending": p_kept + p_removed,
+        "edges": sum(r["edge_rows"] for r in records),
         "clusters_resumed": resumed, "pieces_resumed": assigned["pieces_resumed"],
         "summary": [{"eps": e, "removed": r, "fraction": r / emb.n_rows}
                     for e, r in zip(summary_eps, removed, strict=True)],
@@ -204,47 +216,6 @@ def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim
         for ref in pending:  # an interrupted driver stops its tasks; their finished clusters stay recorded
             ray.cancel(ref, force=True)
     return {"tasks": len(groups), "clusters_done": clusters, "clusters_skipped": skipped}
-
-
-def _undo_removed_partners(kept_files: list[Path], dup_files: list[Path], state: Path,
-                           ) -> tuple[int, list[Path], Path | None]:
-    """Keep every removed row whose `duplicate_of` was removed in its own cluster (only a guest partner can be):
-    repeated until none is left, as a kept row only adds partners. Returns (rows restored, the duplicates files,
-    some rewritten under `state/fixed/`, a kept file of the restored ids). Holds ids only: 8 bytes a row and
-    16 a removed row."""
-    kept = np.sort(np.concatenate([pq.read_table(f, columns=["id"]).column("id").to_numpy() for f in kept_files]
-                                  or [np.zeros(0, np.int64)]))
-    tables = [pq.read_table(f, columns=["id", "duplicate_of"]) for f in dup_files]
-    rid = np.concatenate([t.column("id").to_numpy() for t in tables] or [np.zeros(0, np.int64)])
-    did = np.concatenate([t.column("duplicate_of").to_numpy() for t in tables] or [np.zeros(0, np.int64)])
-    del tables
-    restored = np.zeros(0, np.int64)
-    alive = np.ones(len(rid), dtype=bool)
-    while True:
-        ok = np.isin(did, kept, assume_unique=False) | np.isin(did, restored)
-        undo = alive & ~ok
-        if not undo.any():
-            break
-        alive &= ~undo
-        restored = np.sort(np.concatenate([restored, rid[undo]]))
-    if not len(restored):
-        return 0, dup_files, None
-    fixed = state / "fixed"
-    fixed.mkdir(exist_ok=True)
-    out = []
-    for f in dup_files:
-        t = pq.read_table(f)
-        drop = np.isin(t.column("id").to_numpy(), restored)
-        if drop.any():
-            target = fixed / f.name
-            with storage.atomic_path(target) as tmp:
-                pq.write_table(t.filter(pa.array(~drop)), tmp)
-            f = target
-        out.append(f)
-    restored_file = fixed / "kept-restored.parquet"
-    with storage.atomic_path(restored_file) as tmp:
-        pq.write_table(pa.table({"id": pa.array(restored, pa.int64())}), tmp)
-    return len(restored), out, restored_file
 
 
 def _check_every_id_once(ids: np.ndarray, files: list[Path], where: str) -> None:

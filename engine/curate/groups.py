@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from engine.data.schema import vectors_to_numpy
 
 # Results are flushed (and recorded as done) at least every this many rows, so a killed task redoes little.
 FLUSH_ROWS = 50_000
+# What a batch of clusters writes: rows kept and removed for sure, rows whose fate the global pass decides
+# (`pending`), and the edges it decides them by.
+RESULT_FILES = ("kept", "duplicates", "pending", "edges")
 
 
 def finished_clusters(folder: Path) -> dict[int, dict[str, Any]]:
@@ -26,16 +30,17 @@ def finished_clusters(folder: Path) -> dict[int, dict[str, Any]]:
     out = {}
     for path in (folder / "records").glob("*.json"):
         record = json.loads(path.read_text())
-        if all((folder / "results" / record[f]).is_file() for f in ("kept", "duplicates")):
+        if all((folder / "results" / record[f]).is_file() for f in RESULT_FILES):
             for c in record["clusters"]:
                 out[c] = record
     return out
 
 
 def _load_group(files: list[Path], dim: int, memory_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                         np.ndarray, Any]:
-    """(ids, clusters, home clusters, centroid similarities, vectors) of a group's bucket files; the vectors in
-    memory when they fit `memory_bytes`, else in a memory-mapped file that the blocked pass reads a block at a time."""
+                                                                         np.ndarray, np.ndarray, Any]:
+    """(ids, clusters, home clusters, centroid similarities, guest-elsewhere flags, vectors) of a group's bucket
+    files; the vectors in memory when they fit `memory_bytes`, else in a memory-mapped file that the blocked pass
+    reads a block at a time."""
     metas = [pq.ParquetFile(f).metadata.num_rows for f in files]
     n = sum(metas)
     spill = n * dim * 4 > memory_bytes
@@ -45,7 +50,7 @@ def _load_group(files: list[Path], dim: int, memory_bytes: int) -> tuple[np.ndar
         vectors: Any = np.memmap(handle.name, dtype=np.float32, mode="w+", shape=(max(n, 1), dim))
     else:
         vectors = np.empty((n, dim), dtype=np.float32)
-    ids, clusters, homes, sims, row = [], [], [], [], 0
+    ids, clusters, homes, sims, away, row = [], [], [], [], [], 0
     for f in files:
         t = pq.read_table(f)
         m = t.num_rows
@@ -54,25 +59,57 @@ def _load_group(files: list[Path], dim: int, memory_bytes: int) -> tuple[np.ndar
         clusters.append(t.column("cluster").to_numpy())
         homes.append(t.column("home").to_numpy())
         sims.append(t.column("centroid_sim").to_numpy())
+        away.append(t.column("guest_elsewhere").to_numpy(zero_copy_only=False))
         row += m
     if spill:
         vectors.flush()
-    return np.concatenate(ids), np.concatenate(clusters), np.concatenate(homes), np.concatenate(sims), vectors
+    return (np.concatenate(ids), np.concatenate(clusters), np.concatenate(homes), np.concatenate(sims),
+            np.concatenate(away).astype(bool), vectors)
 
 
 def _flush(folder: Path, batch: list[tuple[int, Any]], n_eps: int) -> None:
     clusters = [c for c, _ in batch]
     name = hashlib.blake2b(json.dumps(clusters).encode(), digest_size=8).hexdigest()
-    kept = pa.concat_tables([t["kept"] for _, t in batch])
-    dups = pa.concat_tables([t["duplicates"] for _, t in batch])
-    results = folder / "results"
-    for what, table in (("kept", kept), ("duplicates", dups)):
-        with storage.atomic_path(results / f"{what}-{name}.parquet") as tmp:
+    tables = {what: pa.concat_tables([t[what] for _, t in batch]) for what in RESULT_FILES}
+    for what, table in tables.items():
+        with storage.atomic_path(folder / "results" / f"{what}-{name}.parquet") as tmp:
             pq.write_table(table, tmp)
-    record = {"clusters": clusters, "kept": f"kept-{name}.parquet", "duplicates": f"duplicates-{name}.parquet",
-              "kept_rows": kept.num_rows, "duplicate_rows": dups.num_rows,
+    record = {"clusters": clusters, **{what: f"{what}-{name}.parquet" for what in RESULT_FILES},
+              "kept_rows": tables["kept"].num_rows, "duplicate_rows": tables["duplicates"].num_rows,
+              "pending_rows": tables["pending"].num_rows, "edge_rows": tables["edges"].num_rows,
               "removed_per_eps": [sum(t["removed_per_eps"][e] for _, t in batch) for e in range(n_eps)]}
     storage.write_text(folder / "records" / f"{name}.json", json.dumps(record))  # last: the batch is done with it
+
+
+def walk_cluster(cluster: int, ids: np.ndarray, homes: np.ndarray, centroid_sims: np.ndarray, away: np.ndarray,
+                 rows: Callable[[int, int], np.ndarray], eps: list[float], main: int, block: int,
+                 ) -> dict[str, Any]:
+    """One cluster's walk over its members and guests (`ids`, their home clusters, ..., in keep order; `away`: the
+    row is a guest elsewhere): the tables of `RESULT_FILES` and the removed count per eps."""
+    member = homes == cluster
+    result = greedy_dedup(len(ids), rows, eps, main=main, block=block, counted=member, volatile=~member | away)
+    mine = member[result.removed]
+    removed, duplicate_of = result.removed[mine], result.duplicate_of[mine]
+    decided = np.ones(len(ids), dtype=bool)
+    decided[result.removed] = False
+    decided[result.pending] = False
+    pending = result.pending[member[result.pending]]
+    later, earlier, sim = result.edges
+    # A member's edges matter only while it is pending; a guest's, as its home may have left it pending.
+    need = ~member[later] | np.isin(later, result.pending)
+    later, earlier, sim = later[need], earlier[need], sim[need]
+    return {
+        "kept": pa.table({"id": pa.array(ids[member & decided], pa.int64())}),
+        "duplicates": pa.table({"id": pa.array(ids[removed], pa.int64()),
+                                "duplicate_of": pa.array(ids[duplicate_of], pa.int64()),
+                                "similarity": pa.array(result.similarity[mine], pa.float32()),
+                                "cluster": pa.array(np.full(len(removed), cluster, np.int32))}),
+        "pending": pa.table({"id": pa.array(ids[pending], pa.int64()),
+                             "centroid_sim": pa.array(centroid_sims[pending], pa.float32()),
+                             "cluster": pa.array(np.full(len(pending), cluster, np.int32))}),
+        "edges": pa.table({"id": pa.array(ids[later], pa.int64()), "earlier": pa.array(ids[earlier], pa.int64()),
+                           "similarity": pa.array(sim, pa.float32())}),
+        "removed_per_eps": result.removed_per_eps}
 
 
 def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder: str, dim: int,
@@ -88,7 +125,7 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
     if not todo:
         return {"group": group, "clusters": 0, "skipped": len(clusters), "rows": 0}
     files = sorted((root / "buckets" / f"g{group:05d}").glob("p*.parquet"))
-    ids, labels, homes, csims, vectors = _load_group(files, dim, memory_bytes)
+    ids, labels, homes, csims, away, vectors = _load_group(files, dim, memory_bytes)
     try:
         order = np.argsort(labels, kind="stable")
         bounds = np.searchsorted(labels[order], np.arange(len(centroids) + 1))
@@ -98,34 +135,19 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
             # Sorted for memory-mapped reads; the keep order is applied on top.
             members = np.sort(members)
             walk = members[keep_order(ids[members], None, None, keep, seed, c, centroid_sims=csims[members])]
-            # Guests (rows of other clusters met here through probes) take part in the walk, so a member can be
-            # removed for a guest ranked before it, but only members' fates are written: a guest's is decided in
-            # its own cluster (a removal whose guest partner ends up removed there is undone by `dedup`).
-            member = homes[walk] == c
+            # Guests (rows of other clusters met here through probes) take part in the walk, and only members'
+            # fates are written. A guest, or a member that is a guest elsewhere, may have partners this walk does
+            # not see: its fate, and that of rows it decides, is left to the global pass (`resolve_pending`).
             if isinstance(vectors, np.memmap):  # sorted reads of the file, the keep order applied on top
                 def walk_rows(i, j, w=walk):
                     return vectors[np.sort(w[i:j])][np.argsort(np.argsort(w[i:j]))]
             else:  # in memory: the cluster's rows gathered once, in walk order
                 def walk_rows(i, j, xw=vectors[walk]):
                     return xw[i:j]
-            result = greedy_dedup(len(walk), walk_rows, eps, main=main, block=block, counted=member,
-                                  preferred=member)  # a member partner is final, a guest one may be undone
-            is_removed = np.zeros(len(walk), dtype=bool)
-            is_removed[result.removed] = True
-            mine = member[result.removed]
-            result.removed, result.duplicate_of = result.removed[mine], result.duplicate_of[mine]
-            result.similarity = result.similarity[mine]
-            removed = walk[result.removed]
-            is_removed &= member
-            batch.append((c, {
-                "kept": pa.table({"id": pa.array(ids[walk[member & ~is_removed]], pa.int64())}),
-                "duplicates": pa.table({"id": pa.array(ids[removed], pa.int64()),
-                                        "duplicate_of": pa.array(ids[walk[result.duplicate_of]], pa.int64()),
-                                        "similarity": pa.array(result.similarity, pa.float32()),
-                                        "cluster": pa.array(np.full(len(removed), c, np.int32))}),
-                "removed_per_eps": result.removed_per_eps}))
+            batch.append((c, walk_cluster(c, ids[walk], homes[walk], csims[walk], away[walk], walk_rows, eps,
+                                          main, block)))
             batch_rows += len(walk)
-            rows += int(member.sum())
+            rows += int((homes[walk] == c).sum())
             if batch_rows >= flush_rows:
                 _flush(root, batch, len(eps))
                 batch, batch_rows = [], 0

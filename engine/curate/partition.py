@@ -73,8 +73,17 @@ def guest_margin(eps: float) -> float:
     return 2.0 * math.acos(max(-1.0, 1.0 - eps))
 
 
+def bisector_reach(eps: float) -> float:
+    """How far (in x . (c_A - c_B) / |c_A - c_B|) a row of cluster A may be from the bisecting hyperplane of A and
+    B for a pair in B to exist: y in B has y . (c_A - c_B) <= 0, and (x - y) . n <= |x - y| = sqrt(2 eps) for unit
+    rows above the threshold (n the unit normal). Tighter than `guest_margin` between well-separated clusters (the
+    bound IVF indexes and Elkan's k-means prune with), and as safe: a row beyond it has no pair in B."""
+    return math.sqrt(2.0 * eps)
+
+
 def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: int, centroids: np.ndarray,
-                  group_of: np.ndarray, folder: str, probes: int = 1, margin: float = 0.0) -> int:
+                  group_of: np.ndarray, folder: str, probes: int = 1, margin: float = 0.0,
+                  reach: float = math.inf) -> int:
     import torch
 
     ids, x = read_unit_piece(piece, column, id_column, dim)
@@ -88,10 +97,14 @@ def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: in
     rows, clusters = [np.arange(len(ids))], [home]
     limit = np.cos(np.minimum(np.arccos(np.clip(best, -1, 1)) + margin, np.pi))
     for j in range(1, top.shape[1]):
-        near = np.flatnonzero(top_sims[:, j] >= limit)
+        gap = np.linalg.norm(centroids[home] - centroids[top[:, j]], axis=1)
+        near = np.flatnonzero((top_sims[:, j] >= limit) & (best - top_sims[:, j] <= reach * gap))
         rows.append(near)
         clusters.append(top[near, j])
     rows_all, clusters_all = np.concatenate(rows), np.concatenate(clusters)
+    # A row that is a guest elsewhere can have partners its home walk does not see (see `greedy_dedup`).
+    away = np.zeros(len(ids), dtype=bool)
+    away[rows_all[len(ids):]] = True
     groups = group_of[clusters_all]
     root = Path(folder)
     for g in np.unique(groups):
@@ -100,7 +113,7 @@ def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: in
         (root / "buckets" / f"g{g:05d}").mkdir(parents=True, exist_ok=True)
         _write_atomic(pa.table({"id": ids[r], "cluster": clusters_all[at].astype(np.int32),
                                 "home": home[r].astype(np.int32), "centroid_sim": best[r].astype(np.float32),
-                                "v": vector_array(x[r])}),
+                                "guest_elsewhere": away[r], "v": vector_array(x[r])}),
                       root / "buckets" / f"g{g:05d}" / f"p{index:06d}.parquet")
     # The record comes last: a piece without one is assigned again, rewriting the same file names.
     record = root / "assigned" / f"p{index:06d}.json"
@@ -110,10 +123,11 @@ def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: in
 
 
 def assign_to_buckets(emb: Embeddings, centroids: np.ndarray, groups: list[list[int]], folder: Path, *,
-                      probes: int = 1, margin: float = 0.0) -> dict[str, Any]:
+                      probes: int = 1, margin: float = 0.0, reach: float = math.inf) -> dict[str, Any]:
     """Every row's nearest centroid, written with its unit vector into `folder/buckets/g<group>/p<piece>.parquet`
     by one Ray task per piece, and a guest copy for each of its next `probes - 1` nearest centroids within
-    `margin` (see `guest_margin`); pieces recorded as done by an earlier, interrupted run are skipped."""
+    `margin` and `reach` of it (see `guest_margin`, `bisector_reach`); pieces recorded as done by an earlier,
+    interrupted run are skipped."""
     import ray
 
     group_of = np.zeros(len(centroids), dtype=np.int64)
@@ -122,7 +136,8 @@ def assign_to_buckets(emb: Embeddings, centroids: np.ndarray, groups: list[list[
     done = {p.stem for p in (folder / "assigned").glob("p*.json")}
     task = ray.remote(num_cpus=1, max_retries=3)(_assign_piece)
     c_ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
-    refs = [task.remote(i, p, emb.column, emb.id_column, emb.dim, c_ref, group_of, str(folder), probes, margin)
+    refs = [task.remote(i, p, emb.column, emb.id_column, emb.dim, c_ref, group_of, str(folder), probes, margin,
+                       reach)
             for i, p in enumerate(emb.pieces) if f"p{i:06d}" not in done]
     rows = sum(ray.get(refs))
     guests = sum(json.loads(p.read_text()).get("guests", 0) for p in (folder / "assigned").glob("p*.json"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,44 +37,56 @@ def random_key(ids: np.ndarray, seed: int) -> np.ndarray:
 @dataclass
 class ClusterResult:
     """Positions (in keep order) of the rows removed at the main eps, with the kept row each duplicates and their
-    cosine similarity; the removed count for every eps of the summary."""
+    cosine similarity; the removed count for every eps of the summary. With `volatile` rows: the positions whose
+    fate is `pending` (decided by the global pass) and the `edges` it needs, (later, earlier, similarity) position
+    triples above the main threshold."""
 
     removed: np.ndarray
     duplicate_of: np.ndarray
     similarity: np.ndarray
     removed_per_eps: list[int]
+    pending: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray] = field(
+        default_factory=lambda: (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)))
 
 
 def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[float], *, main: int = 0,
                  block: int = 2048, counted: np.ndarray | None = None,
-                 preferred: np.ndarray | None = None) -> ClusterResult:
+                 volatile: np.ndarray | None = None) -> ClusterResult:
     """Walk the n rows of a cluster in keep order (`rows(i, j)` gives unit rows i..j-1 of that order); a row is
     removed when its cosine similarity to an earlier kept row exceeds 1 - eps. Done for every eps of `eps` in the
-    same pass (the similarities are computed once), positions of removed rows reported for `eps[main]`;
-    `removed_per_eps` counts only the rows where `counted` is true (all when None). A removed row's `duplicate_of`
-    is its most similar earlier kept row where `preferred` is true (rows whose fate is final) when one is above the
-    threshold, else its most similar earlier kept row.
+    same pass (the similarities are computed once), positions of removed rows reported for `eps[main]` with their
+    most similar earlier kept row; `removed_per_eps` counts only the rows where `counted` is true (all when None).
 
-    Memory is bounded by two blocks of rows and one block x block similarity matrix, whatever n is; the cost is
-    n^2 d / 2 multiply-adds, as one exact pass must be.
+    `volatile` rows (guests, and members that are guests elsewhere) may have partners this walk does not see, so at
+    the main eps each row is one of: kept for sure (not volatile, and every earlier partner removed for sure),
+    removed for sure (an earlier partner kept for sure: its `duplicate_of`), or pending. A pending row's fate is
+    SemDeDup's greedy rule over the edges of every walk: its edges to earlier rows not removed for sure are
+    returned (a removed-for-sure volatile row's edge to its partner too, as a guest's fate is written elsewhere).
+    Other eps of `eps` treat every row as decided here (an approximation where rows are volatile).
+
+    Memory is bounded by two blocks of rows and one block x block similarity matrix, whatever n is, plus the
+    pending rows' edges; the cost is n^2 d / 2 multiply-adds, as one exact pass must be.
     """
     thresholds = 1.0 - np.asarray(eps, dtype=np.float64)
-    lowest = thresholds.min()
+    lowest, thr = thresholds.min(), thresholds[main]
     E = len(thresholds)
-    kept = np.zeros((E, n), dtype=bool)
+    kept = np.zeros((E, n), dtype=bool)  # at main: kept for sure or pending (not removed for sure)
+    sure = np.zeros(n, dtype=bool)
+    pending = np.zeros(n, dtype=bool)
+    vol = np.zeros(n, dtype=bool) if volatile is None else np.asarray(volatile, dtype=bool)
     dup_of = np.full(n, -1, dtype=np.int64)
     dup_sim = np.zeros(n, dtype=np.float32)
-    pref = np.ones(n, dtype=bool) if preferred is None else np.asarray(preferred, dtype=bool)
+    e_later, e_earlier, e_sim = [], [], []
     for b0 in range(0, n, block):
         b1 = min(n, b0 + block)
         xb = np.ascontiguousarray(rows(b0, b1), dtype=np.float32)
         b = b1 - b0
-        # Per eps, the best similarity to an earlier kept row, tracked only where some similarity exceeds the lowest
-        # threshold: below it no eps removes the row, so a lower value decides the same.
+        # Per eps, the best similarity to an earlier kept row (at main: kept for sure), tracked only where some
+        # similarity exceeds the lowest threshold: below it no eps removes the row, so a lower value decides the same.
         best = np.full((E, b), -np.inf, dtype=np.float32)
         best_at = np.full(b, -1, dtype=np.int64)
-        pbest = np.full(b, -np.inf, dtype=np.float32)  # the same at the main eps, over preferred kept rows only
-        pbest_at = np.full(b, -1, dtype=np.int64)
+        cand_later, cand_earlier, cand_sim = [], [], []  # edges to earlier pending rows, kept if the row is pending
         for a0 in range(0, b0, block):
             a1 = min(b0, a0 + block)
             if not kept[:, a0:a1].any():
@@ -85,25 +97,24 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
                 continue
             sc = s[:, cols]
             for e in range(E):
-                masked = np.where(kept[e, a0:a1, None], sc, -np.inf)
+                masked = np.where((sure if e == main else kept[e])[a0:a1, None], sc, -np.inf)
                 at = masked.argmax(axis=0)
                 m = masked[at, np.arange(len(cols))]
                 if e == main:
                     better = m > best[e, cols]
                     best_at[cols[better]] = a0 + at[better]
-                    if preferred is not None:
-                        pm = np.where(pref[a0:a1, None], masked, -np.inf)
-                        pat = pm.argmax(axis=0)
-                        pv = pm[pat, np.arange(len(cols))]
-                        pbetter = pv > pbest[cols]
-                        pbest_at[cols[pbetter]] = a0 + pat[pbetter]
-                        pbest[cols] = np.maximum(pbest[cols], pv)
                 best[e, cols] = np.maximum(best[e, cols], m)
+            ai, ci = np.nonzero((sc > thr) & pending[a0:a1, None])
+            cand_later.append(cols[ci])
+            cand_earlier.append(a0 + ai)
+            cand_sim.append(sc[ai, ci])
         # Similarities to earlier rows of the same block only (i before j); -inf elsewhere.
         su = np.where(np.triu(np.ones((b, b), dtype=bool), 1), xb @ xb.T, -np.inf).astype(np.float32)
         cols = np.flatnonzero(su.max(axis=0) > lowest)
         sc = su[:, cols]
         for e in range(E):
+            if e == main:
+                continue
             near = sc > thresholds[e]  # (b, len(cols))
             k = best[e] <= thresholds[e]
             # Only rows with an earlier in-block neighbour above the threshold depend on which earlier rows were
@@ -112,26 +123,49 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
                 if (near[:, c] & k).any():
                     k[cols[c]] = False
             kept[e, b0:b1] = k
-            if e == main:
-                gone = np.flatnonzero(~k)
-                inner = np.where(k[:, None], su[:, gone], -np.inf)
-                at = inner.argmax(axis=0)
-                m = inner[at, np.arange(len(gone))]
-                use_inner = m > best[e, gone]
-                dup_of[b0 + gone[use_inner]] = b0 + at[use_inner]
-                dup_of[b0 + gone[~use_inner]] = best_at[gone[~use_inner]]
-                dup_sim[b0 + gone] = np.maximum(m, best[e, gone])
-                if preferred is not None:
-                    pin = np.where((k & pref[b0:b1])[:, None], su[:, gone], -np.inf)
-                    pat = pin.argmax(axis=0)
-                    pv = pin[pat, np.arange(len(gone))]
-                    use_pin = pv >= pbest[gone]
-                    pv_best = np.maximum(pv, pbest[gone])
-                    ok = pv_best > thresholds[e]
-                    pick = np.where(use_pin, b0 + pat, pbest_at[gone])
-                    dup_of[b0 + gone[ok]] = pick[ok]
-                    dup_sim[b0 + gone[ok]] = pv_best[ok]
+        # The main eps: the same walk with three fates.
+        cl = np.concatenate(cand_later) if cand_later else np.zeros(0, np.int64)
+        open_prev = np.zeros(b, dtype=bool)
+        open_prev[cl] = True
+        gone = best[main] > thr
+        ok = ~gone & ~vol[b0:b1] & ~open_prev
+        sb, pb = ok.copy(), ~gone & ~ok
+        near = sc > thr
+        for c in np.flatnonzero(~gone[cols] & near.any(axis=0)):
+            j = cols[c]
+            if (near[:, c] & sb).any():
+                sb[j], pb[j] = False, False
+            elif (near[:, c] & pb).any():
+                sb[j], pb[j] = False, True
+        sure[b0:b1], pending[b0:b1] = sb, pb
+        kept[main, b0:b1] = sb | pb
+        gone = np.flatnonzero(~(sb | pb))
+        inner = np.where(sb[:, None], su[:, gone], -np.inf)
+        at = inner.argmax(axis=0)
+        m = inner[at, np.arange(len(gone))]
+        use_inner = m > best[main, gone]
+        dup_of[b0 + gone] = np.where(use_inner, b0 + at, best_at[gone])
+        dup_sim[b0 + gone] = np.maximum(m, best[main, gone])
+        # Edges the global pass needs: a pending row's to earlier pending rows (earlier blocks, then this block),
+        # and a volatile removed row's to its partner.
+        if len(cl):
+            ce, cs = np.concatenate(cand_earlier), np.concatenate(cand_sim)
+            keep_edge = pb[cl]
+            e_later.append(b0 + cl[keep_edge])
+            e_earlier.append(ce[keep_edge])
+            e_sim.append(cs[keep_edge])
+        ii, jj = np.nonzero(near & pb[:, None] & pb[cols][None, :])
+        e_later.append(b0 + cols[jj])
+        e_earlier.append(b0 + ii)
+        e_sim.append(sc[ii, jj])
+        vg = gone[vol[b0 + gone]]
+        e_later.append(b0 + vg)
+        e_earlier.append(dup_of[b0 + vg])
+        e_sim.append(dup_sim[b0 + vg])
     removed = np.flatnonzero(~kept[main])
     counted = np.ones(n, dtype=bool) if counted is None else counted
+    edges = (np.concatenate(e_later).astype(np.int64) if e_later else np.zeros(0, np.int64),
+             np.concatenate(e_earlier).astype(np.int64) if e_earlier else np.zeros(0, np.int64),
+             np.concatenate(e_sim).astype(np.float32) if e_sim else np.zeros(0, np.float32))
     return ClusterResult(removed, dup_of[removed], dup_sim[removed],
-                         [int((counted & ~kept[e]).sum()) for e in range(E)])
+                         [int((counted & ~kept[e]).sum()) for e in range(E)], np.flatnonzero(pending), edges)
