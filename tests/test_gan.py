@@ -352,6 +352,7 @@ def test_ddp_two_workers_follow_the_single_worker_run(gan_runs):
         assert np.abs(two[term] - one[term]).max() <= 0.015 * span, (term, one[term], two[term])
 
 
+@pytest.mark.slow  # two more Ray Train runs (~85 s here under load)
 def test_ddp_two_workers_follow_the_single_worker_run_with_reconstruction(gan_recon_runs):
     """The reconstruction of real rows (model.recon_weight > 0) goes through the DDP forward too, so 2 workers
     still take the 1-worker run's steps.
