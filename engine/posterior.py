@@ -19,7 +19,6 @@ def posterior_labels(state: dict[str, Any], z: np.ndarray) -> tuple[np.ndarray, 
     z = mu, the model's own `predict`. A component that wins no row keeps its number (labels are the model's
     components, not renumbered); `distance` is a row's Euclidean distance to its component's mean.
     """
-    import torch
 
     from engine.train.checkpoint import model_from_checkpoint
 
@@ -31,12 +30,23 @@ def posterior_labels(state: dict[str, Any], z: np.ndarray) -> tuple[np.ndarray, 
     if hasattr(model, "prior_ready") and not bool(model.prior_ready):
         raise ConfigError(f"cluster.method=posterior: the {name} model is still in its pretraining (its prior is "
                           f"not fitted yet); train it past model.pretrain_epochs or choose another cluster.method")
+    labels, distances = label_by_posterior(model, z)
+    return labels, distances, model.mu_c.detach().float().cpu().numpy()
+
+
+def label_by_posterior(model: Any, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(labels int32, distances float32) of the embeddings `z` under a built model with a cluster posterior: the
+    most probable component of q(c|x) at z, and the Euclidean distance to that component's mean. The cluster stage
+    (`posterior_labels`) and new rows (`engine.predict`) both label through it, so they agree."""
+    import torch
+
     z = np.ascontiguousarray(z, dtype=np.float32)
+    means = model.mu_c.detach()
     labels = np.empty(len(z), dtype=np.int32)
     with torch.no_grad():
         for start in range(0, len(z), _BATCH):
-            block = torch.tensor(z[start:start + _BATCH])  # a copy: load_vectors may return a read-only view
-            labels[start:start + len(block)] = model.cluster_posterior(block).argmax(1).numpy()
-        means = model.mu_c.detach().float().numpy()
-    distances = np.linalg.norm(z - means[labels], axis=1).astype(np.float32)
-    return labels, distances, means
+            block = torch.tensor(z[start:start + _BATCH], device=means.device)  # a copy: z may be a read-only view
+            labels[start:start + len(block)] = model.cluster_posterior(block).argmax(1).cpu().numpy()
+    centres = means.float().cpu().numpy()
+    distances = np.linalg.norm(z - centres[labels], axis=1).astype(np.float32)
+    return labels, distances

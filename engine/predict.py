@@ -3,7 +3,9 @@
 `load_run(RUN_DIR).assign(X)` does it in this process; `assign_source` streams a Parquet or .npy input through
 a Ray Data actor pool into `id, cluster, distance` shards (`dce assign`). Both run the same `Assigner`: the
 embed stage's encoder (`Embedder`, which applies the normalisation stored in the checkpoint) and the assign
-stage's nearest-centroid step (`assign_batch`), so the training rows get exactly the run's own labels. RUN_DIR is
+stage's nearest-centroid step (`assign_batch`), or for a run clustered by `cluster.method: posterior` the model's
+own q(c|x) (`label_by_posterior`, as the cluster stage labelled), so the training rows get exactly the run's own
+labels. RUN_DIR is
 a local path or an object-store URI; it is read in this process, and the actors get the loaded model through
 Ray's object store.
 """
@@ -18,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from engine import storage
-from engine.data.schema import CLUSTER, ID, X, Z, check_finite, vector_array, vectors_to_numpy
+from engine.data.schema import CLUSTER, DISTANCE, ID, X, Z, check_finite, vector_array, vectors_to_numpy
 from engine.errors import CheckpointError, ConfigError, DataError, IncompleteResultError
 from engine.methods import CENTROID_METHODS
 
@@ -28,17 +30,20 @@ class Assigner:
 
     A Ray Data callable class (each actor builds the model once from `state`, a loaded checkpoint or a Ray object
     reference to one, see `Embedder`) and the in-process path of `Run.assign`; `checkpoint` names it in errors.
+    `posterior`: label by the model's q(c|x) instead (a `cluster.method: posterior` run; `centroids` are then the
+    model's component means, the distances' reference).
     """
 
     def __init__(self, state: Any, centroids: np.ndarray, *, checkpoint: str, backend: str = "auto",
-                 spherical: bool = False, use_gpu: bool = False, one_thread: bool = True, where: str = "input"):
+                 spherical: bool = False, use_gpu: bool = False, one_thread: bool = True, where: str = "input",
+                 posterior: bool = False):
         from engine.embed import Embedder
 
         self.embedder = Embedder(state, use_gpu=use_gpu, one_thread=one_thread)
         self.in_dim = int(self.embedder.shift.shape[0])
         self.checkpoint = checkpoint
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-        self.backend, self.spherical, self.where = backend, spherical, where
+        self.backend, self.spherical, self.where, self.posterior = backend, spherical, where, posterior
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from engine.cluster.assignments import assign_batch
@@ -48,17 +53,24 @@ class Assigner:
         if x.shape[1] != self.in_dim:
             raise DataError(f"{self.where}: column '{X}' has {x.shape[1]} features but the run's model "
                             f"({self.checkpoint}) takes {self.in_dim}")
-        z = pa.table({ID: batch.column(ID), Z: vector_array(self.embedder.encode(x))})
-        return assign_batch(z, self.centroids, backend=self.backend, spherical=self.spherical)
+        z = self.embedder.encode(x)
+        if self.posterior:
+            from engine.posterior import label_by_posterior
+
+            labels, distances = label_by_posterior(self.embedder.model, z)
+            return pa.table({ID: batch.column(ID), CLUSTER: pa.array(labels), DISTANCE: pa.array(distances)})
+        return assign_batch(pa.table({ID: batch.column(ID), Z: vector_array(z)}), self.centroids,
+                            backend=self.backend, spherical=self.spherical)
 
 
 class Run:
     """A finished run, loaded to assign new rows: config, model checkpoint (where it is and its loaded `state`)
-    and centroids (see `load_run`)."""
+    and centroids (see `load_run`); `posterior`: the run labelled rows by its model's q(c|x), and so does `assign`."""
 
     def __init__(self, run_dir: str | Path, config: Any, checkpoint: str, state: dict[str, Any],
-                 centroids: np.ndarray):
+                 centroids: np.ndarray, posterior: bool = False):
         self.run_dir = run_dir
+        self.posterior = posterior
         self.config = config
         self.checkpoint = checkpoint
         self.state = state
@@ -69,7 +81,8 @@ class Run:
     def assign(self, rows: Any, batch_size: int | None = None) -> np.ndarray:
         """Cluster labels (n,) int32 of `rows`, a (n, features) matrix or (n, h, w) images of raw input as the
         run's data source gave it (the run's normalisation is applied here): the nearest centroid in the
-        latent space, as the run's own assign stage gives it."""
+        latent space (the most probable component of the model's q(c|x) for a `cluster.method: posterior` run), as
+        the run's own assign stage gives it."""
         x = np.asarray(rows, dtype=np.float32)
         if x.ndim > 2:
             x = x.reshape(len(x), -1)
@@ -82,7 +95,8 @@ class Run:
         if self._assigner is None:
             c = self.config.cluster
             self._assigner = Assigner(self.state, self.centroids, checkpoint=self.checkpoint, backend=c.backend,
-                                      spherical=c.spherical, one_thread=False, where="rows to assign")
+                                      spherical=c.spherical, one_thread=False, where="rows to assign",
+                                      posterior=self.posterior)
         step = batch_size or self.config.embed.plan(0)[0]  # in this process, on its CPU
         labels = np.empty(len(x), dtype=np.int32)
         for start in range(0, len(x), step):
@@ -96,25 +110,29 @@ class Run:
 def load_run(run_dir: str | Path) -> Run:
     """Open a finished run to assign new rows; refuses what cannot give the run's own labels.
 
+    A `cluster.method: posterior` run (VaDE) assigns by its model's q(c|x), as its cluster stage did.
     Errors name the file or setting: a folder that is no run (no config.yaml), a method whose labels are not
-    "nearest centroid" (cluster.method gmm, agglomerative, hdbscan, dbscan, or cluster.manifold umap: the run
-    keeps their labels, not a fitted model), a missing or unfinished model/ (refined/ for dec, idec),
-    assignments/ or centroids.npy, results written by another engine version, centroids of another latent size.
+    "nearest centroid" nor the model's posterior (cluster.method gmm, agglomerative, hdbscan, dbscan, or
+    cluster.manifold umap: the run keeps their labels, not a fitted model), a missing or unfinished model/
+    (refined/ for dec, idec), assignments/ or centroids.npy, results written by another engine version, centroids
+    of another latent size.
     `run_dir` is a local path or an object-store URI.
     """
     from engine.rundir import load_run_config, model_folder
     from engine.train.checkpoint import FILENAME, load_checkpoint
 
     cfg = load_run_config(run_dir)
+    posterior = False
     if not cfg.model.refines:
         # What the clustering was: cluster.json, written by the cluster stage (`dce cluster RUN --set ...` may have
         # re-clustered with other settings than config.yaml's); the config for runs from before it was recorded.
         method, manifold = clustered_with(run_dir, cfg)
-        if method not in CENTROID_METHODS:
+        posterior = method == "posterior"
+        if method not in CENTROID_METHODS and not posterior:
             raise ConfigError(
                 f"{run_dir}: cluster.method={method} labels rows without centroids to assign new rows to, and the "
                 f"run keeps no fitted {method}, only its labels; assigning new rows needs cluster.method "
-                f"{', '.join(CENTROID_METHODS)} (or model.name dec / idec)")
+                f"{', '.join(CENTROID_METHODS)} or posterior (or model.name dec / idec)")
         if manifold != "none":
             raise ConfigError(f"{run_dir}: cluster.manifold={manifold}: the run clustered a {manifold} reduction "
                               f"it does not keep, so new rows cannot be placed in it; assigning new rows needs "
@@ -136,7 +154,7 @@ def load_run(run_dir: str | Path) -> Run:
     if centroids.ndim != 2 or (latent is not None and centroids.shape[1] != int(latent)):
         raise CheckpointError(f"{path}: centroids of shape {centroids.shape} do not fit the model's latent "
                               f"dimension {latent} ({checkpoint})")
-    return Run(run_dir, cfg, checkpoint, state, centroids)
+    return Run(run_dir, cfg, checkpoint, state, centroids, posterior=posterior)
 
 
 def clustered_with(run_dir: str | Path, cfg: Any) -> tuple[str, str]:
@@ -213,7 +231,8 @@ def assign_source(run: Run, source: Any, out_dir: str | Path, *, batch_size: int
     out = read_dataset(source).map_batches(
         Assigner,
         fn_constructor_kwargs={"state": ray.put(run.state), "centroids": run.centroids, "checkpoint": run.checkpoint,
-                               "backend": c.backend, "spherical": c.spherical, "use_gpu": use_gpu, "where": where},
+                               "backend": c.backend, "spherical": c.spherical, "use_gpu": use_gpu, "where": where,
+                               "posterior": run.posterior},
         batch_size=batch_size or plan[0],
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=1, max_size=concurrency or plan[1]),

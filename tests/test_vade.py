@@ -430,6 +430,41 @@ def test_pipeline_clusters_by_the_posterior(runs, tmp_path):
     assert metrics["acc"] > 0.15, metrics
 
 
+def test_new_rows_are_assigned_by_the_posterior(runs, tmp_path):
+    # A posterior run's new rows take the model's q(c|x), as its cluster stage labelled the training rows: in this
+    # process (load_run(...).assign) and through a Ray Data actor pool (dce assign's assign_source).
+    import shutil
+
+    from engine.data import read_table
+    from engine.pipeline import cluster_stage
+    from engine.predict import assign_source, input_source, load_run, open_new_rows
+    from engine.progress import Progress
+
+    cfg, result, _ = runs
+    run_dir = tmp_path / "run"
+    shutil.copytree(result.run_dir, run_dir)
+    # Nearest-mean labels (the k-means-style assignment a centroid run gets) differ from q(c|x) on some rows here,
+    # so this test fails if assignment ignores the posterior.
+    posterior = config_from_dict({**cfg.to_dict(), "cluster": {"k": 10, "method": "posterior"}})
+    cluster_stage(posterior, run_dir, Progress())
+    own = read_table(run_dir / "assignments", stage="assign").sort_by("id")
+    x = np.load(Path(cfg.data.path))
+    run = load_run(run_dir)
+    assert run.posterior
+    labels = run.assign(x)
+    np.testing.assert_array_equal(labels, own.column("cluster").to_numpy())
+    z = read_table(run_dir / "embeddings", stage="embed").sort_by("id").column("z").to_numpy(zero_copy_only=False)
+    nearest = np.linalg.norm(np.stack(z)[:, None] - run.centroids[None], axis=2).argmin(1)
+    assert np.mean(nearest != labels) > 0.01  # the two rules differ on these rows: the check above can fail
+    new = tmp_path / "new.npy"
+    np.save(new, x[:100])
+    source = open_new_rows(run, input_source(new))
+    assign_source(run, source, tmp_path / "assigned")
+    out = read_table(tmp_path / "assigned", stage="assign").sort_by("id")
+    np.testing.assert_array_equal(out.column("cluster").to_numpy(), labels[:100])
+    np.testing.assert_allclose(out.column("distance").to_numpy(), own.column("distance").to_numpy()[:100], rtol=1e-4)
+
+
 # ---- model.prior_init: n2d -------------------------------------------------------------------------
 
 
