@@ -236,3 +236,16 @@ def test_flower_settings_are_checked(tmp_path):
                               "--set", "federated.partitions.by=nodes"])
     assert bad.exit_code == 2 and "partitions.by=nodes needs federated.backend=flower" in bad.output, bad.output
     assert not (tmp_path / "r").exists()
+
+
+def test_a_clientapp_process_imports_only_the_client_side():
+    """A SuperNode starts a fresh process for every message: what its ClientApp imports is paid per message. The
+    client side needs the torch Lloyd statistics, not scikit-learn's estimators or the server (engine.cluster and
+    engine.federated import their names on first use)."""
+    code = ("import sys; import engine.federated.flower_app; "
+            "print(sorted(m for m in ('sklearn', 'engine.federated.server', 'engine.cluster._kmeans', 'ray') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout

@@ -3,8 +3,9 @@ in-memory methods beyond k-means (Gaussian mixture, Ward, HDBSCAN, DBSCAN) with 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from engine.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from engine.cluster._in_memory import check_sizes, cluster_means, fit_labels
@@ -46,14 +47,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'engine.cluster' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"engine.cluster.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE)
