@@ -231,10 +231,10 @@ def test_checkpoint_round_trip_with_optimizers(tmp_path):
 # ---- real Ray Train (2 DDP workers) and Ray Data ---------------------------------------------------
 
 
-def _mixture_cfg(path, workers: int, model: dict | None = None, **train):
+def _mixture_cfg(path, workers: int, **train):
     return config_from_dict({
         "data": {"source": "npy", "path": str(path), "rows_per_shard": 64},
-        "model": {"name": "gan", "latent_dim": 2, "hidden": [32, 32], "critic_steps": 2, **(model or {})},
+        "model": {"name": "gan", "latent_dim": 2, "hidden": [32, 32], "critic_steps": 2},
         "train": {"epochs": 15, "batch_size": 128, "lr": 3e-3, "num_workers": workers, "checkpoint_every": 15,
                   **train},
         "cluster": {"k": 4},
@@ -261,15 +261,12 @@ def gan_runs(ray_local, tmp_path_factory):
     """The same GAN trained on 1 and on 2 workers, full-batch steps on a 4-component mixture of 128 rows stored
     sorted by component in 2 blocks (see the DDP test). The other tests read the 2-worker run and the histories
     kept here; the resume test extends that run's directory."""
-    return _one_and_two_workers(tmp_path_factory.mktemp("gan"))
-
-
-def _one_and_two_workers(folder, model: dict | None = None, sort: bool = True) -> dict:
+    folder = tmp_path_factory.mktemp("gan")
     x, _, labels = _mixture(128)
-    np.save(folder / "x.npy", (x[torch.argsort(labels, stable=True)] if sort else x).numpy())
+    np.save(folder / "x.npy", x[torch.argsort(labels, stable=True)].numpy())
     runs = {}
     for workers in (1, 2):
-        cfg = _mixture_cfg(folder / "x.npy", workers, model)
+        cfg = _mixture_cfg(folder / "x.npy", workers)
         ds, info, model_dir = _train(cfg, folder / f"w{workers}")
         runs[workers] = cfg, ds, info, folder / f"w{workers}", load_checkpoint(model_dir)
     return runs
