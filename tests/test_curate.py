@@ -122,9 +122,9 @@ def global_greedy(ids: np.ndarray, u: np.ndarray, csims: np.ndarray, walks: list
     return {int(ids[r]) for r in removed}, {(int(ids[a]), int(ids[b])) for a, b in edges}
 
 
-@pytest.mark.parametrize("block", [7, 64, 5000])
+@pytest.mark.parametrize(("block", "edge_bytes"), [(7, 28 * 5), (64, 28 * 40), (5000, 1 << 20)])
 @pytest.mark.parametrize("keep", ["hard", "random"])
-def test_walks_and_the_global_pass_equal_the_greedy_rule_over_every_edge(tmp_path, block, keep):
+def test_walks_and_the_global_pass_equal_the_greedy_rule_over_every_edge(tmp_path, block, edge_bytes, keep):
     from engine.curate.groups import walk_cluster
     from engine.curate.resolve import resolve_pending
     from engine.curate.similarity import keep_order
@@ -149,8 +149,9 @@ def test_walks_and_the_global_pass_equal_the_greedy_rule_over_every_edge(tmp_pat
         for what in files:
             files[what].append(tmp_path / f"{what}-{c}.parquet")
             pq.write_table(out[what], files[what][-1])
+    # edge_bytes: the edges decided in many rank ranges (spilled), a few, or one
     n_kept, n_removed, extra = resolve_pending(files["kept"], files["pending"], files["edges"], keep, 0,
-                                               tmp_path / "global")
+                                               tmp_path / "global", edge_bytes=edge_bytes)
     kept = np.concatenate([pq.read_table(f).column("id").to_numpy() for f in files["kept"] + extra[:1]])
     dups = pa.concat_tables([pq.read_table(f) for f in files["duplicates"] + extra[1:]]).to_pydict()
     want_removed, edges = global_greedy(ids, u, csims, walks, keep)

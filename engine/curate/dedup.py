@@ -104,7 +104,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     check_result_output(out, source, overwrite=overwrite)
     key = {"stage": STAGE, "input": emb.fingerprint(), "k": k, "seed": seed, "sample_size": sample_size,
            "max_iter": max_iter, "eps": summary_eps, "main_eps": float(eps), "keep": keep,
-           "probes": probes, "format": 3}
+           "probes": probes, "format": 4}
     config_hash = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     notify = on_progress or (lambda stage, info: None)
     times: dict[str, float] = {}
@@ -156,6 +156,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     # [5] the rows a walk could not decide alone, decided in the global keep order over every walk's edges
     p_kept, p_removed, p_files = resolve_pending(files["kept"], files["pending"], files["edges"], keep, seed,
                                                  state / "global")
+    times["resolve"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     kept_files = files["kept"] + p_files[:1]
     dup_files = files["duplicates"] + p_files[1:]
     kept_rows, dup_rows = kept_rows + p_kept, dup_rows + p_removed
@@ -203,7 +205,7 @@ def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim
     pending = [task.remote(g, members, c_ref, str(state), dim, eps, main, keep, seed, block, memory_bytes,
                            flush_rows)
                for g, members in enumerate(groups)]
-    done, clusters, skipped = 0, 0, 0
+    done, clusters, skipped, pairs, member_pairs = 0, 0, 0, 0, 0
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -211,11 +213,15 @@ def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim
             done += 1
             clusters += info["clusters"]
             skipped += info["skipped"]
+            pairs += info["pairs"]
+            member_pairs += info["member_pairs"]
             notify("similarity", {"groups_done": done, "groups": len(groups), **info})
     finally:
         for ref in pending:  # an interrupted driver stops its tasks; their finished clusters stay recorded
             ray.cancel(ref, force=True)
-    return {"tasks": len(groups), "clusters_done": clusters, "clusters_skipped": skipped}
+    # pairs: compared by this run's walks (guests included); member_pairs: those of one exact within-cluster pass
+    return {"tasks": len(groups), "clusters_done": clusters, "clusters_skipped": skipped, "pairs": pairs,
+            "member_pairs": member_pairs}
 
 
 def _check_every_id_once(ids: np.ndarray, files: list[Path], where: str) -> None:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
+from engine.curate.partition import read_bucket
 from engine.curate.similarity import greedy_dedup, keep_order
 from engine.data.schema import vectors_to_numpy
 
@@ -41,8 +42,8 @@ def _load_group(files: list[Path], dim: int, memory_bytes: int) -> tuple[np.ndar
     """(ids, clusters, home clusters, centroid similarities, guest-elsewhere flags, vectors) of a group's bucket
     files; the vectors in memory when they fit `memory_bytes`, else in a memory-mapped file that the blocked pass
     reads a block at a time."""
-    metas = [pq.ParquetFile(f).metadata.num_rows for f in files]
-    n = sum(metas)
+    tables = [read_bucket(f) for f in files]
+    n = sum(t.num_rows for t in tables)
     spill = n * dim * 4 > memory_bytes
     if spill:
         handle = tempfile.NamedTemporaryFile(prefix="dce-dedup-", suffix=".f32", delete=False)
@@ -51,8 +52,7 @@ def _load_group(files: list[Path], dim: int, memory_bytes: int) -> tuple[np.ndar
     else:
         vectors = np.empty((n, dim), dtype=np.float32)
     ids, clusters, homes, sims, away, row = [], [], [], [], [], 0
-    for f in files:
-        t = pq.read_table(f)
+    for f, t in zip(files, tables, strict=True):
         m = t.num_rows
         vectors[row:row + m] = vectors_to_numpy(t.column("v"), name="v", where=str(f))
         ids.append(t.column("id").to_numpy())
@@ -123,13 +123,13 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
     done = finished_clusters(root)
     todo = [c for c in clusters if c not in done]
     if not todo:
-        return {"group": group, "clusters": 0, "skipped": len(clusters), "rows": 0}
-    files = sorted((root / "buckets" / f"g{group:05d}").glob("p*.parquet"))
+        return {"group": group, "clusters": 0, "skipped": len(clusters), "rows": 0, "pairs": 0, "member_pairs": 0}
+    files = sorted((root / "buckets" / f"g{group:05d}").glob("p*.arrow"))
     ids, labels, homes, csims, away, vectors = _load_group(files, dim, memory_bytes)
     try:
         order = np.argsort(labels, kind="stable")
         bounds = np.searchsorted(labels[order], np.arange(len(centroids) + 1))
-        batch, batch_rows, rows = [], 0, 0
+        batch, batch_rows, rows, pairs, member_pairs = [], 0, 0, 0, 0
         for c in todo:
             members = order[bounds[c]:bounds[c + 1]]
             # Sorted for memory-mapped reads; the keep order is applied on top.
@@ -147,7 +147,10 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
             batch.append((c, walk_cluster(c, ids[walk], homes[walk], csims[walk], away[walk], walk_rows, eps,
                                           main, block)))
             batch_rows += len(walk)
-            rows += int((homes[walk] == c).sum())
+            m = int((homes[walk] == c).sum())
+            rows += m
+            pairs += len(walk) * (len(walk) - 1) // 2  # compared, guests included
+            member_pairs += m * (m - 1) // 2  # what one exact within-cluster pass compares
             if batch_rows >= flush_rows:
                 _flush(root, batch, len(eps))
                 batch, batch_rows = [], 0
@@ -158,4 +161,5 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
             name = vectors.filename
             del vectors
             os.unlink(name)
-    return {"group": group, "clusters": len(todo), "skipped": len(clusters) - len(todo), "rows": rows}
+    return {"group": group, "clusters": len(todo), "skipped": len(clusters) - len(todo), "rows": rows,
+            "pairs": pairs, "member_pairs": member_pairs}

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.feather  # noqa: F401  (pa.feather)
 
 from engine import storage
 from engine.curate.source import Embeddings, Piece, read_unit_piece
@@ -60,9 +60,16 @@ def plan_groups(sample_counts: np.ndarray, n_rows: int, dim: int, *, memory_byte
     return groups
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def write_bucket(table: pa.Table, path: Path) -> None:
+    """A bucket file: Arrow IPC, uncompressed (an internal file, written once and read once memory-mapped; Parquet's
+    encoding and compression cost more than the rest of the assign pass)."""
     with storage.atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        pa.feather.write_feather(table, str(tmp), compression="uncompressed")
+
+
+def read_bucket(path: Path) -> pa.Table:
+    """A bucket file, memory-mapped (its columns are read when touched)."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 def guest_margin(eps: float) -> float:
@@ -97,8 +104,9 @@ def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: in
     rows, clusters = [np.arange(len(ids))], [home]
     limit = np.cos(np.minimum(np.arccos(np.clip(best, -1, 1)) + margin, np.pi))
     for j in range(1, top.shape[1]):
-        gap = np.linalg.norm(centroids[home] - centroids[top[:, j]], axis=1)
-        near = np.flatnonzero((top_sims[:, j] >= limit) & (best - top_sims[:, j] <= reach * gap))
+        near = np.flatnonzero(top_sims[:, j] >= limit)
+        gap = np.linalg.norm(centroids[home[near]] - centroids[top[near, j]], axis=1)
+        near = near[best[near] - top_sims[near, j] <= reach * gap]
         rows.append(near)
         clusters.append(top[near, j])
     rows_all, clusters_all = np.concatenate(rows), np.concatenate(clusters)
@@ -111,10 +119,10 @@ def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: in
         at = np.flatnonzero(groups == g)
         r = rows_all[at]
         (root / "buckets" / f"g{g:05d}").mkdir(parents=True, exist_ok=True)
-        _write_atomic(pa.table({"id": ids[r], "cluster": clusters_all[at].astype(np.int32),
-                                "home": home[r].astype(np.int32), "centroid_sim": best[r].astype(np.float32),
-                                "guest_elsewhere": away[r], "v": vector_array(x[r])}),
-                      root / "buckets" / f"g{g:05d}" / f"p{index:06d}.parquet")
+        write_bucket(pa.table({"id": ids[r], "cluster": clusters_all[at].astype(np.int32),
+                               "home": home[r].astype(np.int32), "centroid_sim": best[r].astype(np.float32),
+                               "guest_elsewhere": away[r], "v": vector_array(x[r])}),
+                     root / "buckets" / f"g{g:05d}" / f"p{index:06d}.arrow")
     # The record comes last: a piece without one is assigned again, rewriting the same file names.
     record = root / "assigned" / f"p{index:06d}.json"
     record.parent.mkdir(exist_ok=True)
@@ -124,7 +132,7 @@ def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: in
 
 def assign_to_buckets(emb: Embeddings, centroids: np.ndarray, groups: list[list[int]], folder: Path, *,
                       probes: int = 1, margin: float = 0.0, reach: float = math.inf) -> dict[str, Any]:
-    """Every row's nearest centroid, written with its unit vector into `folder/buckets/g<group>/p<piece>.parquet`
+    """Every row's nearest centroid, written with its unit vector into `folder/buckets/g<group>/p<piece>.arrow`
     by one Ray task per piece, and a guest copy for each of its next `probes - 1` nearest centroids within
     `margin` and `reach` of it (see `guest_margin`, `bisector_reach`); pieces recorded as done by an earlier,
     interrupted run are skipped."""

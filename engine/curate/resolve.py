@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,14 @@ import pyarrow.parquet as pq
 from engine import storage
 from engine.curate.similarity import keep_order
 
+# An edge as the global pass holds it: the later row's rank, the earlier row's id and rank (-1: kept for sure in
+# its walk), their similarity.
+EDGE = np.dtype([("later", "<i8"), ("earlier", "<i8"), ("erank", "<i8"), ("sim", "<f4")])
+# Edges of one rank range held at once; the rest wait in files (the edges of dense data can far outnumber rows).
+DEFAULT_EDGE_BYTES = 128 << 20
+READ_ROWS = 1 << 20
+MAX_RANGES = 512  # open spill files at once
+
 
 def _read(files: list[Path], columns: list[str]) -> dict[str, np.ndarray]:
     tables = [pq.read_table(f, columns=columns) for f in files]
@@ -18,22 +27,31 @@ def _read(files: list[Path], columns: list[str]) -> dict[str, np.ndarray]:
     return {c: (table.column(c).to_numpy() if table is not None else np.zeros(0)) for c in columns}
 
 
+def _in_sorted(x: np.ndarray, sorted_values: np.ndarray) -> np.ndarray:
+    if not len(sorted_values):
+        return np.zeros(len(x), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_values, x), len(sorted_values) - 1)
+    return sorted_values[at] == x
+
+
 def resolve_pending(kept_files: list[Path], pending_files: list[Path], edge_files: list[Path], keep: str,
-                    seed: int, folder: Path) -> tuple[int, int, list[Path]]:
+                    seed: int, folder: Path, edge_bytes: int = DEFAULT_EDGE_BYTES) -> tuple[int, int, list[Path]]:
     """Decide every pending row in the global keep order: removed when an edge joins it to an earlier kept row
     (kept for sure in its cluster, or pending and kept here), its `duplicate_of` the most similar such row.
 
     The walks found every edge (each is found in a walk holding both rows); a pending row's edges to earlier rows
-    removed for sure were left out (they cannot remove it). Writes `folder/kept-pending.parquet` and
-    `folder/duplicates-pending.parquet`; returns (rows kept, rows removed, the files). Holds the ids of kept rows
-    (8 bytes each), the pending rows and their edges (20 bytes an edge)."""
+    removed for sure were left out (they cannot remove it). Out of core: the edges are read in batches and spilled
+    to files by rank range, then each range is decided in rank order, about `edge_bytes` of edges in memory at a
+    time. Writes `folder/kept-pending.parquet` and `folder/duplicates-pending.parquet`; returns (rows kept, rows
+    removed, the files). Holds the ids of the rows kept for sure (8 bytes each) and ~30 bytes a pending row."""
     pend = _read(pending_files, ["id", "centroid_sim", "cluster"])
     n = len(pend["id"])
     if not n:
         return 0, 0, []
     # rank = position in the global keep order, the order every walk used
     order = keep_order(pend["id"].astype(np.int64), None, None, keep, seed, 0, centroid_sims=pend["centroid_sim"])
-    pid, pcluster = pend["id"].astype(np.int64)[order], pend["cluster"][order]
+    pid, pcluster = pend["id"].astype(np.int64)[order], pend["cluster"].astype(np.int32)[order]
+    del pend, order
     sorter = np.argsort(pid)
     sorted_ids = pid[sorter]
 
@@ -41,43 +59,84 @@ def resolve_pending(kept_files: list[Path], pending_files: list[Path], edge_file
         at = np.minimum(np.searchsorted(sorted_ids, x), n - 1)
         return np.where(sorted_ids[at] == x, sorter[at], -1)
 
-    edges = _read(edge_files, ["id", "earlier", "similarity"])
-    later_rank = rank_of(edges["id"])
-    on = later_rank >= 0  # edges of guests whose home decided them for sure are not needed
-    later_rank = later_rank[on]
-    earlier, sim = edges["earlier"][on].astype(np.int64), edges["similarity"][on]
-    del edges
     kept_ids = np.sort(_read(kept_files, ["id"])["id"].astype(np.int64))
-    to_sure = np.isin(earlier, kept_ids)
-    earlier_rank = rank_of(earlier)
-    removed = np.zeros(n, dtype=bool)
-    removed[later_rank[to_sure]] = True
-    open_edge = earlier_rank >= 0
-    lr, er = later_rank[open_edge], earlier_rank[open_edge]
-    if (er >= lr).any():
-        raise RuntimeError("dedup: an edge joins a pending row to a later one; the walks' keep orders differ")
-    by_later = np.argsort(lr, kind="stable")
-    lr, er = lr[by_later], er[by_later]
-    starts = np.searchsorted(lr, np.arange(n + 1))
-    # In rank order, so every earlier row's fate is final when a row is decided.
-    for r in np.unique(lr):
-        if not removed[r] and (~removed[er[starts[r]:starts[r + 1]]]).any():
-            removed[r] = True
-    partner_kept = to_sure | (open_edge & ~removed[np.maximum(earlier_rank, 0)])
-    pick = np.flatnonzero(removed[later_rank] & partner_kept)
-    # the most similar kept partner of each removed row (ties: the smaller id)
-    pick = pick[np.lexsort((earlier[pick], -sim[pick], later_rank[pick]))]
-    first = pick[np.r_[True, later_rank[pick][1:] != later_rank[pick][:-1]]] if len(pick) else pick
-    gone = later_rank[first]
-    if len(gone) != int(removed.sum()):
-        raise RuntimeError("dedup: a row removed in the global pass has no kept partner")
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in edge_files)
+    ranges = min(MAX_RANGES, max(1, math.ceil(total * EDGE.itemsize / edge_bytes)))
     folder.mkdir(exist_ok=True)
-    kept_file, dup_file = folder / "kept-pending.parquet", folder / "duplicates-pending.parquet"
+    spill = [folder / f"edges-{r:05d}.bin" for r in range(ranges)]
+    handles = [open(p, "wb") for p in spill]  # noqa: SIM115 (closed below, all together)
+    try:
+        for f in edge_files:
+            for batch in pq.ParquetFile(f).iter_batches(READ_ROWS, columns=["id", "earlier", "similarity"]):
+                later = rank_of(batch.column("id").to_numpy().astype(np.int64))
+                on = later >= 0  # edges of guests whose home decided them for sure are not needed
+                earlier = batch.column("earlier").to_numpy().astype(np.int64)[on]
+                e = np.empty(int(on.sum()), EDGE)
+                e["later"], e["earlier"], e["erank"] = later[on], earlier, rank_of(earlier)
+                e["sim"] = batch.column("similarity").to_numpy()[on]
+                # an earlier row neither pending nor kept for sure was removed for sure: it removes nothing
+                e = e[(e["erank"] >= 0) | _in_sorted(e["earlier"], kept_ids)]
+                if (e["erank"] >= e["later"]).any():
+                    raise RuntimeError("dedup: an edge joins a pending row to a later one; the walks' keep orders "
+                                       "differ")
+                r = e["later"] * ranges // n
+                for b in np.unique(r):
+                    handles[b].write(e[r == b].tobytes())
+    finally:
+        for h in handles:
+            h.close()
+    del kept_ids
+
+    removed = np.zeros(n, dtype=bool)
+    dup_file = folder / "duplicates-pending.parquet"
+    schema = pa.schema([("id", pa.int64()), ("duplicate_of", pa.int64()), ("similarity", pa.float32()),
+                        ("cluster", pa.int32())])
+    n_removed = 0
+    with storage.atomic_path(dup_file) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for path in spill:
+            e = np.fromfile(path, dtype=EDGE)
+            path.unlink()
+            n_removed += _decide_range(e, removed, pid, pcluster, writer)
+    if n_removed != int(removed.sum()):
+        raise RuntimeError("dedup: a row removed in the global pass has no kept partner")
+    kept_file = folder / "kept-pending.parquet"
     with storage.atomic_path(kept_file) as tmp:
         pq.write_table(pa.table({"id": pa.array(pid[~removed], pa.int64())}), tmp)
-    with storage.atomic_path(dup_file) as tmp:
-        pq.write_table(pa.table({"id": pa.array(pid[gone], pa.int64()),
-                                 "duplicate_of": pa.array(earlier[first], pa.int64()),
-                                 "similarity": pa.array(sim[first], pa.float32()),
-                                 "cluster": pa.array(pcluster[gone], pa.int32())}), tmp)
-    return int((~removed).sum()), int(removed.sum()), [kept_file, dup_file]
+    return int((~removed).sum()), n_removed, [kept_file, dup_file]
+
+
+def _decide_range(e: np.ndarray, removed: np.ndarray, pid: np.ndarray, pcluster: np.ndarray,
+                  writer: pq.ParquetWriter) -> int:
+    """Decide the rows of one rank range from its edges (every earlier range decided already: `removed` is final
+    below it), in rank order; writes the removed rows with their most similar kept partner; returns how many."""
+    if not len(e):
+        return 0
+    e = e[np.argsort(e["later"], kind="stable")]
+    lr, er = e["later"], e["erank"]
+    open_edge = er >= 0
+    # Edges to rows kept for sure, or to open rows of earlier ranges, decide at once; only edges inside the range
+    # need the walk in rank order.
+    lo = int(lr[0])
+    hit = ~open_edge | (open_edge & (er < lo) & ~removed[np.maximum(er, 0)])
+    removed[np.unique(lr[hit])] = True
+    inner = np.flatnonzero(open_edge & (er >= lo))
+    if len(inner):
+        il, ie = lr[inner], er[inner]
+        starts = np.searchsorted(il, np.arange(lo, int(lr[-1]) + 2))
+        for r in np.unique(il):
+            if not removed[r]:
+                s = starts[r - lo]
+                if (~removed[ie[s:starts[r - lo + 1]]]).any():
+                    removed[r] = True
+    partner_kept = ~open_edge | ~removed[np.maximum(er, 0)]
+    pick = np.flatnonzero(removed[lr] & partner_kept)
+    # the most similar kept partner of each removed row (ties: the smaller id)
+    pick = pick[np.lexsort((e["earlier"][pick], -e["sim"][pick], lr[pick]))]
+    first = pick[np.r_[True, lr[pick][1:] != lr[pick][:-1]]] if len(pick) else pick
+    gone = lr[first]
+    if len(gone):
+        writer.write_table(pa.table({"id": pa.array(pid[gone], pa.int64()),
+                                     "duplicate_of": pa.array(e["earlier"][first], pa.int64()),
+                                     "similarity": pa.array(e["sim"][first], pa.float32()),
+                                     "cluster": pa.array(pcluster[gone], pa.int32())}))
+    return len(gone)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -50,6 +51,16 @@ class ClusterResult:
         default_factory=lambda: (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)))
 
 
+@functools.lru_cache(maxsize=4)
+def _lower_mask(size: int) -> np.ndarray:
+    return np.tril(np.ones((size, size), dtype=bool))
+
+
+def _not_above_diagonal(b: int) -> np.ndarray:
+    """(b, b) mask of the diagonal and below, sliced from a cached mask of a power-of-two size."""
+    return _lower_mask(max(64, 1 << (b - 1).bit_length()))[:b, :b]
+
+
 def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[float], *, main: int = 0,
                  block: int = 2048, counted: np.ndarray | None = None,
                  volatile: np.ndarray | None = None) -> ClusterResult:
@@ -69,7 +80,7 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
     pending rows' edges; the cost is n^2 d / 2 multiply-adds, as one exact pass must be.
     """
     thresholds = 1.0 - np.asarray(eps, dtype=np.float64)
-    lowest, thr = thresholds.min(), thresholds[main]
+    thr = thresholds[main]
     E = len(thresholds)
     kept = np.zeros((E, n), dtype=bool)  # at main: kept for sure or pending (not removed for sure)
     sure = np.zeros(n, dtype=bool)
@@ -82,8 +93,8 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
         b1 = min(n, b0 + block)
         xb = np.ascontiguousarray(rows(b0, b1), dtype=np.float32)
         b = b1 - b0
-        # Per eps, the best similarity to an earlier kept row (at main: kept for sure), tracked only where some
-        # similarity exceeds the lowest threshold: below it no eps removes the row, so a lower value decides the same.
+        # Per eps, the best similarity to an earlier kept row (at main: kept for sure), tracked only where it exceeds
+        # that eps's threshold: below it the row is not removed, so a lower value decides the same.
         best = np.full((E, b), -np.inf, dtype=np.float32)
         best_at = np.full(b, -1, dtype=np.int64)
         cand_later, cand_earlier, cand_sim = [], [], []  # edges to earlier pending rows, kept if the row is pending
@@ -92,36 +103,52 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
             if not kept[:, a0:a1].any():
                 continue
             s = rows(a0, a1) @ xb.T  # (a, b)
-            cols = np.flatnonzero(s.max(axis=0) > lowest)
-            if not len(cols):
-                continue
-            sc = s[:, cols]
+            colmax = s.max(axis=0)
+            # Per eps, only the kept rows and the columns whose best similarity can pass the threshold: on dense
+            # data most rows are removed at large eps and few columns pass at small ones, so the sub-matrices are
+            # small where the full masked pass per eps cost ~4 times the matrix product.
             for e in range(E):
-                masked = np.where((sure if e == main else kept[e])[a0:a1, None], sc, -np.inf)
-                at = masked.argmax(axis=0)
-                m = masked[at, np.arange(len(cols))]
+                t_e = thresholds[e]
+                cand = colmax > t_e
+                if e != main:
+                    cand &= best[e] <= t_e  # removed at this eps already: nothing more to learn for it
+                cols_e = np.flatnonzero(cand)
+                if not len(cols_e):
+                    continue
+                rows_e = np.flatnonzero((sure if e == main else kept[e])[a0:a1])
+                if not len(rows_e):
+                    continue
+                sub = s[:, cols_e] if len(rows_e) == a1 - a0 else s[np.ix_(rows_e, cols_e)]
                 if e == main:
-                    better = m > best[e, cols]
-                    best_at[cols[better]] = a0 + at[better]
-                best[e, cols] = np.maximum(best[e, cols], m)
-            ai, ci = np.nonzero((sc > thr) & pending[a0:a1, None])
-            cand_later.append(cols[ci])
-            cand_earlier.append(a0 + ai)
-            cand_sim.append(sc[ai, ci])
-        # Similarities to earlier rows of the same block only (i before j); -inf elsewhere.
-        su = np.where(np.triu(np.ones((b, b), dtype=bool), 1), xb @ xb.T, -np.inf).astype(np.float32)
-        cols = np.flatnonzero(su.max(axis=0) > lowest)
-        sc = su[:, cols]
+                    at = sub.argmax(axis=0)
+                    m = sub[at, np.arange(len(cols_e))]
+                    better = m > best[e, cols_e]
+                    best_at[cols_e[better]] = a0 + rows_e[at[better]]
+                else:
+                    m = sub.max(axis=0)
+                best[e, cols_e] = np.maximum(best[e, cols_e], m)
+            rows_p = np.flatnonzero(pending[a0:a1])
+            cols_m = np.flatnonzero(colmax > thr)
+            if len(rows_p) and len(cols_m):
+                sub = s[np.ix_(rows_p, cols_m)]
+                pi, ci = np.nonzero(sub > thr)
+                cand_later.append(cols_m[ci])
+                cand_earlier.append(a0 + rows_p[pi])
+                cand_sim.append(sub[pi, ci])
+        # Similarities to later rows of the same block only (row i, column j > i); -inf elsewhere.
+        su = xb @ xb.T
+        np.putmask(su, _not_above_diagonal(b), -np.inf)
+        rowmax = su.max(axis=1)  # row i's best similarity to a later row of the block
         for e in range(E):
             if e == main:
                 continue
-            near = sc > thresholds[e]  # (b, len(cols))
             k = best[e] <= thresholds[e]
-            # Only rows with an earlier in-block neighbour above the threshold depend on which earlier rows were
-            # kept; every other row's fate is already known, so the sequential walk is over those few.
-            for c in np.flatnonzero(k[cols] & near.any(axis=0)):
-                if (near[:, c] & k).any():
-                    k[cols[c]] = False
+            # The sequential walk visits only kept rows with a later in-block neighbour above the threshold (each
+            # removes those neighbours): few where the eps is small (few neighbours) and where it is large (few
+            # rows kept), where a walk over the removed rows would visit nearly every row.
+            for i in np.flatnonzero(k & (rowmax > thresholds[e])):
+                if k[i]:
+                    k[su[i] > thresholds[e]] = False
             kept[e, b0:b1] = k
         # The main eps: the same walk with three fates.
         cl = np.concatenate(cand_later) if cand_later else np.zeros(0, np.int64)
@@ -130,13 +157,18 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
         gone = best[main] > thr
         ok = ~gone & ~vol[b0:b1] & ~open_prev
         sb, pb = ok.copy(), ~gone & ~ok
-        near = sc > thr
-        for c in np.flatnonzero(~gone[cols] & near.any(axis=0)):
-            j = cols[c]
-            if (near[:, c] & sb).any():
-                sb[j], pb[j] = False, False
-            elif (near[:, c] & pb).any():
-                sb[j], pb[j] = False, True
+        # In order, so a row's fate is final when it is visited: a row kept for sure removes its later neighbours
+        # for sure; a pending one makes those not removed pending.
+        rm = gone.copy()
+        for i in np.flatnonzero(~gone & (rowmax > thr)):
+            if rm[i]:
+                continue
+            later = np.flatnonzero(su[i] > thr)
+            if sb[i]:
+                rm[later], sb[later], pb[later] = True, False, False
+            else:
+                later = later[~rm[later]]
+                sb[later], pb[later] = False, True
         sure[b0:b1], pending[b0:b1] = sb, pb
         kept[main, b0:b1] = sb | pb
         gone = np.flatnonzero(~(sb | pb))
@@ -154,10 +186,12 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
             e_later.append(b0 + cl[keep_edge])
             e_earlier.append(ce[keep_edge])
             e_sim.append(cs[keep_edge])
-        ii, jj = np.nonzero(near & pb[:, None] & pb[cols][None, :])
-        e_later.append(b0 + cols[jj])
-        e_earlier.append(b0 + ii)
-        e_sim.append(sc[ii, jj])
+        pr = np.flatnonzero(pb)
+        sub = su[np.ix_(pr, pr)]
+        ii, jj = np.nonzero(sub > thr)
+        e_later.append(b0 + pr[jj])
+        e_earlier.append(b0 + pr[ii])
+        e_sim.append(sub[ii, jj])
         vg = gone[vol[b0 + gone]]
         e_later.append(b0 + vg)
         e_earlier.append(dup_of[b0 + vg])
