@@ -117,28 +117,39 @@ def read_piece(piece: Piece, column: str, id_column: str) -> tuple[np.ndarray, n
     return ids.to_numpy().astype(np.int64), x
 
 
-def unit_rows(piece: Piece, ids: np.ndarray, x: np.ndarray, column: str) -> np.ndarray:
-    """Rows scaled to unit length (cosine geometry); NaN/inf and all-zero rows are DataErrors naming file, row, id."""
+def row_norms(piece: Piece, ids: np.ndarray, x: np.ndarray, column: str) -> np.ndarray:
+    """Each row's length; NaN/inf and all-zero rows are DataErrors naming file, row and id."""
     check_finite(x, ids, name=column, where=piece.path, first_row=piece.row0)
-    norms = np.linalg.norm(x, axis=1)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64)).astype(np.float32)
     if (norms == 0).any():
         row = int(np.flatnonzero(norms == 0)[0])
         raise DataError(f"{piece.path}: column '{column}' row {piece.row0 + row} (id={int(ids[row])}) is all zeros: "
                         "a zero vector has no direction, so it has no cosine similarity; drop or fix it")
-    return x / norms[:, None]
+    return norms
+
+
+def unit_rows(piece: Piece, ids: np.ndarray, x: np.ndarray, column: str) -> np.ndarray:
+    """Rows scaled to unit length (cosine geometry), checked by `row_norms`."""
+    return x / row_norms(piece, ids, x, column)[:, None]
 
 
 def read_unit_piece(piece: Piece, column: str, id_column: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, unit rows) of one piece, checked (dimension, NaN/inf, zero rows)."""
     ids, x = read_piece(piece, column, id_column)
-    if x.shape[1] != dim:
-        raise DataError(f"{piece.path}: column '{column}' has vectors of length {x.shape[1]}, other rows have {dim}")
+    _check_dim(piece, x, column, dim)
     return ids, unit_rows(piece, ids, x, column)
 
 
+def _check_dim(piece: Piece, x: np.ndarray, column: str, dim: int) -> None:
+    if x.shape[1] != dim:
+        raise DataError(f"{piece.path}: column '{column}' has vectors of length {x.shape[1]}, other rows have {dim}")
+
+
 def _validate_piece(piece: Piece, column: str, id_column: str, dim: int, rows: np.ndarray) -> tuple:
-    ids, x = read_unit_piece(piece, column, id_column, dim)
-    return ids, x[rows]
+    ids, x = read_piece(piece, column, id_column)
+    _check_dim(piece, x, column, dim)
+    norms = row_norms(piece, ids, x, column)  # every row checked; only the sampled ones scaled
+    return ids, x[rows] / norms[rows, None]
 
 
 def validate(emb: Embeddings, sample_size: int, seed: int) -> tuple[np.ndarray, list]:
