@@ -81,10 +81,10 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     centroid first, easy: closest first, random: seeded).
 
     With `probes` > 1 each row is also compared with the rows of its next `probes - 1` nearest clusters (those
-    near enough to hold a pair, `guest_margin`), so pairs split across a cluster boundary are found; the keep order
-    is global (it depends on the row alone), a row's fate is decided in its own cluster, and a removal whose partner
-    from another cluster was itself removed there is undone (the row is kept), so every removed row's
-    `duplicate_of` is a kept row above the threshold.
+    near enough to hold a pair, `guest_margin` and `bisector_reach`), so pairs split across a cluster boundary are
+    found; the keep order is global (it depends on the row alone), and rows whose fate one cluster's walk cannot
+    decide alone are decided by one global pass in that order (`resolve_pending`): the result is SemDeDup's greedy
+    rule over every pair compared, and every removed row's `duplicate_of` is a kept row above the threshold.
 
     Writes `out/` (atomically, with manifests): `kept/` (id), `duplicates/` (id, duplicate_of, similarity,
     cluster), `summary.json` (rows removed for each of `summary_eps` and `eps`, from the same pass, and the time
