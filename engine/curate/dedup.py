@@ -26,7 +26,7 @@ from engine.curate.partition import (
     plan_groups,
 )
 from engine.curate.resolve import resolve_pending
-from engine.curate.similarity import KEEP_MODES
+from engine.curate.similarity import BLOCK, KEEP_MODES
 from engine.curate.source import open_embeddings, validate
 from engine.errors import ConfigError, DataError
 
@@ -72,7 +72,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
           k: int | None = None, keep: str = "hard", seed: int = 0, column: str = "z", id_column: str = "id",
           summary_eps: Sequence[float] = DEFAULT_SUMMARY_EPS, sample_size: int | None = None,
           probes: int = DEFAULT_PROBES,
-          max_iter: int = 25, block: int = 2048, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+          max_iter: int = 25, block: int = BLOCK, memory_bytes: int = DEFAULT_MEMORY_BYTES,
           flush_rows: int = FLUSH_ROWS, overwrite: bool = False,
           on_progress: Callable[[str, dict[str, Any]], None] | None = None,
           ) -> dict[str, Any]:
@@ -228,8 +228,14 @@ def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim
 
 
 def _check_every_id_once(ids: np.ndarray, files: list[Path], where: str) -> None:
-    written = np.concatenate([pq.read_table(f, columns=["id"]).column("id").to_numpy() for f in files]
-                             or [np.zeros(0, np.int64)])
-    if len(written) != len(ids) or not np.array_equal(np.sort(written), np.sort(ids)):
+    """`ids` sorted (as `validate` returns them); the written ids are gathered into one array and sorted in place."""
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    written, at = np.empty(total, np.int64), 0
+    for f in files:
+        part = pq.read_table(f, columns=["id"]).column("id").to_numpy()
+        written[at:at + len(part)] = part
+        at += len(part)
+    written.sort()
+    if len(written) != len(ids) or not np.array_equal(written, ids):
         raise DataError(f"{where}: the deduplication wrote {len(written)} ids for {len(ids)} input rows; "
                         "every input id must be in kept/ or duplicates/ exactly once")

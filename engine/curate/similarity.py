@@ -11,6 +11,10 @@ import numpy as np
 # hard: keep the row farthest from the centroid (SemDeDup's default, "prototypicality" low first), easy: the
 # closest, random: a seeded draw per cluster.
 KEEP_MODES = ("hard", "easy", "random")
+# Rows per block of the walk: the diagonal block's full product is half wasted, larger GEMMs run closer to the peak;
+# 768 measured best on 10k-row clusters at d = 256, one thread (85 GFLOP/s of the exact pass against a 97 peak; 2,048:
+# 69, 512: 81, 256: 70).
+BLOCK = 768
 
 
 def keep_order(ids: np.ndarray, unit: np.ndarray | None, centroid: np.ndarray | None, keep: str, seed: int,
@@ -62,7 +66,7 @@ def _not_above_diagonal(b: int) -> np.ndarray:
 
 
 def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[float], *, main: int = 0,
-                 block: int = 2048, counted: np.ndarray | None = None,
+                 block: int = BLOCK, counted: np.ndarray | None = None,
                  volatile: np.ndarray | None = None) -> ClusterResult:
     """Walk the n rows of a cluster in keep order (`rows(i, j)` gives unit rows i..j-1 of that order); a row is
     removed when its cosine similarity to an earlier kept row exceeds 1 - eps. Done for every eps of `eps` in the
