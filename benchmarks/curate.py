@@ -179,14 +179,15 @@ def _matmul_peak_apart() -> float:
     return float(out.stdout.split()[-1])
 
 
-def scale(rows: int, dim: int, k: int, record: bool, data: Path | None = None, probes: int | None = None) -> None:
+def scale(rows: int, dim: int, k: int | None, record: bool, data: Path | None = None,
+          probes: int | None = None) -> None:
     """Out-of-core dedup of synthetic embeddings (`make_scale_data`, made in a temp folder unless `data` holds
     them already); time per stage, the driver's peak memory, and the ratio the issue's target is stated in: total /
     (k-means + one exact within-cluster pass at the machine's float32 matmul rate, measured in the same run)."""
     import resource
 
     from engine.curate import dedup
-    from engine.runtime import init_ray
+    from engine.runtime import curation_cpus, init_ray
 
     with tempfile.TemporaryDirectory(dir=data.parent if data else None) as tmp:
         made = 0.0
@@ -194,7 +195,7 @@ def scale(rows: int, dim: int, k: int, record: bool, data: Path | None = None, p
             data = data or Path(tmp, "emb")
             made = make_scale_data(data, rows, dim)
         peak = _matmul_peak_apart()
-        init_ray()
+        init_ray(num_cpus=curation_cpus())
         t0 = time.perf_counter()
         extra = {} if probes is None else {"probes": probes}
         s = dedup(data, f"{tmp}/out", eps=0.05, k=k, **extra)
@@ -202,7 +203,7 @@ def scale(rows: int, dim: int, k: int, record: bool, data: Path | None = None, p
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # One exact pass: every pair of rows of each cluster once (n_c (n_c - 1) / 2 dot products of 2 d flop).
     exact = s["group_tasks"]["member_pairs"] * 2 * dim / (peak * 1e9)
-    row = {"impl": "engine-scale", "rows": rows, "dim": dim, "k": k, "probes": s.get("probes"),
+    row = {"impl": "engine-scale", "rows": rows, "dim": dim, "k": s["k"], "probes": s.get("probes"),
            "seconds": round(seconds, 1),
            "stages": {a: round(b, 1) for a, b in s["seconds"].items() if isinstance(b, float)},
            "removed": s["removed"], "guests": s["guests"], "pending": s["pending"], "edges": s["edges"],
@@ -218,8 +219,8 @@ def scale(rows: int, dim: int, k: int, record: bool, data: Path | None = None, p
         append_section("Semantic dedup out of core (synthetic embeddings)",
                        ["rows x dim", "k", "probes", "validate", "k-means", "assign", "within-cluster", "global",
                         "write", "total s", "exact pass s", "ratio", "driver peak MiB", "removed"],
-                       [[f"{rows} x {dim}", k, row["probes"], st.get("validate"), st.get("kmeans"), st.get("assign"),
-                         st.get("similarity"), st.get("resolve"), st.get("write"), row["seconds"],
+                       [[f"{rows} x {dim}", row["k"], row["probes"], st.get("validate"), st.get("kmeans"),
+                         st.get("assign"), st.get("similarity"), st.get("resolve"), st.get("write"), row["seconds"],
                          row["exact_pass_seconds"], row["ratio"], row["driver_peak_mib"], row["removed"]]],
                        notes="Parquet files of 100,000 rows (row groups of 50,000); eps 0.05, keep hard, defaults "
                              "otherwise; `python benchmarks/curate.py --scale ROWS --record`. Driver peak = the "
@@ -234,9 +235,9 @@ def scale_sample(data: Path, n: int, levels: int, ks: list[int] | None, record: 
     import resource
 
     from engine.curate import sample
-    from engine.runtime import init_ray
+    from engine.runtime import curation_cpus, init_ray
 
-    init_ray()
+    init_ray(num_cpus=curation_cpus())
     with tempfile.TemporaryDirectory(dir=data.parent) as tmp:
         t0 = time.perf_counter()
         s = sample(data, f"{tmp}/out", n=n, levels=levels, **({"k": ks} if ks else {}))
@@ -282,13 +283,14 @@ def main() -> None:
         return scale_sample(args.scale_data, args.sample, args.levels, ks, args.record)
     if args.scale:
         probes = int(args.probes) if "," not in args.probes else None
-        return scale(args.scale, args.dim, int(args.k) if "," not in args.k else 10_000, args.record,
+        # --k: one k, else the engine's default k
+        return scale(args.scale, args.dim, int(args.k) if "," not in args.k else None, args.record,
                      args.scale_data, probes)
-    from engine.runtime import init_ray
+    from engine.runtime import curation_cpus, init_ray
 
     x, group = planted_set(args.images, args.sources, seed=0, shift=args.shift)
     ks, probes = [int(v) for v in args.k.split(",")], [int(v) for v in args.probes.split(",")]
-    init_ray()
+    init_ray(num_cpus=curation_cpus())
     sets = [] if args.no_pixels else [("pixels", x)]
     if args.encoder:
         z = encode(x, args.encoder)

@@ -455,7 +455,7 @@ def dedup(
     from engine.curate.output import check_result_output
     from engine.curate.source import open_embeddings
     from engine.rundir import guard_output
-    from engine.runtime import init_ray
+    from engine.runtime import curation_cpus, init_ray
 
     _quiet_env(verbose)
     eps_list = _floats(summary_eps, "--summary-eps")
@@ -466,7 +466,7 @@ def dedup(
 
         raise ConfigError(f"--k={k} should be <= the number of rows, {rows}")
     output = check_result_output(out, path, overwrite=overwrite)
-    init_ray(verbose=verbose)
+    init_ray(num_cpus=curation_cpus(), verbose=verbose)
     progress = _progress(quiet)
     with guard_output(output, resumable=False):
         summary = run_dedup(path, out, eps=eps, k=k, keep=keep, seed=seed, column=column, id_column=id_column,
@@ -502,14 +502,14 @@ def sample(
     from engine.curate.sample import check_rows, check_settings
     from engine.curate.source import open_embeddings
     from engine.rundir import guard_output
-    from engine.runtime import init_ray
+    from engine.runtime import curation_cpus, init_ray
 
     _quiet_env(verbose)
     ks = None if k is None else [int(v) for v in _floats(k, "--k")]
     check_settings(n, levels, ks, strategy, resample_steps)
     check_rows(n, levels, ks, open_embeddings(path, column=column, id_column=id_column).n_rows)
     output = check_result_output(out, path, overwrite=overwrite)
-    init_ray(verbose=verbose)
+    init_ray(num_cpus=curation_cpus(), verbose=verbose)
     progress = _progress(quiet)
     with guard_output(output, resumable=False):
         summary = run_sample(path, out, n=n, levels=levels, k=ks, strategy=strategy, resample_steps=resample_steps,

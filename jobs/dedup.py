@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> dict:
         from engine.curate import dedup
-        from engine.runtime import init_ray
+        from engine.runtime import curation_cpus, init_ray
 
-        init_ray()  # [1] join the job's cluster (RAY_ADDRESS) or start a local Ray
+        init_ray(num_cpus=curation_cpus())  # [1] join the job's cluster (RAY_ADDRESS) or start a local Ray
         # [2] validation, k-means, assignment and the within-cluster pass are Ray tasks; the driver holds ids only.
         return dedup(args.embeddings, args.out, eps=args.eps, k=args.k, probes=args.probes, keep=args.keep,
                      seed=args.seed, column=args.column, id_column=args.id_column, overwrite=args.overwrite,

@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def job() -> dict:
         from engine.curate import sample
-        from engine.runtime import init_ray
+        from engine.runtime import curation_cpus, init_ray
 
-        init_ray()  # [1] join the job's cluster (RAY_ADDRESS) or start a local Ray
+        init_ray(num_cpus=curation_cpus())  # [1] join the job's cluster (RAY_ADDRESS) or start a local Ray
         ks = None if args.k is None else [int(v) for v in args.k.split(",")]
         # [2] the hierarchy is fit in one Ray task; assignment and the draws are one Ray task per Parquet piece.
         return sample(args.embeddings, args.out, n=args.n, levels=args.levels, k=ks, strategy=args.strategy,
