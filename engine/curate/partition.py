@@ -23,9 +23,12 @@ def default_sample_size(k: int, n_rows: int) -> int:
     return min(n_rows, ROWS_PER_CENTROID * k)
 
 
-def _fit(k: int, seed: int, max_iter: int, *parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _fit(k: int, seed: int, max_iter: int, threads: int, *parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
     from engine.cluster import KMeans
 
+    torch.set_num_threads(threads)  # a pooled worker keeps the thread count it was started with
     x = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
     model = KMeans(k, spherical=True, seed=seed, max_iter=max_iter).fit(x)
     return model.cluster_centers_.astype(np.float32), np.bincount(model.labels_, minlength=k)
@@ -33,10 +36,13 @@ def _fit(k: int, seed: int, max_iter: int, *parts: np.ndarray) -> tuple[np.ndarr
 
 def fit_centroids(sample_refs: list, k: int, seed: int, max_iter: int = 25) -> tuple[np.ndarray, np.ndarray]:
     """(unit centroids (k, d), rows of the sample in each cluster): `KMeans(spherical=True)` in one Ray task, so
-    the sample goes from the reading tasks to it without passing through the driver."""
+    the sample goes from the reading tasks to it without passing through the driver. Nothing else runs meanwhile,
+    so the task takes every CPU of the largest node (threads for its GEMMs)."""
     import ray
 
-    return ray.get(ray.remote(num_cpus=1, max_retries=3)(_fit).remote(k, seed, max_iter, *sample_refs))
+    cpus = max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
+    task = ray.remote(num_cpus=cpus, max_retries=3)(_fit)
+    return ray.get(task.remote(k, seed, max_iter, cpus, *sample_refs))
 
 
 def plan_groups(sample_counts: np.ndarray, n_rows: int, dim: int, *, memory_bytes: int,
