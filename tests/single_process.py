@@ -46,3 +46,35 @@ def train_in_process(rows: np.ndarray, *, shift: np.ndarray, scale: np.ndarray, 
                     scale=np.asarray(scale, dtype=np.float32), epoch=train_cfg.epochs, history=history,
                     optimizers={name: opt.state_dict() for name, opt in optimizers.items()}, image_shape=shape)
     return out
+
+
+def refine_in_process(rows: np.ndarray, *, pretrained: Path, centers: np.ndarray, name: str, refine: Any, seed: int,
+                      out: Path) -> dict[str, Any]:
+    """Refine the model in `pretrained` with DEC or IDEC (`name`) on `rows` (in the order one worker reads them) as
+    the single worker of `engine.train.refine.refine_model` would; writes its checkpoint to `out` (a run's
+    `refined/`) and returns what refine_model returns of it: rows, stopped, history."""
+    from engine.train import load_checkpoint
+    from engine.train.refine import refine_loop
+
+    state = load_checkpoint(pretrained)
+    base_args = dict(state["model"])
+    base = base_args.pop("name")
+    centers = np.ascontiguousarray(centers, dtype=np.float32)
+    model_args = {"name": name, **base_args, "base": base, "n_clusters": len(centers), "alpha": refine.alpha,
+                  **({"gamma": refine.gamma} if name == "idec" else {})}
+    torch.manual_seed(seed)
+    net = build_model(**model_args)
+    net.autoencoder.load_state_dict(state["state_dict"])
+    with torch.no_grad():
+        net.centers.copy_(torch.from_numpy(centers))
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=refine.lr)
+    x = (torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)) - state["input"]["shift"]) \
+        * state["input"]["scale"]
+    history, stopped = refine_loop(net, optimizer, x, update_interval=refine.update_interval, max_iter=refine.max_iter,
+                                   tol=refine.tol, batch_size=max(1, min(refine.batch_size, len(x))),
+                                   seed=seed * 100_003)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / FILENAME, model=net, shift=state["input"]["shift"].numpy(),
+                    scale=state["input"]["scale"].numpy(), epoch=int(history[-1]["iteration"]), history=history,
+                    image_shape=state["input"]["image_shape"])
+    return {"rows": int(history[-1]["rows"]), "stopped": stopped, "history": history}
