@@ -1,12 +1,13 @@
 """Clustering quality: Hungarian accuracy, NMI, ARI and the internal indices, as one dict per run."""
 
+# scipy and scikit-learn are imported where they are used: the cluster settings' checks import this module (NOISE)
+# before a run starts, and importing both cost ~1 s of every refused `dce` command.
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from sklearn import metrics
 
 from engine.errors import ConfigError, DataError
 
@@ -48,6 +49,8 @@ def confusion_after_matching(y_true: Any, y_pred: Any) -> MatchedConfusion:
 
     # Noise is never matched to a class: leave its column out of the assignment problem.
     candidates = np.flatnonzero(clusters != NOISE)
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(matrix[:, candidates], maximize=True)
     matched_cols = candidates[cols]
     unmatched = np.setdiff1d(candidates, matched_cols)  # sorted, so the order is stable
@@ -87,6 +90,8 @@ def evaluate(
     result["noise_fraction"] = float(np.mean(pred == NOISE)) if pred.size else None
 
     if labels_true is not None:
+        from sklearn import metrics
+
         true, pred = _check_labels(labels_true, pred)
         result["acc"] = clustering_accuracy(true, pred)
         result["nmi"] = float(metrics.normalized_mutual_info_score(true, pred, average_method="arithmetic"))
@@ -109,6 +114,8 @@ def _internal_indices(X: Any, pred: np.ndarray, silhouette_sample: int, seed: in
     # Every index needs 2 <= clusters, and the silhouette also needs clusters < rows.
     if n_clusters < 2 or n_clusters >= len(pred):
         return {"silhouette": None, "davies_bouldin": None, "calinski_harabasz": None}
+    from sklearn import metrics
+
     out: dict[str, float | None] = {
         "davies_bouldin": float(metrics.davies_bouldin_score(X, pred)),
         "calinski_harabasz": float(metrics.calinski_harabasz_score(X, pred)),

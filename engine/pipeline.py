@@ -125,15 +125,18 @@ def check_cluster_sizes(cfg: PipelineConfig, n: int, what: str) -> None:
 def open_input(cfg: PipelineConfig, *, check_model: bool = True):
     """Open the configured source (file and column checks), check k against its row count and (unless the
     source holds embeddings to cluster) the model against its shape (conv_ae needs images)."""
+    source = open_source(cfg.data)
+    check_cluster_sizes(cfg, source.n_rows, "rows")
+    if not check_model:
+        return source
+    # Imported after the checks that need no model, and only for a model: torch takes ~1 s to import, which a
+    # refusal, or the clustering of embeddings, need not wait for.
     from engine.models import build_model
     from engine.train.augment import augment_options
 
-    source = open_source(cfg.data)
-    check_cluster_sizes(cfg, source.n_rows, "rows")
-    if check_model and source.dim is not None:  # Parquet list columns: train_encoder checks after reading
+    if source.dim is not None:  # Parquet list columns: train_encoder checks after reading
         build_model(in_dim=source.dim, image_shape=source.image_shape, **model_args(cfg))
-    if check_model:
-        augment_options(cfg.train.augment, source.image_shape)
+    augment_options(cfg.train.augment, source.image_shape)
     return source
 
 

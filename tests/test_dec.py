@@ -328,19 +328,19 @@ def test_embed_and_cluster_use_the_refined_model(idec_run):
 
 
 def test_one_worker_agrees_with_two(idec_run, tmp_path):
-    """The same refinement on 1 worker: P of the first update is identical (f all-reduced), the result close."""
+    """The same refinement on 1 worker (in this process, as refine_model's single worker refines:
+    tests/single_process.py): P of the first update is identical (f all-reduced), the result close."""
+    from single_process import refine_in_process
     from sklearn.metrics import adjusted_rand_score
 
     from engine.data import open_source, read_dataset
     from engine.rundir import load_run_config
-    from engine.train.refine import refine_model
 
     cfg = load_run_config(idec_run)
     two = json.loads((idec_run / "run.json").read_text())["refine"]
-    ds = read_dataset(open_source(cfg.data))
-    one = refine_model(ds, pretrained=idec_run / "model", centers=np.load(idec_run / "refined/initial_centers.npy"),
-                       name="idec", refine=cfg.refine, num_workers=1, seed=cfg.seed, run_dir=tmp_path,
-                       config_hash="h")
+    rows = np.stack(read_dataset(open_source(cfg.data)).to_pandas()["x"].to_numpy())  # as one worker reads them
+    one = refine_in_process(rows, pretrained=idec_run / "model", name="idec", refine=cfg.refine, seed=cfg.seed,
+                            centers=np.load(idec_run / "refined/initial_centers.npy"), out=tmp_path / "refined")
     assert one["rows"] == 400 and one["stopped"] == "tol"
     # Same model, same centres: the first target, over all 400 rows, does not depend on the split.
     assert one["history"][0]["kl_start"] == pytest.approx(two["history"][0]["kl_start"], rel=1e-5)

@@ -258,18 +258,23 @@ def _train(cfg, run_dir, resume=False):
 @pytest.fixture(scope="module")
 @needs("ray", "train")
 def gan_runs(ray_local, tmp_path_factory):
-    """The same GAN trained on 1 and on 2 workers, full-batch steps on a 4-component mixture of 128 rows stored
-    sorted by component in 2 blocks (see the DDP test). The other tests read the 2-worker run and the histories
-    kept here; the resume test extends that run's directory."""
+    """The same GAN trained on 2 Ray Train workers and alone in this process (the plain loop, as one worker trains:
+    tests/single_process.py), full-batch steps on a 4-component mixture of 128 rows stored sorted by component in 2
+    blocks (see the DDP test). The other tests read the 2-worker run and the histories kept here; the resume test
+    extends that run's directory."""
+    from single_process import train_in_process
+
+    from engine.pipeline import model_args
+
     folder = tmp_path_factory.mktemp("gan")
     x, _, labels = _mixture(128)
     np.save(folder / "x.npy", x[torch.argsort(labels, stable=True)].numpy())
-    runs = {}
-    for workers in (1, 2):
-        cfg = _mixture_cfg(folder / "x.npy", workers)
-        ds, info, model_dir = _train(cfg, folder / f"w{workers}")
-        runs[workers] = cfg, ds, info, folder / f"w{workers}", load_checkpoint(model_dir)
-    return runs
+    cfg = _mixture_cfg(folder / "x.npy", 2)
+    ds, info, model_dir = _train(cfg, folder / "w2")
+    one = train_in_process(np.load(folder / "x.npy"), shift=info.shift, scale=info.scale, model=model_args(cfg),
+                           train_cfg=cfg.train, seed=cfg.seed, out=folder / "w1" / "model")
+    return {1: (None, None, None, folder / "w1", load_checkpoint(one)),
+            2: (cfg, ds, info, folder / "w2", load_checkpoint(model_dir))}
 
 
 @pytest.fixture(scope="module")

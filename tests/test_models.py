@@ -17,7 +17,7 @@ from engine.errors import ConfigError, DataError, find_engine_error
 from engine.models import build_model, model_names
 from engine.models.vae import kl_divergence, reparameterize
 from engine.pipeline import open_input
-from engine.train import load_checkpoint, model_from_checkpoint, save_checkpoint, train_encoder
+from engine.train import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 # Tiny layers: the Ray tests train on 256 digits of 8x8 on a shared 2-core machine.
 SMALL = {
@@ -242,21 +242,21 @@ def _cfg(folder, name: str, workers: int):
 @pytest.fixture(scope="module", params=["conv_ae", "vae"])
 @needs("ray", "train")
 def runs(request, ray_local, digits_npy, tmp_path_factory):
-    """Each model through the whole pipeline (Ray Train on 2 workers), and trained alone on 1 worker with
-    the same data and seed. A Ray Train run costs ~20 s on a quiet 2-core machine, 60-100 s on a busy one."""
+    """Each model through the whole pipeline (Ray Train on 2 workers), and trained alone in this process (the
+    plain loop, as one worker trains: tests/single_process.py) with the same data and seed. A Ray Train run costs
+    ~20 s on a quiet 2-core machine, 60-100 s on a busy one."""
+    from single_process import train_in_process
+
     from engine.pipeline import run_pipeline
 
     name = request.param
     cfg = _cfg(digits_npy, name, 2)
     result = run_pipeline(cfg, tmp_path_factory.mktemp(f"{name}-pipeline"))
-    one = _cfg(digits_npy, name, 1)
-    source = open_source(one.data)
-    ds = read_dataset(source).materialize()
-    info = describe(ds, normalize=one.data.normalize, image_shape=source.image_shape)
-    single = train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
-                           model=one.model.pretrain_options(), train=one.train, seed=one.seed,
-                           run_dir=tmp_path_factory.mktemp(f"{name}-1w"), config_hash=one.hash(),
-                           image_shape=info.image_shape)
+    source = open_source(cfg.data)
+    info = describe(read_dataset(source), normalize=cfg.data.normalize, image_shape=source.image_shape)
+    single = train_in_process(np.load(cfg.data.path).reshape(ROWS, -1), shift=info.shift, scale=info.scale,
+                              model=cfg.model.pretrain_options(), train_cfg=cfg.train, seed=cfg.seed,
+                              out=tmp_path_factory.mktemp(f"{name}-1w") / "model", image_shape=info.image_shape)
     return name, cfg, result, single
 
 

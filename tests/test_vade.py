@@ -246,19 +246,20 @@ def _cfg(folder, workers: int):
 @pytest.fixture(scope="module")
 @needs("ray", "train")
 def runs(ray_local, digits_npy, tmp_path_factory):
-    """The whole pipeline with Ray Train on 2 workers, and the train stage alone on 1 worker, same data and seed."""
+    """The whole pipeline with Ray Train on 2 workers, and the train stage alone in this process (the plain loop, as
+    one worker trains: tests/single_process.py), same data and seed."""
+    from single_process import train_in_process
+
     from engine.pipeline import run_pipeline
 
     cfg = _cfg(digits_npy, 2)
     result = run_pipeline(cfg, tmp_path_factory.mktemp("vade-pipeline"))
-    one = _cfg(digits_npy, 1)
-    source = open_source(one.data)
-    ds = read_dataset(source).materialize()
-    info = describe(ds, normalize=one.data.normalize, image_shape=source.image_shape)
-    single = train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale,
-                           model={**one.model.pretrain_options(), "n_clusters": one.cluster.k}, train=one.train,
-                           seed=one.seed, run_dir=tmp_path_factory.mktemp("vade-1w"), config_hash=one.hash(),
-                           image_shape=info.image_shape)
+    source = open_source(cfg.data)
+    info = describe(read_dataset(source), normalize=cfg.data.normalize, image_shape=source.image_shape)
+    single = train_in_process(np.load(cfg.data.path).reshape(ROWS, -1), shift=info.shift, scale=info.scale,
+                              model={**cfg.model.pretrain_options(), "n_clusters": cfg.cluster.k}, train_cfg=cfg.train,
+                              seed=cfg.seed, out=tmp_path_factory.mktemp("vade-1w") / "model",
+                              image_shape=info.image_shape)
     return cfg, result, single
 
 

@@ -201,7 +201,7 @@ class FlowerTransport(Transport):
             raise ConfigError("no SuperNode is connected to the SuperLink")
         messages = [Message(_content(("start", client_args)), dst_node_id=n, message_type=MessageType.QUERY)
                     for n in sorted(node_ids)]
-        replies = list(grid.send_and_receive(messages, timeout=wait))
+        replies = exchange(grid, messages, timeout=wait)
         hosts: dict[str, FlowerNode] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -224,7 +224,7 @@ class FlowerTransport(Transport):
         by_node = {host.node_id: (host, batch) for host, batch in batches.values()}
         messages = [Message(_content(("call", batch)), dst_node_id=node, message_type=MessageType.QUERY)
                     for node, (_, batch) in by_node.items()]
-        replies = {r.metadata.src_node_id: r for r in self.grid.send_and_receive(messages, timeout=self.round_timeout)}
+        replies = {r.metadata.src_node_id: r for r in exchange(self.grid, messages, timeout=self.round_timeout)}
         answers, failed = {}, {}
         for node, (_, batch) in by_node.items():
             names = [name for name, _, _ in batch]
@@ -238,6 +238,28 @@ class FlowerTransport(Transport):
                 answers.update(a)
                 failed.update(f)
         return answers, failed
+
+
+# Between two pulls of the replies: Flower's in-memory (simulation) Grid waits 0.1 s; its deployed Grid's
+# send_and_receive waits 3 s, which added up to 3 s to every exchange of every round (a pull is one small RPC).
+PULL_INTERVAL = 0.1
+
+
+def exchange(grid: Grid, messages: list[Message], *, timeout: float | None) -> list[Message]:
+    """Push `messages` and pull their replies every PULL_INTERVAL seconds until all have come or `timeout` seconds
+    have passed (None: no limit); the replies that came, as `Grid.send_and_receive` returns them."""
+    waiting = set(grid.push_messages(messages))
+    waiting.discard(None)  # a message the SuperLink did not take (Flower logs why): no reply will come
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while waiting:
+        pulled = list(grid.pull_messages(waiting))
+        replies.extend(pulled)
+        waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
+        if not waiting or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(PULL_INTERVAL if deadline is None else min(PULL_INTERVAL, max(0.0, deadline - time.monotonic())))
+    return replies
 
 
 def _last_line(reason: str | None) -> str:

@@ -135,7 +135,6 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
 
     With federated.backend=flower and flower.address, this process only submits the Flower app to the SuperLink
     and waits: the ServerApp there calls this function again with its `grid` (the SuperNodes' partitions)."""
-    from engine.federated import FederatedKMeans
     from engine.rundir import check_output, guard_output, run_dir_for
     from engine.runtime import init_ray
 
@@ -160,6 +159,10 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
         dropped = f", dropped {', '.join(record['dropped'])}" if record["dropped"] else ""
         progress.info(f"round {record['round']} {record['kind']}: inertia {inertia}, "
                       f"{len(record['participants'])} client(s){dropped}")
+
+    # Imported once the input and the output are checked: the server side imports scikit-learn and torch (~2 s),
+    # which a refused command need not wait for.
+    from engine.federated import FederatedKMeans
 
     km = FederatedKMeans(
         cfg.cluster.k, mode=f.mode, local_k=f.local_k, max_rounds=f.max_rounds, tol=cfg.cluster.tol,
