@@ -259,6 +259,48 @@ def scale_sample(data: Path, n: int, levels: int, ks: list[int] | None, record: 
                              "max RSS; shared 2-core machine.")
 
 
+def global_pass(pending: int, edges: int, kept_sure: int) -> None:
+    """The global pass alone (`resolve_pending`) on synthetic pending rows, edges (each to an earlier pending row,
+    2% to a row kept for sure) and kept ids, as dense embeddings leave them; run in a child process so its peak RSS
+    is the pass's own."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        ids = rng.permutation(pending + kept_sure).astype(np.int64)
+        pend, kept = ids[:pending], ids[pending:]
+        cs = rng.random(pending).astype(np.float32)
+        ranked = pend[np.lexsort((pend, cs))]  # the hard keep order
+        pq.write_table(pa.table({"id": kept}), d / "kept.parquet")
+        pq.write_table(pa.table({"id": pend, "centroid_sim": cs, "cluster": np.zeros(pending, np.int32)}),
+                       d / "pending.parquet")
+        for f, start in enumerate(range(0, edges, 5_000_000)):
+            m = min(5_000_000, edges - start)
+            later = rng.integers(1, pending, m)
+            earlier = np.where(rng.random(m) < 0.02, kept[rng.integers(0, kept_sure, m)],
+                               ranked[(later * rng.random(m)).astype(np.int64)])
+            pq.write_table(pa.table({"id": ranked[later], "earlier": earlier,
+                                     "similarity": rng.random(m).astype(np.float32)}), d / f"edges-{f}.parquet")
+        del ids, pend, kept, cs, ranked
+        code = (
+            "import json, resource, sys, time; from pathlib import Path\n"
+            "from engine.curate.resolve import resolve_pending\n"
+            "d = Path(sys.argv[1]); t = time.perf_counter()\n"
+            "k, r, _ = resolve_pending([d / 'kept.parquet'], [d / 'pending.parquet'], sorted(d.glob('edges-*')),"
+            " 'hard', 0, d / 'global')\n"
+            "print(json.dumps({'kept': k, 'removed': r, 'seconds': round(time.perf_counter() - t, 1),"
+            " 'peak_mib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))\n")
+        out = subprocess.run([sys.executable, "-c", code, tmp], capture_output=True, text=True, check=True)
+    row = {"impl": "engine-global-pass", "pending": pending, "edges": edges, "kept_sure": kept_sure,
+           **json.loads(out.stdout.strip().splitlines()[-1])}
+    print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--images", type=int, default=70000, help="MNIST images (of 70,000); the exact all-pairs "
@@ -277,7 +319,11 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--sample", type=int, default=0, help="with --scale-data: time `sample` of n rows instead")
     p.add_argument("--levels", type=int, default=3)
+    p.add_argument("--global-pass", default="", help="PENDING,EDGES,KEPT: time the global pass alone on synthetic "
+                   "pending rows and edges (driver memory on dense data)")
     args = p.parse_args()
+    if args.global_pass:
+        return global_pass(*(int(v) for v in args.global_pass.split(",")))
     if args.scale and args.sample:
         ks = [int(v) for v in args.k.split(",")] if args.k != "10,50,200" else None
         return scale_sample(args.scale_data, args.sample, args.levels, ks, args.record)

@@ -125,7 +125,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
         centroids = np.load(state / "centroids.npy")
         times["kmeans_resumed"] = True
     else:
-        centroids, counts = fit_centroids(sample_refs, k, seed, max_iter)  # [2] one Ray task
+        centroids, counts = fit_centroids(sample_refs, k, seed, max_iter, sample_size)  # [2] one Ray task
         import ray
 
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +26,52 @@ def default_sample_size(k: int, n_rows: int) -> int:
     return min(n_rows, ROWS_PER_CENTROID * k)
 
 
-def _fit(k: int, seed: int, max_iter: int, threads: int, *parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+# Below this many row x centroid products a k-means task keeps one CPU: a task of another CPU count may need a new
+# worker process (~2 s of imports), more than threads save on a small fit.
+THREADED_ABOVE = 50_000_000
+
+
+def fit_cpus(rows: int, k: int) -> int:
+    """CPUs for a k-means task that runs alone (nothing else runs in that stage): every CPU of the largest node
+    when the fit is large, else 1."""
+    import ray
+
+    if rows * k < THREADED_ABOVE:
+        return 1
+    return max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
+
+
+@contextlib.contextmanager
+def use_threads(threads: int) -> Iterator[None]:
+    """torch's threads for a task given `threads` CPUs, restored after it: the pooled worker then runs the
+    single-CPU tasks again, which must not each start that many threads."""
     import torch
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or threads)))  # logical CPUs can exceed the cores
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit(k: int, seed: int, max_iter: int, threads: int, *parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from engine.cluster import KMeans
 
-    torch.set_num_threads(threads)  # a pooled worker keeps the thread count it was started with
     x = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
-    model = KMeans(k, spherical=True, seed=seed, max_iter=max_iter).fit(x)
+    with use_threads(threads):
+        model = KMeans(k, spherical=True, seed=seed, max_iter=max_iter).fit(x)
     return model.cluster_centers_.astype(np.float32), np.bincount(model.labels_, minlength=k)
 
 
-def fit_centroids(sample_refs: list, k: int, seed: int, max_iter: int = 25) -> tuple[np.ndarray, np.ndarray]:
+def fit_centroids(sample_refs: list, k: int, seed: int, max_iter: int = 25, rows: int = 0
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """(unit centroids (k, d), rows of the sample in each cluster): `KMeans(spherical=True)` in one Ray task, so
     the sample goes from the reading tasks to it without passing through the driver. Nothing else runs meanwhile,
-    so the task takes every CPU of the largest node (threads for its GEMMs)."""
+    so a large fit (`rows` in the sample) takes every CPU of the largest node (threads for its GEMMs)."""
     import ray
 
-    cpus = max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
+    cpus = fit_cpus(rows, k)
     task = ray.remote(num_cpus=cpus, max_retries=3)(_fit)
     return ray.get(task.remote(k, seed, max_iter, cpus, *sample_refs))
 

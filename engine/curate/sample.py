@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from engine.curate.hierarchy import Level, balanced_quotas, hierarchical_kmeans
 from engine.curate.output import check_result_output, write_json, write_result
-from engine.curate.partition import ROWS_PER_CENTROID
+from engine.curate.partition import ROWS_PER_CENTROID, fit_cpus, use_threads
 from engine.curate.source import Piece, open_embeddings, read_unit_piece, validate
 from engine.data.folders import write_manifest
 from engine.data.schema import vector_array
@@ -67,9 +67,10 @@ def check_rows(n: int, levels: int, k: Sequence[int] | None, n_rows: int) -> lis
     return ks
 
 
-def _fit_hierarchy(ks: list[int], steps: int, seed: int, *parts: np.ndarray) -> list[Level]:
+def _fit_hierarchy(ks: list[int], steps: int, seed: int, threads: int, *parts: np.ndarray) -> list[Level]:
     x = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
-    return hierarchical_kmeans(x, ks, steps=steps, seed=seed)
+    with use_threads(threads):
+        return hierarchical_kmeans(x, ks, steps=steps, seed=seed)
 
 
 def _priority(ids: np.ndarray, seed: int) -> np.ndarray:
@@ -132,8 +133,9 @@ def sample(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, n
     ids, sample_refs = validate(emb, size, seed)  # [1] every row checked before anything is written
     times["validate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    hierarchy = ray.get(ray.remote(num_cpus=1, max_retries=3)(_fit_hierarchy).remote(  # [2] one Ray task
-        ks, resample_steps, seed, *sample_refs))
+    cpus = fit_cpus(size, ks[0])  # [2] one Ray task, alone on its node
+    hierarchy = ray.get(ray.remote(num_cpus=cpus, max_retries=3)(_fit_hierarchy).remote(
+        ks, resample_steps, seed, cpus, *sample_refs))
     del sample_refs
     times["hierarchy"] = time.perf_counter() - t0
     notify("hierarchy", {"k": ks, "seconds": times["hierarchy"]})
