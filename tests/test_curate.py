@@ -466,6 +466,20 @@ def test_dedup_bad_input_is_one_error_and_writes_nothing(ray_local, tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]
 
 
+def test_a_large_kmeans_fit_takes_the_free_cpus_of_a_node_and_a_small_one_one(ray_local):
+    from engine.curate.partition import THREADED_ABOVE, fit_cpus
+
+    free = int(ray_local.available_resources()["CPU"])
+    assert fit_cpus(THREADED_ABOVE, 1) == min(free, int(ray_local.cluster_resources()["CPU"])) > 1
+    assert fit_cpus(THREADED_ABOVE - 1, 1) == 1
+    pg = ray_local.util.placement_group([{"CPU": free - 1}])
+    ray_local.get(pg.ready())
+    try:  # another job holds all CPUs but one: the fit asks for what is free
+        assert fit_cpus(THREADED_ABOVE, 1) == 1
+    finally:
+        ray_local.util.remove_placement_group(pg)
+
+
 def test_dedup_cli_writes_kept_and_duplicates(ray_local, planted_set, tmp_path):
     _, _, emb = planted_set
     r = _cli("dedup", str(emb), "--out", str(tmp_path / "out"), "--k", "4", "--keep", "random")

@@ -32,13 +32,15 @@ THREADED_ABOVE = 50_000_000
 
 
 def fit_cpus(rows: int, k: int) -> int:
-    """CPUs for a k-means task that runs alone (nothing else runs in that stage): every CPU of the largest node
-    when the fit is large, else 1."""
+    """CPUs for a k-means task that runs alone (nothing else of the run runs in that stage): every CPU of the
+    largest node when the fit is large, else 1; never more than the cluster has free now, so that other jobs on a
+    shared cluster do not keep it waiting for a whole node."""
     import ray
 
     if rows * k < THREADED_ABOVE:
         return 1
-    return max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
+    largest = max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"])
+    return max(1, min(largest, int(ray.available_resources().get("CPU", 1))))
 
 
 @contextlib.contextmanager
