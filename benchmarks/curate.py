@@ -208,6 +208,7 @@ def scale(rows: int, dim: int, k: int | None, record: bool, data: Path | None = 
            "stages": {a: round(b, 1) for a, b in s["seconds"].items() if isinstance(b, float)},
            "removed": s["removed"], "guests": s["guests"], "pending": s["pending"], "edges": s["edges"],
            "pairs_compared": s["group_tasks"]["pairs"], "member_pairs": s["group_tasks"]["member_pairs"],
+           "group_task_seconds": s["group_tasks"].get("task_seconds"),
            "matmul_gflops": round(peak, 1), "exact_pass_seconds": round(exact, 1),
            "ratio": round(seconds / (s["seconds"]["kmeans"] + exact), 2),
            "driver_peak_mib": round(rss), "data_seconds": round(made, 1)}

@@ -194,6 +194,57 @@ def test_guest_bounds_never_drop_a_pair_across_clusters(eps):
     assert near_bisector < near_margin
 
 
+@pytest.mark.parametrize("io", ["direct", "no O_DIRECT", "O_DIRECT refused"])
+@pytest.mark.parametrize("dim", [3, 256])
+def test_bucket_vectors_read_back_any_row_range(tmp_path, monkeypatch, io, dim):
+    # direct I/O where the file system takes it; buffered where the platform has no O_DIRECT or the file system
+    # refuses it (EINVAL, as older tmpfs does)
+    import errno
+
+    from engine.curate.partition import read_vectors, scratch_rows, write_vectors
+
+    if io == "no O_DIRECT":
+        monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    elif io == "O_DIRECT refused":
+        real_open, direct = os.open, os.O_DIRECT
+
+        def refuse(path, flags, *args):
+            if flags & direct:
+                raise OSError(errno.EINVAL, "Invalid argument", str(path))
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", refuse)
+    x = np.random.default_rng(dim).standard_normal((3000, dim)).astype(np.float32)
+    v = scratch_rows("test", len(x), dim)
+    v[:] = x
+    write_vectors(v, tmp_path / "p.f32")
+    with pytest.raises(TypeError):  # only page-aligned rows
+        write_vectors(x, tmp_path / "q.f32")
+    for r0, r1 in [(0, 3000), (0, 1), (1, 2), (341, 342), (1000, 2999), (2999, 3000), (5, 5)]:
+        assert np.array_equal(read_vectors(tmp_path / "p.f32", r0, r1, dim), x[r0:r1]), (r0, r1)
+
+
+def test_cluster_groups_are_contiguous_fit_memory_and_come_in_a_multiple_of_the_cpus():
+    from engine.curate.partition import plan_groups
+
+    rng = np.random.default_rng(0)
+    cap = 50_000  # rows of d = 8 in memory_bytes
+    for big in (False, True):
+        counts = rng.integers(1, 2000, 1000)
+        if big:
+            counts[500] = 90_000  # larger than the budget: a group alone
+        for cpus in (1, 2, 3, 16):
+            groups = plan_groups(counts, 8, memory_bytes=cap * 4 * 8, cpus=cpus)
+            assert [c for g in groups for c in g] == list(range(len(counts)))
+            sizes = np.array([counts[g].sum() for g in groups])
+            assert all(s <= cap or len(g) == 1 for g, s in zip(groups, sizes, strict=True))
+            fit = sizes[sizes <= cap]
+            assert len(fit) % cpus == 0 or big, (len(fit), cpus)  # the cluster alone may split a range in two
+            assert fit.max() <= 1.25 * np.median(fit) or big, sizes
+    few = plan_groups(np.array([5, 5, 5]), 8, memory_bytes=1 << 30, cpus=4)
+    assert few == [[0], [1], [2]]
+
+
 def test_cli_and_job_probes_default_is_the_library_default():
     import inspect
 

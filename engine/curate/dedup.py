@@ -23,6 +23,7 @@ from engine.curate.partition import (
     default_sample_size,
     fit_centroids,
     guest_margin,
+    piece_ranges,
     plan_groups,
 )
 from engine.curate.resolve import resolve_pending
@@ -107,7 +108,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     check_result_output(out, source, overwrite=overwrite)
     key = {"stage": STAGE, "input": emb.fingerprint(), "k": k, "seed": seed, "sample_size": sample_size,
            "max_iter": max_iter, "eps": summary_eps, "main_eps": float(eps), "keep": keep,
-           "probes": probes, "format": 4}
+           "probes": probes, "format": 5}
     config_hash = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     notify = on_progress or (lambda stage, info: None)
     times: dict[str, float] = {}
@@ -121,33 +122,34 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     t0 = time.perf_counter()
     plan_path = state / "plan.json"
     if plan_path.is_file():
-        plan = json.loads(plan_path.read_text())
         centroids = np.load(state / "centroids.npy")
         times["kmeans_resumed"] = True
     else:
         centroids, counts = fit_centroids(sample_refs, k, seed, max_iter, sample_size)  # [2] one Ray task
-        import ray
-
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        plan = {"groups": plan_groups(counts, emb.n_rows, emb.dim, memory_bytes=memory_bytes, min_groups=2 * cpus,
-                                     probes=probes)}
         np.save(state / "centroids.npy", centroids)
-        plan_path.write_text(json.dumps(plan))  # last: k-means is done only with its plan
+        plan_path.write_text(json.dumps({"sample_counts": counts.tolist()}))  # last: k-means is done with it
     del sample_refs
     times["kmeans"] = time.perf_counter() - t0
-    notify("kmeans", {"k": k, "groups": len(plan["groups"]), "seconds": times["kmeans"]})
+    notify("kmeans", {"k": k, "seconds": times["kmeans"]})
 
     t0 = time.perf_counter()
     # [3] one Ray task per piece
-    assigned = assign_to_buckets(emb, centroids, plan["groups"], state, probes=probes, margin=guest_margin(eps),
+    assigned = assign_to_buckets(emb, centroids, state, probes=probes, margin=guest_margin(eps),
                                  reach=bisector_reach(eps))
+    counts = assigned.pop("counts")
     times["assign"] = time.perf_counter() - t0
     notify("assign", {**assigned, "seconds": times["assign"]})
+    import ray
+
+    # From the rows each cluster really holds, guests included (a resumed run gets the same counts, so the same plan)
+    groups_plan = plan_groups(counts, emb.dim, memory_bytes=memory_bytes,
+                              cpus=max(1, int(ray.cluster_resources().get("CPU", 1))))
 
     t0 = time.perf_counter()
     resumed = len(finished_clusters(state))
-    groups = _run_groups(plan["groups"], centroids, state, emb.dim, summary_eps, summary_eps.index(float(eps)), keep,
-                         seed, block, memory_bytes, flush_rows, notify)  # [4] one Ray task per cluster group
+    groups = _run_groups(groups_plan, piece_ranges(state, groups_plan), centroids, state, emb.dim, summary_eps,
+                         summary_eps.index(float(eps)), keep, seed, block, memory_bytes, flush_rows,
+                         notify)  # [4] one Ray task per cluster group
     times["similarity"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -170,7 +172,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     removed[main] += p_removed
     summary = {
         "rows": emb.n_rows, "kept": kept_rows, "removed": dup_rows, "eps": float(eps), "k": k, "keep": keep,
-        "seed": seed, "sample_size": sample_size, "groups": len(plan["groups"]), "probes": probes,
+        "seed": seed, "sample_size": sample_size, "groups": len(groups_plan), "probes": probes,
         "guests": assigned["guests"], "pending": p_kept + p_removed,
         "edges": sum(r["edge_rows"] for r in records),
         "clusters_resumed": resumed, "pieces_resumed": assigned["pieces_resumed"],
@@ -196,19 +198,18 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     return summary
 
 
-def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim: int, eps: list[float], main: int,
-                keep: str,
-                seed: int, block: int, memory_bytes: int, flush_rows: int,
-                notify: Callable[[str, dict[str, Any]], None]) -> dict:
+def _run_groups(groups: list[list[int]], ranges: list[list[tuple[str, int, int]]], centroids: np.ndarray,
+                state: Path, dim: int, eps: list[float], main: int, keep: str, seed: int, block: int,
+                memory_bytes: int, flush_rows: int, notify: Callable[[str, dict[str, Any]], None]) -> dict:
     import ray
 
     # Retries: a task whose worker dies starts again and skips the clusters its records already hold.
     task = ray.remote(num_cpus=1, max_retries=3)(process_group)
     c_ref = ray.put(centroids)
-    pending = [task.remote(g, members, c_ref, str(state), dim, eps, main, keep, seed, block, memory_bytes,
+    pending = [task.remote(g, members, ranges[g], c_ref, str(state), dim, eps, main, keep, seed, block, memory_bytes,
                            flush_rows)
                for g, members in enumerate(groups)]
-    done, clusters, skipped, pairs, member_pairs = 0, 0, 0, 0, 0
+    done, clusters, skipped, pairs, member_pairs, seconds = 0, 0, 0, 0, 0, {}
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -218,13 +219,16 @@ def _run_groups(groups: list[list[int]], centroids: np.ndarray, state: Path, dim
             skipped += info["skipped"]
             pairs += info["pairs"]
             member_pairs += info["member_pairs"]
+            for step, t in info["seconds"].items():
+                seconds[step] = seconds.get(step, 0.0) + t
             notify("similarity", {"groups_done": done, "groups": len(groups), **info})
     finally:
         for ref in pending:  # an interrupted driver stops its tasks; their finished clusters stay recorded
             ray.cancel(ref, force=True)
     # pairs: compared by this run's walks (guests included); member_pairs: those of one exact within-cluster pass
     return {"tasks": len(groups), "clusters_done": clusters, "clusters_skipped": skipped, "pairs": pairs,
-            "member_pairs": member_pairs}
+            "member_pairs": member_pairs,
+            "task_seconds": {step: round(t, 1) for step, t in seconds.items()}}
 
 
 def _check_every_id_once(ids: np.ndarray, files: list[Path], where: str) -> None:

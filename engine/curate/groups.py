@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import storage
-from engine.curate.partition import read_bucket
+from engine.curate.partition import bucket_slices, read_vectors, scratch_rows
 from engine.curate.similarity import greedy_dedup, keep_order
-from engine.data.schema import vectors_to_numpy
 
+# Threads reading a group's slices of the bucket files (direct reads wait on the disk, not the CPU).
+READERS = 4
 # Results are flushed (and recorded as done) at least every this many rows, so a killed task redoes little.
 FLUSH_ROWS = 50_000
 # What a batch of clusters writes: rows kept and removed for sure, rows whose fate the global pass decides
@@ -37,30 +40,35 @@ def finished_clusters(folder: Path) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _load_group(files: list[Path], dim: int, memory_bytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                         np.ndarray, np.ndarray, Any]:
-    """(ids, clusters, home clusters, centroid similarities, guest-elsewhere flags, vectors) of a group's bucket
-    files; the vectors in memory when they fit `memory_bytes`, else in a memory-mapped file that the blocked pass
-    reads a block at a time."""
-    tables = [read_bucket(f) for f in files]
-    n = sum(t.num_rows for t in tables)
+def _load_group(slices: list[tuple[Path, pa.Table, int, int]], dim: int, memory_bytes: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]:
+    """(ids, clusters, home clusters, centroid similarities, guest-elsewhere flags, vectors) of a group's slices of
+    the bucket files; the vectors in memory when they fit `memory_bytes`, else in a memory-mapped file that the
+    blocked pass reads a block at a time (in memory: this process's `scratch("group")`, valid until its next group)."""
+    n = sum(t.num_rows for _, t, _, _ in slices)
     spill = n * dim * 4 > memory_bytes
     if spill:
         handle = tempfile.NamedTemporaryFile(prefix="dce-dedup-", suffix=".f32", delete=False)
         handle.close()
         vectors: Any = np.memmap(handle.name, dtype=np.float32, mode="w+", shape=(max(n, 1), dim))
     else:
-        vectors = np.empty((n, dim), dtype=np.float32)
-    ids, clusters, homes, sims, away, row = [], [], [], [], [], 0
-    for f, t in zip(files, tables, strict=True):
-        m = t.num_rows
-        vectors[row:row + m] = vectors_to_numpy(t.column("v"), name="v", where=str(f))
+        vectors = scratch_rows("group", n, dim)
+    ids, clusters, homes, sims, away = [], [], [], [], []
+    at = np.cumsum([0] + [t.num_rows for _, t, _, _ in slices])
+
+    def read(part: int) -> None:  # every READERS-th slice, into this thread's own read buffer
+        for i in range(part, len(slices), READERS):
+            f, _, r0, r1 = slices[i]
+            vectors[at[i]:at[i + 1]] = read_vectors(f, r0, r1, dim, buffer=f"read{part}")
+
+    with ThreadPoolExecutor(READERS) as pool:  # reads and copies release the GIL: the disk's queue kept full
+        list(pool.map(read, range(READERS)))
+    for _, t, _, _ in slices:
         ids.append(t.column("id").to_numpy())
         clusters.append(t.column("cluster").to_numpy())
         homes.append(t.column("home").to_numpy())
         sims.append(t.column("centroid_sim").to_numpy())
         away.append(t.column("guest_elsewhere").to_numpy(zero_copy_only=False))
-        row += m
     if spill:
         vectors.flush()
     return (np.concatenate(ids), np.concatenate(clusters), np.concatenate(homes), np.concatenate(sims),
@@ -112,20 +120,23 @@ def walk_cluster(cluster: int, ids: np.ndarray, homes: np.ndarray, centroid_sims
         "removed_per_eps": result.removed_per_eps}
 
 
-def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder: str, dim: int,
-                  eps: list[float], main: int, keep: str, seed: int, block: int, memory_bytes: int,
-                  flush_rows: int = FLUSH_ROWS) -> dict[str, Any]:
+def process_group(group: int, clusters: list[int], ranges: list[tuple[str, int, int]], centroids: np.ndarray,
+                  folder: str, dim: int, eps: list[float], main: int, keep: str, seed: int, block: int,
+                  memory_bytes: int, flush_rows: int = FLUSH_ROWS) -> dict[str, Any]:
     """Deduplicate every unfinished cluster of one group at `eps[main]` (counting the removals of every eps of
-    `eps`); returns how many clusters it did and skipped."""
+    `eps`); returns how many clusters it did and skipped. `ranges`: the group's rows in each bucket file
+    (`piece_ranges`)."""
     root = Path(folder)
     (root / "results").mkdir(exist_ok=True)
     (root / "records").mkdir(exist_ok=True)
     done = finished_clusters(root)
     todo = [c for c in clusters if c not in done]
     if not todo:
-        return {"group": group, "clusters": 0, "skipped": len(clusters), "rows": 0, "pairs": 0, "member_pairs": 0}
-    files = sorted((root / "buckets" / f"g{group:05d}").glob("p*.arrow"))
-    ids, labels, homes, csims, away, vectors = _load_group(files, dim, memory_bytes)
+        return {"group": group, "clusters": 0, "skipped": len(clusters), "rows": 0, "pairs": 0, "member_pairs": 0,
+                "seconds": {}}
+    t0 = time.perf_counter()
+    ids, labels, homes, csims, away, vectors = _load_group(bucket_slices(root, ranges), dim, memory_bytes)
+    seconds = {"load": time.perf_counter() - t0, "walk": 0.0, "flush": 0.0}
     try:
         order = np.argsort(labels, kind="stable")
         bounds = np.searchsorted(labels[order], np.arange(len(centroids) + 1))
@@ -144,22 +155,29 @@ def process_group(group: int, clusters: list[int], centroids: np.ndarray, folder
             else:  # in memory: the cluster's rows gathered once, in walk order
                 def walk_rows(i, j, xw=vectors[walk]):
                     return xw[i:j]
+            t0 = time.perf_counter()
             batch.append((c, walk_cluster(c, ids[walk], homes[walk], csims[walk], away[walk], walk_rows, eps,
                                           main, block)))
+            seconds["walk"] += time.perf_counter() - t0
             batch_rows += len(walk)
             m = int((homes[walk] == c).sum())
             rows += m
             pairs += len(walk) * (len(walk) - 1) // 2  # compared, guests included
             member_pairs += m * (m - 1) // 2  # what one exact within-cluster pass compares
             if batch_rows >= flush_rows:
+                t0 = time.perf_counter()
                 _flush(root, batch, len(eps))
+                seconds["flush"] += time.perf_counter() - t0
                 batch, batch_rows = [], 0
         if batch:
+            t0 = time.perf_counter()
             _flush(root, batch, len(eps))
+            seconds["flush"] += time.perf_counter() - t0
     finally:
         if isinstance(vectors, np.memmap):
             name = vectors.filename
             del vectors
             os.unlink(name)
+    # seconds: the task's own time by step (CPU seconds of one slot), summed over tasks in the run's summary
     return {"group": group, "clusters": len(todo), "skipped": len(clusters) - len(todo), "rows": rows,
-            "pairs": pairs, "member_pairs": member_pairs}
+            "pairs": pairs, "member_pairs": member_pairs, "seconds": seconds}

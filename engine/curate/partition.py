@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,6 @@ import pyarrow.feather  # noqa: F401  (pa.feather)
 
 from engine import storage
 from engine.curate.source import Embeddings, Piece, read_unit_piece
-from engine.data.schema import vector_array
 
 # faiss's own cap on the rows k-means trains on (max_points_per_centroid = 256): more adds time, not quality.
 ROWS_PER_CENTROID = 256
@@ -78,30 +79,112 @@ def fit_centroids(sample_refs: list, k: int, seed: int, max_iter: int = 25, rows
     return ray.get(task.remote(k, seed, max_iter, cpus, *sample_refs))
 
 
-def plan_groups(sample_counts: np.ndarray, n_rows: int, dim: int, *, memory_bytes: int,
-                min_groups: int, probes: int = 1) -> list[list[int]]:
-    """Clusters packed, in index order, into groups of about `memory_bytes` of vectors (sizes estimated from the
-    sample), and at least `min_groups` groups where there are that many clusters, so every CPU has work.
+def plan_groups(counts: np.ndarray, dim: int, *, memory_bytes: int, cpus: int) -> list[list[int]]:
+    """Clusters packed, in index order, into groups of at most `memory_bytes` of vectors (`counts`: the rows each
+    cluster's walk holds, guests included, as assigned): a multiple of `cpus` groups (at least 2 per CPU where there
+    are that many clusters) of about equal rows, so the CPUs finish together. Each group is a contiguous range of
+    clusters, so its rows are one contiguous slice of every bucket file.
 
     A cluster larger than the budget is a group alone; its task then works from a memory-mapped file in blocks.
-    Guests (probes > 1) can add up to probes - 1 copies of a row, so the memory budget counts them at worst.
     """
-    est = sample_counts / max(1, sample_counts.sum()) * n_rows
-    target = max(1.0, min(memory_bytes / (4 * dim * probes), math.ceil(n_rows / max(1, min_groups))))
+    cap = max(1.0, memory_bytes / (4 * dim))
+    small = counts <= cap
+    total = float(counts[small].sum())
+    n_groups = -(-max(2 * cpus, math.ceil(total / cap)) // cpus) * cpus
+    # Each cluster's place by the middle of its rows among the clusters that fit: n_groups ranges of equal rows
+    middle = np.cumsum(np.where(small, counts, 0)) - np.where(small, counts, 0) / 2
+    share = np.minimum(n_groups - 1, (middle / max(1.0, total / n_groups)).astype(np.int64))
     groups, current, size = [], [], 0.0
-    for c in range(len(sample_counts)):
-        if current and size + est[c] > target:
+    for c in range(len(counts)):
+        if current and (not small[c] or not small[current[-1]] or share[c] != share[current[-1]]
+                        or size + counts[c] > cap):
             groups.append(current)
             current, size = [], 0.0
         current.append(c)
-        size += est[c]
+        size += counts[c]
     groups.append(current)
     return groups
 
 
+# Direct I/O moves whole blocks between the disk and page-aligned memory: offsets and lengths in these units.
+ALIGN = 4096
+
+
+# Memory reused by every task a worker process runs (by name): fresh pages cost ~0.75 ms a MB of kernel time here
+# (faulted in and zeroed), and the assign pass allocated ~300 MB a piece, a third of its CPU time.
+_SCRATCH: dict[str, mmap.mmap] = {}
+
+
+def scratch(name: str, nbytes: int) -> mmap.mmap:
+    """Page-aligned memory of at least `nbytes` (whole `ALIGN` blocks), kept by this process for the next task that
+    asks for `name`: what a caller had in it is overwritten then."""
+    size = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+    buf = _SCRATCH.get(name)
+    if buf is None or len(buf) < size:
+        buf = _SCRATCH[name] = mmap.mmap(-1, size)  # an old one is freed with the last array on it
+    return buf
+
+
+def scratch_rows(name: str, rows: int, dim: int) -> np.ndarray:
+    """A (rows, dim) float32 array at the start of `scratch(name, ...)`."""
+    return np.frombuffer(scratch(name, rows * dim * 4), dtype=np.float32, count=rows * dim).reshape(rows, dim)
+
+
+def _open_direct(path: Path, flags: int) -> tuple[int, bool]:
+    """A file descriptor opened with O_DIRECT where the platform and file system allow it, else a plain one."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # tmpfs and some others refuse O_DIRECT: buffered then
+                raise
+    return os.open(path, flags), False
+
+
+def write_vectors(x: np.ndarray, path: Path) -> None:
+    """`x`, rows at the start of a `scratch` buffer, as raw float32 rows padded to whole blocks, bypassing the page
+    cache where the file system allows: buffered writes of the 10 GB of buckets of a 10M-row run cost ~7 s of
+    kernel CPU a GB here (page cache and writeback), direct ones ~0.03 s."""
+    buf = x
+    while buf is not None and not isinstance(buf, mmap.mmap):
+        buf = buf.obj if isinstance(buf, memoryview) else getattr(buf, "base", None)
+    if buf is None or x.ctypes.data != np.frombuffer(buf, np.uint8, count=1).ctypes.data:
+        raise TypeError("write_vectors writes rows at the start of a `scratch` buffer (page-aligned memory)")
+    view = memoryview(buf)[:max(ALIGN, -(-x.nbytes // ALIGN) * ALIGN)]
+    with storage.atomic_path(path) as tmp:
+        fd, _ = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            done = 0
+            while done < len(view):
+                done += os.write(fd, view[done:])
+        finally:
+            os.close(fd)
+
+
+def read_vectors(path: Path, row0: int, row1: int, dim: int, buffer: str = "read") -> np.ndarray:
+    """Rows row0..row1-1 of a `write_vectors` file, read directly (whole blocks around them, into aligned memory)
+    where the file system allows, else buffered. The rows are in this process's `scratch(buffer)`: valid until its
+    next use."""
+    start, stop = row0 * dim * 4, row1 * dim * 4
+    first = start // ALIGN * ALIGN
+    buf = scratch(buffer, stop - first)
+    fd, _ = _open_direct(path, os.O_RDONLY)
+    try:
+        got = 0
+        while got < stop - first:
+            n = os.preadv(fd, [memoryview(buf)[got:]], first + got)
+            if n <= 0:
+                raise OSError(f"{path}: {stop - first - got} bytes short of rows {row0}..{row1 - 1}")
+            got += n
+    finally:
+        os.close(fd)
+    return np.frombuffer(buf, dtype=np.float32, count=(stop - start) // 4, offset=start - first).reshape(-1, dim)
+
+
 def write_bucket(table: pa.Table, path: Path) -> None:
-    """A bucket file: Arrow IPC, uncompressed (an internal file, written once and read once memory-mapped; Parquet's
-    encoding and compression cost more than the rest of the assign pass)."""
+    """A bucket's rows other than their vectors: Arrow IPC, uncompressed (an internal file, written once and read
+    once memory-mapped; Parquet's encoding and compression cost more than the rest of the assign pass)."""
     with storage.atomic_path(path) as tmp:
         pa.feather.write_feather(table, str(tmp), compression="uncompressed")
 
@@ -109,6 +192,26 @@ def write_bucket(table: pa.Table, path: Path) -> None:
 def read_bucket(path: Path) -> pa.Table:
     """A bucket file, memory-mapped (its columns are read when touched)."""
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def piece_ranges(folder: Path, groups: list[list[int]]) -> list[list[tuple[str, int, int]]]:
+    """For each group of `plan_groups`, the rows of its clusters in every piece's bucket (rows sorted by cluster,
+    `_assign_piece`): (piece, first row, stop row), one contiguous range a piece, empty ones left out."""
+    bounds = [g[0] for g in groups] + [groups[-1][-1] + 1]
+    out: list[list[tuple[str, int, int]]] = [[] for _ in groups]
+    for counts in sorted((folder / "assigned").glob("p*.npy")):
+        at = np.concatenate([[0], np.cumsum(np.load(counts))])[bounds]
+        for g in np.flatnonzero(at[1:] > at[:-1]):
+            out[g].append((counts.stem, int(at[g]), int(at[g + 1])))
+    return out
+
+
+def bucket_slices(folder: Path, ranges: list[tuple[str, int, int]]) -> list[tuple[Path, pa.Table, int, int]]:
+    """(vector file, its other columns memory-mapped and sliced, first row, stop row) of each range of
+    `piece_ranges` (see `read_vectors`)."""
+    root = folder / "buckets"
+    return [(root / f"{piece}.f32", read_bucket(root / f"{piece}.arrow").slice(r0, r1 - r0), r0, r1)
+            for piece, r0, r1 in ranges]
 
 
 def guest_margin(eps: float) -> float:
@@ -127,16 +230,24 @@ def bisector_reach(eps: float) -> float:
     return math.sqrt(2.0 * eps)
 
 
+# Rows whose centroid similarities are computed at once in the assign pass (its memory: CHUNK x k floats).
+CHUNK = 4096
+
+
 def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: int, centroids: np.ndarray,
-                  group_of: np.ndarray, folder: str, probes: int = 1, margin: float = 0.0,
-                  reach: float = math.inf) -> int:
+                  folder: str, probes: int = 1, margin: float = 0.0, reach: float = math.inf) -> int:
     import torch
 
-    ids, x = read_unit_piece(piece, column, id_column, dim)
-    # Unit rows and centroids: the nearest centroid is the one of highest cosine similarity.
-    sims = torch.from_numpy(x) @ torch.from_numpy(centroids).T
-    top_sims, top = sims.topk(min(probes, len(centroids)), dim=1)
-    top_sims, top = top_sims.numpy(), top.numpy()
+    ids, x = read_unit_piece(piece, column, id_column, dim, out=lambda n: scratch_rows("unit", n, dim))
+    # Unit rows and centroids: the nearest centroid is the one of highest cosine similarity. In chunks of rows,
+    # into reused memory (see `scratch`).
+    p, c = min(probes, len(centroids)), torch.from_numpy(centroids).T
+    top_sims, top = np.empty((len(x), p), np.float32), np.empty((len(x), p), np.int64)
+    sims = torch.from_numpy(scratch_rows("sims", CHUNK, len(centroids)))
+    for i in range(0, len(x), CHUNK):
+        j = min(len(x), i + CHUNK)
+        s = torch.matmul(torch.from_numpy(x[i:j]), c, out=sims[:j - i]).topk(p, dim=1)
+        top_sims[i:j], top[i:j] = s.values.numpy(), s.indices.numpy()
     home, best = top[:, 0], top_sims[:, 0]
     # Row positions and the cluster each copy is compared in: its own, then its next-nearest clusters within the
     # margin (as guests: compared with that cluster's rows, their own fate decided in their home cluster).
@@ -152,41 +263,43 @@ def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: in
     # A row that is a guest elsewhere can have partners its home walk does not see (see `greedy_dedup`).
     away = np.zeros(len(ids), dtype=bool)
     away[rows_all[len(ids):]] = True
-    groups = group_of[clusters_all]
+    # One file a piece, its copies sorted by cluster: a group of clusters reads one slice of it (`bucket_slices`).
+    order = np.argsort(clusters_all, kind="stable")
+    r, cl = rows_all[order], clusters_all[order]
     root = Path(folder)
-    for g in np.unique(groups):
-        at = np.flatnonzero(groups == g)
-        r = rows_all[at]
-        (root / "buckets" / f"g{g:05d}").mkdir(parents=True, exist_ok=True)
-        write_bucket(pa.table({"id": ids[r], "cluster": clusters_all[at].astype(np.int32),
-                               "home": home[r].astype(np.int32), "centroid_sim": best[r].astype(np.float32),
-                               "guest_elsewhere": away[r], "v": vector_array(x[r])}),
-                     root / "buckets" / f"g{g:05d}" / f"p{index:06d}.arrow")
+    v = scratch_rows("bucket", len(r), dim)
+    np.take(x, r, axis=0, out=v)
+    write_vectors(v, root / "buckets" / f"p{index:06d}.f32")
+    write_bucket(pa.table({"id": ids[r], "cluster": cl.astype(np.int32), "home": home[r].astype(np.int32),
+                           "centroid_sim": best[r].astype(np.float32), "guest_elsewhere": away[r]}),
+                 root / "buckets" / f"p{index:06d}.arrow")
+    storage.write_npy(root / "assigned" / f"p{index:06d}.npy", np.bincount(cl, minlength=len(centroids)))
     # The record comes last: a piece without one is assigned again, rewriting the same file names.
-    record = root / "assigned" / f"p{index:06d}.json"
-    record.parent.mkdir(exist_ok=True)
-    storage.write_text(record, json.dumps({"rows": len(ids), "guests": int(len(rows_all) - len(ids))}))
+    storage.write_text(root / "assigned" / f"p{index:06d}.json",
+                       json.dumps({"rows": len(ids), "guests": int(len(rows_all) - len(ids))}))
     return len(ids)
 
 
-def assign_to_buckets(emb: Embeddings, centroids: np.ndarray, groups: list[list[int]], folder: Path, *,
-                      probes: int = 1, margin: float = 0.0, reach: float = math.inf) -> dict[str, Any]:
-    """Every row's nearest centroid, written with its unit vector into `folder/buckets/g<group>/p<piece>.arrow`
-    by one Ray task per piece, and a guest copy for each of its next `probes - 1` nearest centroids within
-    `margin` and `reach` of it (see `guest_margin`, `bisector_reach`); pieces recorded as done by an earlier,
-    interrupted run are skipped."""
+def assign_to_buckets(emb: Embeddings, centroids: np.ndarray, folder: Path, *, probes: int = 1,
+                      margin: float = 0.0, reach: float = math.inf) -> dict[str, Any]:
+    """Every row's nearest centroid, written with its unit vector into `folder/buckets/p<piece>.f32` (raw rows)
+    and `.arrow` (id, cluster, ...), sorted by cluster (the rows of each cluster counted in
+    `folder/assigned/p<piece>.npy`), by one Ray task per piece; and a guest copy for each of its next `probes - 1`
+    nearest centroids within `margin` and `reach` of it (see `guest_margin`, `bisector_reach`). Pieces recorded as
+    done by an earlier, interrupted run are skipped. Returns the counts, among others: the rows of each cluster,
+    guests included."""
     import ray
 
-    group_of = np.zeros(len(centroids), dtype=np.int64)
-    for g, members in enumerate(groups):
-        group_of[members] = g
+    (folder / "buckets").mkdir(parents=True, exist_ok=True)
+    (folder / "assigned").mkdir(exist_ok=True)
     done = {p.stem for p in (folder / "assigned").glob("p*.json")}
     task = ray.remote(num_cpus=1, max_retries=3)(_assign_piece)
     c_ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
-    refs = [task.remote(i, p, emb.column, emb.id_column, emb.dim, c_ref, group_of, str(folder), probes, margin,
-                       reach)
+    refs = [task.remote(i, p, emb.column, emb.id_column, emb.dim, c_ref, str(folder), probes, margin, reach)
             for i, p in enumerate(emb.pieces) if f"p{i:06d}" not in done]
     rows = sum(ray.get(refs))
-    guests = sum(json.loads(p.read_text()).get("guests", 0) for p in (folder / "assigned").glob("p*.json"))
+    records = sorted((folder / "assigned").glob("p*.json"))
+    guests = sum(json.loads(p.read_text()).get("guests", 0) for p in records)
+    counts = sum(np.load(p.with_suffix(".npy")) for p in records)
     return {"pieces": len(emb.pieces), "pieces_resumed": len(emb.pieces) - len(refs), "rows": rows,
-            "guests": guests}
+            "guests": guests, "counts": counts}

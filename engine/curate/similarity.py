@@ -93,6 +93,8 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
     dup_of = np.full(n, -1, dtype=np.int64)
     dup_sim = np.zeros(n, dtype=np.float32)
     e_later, e_earlier, e_sim = [], [], []
+    open_eps = np.arange(E) != main
+    product = np.empty(block * block, dtype=np.float32)  # each block pair's similarities, in reused memory
     for b0 in range(0, n, block):
         b1 = min(n, b0 + block)
         xb = np.ascontiguousarray(rows(b0, b1), dtype=np.float32)
@@ -106,19 +108,16 @@ def greedy_dedup(n: int, rows: Callable[[int, int], np.ndarray], eps: Sequence[f
             a1 = min(b0, a0 + block)
             if not kept[:, a0:a1].any():
                 continue
-            s = rows(a0, a1) @ xb.T  # (a, b)
+            s = np.matmul(rows(a0, a1), xb.T, out=product[:(a1 - a0) * b].reshape(a1 - a0, b))  # (a, b)
             colmax = s.max(axis=0)
             # Per eps, only the kept rows and the columns whose best similarity can pass the threshold: on dense
             # data most rows are removed at large eps and few columns pass at small ones, so the sub-matrices are
-            # small where the full masked pass per eps cost ~4 times the matrix product.
-            for e in range(E):
-                t_e = thresholds[e]
-                cand = colmax > t_e
-                if e != main:
-                    cand &= best[e] <= t_e  # removed at this eps already: nothing more to learn for it
-                cols_e = np.flatnonzero(cand)
-                if not len(cols_e):
-                    continue
+            # small where the full masked pass per eps cost ~4 times the matrix product. A column already removed
+            # at an eps other than the main one has nothing more to learn there.
+            cand = colmax > thresholds[:, None]
+            cand[open_eps] &= best[open_eps] <= thresholds[open_eps, None]
+            for e in np.flatnonzero(cand.any(axis=1)):
+                cols_e = np.flatnonzero(cand[e])
                 rows_e = np.flatnonzero((sure if e == main else kept[e])[a0:a1])
                 if not len(rows_e):
                     continue
