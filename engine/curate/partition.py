@@ -130,16 +130,16 @@ def scratch_rows(name: str, rows: int, dim: int) -> np.ndarray:
     return np.frombuffer(scratch(name, rows * dim * 4), dtype=np.float32, count=rows * dim).reshape(rows, dim)
 
 
-def _open_direct(path: Path, flags: int) -> tuple[int, bool]:
+def _open_direct(path: Path, flags: int) -> int:
     """A file descriptor opened with O_DIRECT where the platform and file system allow it, else a plain one."""
     direct = getattr(os, "O_DIRECT", 0)
     if direct:
         try:
-            return os.open(path, flags | direct), True
+            return os.open(path, flags | direct)
         except OSError as e:
-            if e.errno != errno.EINVAL:  # tmpfs and some others refuse O_DIRECT: buffered then
+            if e.errno != errno.EINVAL:  # some file systems refuse O_DIRECT: buffered then
                 raise
-    return os.open(path, flags), False
+    return os.open(path, flags)
 
 
 def write_vectors(x: np.ndarray, path: Path) -> None:
@@ -153,7 +153,7 @@ def write_vectors(x: np.ndarray, path: Path) -> None:
         raise TypeError("write_vectors writes rows at the start of a `scratch` buffer (page-aligned memory)")
     view = memoryview(buf)[:max(ALIGN, -(-x.nbytes // ALIGN) * ALIGN)]
     with storage.atomic_path(path) as tmp:
-        fd, _ = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        fd = _open_direct(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
             done = 0
             while done < len(view):
@@ -168,12 +168,13 @@ def read_vectors(path: Path, row0: int, row1: int, dim: int, buffer: str = "read
     next use."""
     start, stop = row0 * dim * 4, row1 * dim * 4
     first = start // ALIGN * ALIGN
-    buf = scratch(buffer, stop - first)
-    fd, _ = _open_direct(path, os.O_RDONLY)
+    whole = max(ALIGN, -(-(stop - first) // ALIGN) * ALIGN)  # the blocks holding the rows, no more
+    buf = scratch(buffer, whole)
+    fd = _open_direct(path, os.O_RDONLY)
     try:
         got = 0
         while got < stop - first:
-            n = os.preadv(fd, [memoryview(buf)[got:]], first + got)
+            n = os.preadv(fd, [memoryview(buf)[got:whole]], first + got)
             if n <= 0:
                 raise OSError(f"{path}: {stop - first - got} bytes short of rows {row0}..{row1 - 1}")
             got += n
