@@ -1,4 +1,5 @@
-"""Spherical k-means on a sample, then every row written into the bucket of its cluster group, by Ray tasks."""
+"""Spherical k-means on a sample, then every row (and its guest copies) written, sorted by cluster, into the bucket
+of its row group by Ray tasks; cluster groups planned from the counts."""
 
 from __future__ import annotations
 
