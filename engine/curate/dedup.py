@@ -125,9 +125,9 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
         centroids = np.load(state / "centroids.npy")
         times["kmeans_resumed"] = True
     else:
-        centroids, counts = fit_centroids(sample_refs, k, seed, max_iter, sample_size)  # [2] one Ray task
+        centroids = fit_centroids(sample_refs, k, seed, max_iter, sample_size)  # [2] one Ray task
         np.save(state / "centroids.npy", centroids)
-        plan_path.write_text(json.dumps({"sample_counts": counts.tolist()}))  # last: k-means is done with it
+        plan_path.write_text(json.dumps({"k": k}))  # last: k-means is done with it (groups are planned after [3])
     del sample_refs
     times["kmeans"] = time.perf_counter() - t0
     notify("kmeans", {"k": k, "seconds": times["kmeans"]})

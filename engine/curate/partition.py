@@ -59,20 +59,19 @@ def use_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _fit(k: int, seed: int, max_iter: int, threads: int, *parts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _fit(k: int, seed: int, max_iter: int, threads: int, *parts: np.ndarray) -> np.ndarray:
     from engine.cluster import KMeans
 
     x = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
     with use_threads(threads):
         model = KMeans(k, spherical=True, seed=seed, max_iter=max_iter).fit(x)
-    return model.cluster_centers_.astype(np.float32), np.bincount(model.labels_, minlength=k)
+    return model.cluster_centers_.astype(np.float32)
 
 
-def fit_centroids(sample_refs: list, k: int, seed: int, max_iter: int = 25, rows: int = 0
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(unit centroids (k, d), rows of the sample in each cluster): `KMeans(spherical=True)` in one Ray task, so
-    the sample goes from the reading tasks to it without passing through the driver. Nothing else runs meanwhile,
-    so a large fit (`rows` in the sample) takes every CPU of the largest node (threads for its GEMMs)."""
+def fit_centroids(sample_refs: list, k: int, seed: int, max_iter: int = 25, rows: int = 0) -> np.ndarray:
+    """Unit centroids (k, d): `KMeans(spherical=True)` in one Ray task, so the sample goes from the reading tasks to
+    it without passing through the driver. Nothing else runs meanwhile, so a large fit (`rows` in the sample) takes
+    every CPU of the largest node (threads for its GEMMs)."""
     import ray
 
     cpus = fit_cpus(rows, k)
