@@ -444,6 +444,9 @@ def dedup(
                                              "(same pass).")] = "0.001,0.005,0.01,0.02,0.05,0.1,0.2",
     column: ColumnOpt = "z",
     id_column: Annotated[str, typer.Option(help="Id column of the embeddings.")] = "id",
+    state_dir: Annotated[str | None, typer.Option(help="Local folder for the unfinished run's state (default: "
+                                                  "beside a local --out, the temp folder for an object store); on "
+                                                  "a cluster, one every node mounts.")] = None,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
     overwrite: OverwriteOpt = False,
@@ -452,7 +455,7 @@ def dedup(
     Ray workers. A rerun of a killed or interrupted run continues from its finished clusters."""
     from engine.curate import dedup as run_dedup
     from engine.curate.dedup import check_settings
-    from engine.curate.output import check_result_output
+    from engine.curate.output import check_result_output, check_state_dir
     from engine.curate.source import open_embeddings
     from engine.rundir import guard_output
     from engine.runtime import curation_cpus, init_ray
@@ -466,11 +469,12 @@ def dedup(
 
         raise ConfigError(f"--k={k} should be <= the number of rows, {rows}")
     output = check_result_output(out, path, overwrite=overwrite)
+    check_state_dir(state_dir, out, path)
     init_ray(num_cpus=curation_cpus(), verbose=verbose)
     progress = _progress(quiet)
     with guard_output(output, resumable=False):
         summary = run_dedup(path, out, eps=eps, k=k, keep=keep, seed=seed, column=column, id_column=id_column,
-                            summary_eps=eps_list, probes=probes, overwrite=overwrite,
+                            summary_eps=eps_list, probes=probes, overwrite=overwrite, state_dir=state_dir,
                             on_progress=lambda stage, info: progress.info(f"{stage}: {info}"))
     typer.echo(out if quiet else f"{out}: kept {summary['kept']} of {summary['rows']} rows, removed "
                f"{summary['removed']} (eps {eps}, k {summary['k']}, keep {keep})")

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--column", default="z")
     p.add_argument("--id-column", default="id")
+    p.add_argument("--state-dir", default=None,
+                   help="local folder for the unfinished run's state; on a cluster, one every node mounts")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
 
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         # [2] validation, k-means, assignment and the within-cluster pass are Ray tasks; the driver holds ids only.
         return dedup(args.embeddings, args.out, eps=args.eps, k=args.k, probes=args.probes, keep=args.keep,
                      seed=args.seed, column=args.column, id_column=args.id_column, overwrite=args.overwrite,
+                     state_dir=args.state_dir,
                      on_progress=lambda stage, info: print({"stage": stage, **info}, flush=True))
 
     return run_job(job)

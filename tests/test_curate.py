@@ -497,7 +497,8 @@ def _one_error(r, *words: str) -> None:
         assert w in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("case", ["zero", "nan", "eps0", "eps2", "id", "k"])
+@pytest.mark.parametrize("case", ["zero", "nan", "eps0", "eps2", "id", "k", "state_in_out", "state_in_input",
+                                  "state_in_store"])
 def test_dedup_bad_input_is_one_error_and_writes_nothing(ray_local, tmp_path, case):
     ids, x = planted(n=300, d=8, copies=10)
     if case == "zero":
@@ -507,12 +508,17 @@ def test_dedup_bad_input_is_one_error_and_writes_nothing(ray_local, tmp_path, ca
     emb = write(tmp_path / "emb", ids, x, files=1)
     if case == "id":
         pq.write_table(pa.table({"key": ids, "z": vector_array(x)}), emb / "part-0.parquet")
-    args = {"eps0": ["--eps", "0"], "eps2": ["--eps", "2.5"], "k": ["--k", "301"]}.get(case, [])
+    args = {"eps0": ["--eps", "0"], "eps2": ["--eps", "2.5"], "k": ["--k", "301"],
+            "state_in_out": ["--state-dir", str(tmp_path / "out" / "state")],
+            "state_in_input": ["--state-dir", str(emb / "state")],
+            "state_in_store": ["--state-dir", "s3://bucket/state"]}.get(case, [])
     assert len(ids) <= 300
     r = _cli("dedup", str(emb), "--out", str(tmp_path / "out"), "--k", "3", *args)
     words = {"zero": ["row 17", f"id={ids[17]}", "all zeros"], "nan": ["row 42", "NaN"], "eps0": ["--eps=0"],
              "eps2": ["--eps=2.5", "(0, 2)"], "id": ["missing column 'id'", "--id-column"],
-             "k": ["--k=301", f"{len(ids)}"]}[case]
+             "k": ["--k=301", f"{len(ids)}"], "state_in_out": ["--state-dir=", "inside --out"],
+             "state_in_input": ["--state-dir=", "inside the input"], "state_in_store": ["--state-dir=s3://bucket/state",
+                                                                                       "not an object store"]}[case]
     _one_error(r, *words)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["emb"]
 

@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from markers import needs
+from waiting import wait_for
 
 from engine.config import load_config
 from engine.errors import ConfigError
@@ -84,3 +90,92 @@ def test_pipeline_spreads_training_workers_and_embedding_actors_over_the_nodes(c
     embed_nodes = [names[a.node_id] for a in actors if a.class_name == "MapWorker(MapBatches(Embedder))"]
     assert len(train_nodes) == 2 and len(set(train_nodes)) == 2, train_nodes
     assert len(embed_nodes) == 2 and len(set(embed_nodes)) == 2, embed_nodes
+
+
+def _curation_task_nodes(names: dict[str, str], seen: set[str], count: int) -> list[str]:
+    """The nodes (by name) of the `count` curation tasks that touch the working folder, finished since `seen` (task
+    ids); their events reach the state API a moment after they end."""
+    from ray.util.state import list_tasks
+
+    def nodes() -> list[str] | None:
+        tasks = [t for name in ("_assign_piece", "process_group")
+                 for t in list_tasks(filters=[("name", "=", name), ("state", "=", "FINISHED")], limit=10000,
+                                     raise_on_missing_output=False) if t.task_id not in seen]
+        return [names[t.node_id] for t in tasks] if len(tasks) >= count else None
+
+    return wait_for(nodes, 30, f"{count} curation tasks' events", poll=0.5)
+
+
+def _task_ids() -> set[str]:
+    from ray.util.state import list_tasks
+
+    return {t.task_id for t in list_tasks(limit=10000, raise_on_missing_output=False)}
+
+
+@contextlib.contextmanager
+def _blind_node(address: str, folder: Path) -> Iterator[str]:
+    """A node joined to the cluster at `address` from a mount namespace of its own, where `folder` is an empty
+    tmpfs: its workers cannot see what the driver and the other nodes write there. Yields its node id."""
+    import ray
+
+    proc = subprocess.Popen(["unshare", "-Urm", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$1" start '
+                             '--address="$2" --num-cpus=1 --resources=\'{"blind": 1}\' --block', str(folder),
+                             str(Path(sys.executable).parent / "ray"), address],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        node = wait_for(lambda: next((n["NodeID"] for n in ray.nodes() if n["Alive"] and "blind" in n["Resources"]),
+                                     None), 60, "the blind node")
+        yield node
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        wait_for(lambda: not any(n["Alive"] and "blind" in n["Resources"] for n in ray.nodes()), 60,
+                 "the blind node gone")
+
+
+def test_dedup_spreads_where_the_nodes_share_its_folder_and_keeps_to_the_driver_where_one_does_not(cluster,
+                                                                                                   tmp_path):
+    """Curation's tasks write and read its working folder as local files: on nodes that all see it, they spread;
+    where a node does not see it, they all run on the driver's node, with the same result; where no node sees the
+    driver's folder (an object-store --out, its state in the driver's own temp folder), the run is refused."""
+    from namespaces import driver_alone, unshare_works
+    from s3_server import s3_server
+    from test_curate import planted, result, write
+
+    from engine import storage
+    from engine.curate import dedup
+
+    ids, x = planted(n=1600, d=16, copies=120)
+    emb = write(tmp_path / "emb", ids, x, files=4, row_group=200)  # 8 pieces
+    names = node_names()
+    before = _task_ids()
+    shared = dedup(emb, tmp_path / "shared", k=6)
+    spread = _curation_task_nodes(names, before, 8 + shared["groups"])
+    assert shared["state_unseen_by"] == [] and len(set(spread)) == 3, spread
+    assert not list(tmp_path.glob(".*.partial"))
+    if not unshare_works():
+        pytest.skip("needs mount namespaces (unshare -Urm), which this machine refuses")
+
+    state = tmp_path / "state"  # a folder the blind node does not see
+    state.mkdir()
+    with _blind_node(cluster.address, state) as blind:
+        before = _task_ids()
+        kept_apart = dedup(emb, tmp_path / "kept-apart", k=6, state_dir=state)
+        pinned = _curation_task_nodes({**names, blind: "blind"}, before, 8 + kept_apart["groups"])
+    assert set(pinned) == {"head"} and kept_apart["state_unseen_by"] == [blind], (pinned, kept_apart)
+    # Planned for the head's one CPU (2 groups a CPU), not for the four of the cluster (k = 6: 6 groups, as shared)
+    assert kept_apart["groups"] == 2 and shared["groups"] == 6, (kept_apart["groups"], shared["groups"])
+    for got, want in zip(result(tmp_path / "kept-apart"), result(tmp_path / "shared"), strict=True):
+        np.testing.assert_equal(got, want)
+    assert list(state.iterdir()) == []  # its state removed when done
+
+    staging = tmp_path / "staging"  # the driver's own temp folder, which no node sees
+    staging.mkdir()
+    with s3_server() as s3:
+        out = s3.uri("dedup")
+        proc = driver_alone(cluster.address, staging, ["jobs.dedup", str(emb), "--out", out, "--k", "6"],
+                            env={"TMPDIR": str(staging)}, check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "seen by none of the Ray nodes" in \
+            proc.stderr, proc.stderr[-3000:]
+        assert storage.files(s3.uri("")) == []  # nothing written

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shlex
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from markers import needs
-from namespaces import unshare_works
+from namespaces import driver_alone
 from s3_server import s3_server
 from typer.testing import CliRunner
 from waiting import wait_for
@@ -45,7 +41,6 @@ WORKER = {"num_cpus": 2}
 # Logical CPUs (more than the machine has): either node alone holds both 1-CPU training workers and a CPU for Ray
 # Data's ingest tasks, so that the workers can restart on the node left.
 TRAINING_NODE = {"num_cpus": 3}
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -257,23 +252,8 @@ TINY = [
 
 
 def _driver_alone(cluster, staging: Path, *commands: list[str]) -> list[dict]:
-    """Run job commands one after another as a driver in a mount namespace of its own, where `staging` is a fresh
-    tmpfs: the driver writes and reads its staging folder there, while every Ray worker (started by the raylets,
-    outside the namespace) sees only the empty folder below it, as a node without the driver's disk would. A worker
-    that wrote to a staging path would leave its file in that folder. Returns each job's result line.
-
-    Without mount namespaces (unshare -Urm refused, as in some containers) the commands run as a plain driver: the
-    run still goes through the store, but nothing then keeps a worker from reading the staging folder."""
-    jobs = "".join(" && " + shlex.join([sys.executable, "-m", *cmd]) for cmd in commands)
-    if unshare_works():
-        mount = 'mount -t tmpfs tmpfs "$0" && touch "$0/driver-only"'
-        argv = ["unshare", "-Urm", "sh", "-c", mount + jobs, str(staging)]
-    else:
-        argv = ["sh", "-c", "true" + jobs]
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "RAY_ADDRESS": cluster.address})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert list(staging.iterdir()) == []  # nothing of the driver's leaked out, nothing of a worker's got in
+    """`namespaces.driver_alone`: each pipeline job's result line."""
+    proc = driver_alone(cluster.address, staging, *commands)
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"run_dir"')]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,7 +14,17 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from engine.curate.groups import FLUSH_ROWS, RESULT_FILES, finished_clusters, process_group
-from engine.curate.output import check_result_output, state_folder, subfolder, write_json, write_result
+from engine.curate.nodes import place_tasks
+from engine.curate.output import (
+    check_result_output,
+    check_state_dir,
+    drop_state,
+    state_folder,
+    state_folder_exists,
+    subfolder,
+    write_json,
+    write_result,
+)
 from engine.curate.partition import (
     ROWS_PER_CENTROID,
     assign_to_buckets,
@@ -74,7 +83,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
           summary_eps: Sequence[float] = DEFAULT_SUMMARY_EPS, sample_size: int | None = None,
           probes: int = DEFAULT_PROBES,
           max_iter: int = 25, block: int = BLOCK, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-          flush_rows: int = FLUSH_ROWS, overwrite: bool = False,
+          flush_rows: int = FLUSH_ROWS, overwrite: bool = False, state_dir: str | os.PathLike[str] | None = None,
           on_progress: Callable[[str, dict[str, Any]], None] | None = None,
           ) -> dict[str, Any]:
     """Remove near-duplicates: spherical k-means, then within each cluster every row whose cosine similarity to an
@@ -91,9 +100,11 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     cluster), `summary.json` (rows removed for each of `summary_eps` and `eps`, from the same pass, and the time
     of each stage), `centroids.npy`. Every input id is in exactly one of kept/ and duplicates/.
 
-    An interrupted or killed run keeps its finished stages and clusters in `.NAME.partial` beside `out`; running
-    the same call again continues from them (a group task records its clusters every `flush_rows` rows). Ray must be
-    running (the CLI starts it after its checks).
+    An interrupted or killed run keeps its finished stages and clusters in `.NAME.partial` beside `out` (or in
+    `state_dir`, or the temp folder for an object-store `out`); running the same call again continues from them (a
+    group task records its clusters every `flush_rows` rows). The tasks write and read that folder as local files:
+    on a cluster where some node cannot see it (checked, `place_tasks`), they all run on the driver's node. Ray must
+    be running (the CLI starts it after its checks).
     """
     summary_eps = sorted({*map(float, summary_eps), float(eps)})
     check_settings(eps, k, keep, summary_eps, block, sample_size, probes)
@@ -106,6 +117,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     if sample_size < k:
         raise ConfigError(f"sample_size={sample_size} should be >= --k={k}")
     check_result_output(out, source, overwrite=overwrite)
+    check_state_dir(state_dir, out, source)
     key = {"stage": STAGE, "input": emb.fingerprint(), "k": k, "seed": seed, "sample_size": sample_size,
            "max_iter": max_iter, "eps": summary_eps, "main_eps": float(eps), "keep": keep,
            "probes": probes, "format": 5}
@@ -116,8 +128,16 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     t0 = time.perf_counter()
     ids, sample_refs = validate(emb, sample_size, seed)  # [1] every row checked before anything is written
     times["validate"] = time.perf_counter() - t0
-    state = state_folder(out, key)
-    notify("validate", {"rows": emb.n_rows, "seconds": times["validate"]})
+    fresh = not state_folder_exists(out, state_dir)
+    state = state_folder(out, key, state_dir)
+    try:
+        place = place_tasks(state)
+    except BaseException:
+        if fresh:  # refused before any work: nothing left behind
+            drop_state(state)
+        raise
+    notify("validate", {"rows": emb.n_rows, "seconds": times["validate"],
+                        **({"state_unseen_by": list(place.pinned)} if place.pinned else {})})
 
     t0 = time.perf_counter()
     plan_path = state / "plan.json"
@@ -135,21 +155,18 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     t0 = time.perf_counter()
     # [3] one Ray task per piece
     assigned = assign_to_buckets(emb, centroids, state, probes=probes, margin=guest_margin(eps),
-                                 reach=bisector_reach(eps))
+                                 reach=bisector_reach(eps), strategy=place.strategy)
     counts = assigned.pop("counts")
     times["assign"] = time.perf_counter() - t0
     notify("assign", {**assigned, "seconds": times["assign"]})
-    import ray
-
     # From the rows each cluster really holds, guests included (a resumed run gets the same counts, so the same plan)
-    groups_plan = plan_groups(counts, emb.dim, memory_bytes=memory_bytes,
-                              cpus=max(1, int(ray.cluster_resources().get("CPU", 1))))
+    groups_plan = plan_groups(counts, emb.dim, memory_bytes=memory_bytes, cpus=place.cpus)
 
     t0 = time.perf_counter()
     resumed = len(finished_clusters(state))
     groups = _run_groups(groups_plan, piece_ranges(state, groups_plan), centroids, state, emb.dim, summary_eps,
                          summary_eps.index(float(eps)), keep, seed, block, memory_bytes, flush_rows,
-                         notify)  # [4] one Ray task per cluster group
+                         notify, place.strategy)  # [4] one Ray task per cluster group
     times["similarity"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -175,7 +192,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
         "seed": seed, "sample_size": sample_size, "groups": len(groups_plan), "probes": probes,
         "guests": assigned["guests"], "pending": p_kept + p_removed,
         "edges": sum(r["edge_rows"] for r in records),
-        "clusters_resumed": resumed, "pieces_resumed": assigned["pieces_resumed"],
+        "state_unseen_by": list(place.pinned), "clusters_resumed": resumed,
+        "pieces_resumed": assigned["pieces_resumed"],
         "summary": [{"eps": e, "removed": r, "fraction": r / emb.n_rows}
                     for e, r in zip(summary_eps, removed, strict=True)],
         "group_tasks": groups, "seconds": times,
@@ -193,18 +211,19 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
         return ["kept", "duplicates", "centroids.npy", "summary.json"]
 
     write_result(out, build, stage=STAGE, config_hash=config_hash, rows=emb.n_rows, eps=float(eps), k=k)
-    shutil.rmtree(state, ignore_errors=True)
+    drop_state(state)
     notify("write", {"kept": kept_rows, "removed": dup_rows, "seconds": times["write"]})
     return summary
 
 
 def _run_groups(groups: list[list[int]], ranges: list[list[tuple[str, int, int]]], centroids: np.ndarray,
                 state: Path, dim: int, eps: list[float], main: int, keep: str, seed: int, block: int,
-                memory_bytes: int, flush_rows: int, notify: Callable[[str, dict[str, Any]], None]) -> dict:
+                memory_bytes: int, flush_rows: int, notify: Callable[[str, dict[str, Any]], None],
+                strategy: Any = None) -> dict:
     import ray
 
     # Retries: a task whose worker dies starts again and skips the clusters its records already hold.
-    task = ray.remote(num_cpus=1, max_retries=3)(process_group)
+    task = ray.remote(num_cpus=1, max_retries=3)(process_group).options(scheduling_strategy=strategy)
     c_ref = ray.put(centroids)
     pending = [task.remote(g, members, ranges[g], c_ref, str(state), dim, eps, main, keep, seed, block, memory_bytes,
                            flush_rows)

@@ -242,7 +242,7 @@ def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: in
     ids, x = read_unit_piece(piece, column, id_column, dim, out=lambda n: scratch_rows("unit", n, dim))
     # Unit rows and centroids: the nearest centroid is the one of highest cosine similarity. In chunks of rows,
     # into reused memory (see `scratch`).
-    p, c = min(probes, len(centroids)), torch.from_numpy(centroids).T
+    p, c = min(probes, len(centroids)), torch.from_numpy(np.array(centroids)).T  # a writable copy (small)
     top_sims, top = np.empty((len(x), p), np.float32), np.empty((len(x), p), np.int64)
     sims = torch.from_numpy(scratch_rows("sims", CHUNK, len(centroids)))
     for i in range(0, len(x), CHUNK):
@@ -282,11 +282,12 @@ def _assign_piece(index: int, piece: Piece, column: str, id_column: str, dim: in
 
 
 def assign_to_buckets(emb: Embeddings, centroids: np.ndarray, folder: Path, *, probes: int = 1,
-                      margin: float = 0.0, reach: float = math.inf) -> dict[str, Any]:
+                      margin: float = 0.0, reach: float = math.inf, strategy: Any = None) -> dict[str, Any]:
     """Every row's nearest centroid, written with its unit vector into `folder/buckets/p<piece>.f32` (raw rows)
     and `.arrow` (id, cluster, ...), sorted by cluster (the rows of each cluster counted in
     `folder/assigned/p<piece>.npy`), by one Ray task per piece; and a guest copy for each of its next `probes - 1`
-    nearest centroids within `margin` and `reach` of it (see `guest_margin`, `bisector_reach`). Pieces recorded as
+    nearest centroids within `margin` and `reach` of it (see `guest_margin`, `bisector_reach`); `strategy`: the
+    tasks' Ray scheduling strategy (`nodes.place_tasks`). Pieces recorded as
     done by an earlier, interrupted run are skipped. Returns the counts, among others: the rows of each cluster,
     guests included."""
     import ray
@@ -294,7 +295,7 @@ def assign_to_buckets(emb: Embeddings, centroids: np.ndarray, folder: Path, *, p
     (folder / "buckets").mkdir(parents=True, exist_ok=True)
     (folder / "assigned").mkdir(exist_ok=True)
     done = {p.stem for p in (folder / "assigned").glob("p*.json")}
-    task = ray.remote(num_cpus=1, max_retries=3)(_assign_piece)
+    task = ray.remote(num_cpus=1, max_retries=3)(_assign_piece).options(scheduling_strategy=strategy)
     c_ref = ray.put(np.ascontiguousarray(centroids, dtype=np.float32))
     refs = [task.remote(i, p, emb.column, emb.id_column, emb.dim, c_ref, str(folder), probes, margin, reach)
             for i, p in enumerate(emb.pieces) if f"p{i:06d}" not in done]

@@ -1,0 +1,90 @@
+"""Which Ray nodes may run the tasks that share curation's working folder (they write and read it as local files)."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ConfigError
+
+# Seconds to wait for one zero-CPU task on every node (a worker process to start); a node that does not answer in
+# time counts as one that cannot see the folder.
+PROBE_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """`strategy`: a Ray scheduling strategy for the tasks (None: Ray's default, on one node); `cpus`: the CPUs
+    they may use; `pinned`: the nodes that cannot see the folder, when the tasks are kept on the driver's node
+    because of them."""
+
+    strategy: Any
+    cpus: int
+    pinned: tuple[str, ...] = ()
+
+
+def _answer(probe: str, token: str, node: str) -> bool:
+    """On one node: whether it reads the driver's probe; if so it writes its reply beside it, for the driver."""
+    path = Path(probe)
+    try:
+        if path.read_text() != token:
+            return False
+        path.with_name(f"{path.name}.{node}").write_text(token)
+    except OSError:
+        return False
+    return True
+
+
+def place_tasks(folder: Path) -> Placement:
+    """Where the tasks that share `folder` run: spread over the nodes when every alive node with a CPU reads what
+    the driver wrote there and writes what the driver reads (a file system they all mount); else on one node that
+    does (the driver's, if it does), refused (ConfigError) when none does. Checked with a probe file and one
+    zero-CPU task per node, whose reply files the driver reads."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1}
+    cpus = int(sum(n["Resources"]["CPU"] for n in nodes.values()))
+    if len(nodes) <= 1:
+        return Placement(None, max(1, cpus))
+    token = secrets.token_hex(8)
+    probe = folder / f".nodes-{token}"
+    probe.write_text(token)
+    answer = ray.remote(num_cpus=0, max_retries=0)(_answer)
+    refs = {node: answer.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(str(probe), token, node) for node in nodes}
+    try:
+        ready, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT)
+        for ref in late:  # only these: cancelling a finished task can crash this Ray's driver (seen in a test)
+            ray.cancel(ref, force=True)
+        seen = {node for node, ref in refs.items() if ref in ready and ray.get(ref)}
+        # The driver reads each reply: the node's writes reach the driver too.
+        seen = {node for node in seen if _read(probe.with_name(f"{probe.name}.{node}")) == token}
+    finally:
+        for path in folder.glob(f"{probe.name}*"):
+            path.unlink(missing_ok=True)
+    blind = tuple(sorted(set(nodes) - seen))
+    if not blind:
+        # Round robin over the nodes: Ray's default packs short tasks onto the driver's node first (in a test, all
+        # of them on one of three nodes), and these tasks use each node's disk and memory bandwidth.
+        return Placement("SPREAD", cpus)
+    if not seen:
+        raise ConfigError(
+            f"{folder}: curation's working folder is seen by none of the Ray nodes with a CPU (the driver runs "
+            "apart from them, or on a node without CPUs); put --out, or --state-dir, on a file system every node "
+            "mounts")
+    # The driver's node when its tasks see the folder (as they do unless the driver runs apart from its node's
+    # workers), else the node that sees it with the most CPUs.
+    target = here if here in seen else max(sorted(seen), key=lambda n: nodes[n]["Resources"]["CPU"])
+    return Placement(NodeAffinitySchedulingStrategy(target, soft=False), int(nodes[target]["Resources"]["CPU"]),
+                     blind)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
