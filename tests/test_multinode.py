@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -93,17 +95,22 @@ def test_pipeline_spreads_training_workers_and_embedding_actors_over_the_nodes(c
 
 
 def _curation_task_nodes(names: dict[str, str], seen: set[str], count: int) -> list[str]:
-    """The nodes (by name) of the `count` curation tasks that touch the working folder, finished since `seen` (task
-    ids); their events reach the state API a moment after they end."""
+    """The nodes (by name) of the `count` curation tasks that read the input or touch the working folder, finished
+    since `seen` (task ids); their events reach the state API a moment after they end."""
     from ray.util.state import list_tasks
 
-    def nodes() -> list[str] | None:
-        tasks = [t for name in ("_assign_piece", "process_group")
-                 for t in list_tasks(filters=[("name", "=", name), ("state", "=", "FINISHED")], limit=10000,
-                                     raise_on_missing_output=False) if t.task_id not in seen]
-        return [names[t.node_id] for t in tasks] if len(tasks) >= count else None
+    found: list = []
 
-    return wait_for(nodes, 30, f"{count} curation tasks' events", poll=0.5)
+    def nodes() -> list[str] | None:
+        found[:] = [t for name in ("_validate_piece", "_assign_piece", "process_group")
+                    for t in list_tasks(filters=[("name", "=", name), ("state", "=", "FINISHED")], limit=10000,
+                                        raise_on_missing_output=False) if t.task_id not in seen]
+        return [names[t.node_id] for t in found] if len(found) >= count else None
+
+    try:
+        return wait_for(nodes, 30, f"{count} curation tasks' events", poll=0.5)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; found {collections.Counter(t.name for t in found)}") from None
 
 
 def _task_ids() -> set[str]:
@@ -113,15 +120,15 @@ def _task_ids() -> set[str]:
 
 
 @contextlib.contextmanager
-def _blind_node(address: str, folder: Path) -> Iterator[str]:
-    """A node joined to the cluster at `address` from a mount namespace of its own, where `folder` is an empty
-    tmpfs: its workers cannot see what the driver and the other nodes write there. Yields its node id."""
+def _blind_node(address: str, folders: list[Path]) -> Iterator[str]:
+    """A node joined to the cluster at `address` from a mount namespace of its own, where each of `folders` is an
+    empty tmpfs: its workers cannot see what the driver and the other nodes have there. Yields its node id."""
     import ray
 
-    proc = subprocess.Popen(["unshare", "-Urm", "sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$1" start '
-                             '--address="$2" --num-cpus=1 --resources=\'{"blind": 1}\' --block', str(folder),
-                             str(Path(sys.executable).parent / "ray"), address],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    mounts = "".join(f'mount -t tmpfs tmpfs "{f}" && ' for f in folders)
+    proc = subprocess.Popen(["unshare", "-Urm", "sh", "-c", mounts + 'exec "$0" start --address="$1" --num-cpus=1 '
+                             '--resources=\'{"blind": 1}\' --block', str(Path(sys.executable).parent / "ray"),
+                             address], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         node = wait_for(lambda: next((n["NodeID"] for n in ray.nodes() if n["Alive"] and "blind" in n["Resources"]),
                                      None), 60, "the blind node")
@@ -135,9 +142,10 @@ def _blind_node(address: str, folder: Path) -> Iterator[str]:
 
 def test_dedup_spreads_where_the_nodes_share_its_folder_and_keeps_to_the_driver_where_one_does_not(cluster,
                                                                                                    tmp_path):
-    """Curation's tasks write and read its working folder as local files: on nodes that all see it, they spread;
-    where a node does not see it, they all run on the driver's node, with the same result; where no node sees the
-    driver's folder (an object-store --out, its state in the driver's own temp folder), the run is refused."""
+    """Curation's tasks read the input and write and read the working folder as local files: on nodes that all see
+    both, they spread; where a node does not see one of them, they all run on the driver's node, with the same
+    result; where no node sees the driver's folder (an object-store --out, its state in the driver's own temp
+    folder), the run is refused."""
     from namespaces import driver_alone, unshare_works
     from s3_server import s3_server
     from test_curate import planted, result, write
@@ -150,24 +158,30 @@ def test_dedup_spreads_where_the_nodes_share_its_folder_and_keeps_to_the_driver_
     names = node_names()
     before = _task_ids()
     shared = dedup(emb, tmp_path / "shared", k=6)
-    spread = _curation_task_nodes(names, before, 8 + shared["groups"])
+    spread = _curation_task_nodes(names, before, 16 + shared["groups"])
     assert shared["state_unseen_by"] == [] and len(set(spread)) == 3, spread
     assert not list(tmp_path.glob(".*.partial"))
     if not unshare_works():
         pytest.skip("needs mount namespaces (unshare -Urm), which this machine refuses")
 
-    state = tmp_path / "state"  # a folder the blind node does not see
-    state.mkdir()
-    with _blind_node(cluster.address, state) as blind:
-        before = _task_ids()
-        kept_apart = dedup(emb, tmp_path / "kept-apart", k=6, state_dir=state)
-        pinned = _curation_task_nodes({**names, blind: "blind"}, before, 8 + kept_apart["groups"])
-    assert set(pinned) == {"head"} and kept_apart["state_unseen_by"] == [blind], (pinned, kept_apart)
-    # Planned for the head's one CPU (2 groups a CPU), not for the four of the cluster (k = 6: 6 groups, as shared)
-    assert kept_apart["groups"] == 2 and shared["groups"] == 6, (kept_apart["groups"], shared["groups"])
-    for got, want in zip(result(tmp_path / "kept-apart"), result(tmp_path / "shared"), strict=True):
-        np.testing.assert_equal(got, want)
-    assert list(state.iterdir()) == []  # its state removed when done
+    # A fourth node that sees neither `hidden_state` nor `hidden_input`: once with the working folder there
+    # (--state-dir), once with the input there.
+    hidden_state, hidden_input = tmp_path / "hidden_state", tmp_path / "hidden_input"
+    hidden_state.mkdir()
+    shutil.copytree(emb, hidden_input / "emb")
+    runs = {}
+    with _blind_node(cluster.address, [hidden_state, hidden_input]) as blind:
+        for name, source, state_dir in (("state", emb, hidden_state), ("input", hidden_input / "emb", None)):
+            before = _task_ids()
+            runs[name] = dedup(source, tmp_path / f"apart-{name}", k=6, state_dir=state_dir)
+            # validate, assign and group tasks (k-means' fit reads the object store only)
+            pinned = _curation_task_nodes({**names, blind: "blind"}, before, 16 + runs[name]["groups"])
+            assert set(pinned) == {"head"} and runs[name]["state_unseen_by"] == [blind], (name, pinned, runs[name])
+            # Planned for the head's one CPU (2 groups a CPU), not the cluster's four (k = 6: 6 groups, as shared)
+            assert runs[name]["groups"] == 2 and shared["groups"] == 6, (runs[name]["groups"], shared["groups"])
+            for got, want in zip(result(tmp_path / f"apart-{name}"), result(tmp_path / "shared"), strict=True):
+                np.testing.assert_equal(got, want)
+    assert list(hidden_state.iterdir()) == []  # the state removed when done
 
     staging = tmp_path / "staging"  # the driver's own temp folder, which no node sees
     staging.mkdir()
@@ -176,6 +190,6 @@ def test_dedup_spreads_where_the_nodes_share_its_folder_and_keeps_to_the_driver_
         proc = driver_alone(cluster.address, staging, ["jobs.dedup", str(emb), "--out", out, "--k", "6"],
                             env={"TMPDIR": str(staging)}, check=False)
         assert proc.returncode == 2, proc.stderr[-3000:]
-        assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "seen by none of the Ray nodes" in \
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "no Ray node with a CPU sees both" in \
             proc.stderr, proc.stderr[-3000:]
         assert storage.files(s3.uri("")) == []  # nothing written

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from engine import storage
 from engine.curate.groups import FLUSH_ROWS, RESULT_FILES, finished_clusters, process_group
 from engine.curate.nodes import place_tasks
 from engine.curate.output import (
@@ -126,16 +127,17 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    ids, sample_refs = validate(emb, sample_size, seed)  # [1] every row checked before anything is written
-    times["validate"] = time.perf_counter() - t0
     fresh = not state_folder_exists(out, state_dir)
     state = state_folder(out, key, state_dir)
     try:
-        place = place_tasks(state)
+        # [0] which nodes see the state folder and the input; [1] every row checked before any work is kept
+        place = place_tasks(state, [f for f in emb.files if not storage.is_uri(f)])
+        ids, sample_refs = validate(emb, sample_size, seed, place.strategy)
     except BaseException:
-        if fresh:  # refused before any work: nothing left behind
+        if fresh:  # refused, or bad input: nothing left behind
             drop_state(state)
         raise
+    times["validate"] = time.perf_counter() - t0
     notify("validate", {"rows": emb.n_rows, "seconds": times["validate"],
                         **({"state_unseen_by": list(place.pinned)} if place.pinned else {})})
 

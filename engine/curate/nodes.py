@@ -1,8 +1,11 @@
-"""Which Ray nodes may run the tasks that share curation's working folder (they write and read it as local files)."""
+"""Which Ray nodes may run the tasks that share curation's working folder (they write and read it as local files)
+and read its local input files."""
 
 from __future__ import annotations
 
+import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +28,12 @@ class Placement:
     pinned: tuple[str, ...] = ()
 
 
-def _answer(probe: str, token: str, node: str) -> bool:
-    """On one node: whether it reads the driver's probe; if so it writes its reply beside it, for the driver."""
+def _answer(probe: str, token: str, node: str, inputs: Sequence[str]) -> bool:
+    """On one node: whether it reads the driver's probe and sees every input file; if so it writes its reply beside
+    the probe, for the driver."""
     path = Path(probe)
     try:
-        if path.read_text() != token:
+        if path.read_text() != token or not all(os.path.isfile(f) for f in inputs):
             return False
         path.with_name(f"{path.name}.{node}").write_text(token)
     except OSError:
@@ -37,11 +41,12 @@ def _answer(probe: str, token: str, node: str) -> bool:
     return True
 
 
-def place_tasks(folder: Path) -> Placement:
-    """Where the tasks that share `folder` run: spread over the nodes when every alive node with a CPU reads what
-    the driver wrote there and writes what the driver reads (a file system they all mount); else on one node that
-    does (the driver's, if it does), refused (ConfigError) when none does. Checked with a probe file and one
-    zero-CPU task per node, whose reply files the driver reads."""
+def place_tasks(folder: Path, inputs: Sequence[str] = ()) -> Placement:
+    """Where the tasks that share `folder` and read the local files `inputs` run: spread over the nodes when every
+    alive node with a CPU sees the inputs, reads what the driver wrote in `folder` and writes what the driver reads
+    there (file systems they all mount); else on one node that does (the driver's, if it does), refused
+    (ConfigError) when none does. Checked with a probe file and one zero-CPU task per node, whose reply files the
+    driver reads."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -55,7 +60,7 @@ def place_tasks(folder: Path) -> Placement:
     probe.write_text(token)
     answer = ray.remote(num_cpus=0, max_retries=0)(_answer)
     refs = {node: answer.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-            .remote(str(probe), token, node) for node in nodes}
+            .remote(str(probe), token, node, list(inputs)) for node in nodes}
     try:
         ready, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT)
         for ref in late:  # only these: cancelling a finished task can crash this Ray's driver (seen in a test)
@@ -73,9 +78,9 @@ def place_tasks(folder: Path) -> Placement:
         return Placement("SPREAD", cpus)
     if not seen:
         raise ConfigError(
-            f"{folder}: curation's working folder is seen by none of the Ray nodes with a CPU (the driver runs "
-            "apart from them, or on a node without CPUs); put --out, or --state-dir, on a file system every node "
-            "mounts")
+            f"{folder}: no Ray node with a CPU sees both curation's working folder and the input files (the driver "
+            "runs apart from them, or on a node without CPUs); put the input, and --out or --state-dir, on file "
+            "systems every node mounts")
     # The driver's node when its tasks see the folder (as they do unless the driver runs apart from its node's
     # workers), else the node that sees it with the most CPUs.
     target = here if here in seen else max(sorted(seen), key=lambda n: nodes[n]["Resources"]["CPU"])

@@ -161,16 +161,17 @@ def _validate_piece(piece: Piece, column: str, id_column: str, dim: int, rows: n
     return ids, x[rows] / norms[rows, None]
 
 
-def validate(emb: Embeddings, sample_size: int, seed: int) -> tuple[np.ndarray, list]:
+def validate(emb: Embeddings, sample_size: int, seed: int, strategy: Any = None) -> tuple[np.ndarray, list]:
     """Read every row once in Ray tasks, before anything is written: dimensions, NaN/inf, zero vectors and unique
     ids are checked; returns (all ids, sorted; object refs of a seeded uniform sample of `sample_size` unit rows,
     one per piece) for fitting k-means.
 
     The ids (8 bytes a row) are the only per-row data the driver holds; the sample stays in Ray's object store.
+    `strategy`: the tasks' Ray scheduling strategy (None: Ray's default).
     """
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=3, num_returns=2)(_validate_piece)
+    task = ray.remote(num_cpus=1, max_retries=3, num_returns=2)(_validate_piece).options(scheduling_strategy=strategy)
     size = min(sample_size, emb.n_rows)
     chosen = np.sort(np.random.default_rng(seed).choice(emb.n_rows, size=size, replace=False))
     starts = np.cumsum([0] + [p.rows for p in emb.pieces])
