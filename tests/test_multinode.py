@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from markers import needs
 from waiting import wait_for
@@ -95,20 +96,26 @@ def test_pipeline_spreads_training_workers_and_embedding_actors_over_the_nodes(c
 
 
 def _curation_task_nodes(names: dict[str, str], seen: set[str], count: int) -> list[str]:
-    """The nodes (by name) of the `count` curation tasks that read the input or touch the working folder, finished
-    since `seen` (task ids); their events reach the state API a moment after they end."""
+    """The nodes (by name) of the `count` dedup tasks that read the input or touch the working folder, finished
+    since `seen` (task ids)."""
+    return _task_nodes(names, seen, ("_validate_piece", "_assign_piece", "process_group"), count)
+
+
+def _task_nodes(names: dict[str, str], seen: set[str], functions: tuple[str, ...], count: int) -> list[str]:
+    """The nodes (by name) of the `count` tasks of `functions` finished since `seen` (task ids); their events reach
+    the state API a moment after they end."""
     from ray.util.state import list_tasks
 
     found: list = []
 
     def nodes() -> list[str] | None:
-        found[:] = [t for name in ("_validate_piece", "_assign_piece", "process_group")
+        found[:] = [t for name in functions
                     for t in list_tasks(filters=[("name", "=", name), ("state", "=", "FINISHED")], limit=10000,
                                         raise_on_missing_output=False) if t.task_id not in seen]
         return [names[t.node_id] for t in found] if len(found) >= count else None
 
     try:
-        return wait_for(nodes, 30, f"{count} curation tasks' events", poll=0.5)
+        return wait_for(nodes, 30, f"{count} tasks' events", poll=0.5)
     except AssertionError as e:
         raise AssertionError(f"{e}; found {collections.Counter(t.name for t in found)}") from None
 
@@ -140,7 +147,7 @@ def _blind_node(address: str, folders: list[Path]) -> Iterator[str]:
                  "the blind node gone")
 
 
-def test_dedup_spreads_where_the_nodes_share_its_folder_and_keeps_to_the_driver_where_one_does_not(cluster,
+def test_curation_spreads_where_every_node_sees_its_files_and_keeps_to_one_node_that_does_otherwise(cluster,
                                                                                                    tmp_path):
     """Curation's tasks read the input and write and read the working folder as local files: on nodes that all see
     both, they spread; where a node does not see one of them, they all run on the driver's node, with the same
@@ -151,7 +158,7 @@ def test_dedup_spreads_where_the_nodes_share_its_folder_and_keeps_to_the_driver_
     from test_curate import planted, result, write
 
     from engine import storage
-    from engine.curate import dedup
+    from engine.curate import dedup, sample
 
     ids, x = planted(n=1600, d=16, copies=120)
     emb = write(tmp_path / "emb", ids, x, files=4, row_group=200)  # 8 pieces
@@ -159,7 +166,7 @@ def test_dedup_spreads_where_the_nodes_share_its_folder_and_keeps_to_the_driver_
     before = _task_ids()
     shared = dedup(emb, tmp_path / "shared", k=6)
     spread = _curation_task_nodes(names, before, 16 + shared["groups"])
-    assert shared["state_unseen_by"] == [] and len(set(spread)) == 3, spread
+    assert shared["nodes_left_out"] == [] and len(set(spread)) == 3, spread
     assert not list(tmp_path.glob(".*.partial"))
     if not unshare_works():
         pytest.skip("needs mount namespaces (unshare -Urm), which this machine refuses")
@@ -176,12 +183,21 @@ def test_dedup_spreads_where_the_nodes_share_its_folder_and_keeps_to_the_driver_
             runs[name] = dedup(source, tmp_path / f"apart-{name}", k=6, state_dir=state_dir)
             # validate, assign and group tasks (k-means' fit reads the object store only)
             pinned = _curation_task_nodes({**names, blind: "blind"}, before, 16 + runs[name]["groups"])
-            assert set(pinned) == {"head"} and runs[name]["state_unseen_by"] == [blind], (name, pinned, runs[name])
+            assert set(pinned) == {"head"} and runs[name]["nodes_left_out"] == [blind], (name, pinned, runs[name])
             # Planned for the head's one CPU (2 groups a CPU), not the cluster's four (k = 6: 6 groups, as shared)
             assert runs[name]["groups"] == 2 and shared["groups"] == 6, (runs[name]["groups"], shared["groups"])
             for got, want in zip(result(tmp_path / f"apart-{name}"), result(tmp_path / "shared"), strict=True):
                 np.testing.assert_equal(got, want)
+        # Balanced sampling reads the input in its tasks too (and keeps no working folder).
+        before = _task_ids()
+        drawn = sample(hidden_input / "emb", tmp_path / "sample-apart", n=100, levels=2, k=[12, 3], resample_steps=2)
+        assert set(_task_nodes({**names, blind: "blind"}, before, ("_validate_piece", "_piece_candidates"), 16)) == \
+            {"head"} and drawn["nodes_left_out"] == [blind], drawn
     assert list(hidden_state.iterdir()) == []  # the state removed when done
+    spread = sample(emb, tmp_path / "sample-shared", n=100, levels=2, k=[12, 3], resample_steps=2)
+    assert spread["nodes_left_out"] == []
+    for name in ("sampled", "hierarchy/level-1.parquet", "hierarchy/level-2.parquet"):
+        assert pq.read_table(tmp_path / "sample-apart" / name).equals(pq.read_table(tmp_path / "sample-shared" / name))
 
     staging = tmp_path / "staging"  # the driver's own temp folder, which no node sees
     staging.mkdir()

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from engine import storage
 from engine.curate.groups import FLUSH_ROWS, RESULT_FILES, finished_clusters, process_group
 from engine.curate.nodes import place_tasks
 from engine.curate.output import (
@@ -131,7 +130,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     state = state_folder(out, key, state_dir)
     try:
         # [0] which nodes see the state folder and the input; [1] every row checked before any work is kept
-        place = place_tasks(state, [f for f in emb.files if not storage.is_uri(f)])
+        place = place_tasks(state, emb.local_files())
         ids, sample_refs = validate(emb, sample_size, seed, place.strategy)
     except BaseException:
         if fresh:  # refused, or bad input: nothing left behind
@@ -139,7 +138,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
         raise
     times["validate"] = time.perf_counter() - t0
     notify("validate", {"rows": emb.n_rows, "seconds": times["validate"],
-                        **({"state_unseen_by": list(place.pinned)} if place.pinned else {})})
+                        **({"nodes_left_out": list(place.pinned)} if place.pinned else {})})
 
     t0 = time.perf_counter()
     plan_path = state / "plan.json"
@@ -194,7 +193,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
         "seed": seed, "sample_size": sample_size, "groups": len(groups_plan), "probes": probes,
         "guests": assigned["guests"], "pending": p_kept + p_removed,
         "edges": sum(r["edge_rows"] for r in records),
-        "state_unseen_by": list(place.pinned), "clusters_resumed": resumed,
+        "nodes_left_out": list(place.pinned), "clusters_resumed": resumed,
         "pieces_resumed": assigned["pieces_resumed"],
         "summary": [{"eps": e, "removed": r, "fraction": r / emb.n_rows}
                     for e, r in zip(summary_eps, removed, strict=True)],

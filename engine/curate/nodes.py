@@ -28,25 +28,28 @@ class Placement:
     pinned: tuple[str, ...] = ()
 
 
-def _answer(probe: str, token: str, node: str, inputs: Sequence[str]) -> bool:
-    """On one node: whether it reads the driver's probe and sees every input file; if so it writes its reply beside
-    the probe, for the driver."""
-    path = Path(probe)
+def _answer(probe: str | None, token: str, node: str, inputs: Sequence[str]) -> bool:
+    """On one node: whether it sees every input file and reads the driver's `probe`; if so it writes its reply
+    beside the probe, for the driver."""
     try:
-        if path.read_text() != token or not all(os.path.isfile(f) for f in inputs):
+        if not all(os.path.isfile(f) for f in inputs):
             return False
-        path.with_name(f"{path.name}.{node}").write_text(token)
+        if probe is not None:
+            path = Path(probe)
+            if path.read_text() != token:
+                return False
+            path.with_name(f"{path.name}.{node}").write_text(token)
     except OSError:
         return False
     return True
 
 
-def place_tasks(folder: Path, inputs: Sequence[str] = ()) -> Placement:
-    """Where the tasks that share `folder` and read the local files `inputs` run: spread over the nodes when every
-    alive node with a CPU sees the inputs, reads what the driver wrote in `folder` and writes what the driver reads
-    there (file systems they all mount); else on one node that does (the driver's, if it does), refused
-    (ConfigError) when none does. Checked with a probe file and one zero-CPU task per node, whose reply files the
-    driver reads."""
+def place_tasks(folder: Path | None, inputs: Sequence[str] = ()) -> Placement:
+    """Where the tasks that share `folder` (None: no folder) and read the local files `inputs` run: spread over
+    the nodes when every alive node with a CPU sees the inputs, reads what the driver wrote in `folder` and writes
+    what the driver reads there (file systems they all mount); else on one node that does (the driver's, if it
+    does), refused (ConfigError) when none does. Checked with a probe file and one zero-CPU task per node, whose
+    reply files the driver reads."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -55,37 +58,51 @@ def place_tasks(folder: Path, inputs: Sequence[str] = ()) -> Placement:
     cpus = int(sum(n["Resources"]["CPU"] for n in nodes.values()))
     if len(nodes) <= 1:
         return Placement(None, max(1, cpus))
-    token = secrets.token_hex(8)
-    probe = folder / f".nodes-{token}"
-    probe.write_text(token)
-    answer = ray.remote(num_cpus=0, max_retries=0)(_answer)
-    refs = {node: answer.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-            .remote(str(probe), token, node, list(inputs)) for node in nodes}
-    try:
-        ready, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT)
-        for ref in late:  # only these: cancelling a finished task can crash this Ray's driver (seen in a test)
-            ray.cancel(ref, force=True)
-        seen = {node for node, ref in refs.items() if ref in ready and ray.get(ref)}
-        # The driver reads each reply: the node's writes reach the driver too.
-        seen = {node for node in seen if _read(probe.with_name(f"{probe.name}.{node}")) == token}
-    finally:
-        for path in folder.glob(f"{probe.name}*"):
-            path.unlink(missing_ok=True)
+    seen = set(nodes)
+    if folder is not None or inputs:
+        seen = _nodes_that_see(folder, inputs, nodes)
     blind = tuple(sorted(set(nodes) - seen))
     if not blind:
         # Round robin over the nodes: Ray's default packs short tasks onto the driver's node first (in a test, all
         # of them on one of three nodes), and these tasks use each node's disk and memory bandwidth.
         return Placement("SPREAD", cpus)
     if not seen:
+        what = "the input files" if folder is None else "both curation's working folder and the input files"
+        fix = "the input" if folder is None else "the input, and --out or --state-dir,"
         raise ConfigError(
-            f"{folder}: no Ray node with a CPU sees both curation's working folder and the input files (the driver "
-            "runs apart from them, or on a node without CPUs); put the input, and --out or --state-dir, on file "
-            "systems every node mounts")
+            f"{folder or inputs[0]}: no Ray node with a CPU sees {what} (the driver runs apart from them, or on a "
+            f"node without CPUs); put {fix} on file systems every node mounts")
     # The driver's node when its tasks see the folder (as they do unless the driver runs apart from its node's
     # workers), else the node that sees it with the most CPUs.
     target = here if here in seen else max(sorted(seen), key=lambda n: nodes[n]["Resources"]["CPU"])
     return Placement(NodeAffinitySchedulingStrategy(target, soft=False), int(nodes[target]["Resources"]["CPU"]),
                      blind)
+
+
+def _nodes_that_see(folder: Path | None, inputs: Sequence[str], nodes: dict[str, Any]) -> set[str]:
+    """The nodes among `nodes` whose zero-CPU task passes `_answer` (and whose reply the driver reads back)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = secrets.token_hex(8)
+    probe = None if folder is None else folder / f".nodes-{token}"
+    if probe is not None:
+        probe.write_text(token)
+    answer = ray.remote(num_cpus=0, max_retries=0)(_answer)
+    refs = {node: answer.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(None if probe is None else str(probe), token, node, list(inputs)) for node in nodes}
+    try:
+        ready, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT)
+        for ref in late:  # only these: cancelling a finished task can crash this Ray's driver (seen in a test)
+            ray.cancel(ref, force=True)
+        seen = {node for node, ref in refs.items() if ref in ready and ray.get(ref)}
+        if probe is not None:  # the driver reads each reply: the node's writes reach the driver too
+            seen = {node for node in seen if _read(probe.with_name(f"{probe.name}.{node}")) == token}
+    finally:
+        if probe is not None:
+            for path in probe.parent.glob(f"{probe.name}*"):
+                path.unlink(missing_ok=True)
+    return seen
 
 
 def _read(path: Path) -> str | None:

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.curate.hierarchy import Level, balanced_quotas, hierarchical_kmeans
+from engine.curate.nodes import place_tasks
 from engine.curate.output import check_result_output, write_json, write_result
 from engine.curate.partition import ROWS_PER_CENTROID, fit_cpus, use_threads
 from engine.curate.source import Piece, open_embeddings, read_unit_piece, validate
@@ -130,7 +131,8 @@ def sample(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, n
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    ids, sample_refs = validate(emb, size, seed)  # [1] every row checked before anything is written
+    place = place_tasks(None, emb.local_files())  # [0] which nodes see the input
+    ids, sample_refs = validate(emb, size, seed, place.strategy)  # [1] every row checked before anything is written
     times["validate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     cpus = fit_cpus(size, ks[0])  # [2] one Ray task, alone on its node
@@ -141,7 +143,7 @@ def sample(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, n
     notify("hierarchy", {"k": ks, "seconds": times["hierarchy"]})
 
     t0 = time.perf_counter()
-    task = ray.remote(num_cpus=1, max_retries=3)(_piece_candidates)
+    task = ray.remote(num_cpus=1, max_retries=3)(_piece_candidates).options(scheduling_strategy=place.strategy)
     c_ref = ray.put(hierarchy[0].centroids)
     counts = sum(ray.get([task.remote(p, column, id_column, emb.dim, c_ref, None, strategy, seed)  # [3]
                           for p in emb.pieces]))
@@ -165,7 +167,7 @@ def sample(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, n
     config_hash = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=8).hexdigest()
     summary = {"rows": emb.n_rows, "n": n, "levels": levels, "k": ks, "strategy": strategy,
                "resample_steps": resample_steps, "seed": seed, "sample_size": size,
-               "clusters_drawn_from": int((quotas > 0).sum()), "seconds": times}
+               "clusters_drawn_from": int((quotas > 0).sum()), "nodes_left_out": list(place.pinned), "seconds": times}
 
     def build(tmp: Path) -> list[str]:
         (tmp / "sampled").mkdir()

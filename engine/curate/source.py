@@ -37,6 +37,10 @@ class Embeddings:
     id_column: str
     files: list[str] = field(default_factory=list)
 
+    def local_files(self) -> list[str]:
+        """The input files on a file system (not an object store): the tasks that read them must see them."""
+        return [f for f in self.files if not storage.is_uri(f)]
+
     def fingerprint(self) -> dict[str, Any]:
         """What the rows depend on (files with sizes and times): a resumed run reuses state only for the same input."""
         return {"files": [[f, *storage.size_and_mtime(f)] for f in self.files], "column": self.column,
