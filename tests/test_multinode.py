@@ -151,8 +151,8 @@ def test_curation_spreads_where_every_node_sees_its_files_and_keeps_to_one_node_
                                                                                                    tmp_path):
     """Curation's tasks read the input and write and read the working folder as local files: on nodes that all see
     both, they spread; where a node does not see one of them, they all run on the driver's node, with the same
-    result; where no node sees the driver's folder (an object-store --out, its state in the driver's own temp
-    folder), the run is refused."""
+    result; where no node sees the driver's folder, the run moves to a node (an object-store --out) or is refused
+    (a local one)."""
     from namespaces import driver_alone, unshare_works
     from s3_server import s3_server
     from test_curate import planted, result, write
@@ -199,13 +199,27 @@ def test_curation_spreads_where_every_node_sees_its_files_and_keeps_to_one_node_
     for name in ("sampled", "hierarchy/level-1.parquet", "hierarchy/level-2.parquet"):
         assert pq.read_table(tmp_path / "sample-apart" / name).equals(pq.read_table(tmp_path / "sample-shared" / name))
 
-    staging = tmp_path / "staging"  # the driver's own temp folder, which no node sees
+    # A driver whose own files no node sees (a mount namespace of its own, its temp folder there): into an object
+    # store, the run moves to a task on a node that sees the input, with the same result; into a folder of its own,
+    # it is refused with one error line, nothing written.
+    staging = tmp_path / "staging"
     staging.mkdir()
     with s3_server() as s3:
         out = s3.uri("dedup")
         proc = driver_alone(cluster.address, staging, ["jobs.dedup", str(emb), "--out", out, "--k", "6"],
-                            env={"TMPDIR": str(staging)}, check=False)
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "no Ray node with a CPU sees both" in \
-            proc.stderr, proc.stderr[-3000:]
-        assert storage.files(s3.uri("")) == []  # nothing written
+                            env={"TMPDIR": str(staging)})
+        moved = json.loads(proc.stdout.splitlines()[-1])
+        assert "{'stage': 'assign'" in proc.stdout, proc.stdout[-2000:]  # its progress came back
+        local = tmp_path / "from-store"
+        for name in storage.files(out):
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            (local / name).write_bytes(storage.read_bytes(storage.join(out, name)))
+    # The task's temp folder is the machine's /tmp, which every node here shares: its tasks spread.
+    assert moved["nodes_left_out"] == [] and moved["coordinator_node"] in names, moved
+    for got, want in zip(result(local), result(tmp_path / "shared"), strict=True):
+        np.testing.assert_equal(got, want)
+    proc = driver_alone(cluster.address, staging, ["jobs.dedup", str(emb), "--out", str(staging / "out"), "--k", "6"],
+                        check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "no Ray node with a CPU sees both" in last, proc.stderr[-3000:]

@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from engine import storage
 from engine.curate.groups import FLUSH_ROWS, RESULT_FILES, finished_clusters, process_group
-from engine.curate.nodes import place_tasks
+from engine.curate.nodes import FolderUnseen, place_tasks
 from engine.curate.output import (
     check_result_output,
     check_state_dir,
@@ -103,9 +104,26 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     An interrupted or killed run keeps its finished stages and clusters in `.NAME.partial` beside `out` (or in
     `state_dir`, or the temp folder for an object-store `out`); running the same call again continues from them (a
     group task records its clusters every `flush_rows` rows). The tasks write and read that folder as local files:
-    on a cluster where some node cannot see it (checked, `place_tasks`), they all run on the driver's node. Ray must
-    be running (the CLI starts it after its checks).
+    on a cluster where some node cannot see it or a local input (checked, `place_tasks`), they all run on one node
+    that does, the driver's if it can; where none sees the driver's temp folder (an object-store `out`, no
+    `state_dir`; a driver on a node without CPUs), this whole function runs from a task on a node that sees the
+    input instead, its progress passed back. Ray must be running (the CLI starts it after its checks).
     """
+    settings = {name: value for name, value in locals().items() if name != "on_progress"}
+    return _dedup(**settings, on_progress=on_progress)
+
+
+def _dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, eps: float = 0.05,
+          k: int | None = None, keep: str = "hard", seed: int = 0, column: str = "z", id_column: str = "id",
+          summary_eps: Sequence[float] = DEFAULT_SUMMARY_EPS, sample_size: int | None = None,
+          probes: int = DEFAULT_PROBES,
+          max_iter: int = 25, block: int = BLOCK, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+          flush_rows: int = FLUSH_ROWS, overwrite: bool = False, state_dir: str | os.PathLike[str] | None = None,
+          on_progress: Callable[[str, dict[str, Any]], None] | None = None,
+          relocatable: bool = True) -> dict[str, Any]:
+    """`dedup`; `relocatable`: whether it may move to a task on another node (not when it already has)."""
+    settings = {name: value for name, value in locals().items() if name not in ("on_progress", "relocatable")}
+    import ray
     summary_eps = sorted({*map(float, summary_eps), float(eps)})
     check_settings(eps, k, keep, summary_eps, block, sample_size, probes)
     source = str(embeddings)
@@ -128,14 +146,25 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     t0 = time.perf_counter()
     fresh = not state_folder_exists(out, state_dir)
     state = state_folder(out, key, state_dir)
+    move_to = None
     try:
         # [0] which nodes see the state folder and the input; [1] every row checked before any work is kept
         place = place_tasks(state, emb.local_files())
         ids, sample_refs = validate(emb, sample_size, seed, place.strategy)
+    except FolderUnseen as e:
+        if fresh:
+            drop_state(state)
+        if not (relocatable and state_dir is None and not storage.is_local(out)):
+            raise
+        # No node sees the driver's temp folder: the run moves to the node that sees the input with the most CPUs,
+        # its state in that node's temp folder (a rerun moves to the same node, and resumes there).
+        move_to = max(sorted(e.readers), key=e.readers.__getitem__)
     except BaseException:
         if fresh:  # refused, or bad input: nothing left behind
             drop_state(state)
         raise
+    if move_to is not None:
+        return _relocated(move_to, settings, on_progress)
     times["validate"] = time.perf_counter() - t0
     notify("validate", {"rows": emb.n_rows, "seconds": times["validate"],
                         **({"nodes_left_out": list(place.pinned)} if place.pinned else {})})
@@ -193,7 +222,8 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
         "seed": seed, "sample_size": sample_size, "groups": len(groups_plan), "probes": probes,
         "guests": assigned["guests"], "pending": p_kept + p_removed,
         "edges": sum(r["edge_rows"] for r in records),
-        "nodes_left_out": list(place.pinned), "clusters_resumed": resumed,
+        "nodes_left_out": list(place.pinned), "coordinator_node": ray.get_runtime_context().get_node_id(),
+        "clusters_resumed": resumed,
         "pieces_resumed": assigned["pieces_resumed"],
         "summary": [{"eps": e, "removed": r, "fraction": r / emb.n_rows}
                     for e, r in zip(summary_eps, removed, strict=True)],
@@ -215,6 +245,30 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     drop_state(state)
     notify("write", {"kept": kept_rows, "removed": dup_rows, "seconds": times["write"]})
     return summary
+
+
+def _relocated(node: str, settings: dict[str, Any],
+               on_progress: Callable[[str, dict[str, Any]], None] | None) -> dict[str, Any]:
+    """`_dedup(**settings)` in a task on `node` (no CPU of its own: its tasks take them), its progress passed back
+    through a queue; interrupted or failed, the task is stopped."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from engine.train.trainer import progress_queue
+
+    with progress_queue(None if on_progress is None else (lambda item: on_progress(*item))) as queue:
+        task = ray.remote(num_cpus=0, max_retries=0)(_dedup_task)
+        ref = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(settings, queue)
+        try:
+            return ray.get(ref)
+        finally:
+            if not ray.wait([ref], timeout=0)[0]:  # only a running task: cancelling a finished one can crash Ray
+                ray.cancel(ref, force=True)
+
+
+def _dedup_task(settings: dict[str, Any], queue: Any) -> dict[str, Any]:
+    notify = None if queue is None else (lambda stage, info: queue.put_nowait((stage, info)))
+    return _dedup(**settings, on_progress=notify, relocatable=False)
 
 
 def _run_groups(groups: list[list[int]], ranges: list[list[tuple[str, int, int]]], centroids: np.ndarray,

@@ -17,6 +17,14 @@ from engine.errors import ConfigError
 PROBE_TIMEOUT = 120.0
 
 
+class FolderUnseen(ConfigError):
+    """No node with a CPU sees the working folder; `readers` (node id -> CPUs): those that see the input files."""
+
+    def __init__(self, message: str, readers: dict[str, int]):
+        super().__init__(message)
+        self.readers = readers
+
+
 @dataclass(frozen=True)
 class Placement:
     """`strategy`: a Ray scheduling strategy for the tasks (None: Ray's default, on one node); `cpus`: the CPUs
@@ -28,20 +36,20 @@ class Placement:
     pinned: tuple[str, ...] = ()
 
 
-def _answer(probe: str | None, token: str, node: str, inputs: Sequence[str]) -> bool:
-    """On one node: whether it sees every input file and reads the driver's `probe`; if so it writes its reply
-    beside the probe, for the driver."""
+def _answer(probe: str | None, token: str, node: str, inputs: Sequence[str]) -> str:
+    """On one node: "ok" when it sees every input file and reads the driver's `probe` (it then writes its reply
+    beside the probe, for the driver), else what it does not see: "input" or "folder"."""
     try:
         if not all(os.path.isfile(f) for f in inputs):
-            return False
+            return "input"
         if probe is not None:
             path = Path(probe)
             if path.read_text() != token:
-                return False
+                return "folder"
             path.with_name(f"{path.name}.{node}").write_text(token)
     except OSError:
-        return False
-    return True
+        return "folder"
+    return "ok"
 
 
 def place_tasks(folder: Path | None, inputs: Sequence[str] = ()) -> Placement:
@@ -58,9 +66,10 @@ def place_tasks(folder: Path | None, inputs: Sequence[str] = ()) -> Placement:
     cpus = int(sum(n["Resources"]["CPU"] for n in nodes.values()))
     if len(nodes) <= 1:
         return Placement(None, max(1, cpus))
-    seen = set(nodes)
+    answers = {node: "ok" for node in nodes}
     if folder is not None or inputs:
-        seen = _nodes_that_see(folder, inputs, nodes)
+        answers = _answers(folder, inputs, nodes)
+    seen = {node for node, answer in answers.items() if answer == "ok"}
     blind = tuple(sorted(set(nodes) - seen))
     if not blind:
         # Round robin over the nodes: Ray's default packs short tasks onto the driver's node first (in a test, all
@@ -69,9 +78,10 @@ def place_tasks(folder: Path | None, inputs: Sequence[str] = ()) -> Placement:
     if not seen:
         what = "the input files" if folder is None else "both curation's working folder and the input files"
         fix = "the input" if folder is None else "the input, and --out or --state-dir,"
-        raise ConfigError(
-            f"{folder or inputs[0]}: no Ray node with a CPU sees {what} (the driver runs apart from them, or on a "
-            f"node without CPUs); put {fix} on file systems every node mounts")
+        message = (f"{folder or inputs[0]}: no Ray node with a CPU sees {what} (the driver runs apart from them, or "
+                   f"on a node without CPUs); put {fix} on file systems every node mounts")
+        readers = {node: int(nodes[node]["Resources"]["CPU"]) for node, answer in answers.items() if answer != "input"}
+        raise FolderUnseen(message, readers) if folder is not None and readers else ConfigError(message)
     # The driver's node when its tasks see the folder (as they do unless the driver runs apart from its node's
     # workers), else the node that sees it with the most CPUs.
     target = here if here in seen else max(sorted(seen), key=lambda n: nodes[n]["Resources"]["CPU"])
@@ -79,8 +89,9 @@ def place_tasks(folder: Path | None, inputs: Sequence[str] = ()) -> Placement:
                      blind)
 
 
-def _nodes_that_see(folder: Path | None, inputs: Sequence[str], nodes: dict[str, Any]) -> set[str]:
-    """The nodes among `nodes` whose zero-CPU task passes `_answer` (and whose reply the driver reads back)."""
+def _answers(folder: Path | None, inputs: Sequence[str], nodes: dict[str, Any]) -> dict[str, str]:
+    """`_answer` of each node in `nodes` ("folder" also where the driver does not read its reply back; "input" for
+    a node that did not answer in time)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -95,14 +106,15 @@ def _nodes_that_see(folder: Path | None, inputs: Sequence[str], nodes: dict[str,
         ready, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT)
         for ref in late:  # only these: cancelling a finished task can crash this Ray's driver (seen in a test)
             ray.cancel(ref, force=True)
-        seen = {node for node, ref in refs.items() if ref in ready and ray.get(ref)}
+        answers = {node: ray.get(ref) if ref in ready else "input" for node, ref in refs.items()}
         if probe is not None:  # the driver reads each reply: the node's writes reach the driver too
-            seen = {node for node in seen if _read(probe.with_name(f"{probe.name}.{node}")) == token}
+            answers = {node: "folder" if answer == "ok" and _read(probe.with_name(f"{probe.name}.{node}")) != token
+                       else answer for node, answer in answers.items()}
     finally:
         if probe is not None:
             for path in probe.parent.glob(f"{probe.name}*"):
                 path.unlink(missing_ok=True)
-    return seen
+    return answers
 
 
 def _read(path: Path) -> str | None:
