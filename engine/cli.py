@@ -534,8 +534,8 @@ def prepare(config: ConfigArg = None, set_: SetOpt = None,
 
     _quiet_env(verbose)
     cfg = load_config(config, set_)
+    check_prepare_output(cfg.data, out, overwrite=overwrite)  # first: a refusal need not read the input
     open_source(cfg.data)  # file and column checks before Ray starts
-    check_prepare_output(cfg.data, out, overwrite=overwrite)
     _runtime(cfg, verbose)
     manifest = prepare_source(cfg.data, out, config_hash=cfg.hash(), overwrite=overwrite)
     typer.echo(f"{out}: {manifest['rows']} rows in {len(manifest['files'])} shard(s)")
