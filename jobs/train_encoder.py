@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.overrides)
         location = run_dir_for(cfg, args.out)
+        output = check_output(cfg, location, overwrite=args.overwrite, resume_command=None)  # first: no torch import
         open_input(cfg)  # file, column and k checks before Ray starts
-        output = check_output(cfg, location, overwrite=args.overwrite, resume_command=None)
         # [1] Inside `ray job submit`, RAY_ADDRESS is set: init_ray joins that cluster, not a new one.
         res = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus)
         # [2] Ray Train's workers run on the cluster's nodes: the run directory must be one they all see.

@@ -143,9 +143,9 @@ def run_federated(cfg: PipelineConfig, out: str | Path | None = None, *, progres
     run_dir = run_dir_for(cfg, out)
     started = time.perf_counter()
     deployed = f.backend == "flower" and f.flower.address is not None
+    output = check_output(cfg, run_dir, overwrite=overwrite, resume_command=None)  # first: no partition read to refuse
     built = FederatedPartitions({}, {}) if deployed else build_partitions(cfg)
     init = _init(cfg, built)
-    output = check_output(cfg, run_dir, overwrite=overwrite, resume_command=None)
     if deployed and grid is None:
         return _submit(cfg, run_dir, overwrite, progress)
     compare = built.pooled is not None if f.compare_centralised == "auto" else f.compare_centralised

@@ -348,27 +348,35 @@ def progress_queue(callback: Callable[[dict[str, Any]], None] | None) -> Iterato
         return
     # No CPU: the driver's node may have none (a head without CPUs), and the actor only passes a record an epoch.
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    queue, stop = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node}), threading.Event()
-    poller = threading.Thread(target=_drain, args=(queue, callback, stop), daemon=True)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": driver_node})
+    poller = threading.Thread(target=_drain, args=(queue, callback), daemon=True)
     poller.start()
     try:
         yield queue
     finally:
-        stop.set()
+        # The end mark wakes the poller at once (a stop flag waited for its pending get to time out, up to 0.5 s a
+        # run); it ends after the records put before it, in their order.
+        with contextlib.suppress(Exception):  # the queue actor may be gone with its node
+            queue.put(_END)
         poller.join(timeout=5)
         _drain_now(queue, callback)
         queue.shutdown()
 
 
-def _drain(queue, on_epoch, stop: threading.Event) -> None:
+_END = None  # the progress queue's end mark; records are dicts
+
+
+def _drain(queue, on_epoch) -> None:
     from ray.util.queue import Empty
 
-    while not stop.is_set():
+    while True:
         try:
-            item = queue.get(timeout=0.5)
+            item = queue.get(timeout=5)
         except Empty:
             continue
         except Exception:  # the queue actor is gone: training ended
+            return
+        if item is _END:
             return
         on_epoch(item)
 
@@ -376,6 +384,8 @@ def _drain(queue, on_epoch, stop: threading.Event) -> None:
 def _drain_now(queue, on_epoch) -> None:
     try:
         while not queue.empty():
-            on_epoch(queue.get_nowait())
+            item = queue.get_nowait()
+            if item is not _END:
+                on_epoch(item)
     except Exception:  # noqa: BLE001 - the queue actor may already be gone; progress is best effort
         log.debug("progress queue closed", exc_info=True)
