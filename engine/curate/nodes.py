@@ -28,8 +28,8 @@ class FolderUnseen(ConfigError):
 @dataclass(frozen=True)
 class Placement:
     """`strategy`: a Ray scheduling strategy for the tasks (None: Ray's default, on one node); `cpus`: the CPUs
-    they may use; `pinned`: the nodes that cannot see the folder, when the tasks are kept on the driver's node
-    because of them."""
+    they may use; `pinned`: the nodes that cannot see the folder or the inputs, when the tasks are kept on one
+    node that can because of them."""
 
     strategy: Any
     cpus: int
@@ -64,7 +64,7 @@ def place_tasks(folder: Path | None, inputs: Sequence[str] = ()) -> Placement:
     here = ray.get_runtime_context().get_node_id()
     nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= 1}
     cpus = int(sum(n["Resources"]["CPU"] for n in nodes.values()))
-    if len(nodes) <= 1:
+    if set(nodes) <= {here}:  # the driver's node alone (a head with no CPU and one worker is checked too)
         return Placement(None, max(1, cpus))
     answers = {node: "ok" for node in nodes}
     if folder is not None or inputs:
