@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ from engine.curate.source import open_embeddings, validate
 from engine.errors import ConfigError, DataError
 
 STAGE = "dedup"
+# Set in the task a run moved into (`_relocated`): it stays there.
+_MOVED: ContextVar[bool] = ContextVar("dce_dedup_moved", default=False)
 DEFAULT_SUMMARY_EPS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 # Vectors of one cluster group a task holds in memory; a larger group is memory-mapped and read in blocks.
 DEFAULT_MEMORY_BYTES = 256 << 20
@@ -109,20 +112,7 @@ def dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, ep
     `state_dir`; a driver on a node without CPUs), this whole function runs from a task on a node that sees the
     input instead, its progress passed back. Ray must be running (the CLI starts it after its checks).
     """
-    settings = {name: value for name, value in locals().items() if name != "on_progress"}
-    return _dedup(**settings, on_progress=on_progress)
-
-
-def _dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, eps: float = 0.05,
-          k: int | None = None, keep: str = "hard", seed: int = 0, column: str = "z", id_column: str = "id",
-          summary_eps: Sequence[float] = DEFAULT_SUMMARY_EPS, sample_size: int | None = None,
-          probes: int = DEFAULT_PROBES,
-          max_iter: int = 25, block: int = BLOCK, memory_bytes: int = DEFAULT_MEMORY_BYTES,
-          flush_rows: int = FLUSH_ROWS, overwrite: bool = False, state_dir: str | os.PathLike[str] | None = None,
-          on_progress: Callable[[str, dict[str, Any]], None] | None = None,
-          relocatable: bool = True) -> dict[str, Any]:
-    """`dedup`; `relocatable`: whether it may move to a task on another node (not when it already has)."""
-    settings = {name: value for name, value in locals().items() if name not in ("on_progress", "relocatable")}
+    settings = {name: value for name, value in locals().items() if name != "on_progress"}  # for `_relocated`
     import ray
     summary_eps = sorted({*map(float, summary_eps), float(eps)})
     check_settings(eps, k, keep, summary_eps, block, sample_size, probes)
@@ -154,7 +144,7 @@ def _dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, e
     except FolderUnseen as e:
         if fresh:
             drop_state(state)
-        if not (relocatable and state_dir is None and not storage.is_local(out)):
+        if _MOVED.get() or state_dir is not None or storage.is_local(out):
             raise
         # No node sees the driver's temp folder: the run moves to the node that sees the input with the most CPUs,
         # its state in that node's temp folder (a rerun moves to the same node, and resumes there).
@@ -249,7 +239,7 @@ def _dedup(embeddings: str | os.PathLike[str], out: str | os.PathLike[str], *, e
 
 def _relocated(node: str, settings: dict[str, Any],
                on_progress: Callable[[str, dict[str, Any]], None] | None) -> dict[str, Any]:
-    """`_dedup(**settings)` in a task on `node` (no CPU of its own: its tasks take them), its progress passed back
+    """`dedup(**settings)` in a task on `node` (no CPU of its own: its tasks take them), its progress passed back
     through a queue; interrupted or failed, the task is stopped."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -268,7 +258,11 @@ def _relocated(node: str, settings: dict[str, Any],
 
 def _dedup_task(settings: dict[str, Any], queue: Any) -> dict[str, Any]:
     notify = None if queue is None else (lambda stage, info: queue.put_nowait((stage, info)))
-    return _dedup(**settings, on_progress=notify, relocatable=False)
+    moved = _MOVED.set(True)  # it does not move again
+    try:
+        return dedup(**settings, on_progress=notify)
+    finally:
+        _MOVED.reset(moved)
 
 
 def _run_groups(groups: list[list[int]], ranges: list[list[tuple[str, int, int]]], centroids: np.ndarray,
