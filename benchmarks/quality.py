@@ -221,7 +221,7 @@ def main() -> None:
         if base is None:
             trained.setdefault(key, (out, name, stage_seconds["train"]))
         line = {"bench": "quality", "data": dataset, "impl": _steps(cfg), "config": label, "seed": seed,
-                "epochs": cfg.train.epochs, "workers": cfg.train.num_workers,
+                "epochs": _epochs(out, cfg), "workers": cfg.train.num_workers,
                 # A shared pretraining counts in full against every method that uses it.
                 "seconds": seconds + (base[2] if base else 0.0), "pretrained_by": base[1] if base else None,
                 "stage_seconds": stage_seconds, **{k: metrics[k] for k in ("acc", "nmi", "ari")},
@@ -234,6 +234,14 @@ def main() -> None:
     if args.record:
         for dataset, lines in rows.items():
             _record(dataset, lines, args)
+
+
+def _epochs(out: Path, cfg) -> int:
+    """The epochs the run's model trained (its train manifest: what `train.steps` came to over these rows)."""
+    try:
+        return int(json.loads((out / "model" / "_manifest.json").read_text())["epochs"])
+    except (OSError, ValueError, KeyError):
+        return cfg.train.epochs
 
 
 def _finished_run(out: Path, cfg) -> tuple[float, dict, dict] | None:

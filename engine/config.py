@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -185,7 +186,7 @@ class AugmentConfig(_Section):
     they are."""
 
     rotation: float = Field(default=0.0, ge=0.0, le=180.0)
-    """Largest rotation, in degrees either way (DEC-DA: 10; 20 on MNIST here)."""
+    """Largest rotation, in degrees either way (DEC-DA: 10, as the MNIST recipes)."""
     shift: float = Field(default=0.0, ge=0.0, lt=0.5)
     """Largest move in each direction, as a fraction of the image's width and height (0.075: 2 pixels of 28)."""
 
@@ -196,7 +197,14 @@ class AugmentConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(default=50, ge=1)
-    """Passes over the training data."""
+    """Passes over the training data; not used while `steps` is set (an override of train.epochs on the command
+    line clears a recipe's steps)."""
+    steps: int | None = Field(default=None, ge=1)
+    """Optimizer steps in all, whatever the number of rows: the train stage then runs ceil(steps / batches per
+    epoch) epochs, a batch per step (ceil(rows / batch_size) batches an epoch), so a recipe trains a small data set
+    as much as a large one (DEC and IDEC pretrain for a number of iterations, not epochs). With 10,000 MNIST
+    digits, 40 epochs (1,600 steps) gave ACC 0.82 and 280 epochs (11,200 steps, about what 40 epochs of all 70,000
+    are) 0.977 (benchmarks/RESULTS.md). Not with model.name vade, whose phases are counted in epochs."""
     batch_size: int = Field(default=256, ge=1)
     """Global batch: split evenly over the workers."""
     lr: float = Field(default=1e-3, gt=0)
@@ -227,6 +235,13 @@ class TrainConfig(_Section):
     AVX512-BF16 or AMX, and on Ampere or newer GPUs); weights, losses and embeddings stay float32. A CPU
     without native bfloat16 (autocast there is ~8x slower than float32) trains in fp32, with a warning."""
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    def epochs_for(self, rows: int) -> int:
+        """The epochs the train stage runs over `rows` rows: `epochs`, or with `steps` set, enough epochs of
+        ceil(rows / batch_size) batches for that many optimizer steps (the last epoch is not cut short)."""
+        if self.steps is None:
+            return self.epochs
+        return max(1, math.ceil(self.steps / max(1, math.ceil(rows / self.batch_size))))
 
 
 class RefineConfig(_Section):
@@ -288,10 +303,17 @@ class UmapConfig(_Section):
     """Any metric umap-learn accepts, by name."""
     n_init: int = Field(default=1, ge=1)
     """Layouts to try: UMAP's optimisation from seeds seed, seed+1, ... over one k-nearest-neighbour graph, each
-    clustered by cluster.method; the partition with the most even cluster sizes (the highest entropy of its size
-    distribution) is kept. A prior that the clusters are of similar size (digits, MNIST): UMAP + a mixture fails
-    by merging two classes while splitting another, which makes the sizes uneven. kmeans, gmm and agglomerative
-    only (the density-based methods choose their own number of clusters). 1 runs one layout."""
+    clustered by cluster.method; one partition is kept, by `select`. kmeans, gmm and agglomerative only (the
+    density-based methods choose their own number of clusters). 1 runs one layout."""
+    select: Literal["even", "consensus"] = "even"
+    """Which of the n_init partitions is kept. even: the one with the most even cluster sizes (the highest entropy
+    of its size distribution), a prior that the clusters are not far from equal in size; UMAP + a mixture
+    typically fails by merging two classes while splitting another, which makes the sizes uneven. Of 4 layouts it
+    kept the best on 11 of 11 sets of digits and MNIST-test codes, and on 5 of 6 with their classes drawn in
+    USPS's proportions (the largest 2.2x the smallest; benchmarks/RESULTS.md). consensus: the one that agrees best
+    with the others (the highest mean normalised mutual information to them, the member of the ensemble nearest
+    its consensus, Strehl & Ghosh 2002), which assumes nothing of the sizes: for classes of very different sizes,
+    where the most even partition is the wrong one."""
 
 
 class ClusterConfig(_Section):
@@ -630,6 +652,9 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _check_vade(self) -> PipelineConfig:
         m = self.model
+        if m.name == "vade" and self.train.steps is not None:
+            raise ValueError(f"train.steps={self.train.steps}: vade counts its pretraining and anchor phases in "
+                             f"epochs; set train.epochs instead")
         if m.name == "vade" and m.pretrain_epochs >= self.train.epochs:
             raise ValueError(f"model.pretrain_epochs={m.pretrain_epochs} should be < train.epochs={self.train.epochs}: "
                              f"vade trains its mixture prior in the epochs after the autoencoder's pretraining")
@@ -745,6 +770,9 @@ def config_from_dict(
     data = copy.deepcopy(raw)
     for item in overrides or []:
         apply_override(data, item)
+    keys = [item.partition("=")[0].strip() for item in overrides or []]
+    if "train.epochs" in keys and "train.steps" not in keys and isinstance(data.get("train"), dict):
+        data["train"]["steps"] = None  # epochs given on the command line replace a recipe's schedule in steps
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:

@@ -185,8 +185,13 @@ def train_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress,
         from engine.models.dec import check_base
 
         check_base(cfg.model.base)
+    train = cfg.train
+    if train.steps is not None:  # the schedule in optimizer steps: as many epochs of these rows as that takes
+        train = train.model_copy(update={"epochs": train.epochs_for(info.n_rows), "steps": None})
+        progress.info(f"train.steps={cfg.train.steps}: {train.epochs} epochs of {info.n_rows} rows in batches of "
+                      f"{train.batch_size}")
     if hasattr(progress, "set_epochs"):
-        progress.set_epochs(cfg.train.epochs)
+        progress.set_epochs(train.epochs)
 
     def epoch_done(record: dict[str, Any]) -> None:
         progress.epoch(record)
@@ -196,7 +201,7 @@ def train_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress,
     with progress.stage("train", f"{model['name']}, {cfg.train.num_workers} worker(s)"
                         + (" on GPU" if gpu else "")):
         train_encoder(ds.select_columns([X]), in_dim=info.dim, shift=info.shift, scale=info.scale,
-                      model=model, train=cfg.train, seed=cfg.seed, run_dir=run_dir,
+                      model=model, train=train, seed=cfg.seed, run_dir=run_dir,
                       config_hash=cfg.hash(), image_shape=info.image_shape, use_gpu=gpu, resume=resume,
                       on_epoch=epoch_done, train_storage=run.train_storage)
     manifest = read_manifest(run_dir / "model", stage="train")
@@ -460,8 +465,11 @@ def _cluster_in_memory(cfg: PipelineConfig, run: RunDir, progress: Progress, row
             (centroids, inertia, info), placed = labels_in_memory(*args), _in_driver(gpu)
         if "layouts" in info.get("umap", {}):
             u = info["umap"]
-            progress.info(f"kept UMAP layout {u['kept'] + 1} of {len(u['layouts'])}, the most even in cluster sizes "
-                          f"(size entropy {u['layouts'][u['kept']]['size_entropy']:.4f})")
+            kept = u["layouts"][u["kept"]]
+            why = (f"the one agreeing best with the others (mean NMI {kept['agreement']:.4f})"
+                   if u["select"] == "consensus" else
+                   f"the most even in cluster sizes (size entropy {kept['size_entropy']:.4f})")
+            progress.info(f"kept UMAP layout {u['kept'] + 1} of {len(u['layouts'])}, {why}")
         progress.info(f"{info['n_clusters']} clusters, {info['n_noise']} noise row(s), inertia {inertia:.6g}")
         storage.write_npy(run_dir / "centroids.npy", centroids)
         summary = {"method": c.method, "manifold": c.manifold, "k": c.k, "inertia": inertia, **info}

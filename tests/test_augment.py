@@ -130,7 +130,10 @@ def test_ray_train_with_augmented_images_in_bf16(digits_run):
     loss; what the transform does is tested above, without Ray."""
     cfg = yaml.safe_load((digits_run / "config.yaml").read_text())
     assert cfg["train"]["augment"] == {"rotation": 20.0, "shift": 0.1} and cfg["train"]["precision"] == "bf16"
-    assert read_manifest(digits_run / "model", stage="train")["num_workers"] == 2
+    manifest = read_manifest(digits_run / "model", stage="train")
+    assert manifest["num_workers"] == 2
+    # train.steps=35 in batches of 128: 15 batches an epoch over the 1,797 rows, so 3 epochs (the third complete).
+    assert cfg["train"]["steps"] == 35 and manifest["epochs"] == 3
     state = load_checkpoint(digits_run / "model")
     history = state["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]

@@ -122,6 +122,7 @@ def test_cluster_means_are_the_mean_rows():
         ({"method": "hdbscan", "manifold": "umap", "umap": {"n_init": 3}},
          r"cluster.umap.n_init=3 needs a method with k clusters .*cluster.method=hdbscan chooses its own number"),
         ({"umap": {"n_init": 0}}, r"'cluster.umap.n_init': Input should be greater than or equal to 1"),
+        ({"umap": {"select": "best"}}, r"'cluster.umap.select': Input should be 'even' or 'consensus'"),
     ],
 )
 def test_bad_cluster_settings_name_the_key(cluster, message):
@@ -189,6 +190,7 @@ def test_umap_layouts_keep_the_most_even_partition():
     x = x.astype(np.float32)
     cfg = ClusterConfig(k=3, method="kmeans", n_init=1, manifold="umap",
                         umap={"n_components": 2, "n_neighbors": 15, "n_init": 4})
+    assert cfg.umap.select == "even"  # the default
     labels, info = fit_labels(x, cfg, seed=7)
     layouts = info["umap"]["layouts"]
     assert [layout["seed"] for layout in layouts] == [7, 8, 9, 10]
@@ -203,6 +205,39 @@ def test_umap_layouts_keep_the_most_even_partition():
                           cfg.model_copy(update={"manifold": "none"}), seed=7)
     np.testing.assert_array_equal(labels, alone)
     assert info["n_clusters"] == 3
+
+
+def test_consensus_scores_by_hand():
+    from engine.cluster._in_memory import consensus_scores
+
+    a, b = np.array([0, 0, 1, 1, 2, 2]), np.array([1, 1, 0, 0, 2, 2])  # b is a relabelled
+    c = np.array([0, 0, 0, 0, 1, 1])  # merges a's first two clusters
+    h_c = -(2 / 3) * np.log(2 / 3) - (1 / 3) * np.log(1 / 3)  # c is a function of a: I(a; c) = H(c)
+    nmi_ac = h_c / ((np.log(3) + h_c) / 2)
+    assert consensus_scores([a, b, c]) == pytest.approx([(1 + nmi_ac) / 2, (1 + nmi_ac) / 2, nmi_ac])
+    assert consensus_scores([c]) == [1.0]
+
+
+@pytest.mark.skipif(not HAS_UMAP, reason="umap-learn is not installed (pip install -e '.[umap]')")
+def test_umap_layouts_keep_the_partition_the_others_agree_with():
+    """Eight blobs of uneven size (240, 120 and six of 40 rows) into k=8, k-means with one start on each layout: the
+    first layout's k-means splits the large blob and merges two small ones, which makes its sizes more even than
+    the truth's; the other three find the blobs. The consensus keeps one of those, the size prior the wrong one."""
+    x, y = make_blobs(n_samples=[240, 120, 40, 40, 40, 40, 40, 40], n_features=5, cluster_std=1.0,
+                      center_box=(-10, 10), random_state=5)
+    x = x.astype(np.float32)
+    cfg = ClusterConfig(k=8, method="kmeans", n_init=1, manifold="umap",
+                        umap={"n_components": 2, "n_neighbors": 15, "n_init": 4, "select": "consensus"})
+    labels, info = fit_labels(x, cfg, seed=5)
+    layouts = info["umap"]["layouts"]
+    agreement = [layout["agreement"] for layout in layouts]
+    entropies = [layout["size_entropy"] for layout in layouts]
+    assert info["umap"]["kept"] == int(np.argmax(agreement)) == 1
+    assert int(np.argmax(entropies)) == 0 and agreement[0] < min(agreement[1:])
+    assert adjusted_rand_score(y, labels) == pytest.approx(1.0)
+    even, info = fit_labels(x, cfg.model_copy(update={"umap": cfg.umap.model_copy(update={"select": "even"})}), seed=5)
+    # The size prior keeps the wrong partition here: the reason consensus exists.
+    assert info["umap"]["kept"] == 0 and adjusted_rand_score(y, even) < 0.95
 
 
 UMAP_IN_A_FRESH_PROCESS = """

@@ -74,11 +74,33 @@ def test_hash_ignores_settings_left_at_their_defaults_so_an_added_setting_keeps_
         ({"data": {"source": "blobs", "n_sample": 5}}, r"unknown key 'data.n_sample'"),
         ({"data": {"source": "blobs", "n_samples": 5}}, r"cluster.k=10 should be <= data.n_samples=5"),
         ({"name": "a b"}, r"'name'"),
+        ({"train": {"steps": 0}}, r"'train.steps': Input should be greater than or equal to 1"),
+        ({"model": {"name": "vade"}, "train": {"steps": 100}}, r"train.steps=100: vade counts its .* in epochs"),
     ],
 )
 def test_bad_settings_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
+
+
+def test_train_steps_become_epochs_over_the_rows():
+    from engine.config import TrainConfig
+
+    assert TrainConfig(steps=35, batch_size=128).epochs_for(1797) == 3  # 15 batches an epoch: 45 steps, not 30
+    assert TrainConfig(steps=30, batch_size=128).epochs_for(1797) == 2
+    assert TrainConfig(steps=11_000, batch_size=256).epochs_for(70_000) == 41  # 274 batches an epoch
+    assert TrainConfig(steps=11_000, batch_size=256).epochs_for(10_000) == 275
+    assert TrainConfig(steps=5, batch_size=256).epochs_for(100_000) == 1  # at least one whole epoch
+    assert TrainConfig(epochs=7).epochs_for(10) == 7  # no steps: the epochs as set
+    # steps decide over a recipe's epochs (digits.yaml sets 50); epochs given as an override clear a recipe's steps.
+    assert load_config(None, ["train.steps=500"]).train.epochs_for(1797) == 18
+    recipe = {"train": {"steps": 500, "batch_size": 64}}
+    assert config_from_dict(recipe).train.epochs_for(1797) == 18
+    assert config_from_dict(recipe, ["train.epochs=4"]).train.epochs_for(1797) == 4
+    assert config_from_dict(recipe, ["train.epochs=4", "train.steps=60"]).train.epochs_for(1797) == 3
+    # The resolved config a run saves (both keys) reads back to the same schedule.
+    cfg = config_from_dict(recipe)
+    assert config_from_dict(yaml.safe_load(cfg.to_yaml())).train.epochs_for(1797) == 18
 
 
 def test_bad_files_and_overrides(tmp_path):

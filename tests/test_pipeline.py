@@ -320,7 +320,7 @@ def test_default_dce_run_quality_and_time(ray_local, tmp_path):
     # Four layouts, the most even in cluster sizes kept, and said so.
     entropies = [layout["size_entropy"] for layout in summary["umap"]["layouts"]]
     assert len(entropies) == 4 and entropies[summary["umap"]["kept"]] == max(entropies)
-    assert f"kept UMAP layout {summary['umap']['kept'] + 1} of 4" in proc.stderr
+    assert f"kept UMAP layout {summary['umap']['kept'] + 1} of 4, the most even" in proc.stderr
     assert summary["inertia"] == pytest.approx(metrics["inertia"]) and summary["inertia"] > 0
     assert metrics["noise_fraction"] == 0.0
     table = read_table(run_dir / "assignments", stage="assign")

@@ -84,34 +84,52 @@ def size_entropy(labels: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def consensus_scores(partitions: list[np.ndarray]) -> list[float]:
+    """Each partition's mean normalised mutual information (arithmetic normalisation) to the other partitions of
+    the same rows: the member of a cluster ensemble with the highest score is the one nearest the ensemble's
+    consensus (Strehl & Ghosh 2002). Noise (-1) counts as one more cluster. One partition scores 1."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    m = len(partitions)
+    if m == 1:
+        return [1.0]
+    pair = np.zeros((m, m))
+    for i in range(m):
+        for j in range(i + 1, m):
+            pair[i, j] = pair[j, i] = normalized_mutual_info_score(partitions[i], partitions[j])
+    return (pair.sum(axis=1) / (m - 1)).tolist()
+
+
 def _umap_then_fit(z: np.ndarray, cfg: ClusterConfig, fit, seed: int):
     """`fit` on UMAP layouts of z: one (seed), or cluster.umap.n_init (seeds seed, seed+1, ...) over one k-NN graph,
-    of which the layout whose clusters are the most even in size is kept (ties: the earliest). Returns its labels
-    and method facts, the UMAP facts (with every layout's size entropy when there are several) and the seconds
-    spent in `fit`."""
+    of which one partition is kept by cluster.umap.select (ties: the earliest): the one agreeing best with the
+    others (consensus) or the most even in cluster sizes (even). Returns its labels and method facts, the UMAP
+    facts (with every layout's scores when there are several) and the seconds spent in `fit`."""
     from engine.cluster._manifold import umap_knn, umap_reduce
 
     u = cfg.umap
     n_components = u.n_components or cfg.k
     started = time.perf_counter()
     knn = umap_knn(z, u, n_components, seed=seed) if u.n_init > 1 else None
-    layouts: list[dict[str, Any]] = []
-    kept, best, fit_seconds = 0, -np.inf, 0.0
+    fits: list[tuple[np.ndarray, dict[str, Any]]] = []
+    fit_seconds = 0.0
     for i in range(u.n_init):
         x = umap_reduce(z, u, n_components, seed=seed + i, knn=knn)
         fit_started = time.perf_counter()
         raw, method_info = fit(x, cfg, seed)
         fit_seconds += time.perf_counter() - fit_started
-        labels = _compact(raw)
-        entropy = size_entropy(labels)
-        layouts.append({"seed": seed + i, "size_entropy": entropy})
-        if entropy > best:
-            kept, best, kept_labels, kept_info = i, entropy, labels, method_info
+        fits.append((_compact(raw), method_info))
     info = {**u.model_dump(), "n_components": n_components}
+    kept = 0
     if u.n_init > 1:
-        info.update(layouts=layouts, kept=kept)
+        entropies = [size_entropy(labels) for labels, _ in fits]
+        agreement = consensus_scores([labels for labels, _ in fits])
+        scores = agreement if u.select == "consensus" else entropies
+        kept = int(np.argmax(scores))  # the first of equal scores
+        info.update(layouts=[{"seed": seed + i, "size_entropy": e, "agreement": a}
+                             for i, (e, a) in enumerate(zip(entropies, agreement, strict=True))], kept=kept)
     info["seconds"] = round(time.perf_counter() - started - fit_seconds, 3)
-    return kept_labels, kept_info, info, fit_seconds
+    return fits[kept][0], fits[kept][1], info, fit_seconds
 
 
 def cluster_means(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
