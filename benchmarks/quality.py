@@ -240,9 +240,12 @@ def main() -> None:
 
 def _epochs(out: Path, cfg) -> int:
     """The epochs the run's model trained (its train manifest: what `train.steps` came to over these rows)."""
+    from engine.data import read_manifest
+    from engine.errors import EngineError
+
     try:
-        return int(json.loads((out / "model" / "_manifest.json").read_text())["epochs"])
-    except (OSError, ValueError, KeyError):
+        return int(read_manifest(out / "model", stage="train")["epochs"])
+    except (EngineError, KeyError):
         return cfg.train.epochs
 
 

@@ -243,6 +243,12 @@ class TrainConfig(_Section):
             return self.epochs
         return max(1, math.ceil(self.steps / max(1, math.ceil(rows / self.batch_size))))
 
+    def for_rows(self, rows: int) -> TrainConfig:
+        """This config with `steps` turned into `epochs` over `rows` rows (itself when it counts epochs)."""
+        if self.steps is None:
+            return self
+        return self.model_copy(update={"epochs": self.epochs_for(rows), "steps": None})
+
 
 class RefineConfig(_Section):
     """DEC / IDEC refinement (model.name dec or idec), on train.num_workers workers. The centres start from

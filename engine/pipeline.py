@@ -185,9 +185,8 @@ def train_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress,
         from engine.models.dec import check_base
 
         check_base(cfg.model.base)
-    train = cfg.train
-    if train.steps is not None:  # the schedule in optimizer steps: as many epochs of these rows as that takes
-        train = train.model_copy(update={"epochs": train.epochs_for(info.n_rows), "steps": None})
+    train = cfg.train.for_rows(info.n_rows)  # a schedule in optimizer steps: as many epochs as that takes
+    if cfg.train.steps is not None:
         progress.info(f"train.steps={cfg.train.steps}: {train.epochs} epochs of {info.n_rows} rows in batches of "
                       f"{train.batch_size}")
     if hasattr(progress, "set_epochs"):

@@ -162,8 +162,8 @@ def train_encoder(ds, *, in_dim: int, shift: np.ndarray, scale: np.ndarray, mode
 
     shape = list(image_shape) if image_shape else None
     augment = augment_options(train.augment, shape)
-    if getattr(train, "steps", None) is not None:  # a schedule in optimizer steps: its epochs over these rows
-        train = train.model_copy(update={"epochs": train.epochs_for(ds.count()), "steps": None})
+    if getattr(train, "steps", None) is not None:  # a caller other than train_stage, with steps left to resolve
+        train = train.for_rows(ds.count())
     # Bad model settings fail here, before any worker starts.
     build_args = build_model(in_dim=in_dim, image_shape=shape, **model).build_args
     run_dir = Path(run_dir).resolve()
