@@ -16,7 +16,10 @@ what the method costs alone. --no-share trains each config anew.
 raw rows rounded to float16 and back; 1% of the rows, a seeded draw, left out) written as .npy beside the runs, so
 that a recipe's accuracy on slightly different input can be compared with its own:
 
-    python benchmarks/quality.py --configs digits --seeds 3 --perturb float16 --perturb drop1 --record
+    python benchmarks/quality.py --configs digits --seeds 3 --perturb drop1 --record
+
+float16 is skipped, with a line on stderr, for an input whose every raw value float16 holds exactly (integer pixels:
+the digits, MNIST): the perturbed input would be the input itself.
 
 --variant invert|rescale16|rotate90|heldout (repeatable) runs every config and seed, unchanged but for its data
 source, on a data set made from its input (see VARIANTS), with its own table and its own k-means on the pixels:
@@ -81,6 +84,10 @@ PERTURBATIONS = ("float16", "drop1")
 VARIANTS = ("invert", "rescale16", "rotate90", "heldout")
 
 
+class SameInput(ValueError):
+    """The perturbation would leave the input as it is."""
+
+
 def perturbed_input(cfg, kind: str, folder: Path, seed: int = 0) -> list[str]:
     """`--set` overrides that make `cfg` read a perturbed copy (PERTURBATIONS) or a variant (VARIANTS) of its input,
     written to `folder` as .npy: `float16` rounds the raw rows to float16 and back, `drop1` leaves out 1% of the rows
@@ -92,7 +99,11 @@ def perturbed_input(cfg, kind: str, folder: Path, seed: int = 0) -> list[str]:
     shape = open_source(cfg.data).image_shape
     extra: list[str] = []
     if kind == "float16":
-        x = x.astype(np.float16).astype(np.float32)
+        rounded = x.astype(np.float16).astype(np.float32)
+        if np.array_equal(rounded, x):
+            raise SameInput(f"--perturb float16 on {cfg.name}: float16 holds every raw value of its input exactly "
+                            "(integer pixels, say); the perturbed input would be the input itself")
+        x = rounded
     elif kind == "drop1":
         keep = np.sort(np.random.default_rng(seed).permutation(len(x))[: len(x) - len(x) // 100])
         x, y = x[keep], y[keep]
@@ -164,6 +175,7 @@ def main() -> None:
                 rows.setdefault(line["data"], []).append(line)
         for dataset, lines in rows.items():
             _record(dataset, lines, args)
+        _record_generalisation(rows, args)
         return
 
     from sklearn.cluster import KMeans as SKKMeans
@@ -187,8 +199,12 @@ def main() -> None:
         label = name if kind is None else f"{name} [{kind}]"
         if kind is not None:
             folder = runs_root / f"input-{Path(name).stem}-{kind}"
-            cfg = load_config(name, [*args.overrides, f"seed={seed}",
-                                     *perturbed_input(cfg, kind, folder)])
+            try:
+                cfg = load_config(name, [*args.overrides, f"seed={seed}", *perturbed_input(cfg, kind, folder)])
+            except SameInput as e:
+                if seed == 0:
+                    print(f"skipped: {e}", file=sys.stderr, flush=True)
+                continue
         source = load_config(name).data
         dataset = source.source if source.source != "idx" else Path(source.images[0]).parent.name
         if kind in VARIANTS:  # another data set: its own table and its own pixel peer
@@ -236,6 +252,7 @@ def main() -> None:
     if args.record:
         for dataset, lines in rows.items():
             _record(dataset, lines, args)
+        _record_generalisation(rows, args)
 
 
 def _epochs(out: Path, cfg) -> int:
@@ -268,6 +285,58 @@ def _finished_run(out: Path, cfg) -> tuple[float, dict, dict] | None:
     if not run.get("finished", 0) > run.get("started", 0) or saved.hash() != cfg.hash():
         return None
     return run["finished"] - run["started"], run["seconds"], metrics
+
+
+def generalisation_table(rows: dict[str, list[dict]]) -> tuple[list[str], list[list[str]]] | None:
+    """Issue 26 item 3's table from the result lines of every data set (`rows`: data set -> lines): one row per
+    recipe (its config, perturbations and variants together), one column per input it ran on (the data set, with
+    the perturbation after it), each cell the mean ACC (± std over the seeds, and how many), and the largest loss of
+    mean ACC, in points, from the recipe's own input to a perturbed or varied copy of it. None when no line ran on a
+    perturbed or varied input."""
+    cells: dict[str, dict[str, list[float]]] = {}
+    columns: dict[str, None] = {}
+    own: dict[str, str] = {}  # recipe -> the input it ran on as is
+    for dataset, lines in rows.items():
+        for line in lines:
+            recipe, _, kind = line["config"].partition(" [")  # "name [kind]"
+            recipe = "k-means on the pixels" if line["impl"] == "kmeans_pixels" else f"`{recipe}`"
+            # A perturbation keeps the data set's name (kind keeps its "]"); a variant is a data set of its own.
+            column = dataset + (f" [{kind}" if kind.removesuffix("]") in PERTURBATIONS else "")
+            if not kind and not any(dataset.endswith(f"-{v}") for v in VARIANTS):
+                own.setdefault(recipe, dataset)
+            columns[column] = None
+            cells.setdefault(recipe, {}).setdefault(column, []).append(float(line["acc"]))
+    if len(columns) == len(set(own.values())):
+        return None
+
+    def cell(accs: list[float] | None) -> str:
+        if not accs:
+            return "-"
+        return f"{np.mean(accs):.3f}" + (f" ± {np.std(accs):.3f} ({len(accs)})" if len(accs) > 1 else " (1)")
+
+    table = []
+    for recipe, by_column in cells.items():
+        base = by_column.get(own.get(recipe, ""))
+        made_from = {f"{own.get(recipe)} [{kind}]" for kind in PERTURBATIONS} | {
+            f"{own.get(recipe)}-{variant}" for variant in VARIANTS}
+        drops = [100 * (np.mean(base) - np.mean(accs)) for column, accs in by_column.items()
+                 if base and column in made_from]
+        table.append([recipe, *(cell(by_column.get(c)) for c in columns),
+                      f"{max(drops):+.1f}" if drops else "-"])
+    return ["recipe", *columns, "largest ACC loss (points)"], table
+
+
+def _record_generalisation(rows: dict[str, list[dict]], args) -> None:
+    made = generalisation_table(rows)
+    if made is None:
+        return
+    header, table = made
+    append_section("Generalisation of the recipes (`benchmarks/quality.py`, issue 26 item 3)", header, table,
+                   notes="Each recipe unchanged but for its input: its own data set, a perturbed copy ([float16], "
+                         "[drop1]) or a data set made from it (-invert, -rescale16, -rotate90, -heldout: see "
+                         "benchmarks/quality.py VARIANTS). Mean ACC ± std (seeds); the last column is the recipe's "
+                         "largest loss of mean ACC from its own input to another made from it (negative: a gain). "
+                         "Overrides: " + (" ".join(args.overrides) or "none") + ".")
 
 
 def _record(dataset: str, lines: list[dict], args) -> None:

@@ -21,9 +21,26 @@ def digits():
     return cfg, *quality._pixels(cfg)
 
 
+@pytest.fixture(scope="module")
+def thirds(tmp_path_factory):
+    """The digits' pixels divided by 3, as an npy source: values that float16 rounds."""
+    cfg, x, y = load_config("digits"), *quality._pixels(load_config("digits"))
+    folder = tmp_path_factory.mktemp("thirds")
+    np.save(folder / "x.npy", (x / 3).reshape(len(x), 8, 8))
+    np.save(folder / "y.npy", y)
+    cfg = load_config("digits", [f"data={{source: npy, path: {folder / 'x.npy'}, labels_path: {folder / 'y.npy'}}}"])
+    return cfg, *quality._pixels(cfg)
+
+
+def test_float16_of_integer_pixels_is_the_input_itself_and_refused(digits, tmp_path):
+    with pytest.raises(quality.SameInput, match="float16 holds every raw value"):
+        quality.perturbed_input(digits[0], "float16", tmp_path / "f16")
+    assert not (tmp_path / "f16").exists()
+
+
 @pytest.mark.parametrize("kind", quality.PERTURBATIONS + quality.VARIANTS)
-def test_every_variant_writes_a_data_set_the_config_reads(kind, digits, tmp_path):
-    cfg, x, y = digits
+def test_every_variant_writes_a_data_set_the_config_reads(kind, digits, thirds, tmp_path):
+    cfg, x, y = thirds if kind == "float16" else digits
     overrides = quality.perturbed_input(cfg, kind, tmp_path / kind, seed=3)
     new = load_config("digits", overrides)
     assert new.data.source == "npy"
@@ -43,5 +60,25 @@ def test_every_variant_writes_a_data_set_the_config_reads(kind, digits, tmp_path
         assert len(x2) == len(x) - len(x) // 100
     elif kind == "float16":
         np.testing.assert_array_equal(flat, x.astype(np.float16).astype(np.float32))
+        assert not np.array_equal(flat, x)
     if kind not in ("drop1", "heldout"):
         np.testing.assert_array_equal(y2, y)
+
+
+def test_generalisation_table_puts_each_recipe_on_every_input_beside_its_own():
+    def line(data, config, acc, seed, impl="mlp_ae + umap + gmm"):
+        return {"data": data, "config": config, "impl": impl, "acc": acc, "seed": seed}
+
+    rows = {
+        "digits": [line("digits", "scikit-learn", 0.70, 0, "kmeans_pixels"), line("digits", "digits", 0.90, 0),
+                   line("digits", "digits", 0.92, 1), line("digits", "digits [drop1]", 0.93, 0)],
+        "digits-invert": [line("digits-invert", "scikit-learn", 0.60, 0, "kmeans_pixels"),
+                          line("digits-invert", "digits [invert]", 0.80, 0),
+                          line("digits-invert", "digits [invert]", 0.82, 1)],
+    }
+    header, table = quality.generalisation_table(rows)
+    assert header == ["recipe", "digits", "digits [drop1]", "digits-invert", "largest ACC loss (points)"]
+    assert table == [["k-means on the pixels", "0.700 (1)", "-", "0.600 (1)", "+10.0"],
+                     ["`digits`", "0.910 ± 0.010 (2)", "0.930 (1)", "0.810 ± 0.010 (2)", "+10.0"]]
+    # Only the inputs as they are: no generalisation to show.
+    assert quality.generalisation_table({"digits": rows["digits"][:3]}) is None
