@@ -23,7 +23,7 @@ the digits, MNIST): the perturbed input would be the input itself.
 
 --variant invert|rescale16|rotate90|heldout (repeatable) runs every config and seed, unchanged but for its data
 source, on a data set made from its input (see VARIANTS), with its own table and its own k-means on the pixels:
-the evidence that a recipe is not tuned to one data set.
+the evidence that a recipe is not tuned to one data set. --no-own leaves out the runs on the input as it is.
 
     python benchmarks/quality.py --configs digits --seeds 3 --variant invert --variant heldout --record
 
@@ -164,6 +164,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], choices=VARIANTS,
                         help="also run every config and seed on a data set made from its input (repeatable): its "
                              "own table, with k-means on its pixels")
+    parser.add_argument("--no-own", action="store_true", help="with --perturb / --variant: run only those, not "
+                        "the input as it is (e.g. more seeds of a variant alone)")
     parser.add_argument("--replay", metavar="JSONL", help="record the result lines of an earlier run (its stdout) "
                                                          "instead of running anything")
     args = parser.parse_args()
@@ -192,7 +194,7 @@ def main() -> None:
     runs_root = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="dce-quality-"))
     runs_root.mkdir(parents=True, exist_ok=True)
     trained: dict[str, tuple[Path, str, float]] = {}  # train-stage key -> (run dir, config, train seconds)
-    kinds = [None, *args.perturb, *args.variant]
+    kinds = [*([] if args.no_own else [None]), *args.perturb, *args.variant]
     jobs = [(name, seed, kind) for name in args.configs for kind in kinds for seed in range(args.seeds)]
     for name, seed, kind in jobs:
         cfg = load_config(name, [*args.overrides, f"seed={seed}"])

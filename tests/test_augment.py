@@ -20,7 +20,7 @@ from engine.progress import epoch_terms
 from engine.report import history_terms
 from engine.tracking import _scalars
 from engine.train import load_checkpoint
-from engine.train.augment import affine, random_affine
+from engine.train.augment import affine, background, random_affine
 from engine.train.loop import mixed_precision, native_precision, run_epoch
 
 
@@ -72,9 +72,25 @@ def test_affine_never_leaves_the_input_range():
     y = random_affine(x, (28, 28), rotation=20, shift=0.075, generator=g)
     assert float(y.min()) == 0.0 and float(y.max()) == 255.0
     assert float((y * torch.tensor(1 / 255, dtype=torch.float32)).max()) <= 1.0
-    # Negative inputs keep their range too; what moves in from outside is 0, inside it.
+    # Negative inputs keep their range too; what moves in from outside is the background, inside it.
     z = random_affine(x - 300.0, (28, 28), rotation=20, shift=0.075, generator=g)
-    assert float(z.min()) >= -300.0 and float(z.max()) <= 0.0
+    assert float(z.min()) >= -300.0 and float(z.max()) <= -45.0
+
+
+def test_what_comes_in_from_outside_is_the_image_background():
+    # A dark bar on a white ground (MNIST inverted): a shift brings in white, not black.
+    x = 1.0 - _bar()
+    moved = affine(x, (9, 9), torch.zeros(1), torch.tensor([[0.0, 1 / 9]])).reshape(9, 9)
+    np.testing.assert_allclose(moved, torch.roll(x.reshape(9, 9), shifts=-1, dims=0), atol=1e-5)
+    assert float(moved[-1].min()) == pytest.approx(1.0)
+    # Every pixel of a plain image stays its value, whatever the turn and move; per image and per channel.
+    plain = torch.tensor([[3.0] * 49 + [7.0] * 49, [5.0] * 98])
+    out = random_affine(plain, (2, 7, 7), rotation=45, shift=0.3, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(out, plain, atol=1e-5)
+    # A stroke touching the edge does not make the background: the median of the ring.
+    touching = _bar()
+    touching[0, 4 * 9:5 * 9] = 1.0  # the bar runs through both side edges
+    np.testing.assert_allclose(background(touching.reshape(1, 1, 9, 9)).flatten(), [0.0])
 
 
 def test_mixed_precision_forward_gives_float32_and_close_losses():
