@@ -182,8 +182,8 @@ class ModelConfig(_Section):
 class AugmentConfig(_Section):
     """Random rotations and shifts of the training images (DEC-DA, Guo et al. 2018): the model sees, and an
     autoencoder reconstructs, a freshly transformed copy of every image in every epoch. Off while both are 0;
-    needs image rows (the digits and idx sources, npy of 3-D arrays). Embedding always encodes the images as
-    they are."""
+    needs image rows (the digits and idx sources, npy of 3-D arrays). What a turn or move brings in from outside an
+    image is its background (the median of its border pixels). Embedding always encodes the images as they are."""
 
     rotation: float = Field(default=0.0, ge=0.0, le=180.0)
     """Largest rotation, in degrees either way (DEC-DA: 10, as the MNIST recipes)."""
