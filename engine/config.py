@@ -29,16 +29,21 @@ class _Section(BaseModel):
 # ---- data sources ----------------------------------------------------------------------------------
 
 
+Normalize = Literal["none", "minmax", "standard", "max", "center"]
+
+
 class _SourceBase(_Section):
-    normalize: Literal["none", "minmax", "standard", "max"] = "none"
-    """How `x` is scaled before training: per-feature min-max, per-feature standardisation, or division
-    by the global maximum (images). Statistics are computed in one pass over the data."""
+    normalize: Normalize = "none"
+    """How `x` is scaled before training: per-feature min-max, per-feature standardisation, division by the
+    global maximum (images), or `center`: each feature less its mean, divided by the largest distance of any value
+    from its feature's mean (one number for all features: pixels keep their relative scale; an image set and its
+    inverse become the same rows up to sign). Statistics are computed in one pass over the data."""
     rows_per_shard: int = Field(default=50_000, ge=1)
 
 
 class DigitsSource(_SourceBase):
     source: Literal["digits"] = "digits"
-    normalize: Literal["none", "minmax", "standard", "max"] = "max"
+    normalize: Normalize = "max"
 
 
 class BlobsSource(_SourceBase):
@@ -72,7 +77,7 @@ class IdxSource(_SourceBase):
     images: list[str]
     """One or more idx image files (gzipped or not); they are concatenated in order."""
     labels: list[str] | None = None
-    normalize: Literal["none", "minmax", "standard", "max"] = "max"
+    normalize: Normalize = "max"
 
 
 DataConfig = Annotated[
@@ -668,8 +673,10 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _check_bce_inputs(self) -> PipelineConfig:
-        if self.model.name in ("vae", "vade") and self.model.recon_loss == "bce" and self.data.normalize == "standard":
-            raise ValueError("model.recon_loss='bce' needs inputs in [0, 1], but data.normalize='standard' centres "
+        if self.model.name in ("vae", "vade") and self.model.recon_loss == "bce" and self.data.normalize in (
+                "standard", "center"):
+            raise ValueError(f"model.recon_loss='bce' needs inputs in [0, 1], but data.normalize="
+                             f"'{self.data.normalize}' centres "
                              "them on 0; use data.normalize=minmax (or max on non-negative data), or "
                              "model.recon_loss=mse")
         return self

@@ -494,6 +494,7 @@ EXPECTED = {
     "max": ([0, 0, 0], [1 / 6, 1 / 6, 1 / 6]),  # largest |value| is 6
     "minmax": ([0, 2, -6], [1 / 4, 1, 1 / 10]),  # a constant column keeps scale 1
     "standard": ([2, 2, 0], [1 / np.sqrt(8 / 3), 1, 1 / np.sqrt(56 / 3)]),  # population std
+    "center": ([2, 2, 0], [1 / 6, 1 / 6, 1 / 6]),  # means; the farthest value from its mean: -6, 6 from 0
 }
 
 
@@ -503,6 +504,19 @@ def test_normalisation_by_hand(kind):
     assert shift.dtype == scale.dtype == np.float32
     np.testing.assert_allclose(shift, EXPECTED[kind][0], rtol=1e-6)
     np.testing.assert_allclose(scale, EXPECTED[kind][1], rtol=1e-6)
+
+
+def test_center_makes_an_image_set_and_its_inverse_the_same_rows_up_to_sign():
+    x = np.random.default_rng(0).integers(0, 256, size=(50, 16)).astype(np.float64)
+    x[:, :4] = 0  # an empty border, as MNIST's
+
+    def scaled(rows):
+        shift, scale = normalisation("center", n=len(rows), s=rows.sum(0), sq=(rows**2).sum(0), lo=rows.min(0),
+                                     hi=rows.max(0))
+        return (rows - shift) * scale
+
+    np.testing.assert_allclose(scaled(255 - x), -scaled(x), atol=1e-6)
+    assert np.abs(scaled(x)).max() == pytest.approx(1.0)
 
 
 def test_normalisation_unknown_kind():
@@ -520,7 +534,7 @@ def test_describe_digits(ray_local):
                               "image_shape": [8, 8], "source": "digits"}
 
 
-@pytest.mark.parametrize("kind", ["minmax", "standard"])
+@pytest.mark.parametrize("kind", ["minmax", "standard", "center"])
 def test_describe_adds_statistics_across_shards(ray_local, tmp_path, kind):
     np.save(tmp_path / "x.npy", TINY)
     src = open_source(data_cfg(source="npy", path=str(tmp_path / "x.npy"), rows_per_shard=1))

@@ -200,6 +200,10 @@ def test_vae_bad_input():
                                           r"data.normalize='standard' centres them on 0"):
         config_from_dict({"data": {"source": "digits", "normalize": "standard"},
                           "model": {"name": "vae", "recon_loss": "bce"}})
+    with pytest.raises(ConfigError, match=r"model.recon_loss='bce' needs inputs in \[0, 1\], but "
+                                          r"data.normalize='center' centres them on 0"):
+        config_from_dict({"data": {"source": "digits", "normalize": "center"},
+                          "model": {"name": "vae", "recon_loss": "bce"}})
     m = build_model("vae", in_dim=4, latent_dim=2, hidden=[4], recon_loss="bce")
     with pytest.raises(DataError, match=r"model.recon_loss='bce' needs inputs in \[0, 1\], but a batch spans "
                                         r"\[-1, 2\]; use data.normalize=minmax") as excinfo:

@@ -102,6 +102,10 @@ def normalisation(kind: str, *, n: int, s: np.ndarray, sq: np.ndarray, lo: np.nd
     if kind == "minmax":
         span = hi - lo
         return lo.astype(np.float32), np.where(span > 0, 1.0 / np.where(span > 0, span, 1), 1.0).astype(np.float32)
+    if kind == "center":
+        mean = s / n
+        reach = float(np.max(np.maximum(hi - mean, mean - lo), initial=0.0))
+        return mean.astype(np.float32), np.full(d, 1.0 / reach if reach > 0 else 1.0, np.float32)
     if kind == "standard":
         mean = s / n
         std = np.sqrt(np.maximum(sq / n - mean * mean, 0))
