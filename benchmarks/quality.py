@@ -175,9 +175,7 @@ def main() -> None:
             if text.startswith("{"):
                 line = json.loads(text)
                 rows.setdefault(line["data"], []).append(line)
-        for dataset, lines in rows.items():
-            _record(dataset, lines, args)
-        _record_generalisation(rows, args)
+        _record_all(rows, args)
         return
 
     from sklearn.cluster import KMeans as SKKMeans
@@ -252,9 +250,7 @@ def main() -> None:
     if not args.runs:
         shutil.rmtree(runs_root, ignore_errors=True)
     if args.record:
-        for dataset, lines in rows.items():
-            _record(dataset, lines, args)
-        _record_generalisation(rows, args)
+        _record_all(rows, args)
 
 
 def _epochs(out: Path, cfg) -> int:
@@ -328,7 +324,10 @@ def generalisation_table(rows: dict[str, list[dict]]) -> tuple[list[str], list[l
     return ["recipe", *columns, "largest ACC loss (points)"], table
 
 
-def _record_generalisation(rows: dict[str, list[dict]], args) -> None:
+def _record_all(rows: dict[str, list[dict]], args) -> None:
+    """One table per data set, then the generalisation table when there are perturbed or varied inputs."""
+    for dataset, lines in rows.items():
+        _record(dataset, lines, args)
     made = generalisation_table(rows)
     if made is None:
         return
