@@ -138,6 +138,12 @@ def perturbed_input(cfg, kind: str, folder: Path, seed: int = 0) -> list[str]:
             f"normalize: {cfg.data.normalize}}}", *extra]
 
 
+def dataset_name(data) -> str:
+    """A data section's name in the tables: its source, or for idx files the folder they are in (`mnist`); with a
+    `--set data...` override, the data set it reads then (a recipe run on another data set)."""
+    return data.source if data.source != "idx" else Path(data.images[0]).parent.name
+
+
 def _steps(cfg) -> str:
     """The method's name, as PUBLISHED_ACC knows it; trained on augmented images is said after it."""
     model = cfg.model.name
@@ -205,8 +211,7 @@ def main() -> None:
                 if seed == 0:
                     print(f"skipped: {e}", file=sys.stderr, flush=True)
                 continue
-        source = load_config(name).data
-        dataset = source.source if source.source != "idx" else Path(source.images[0]).parent.name
+        dataset = dataset_name(load_config(name, args.overrides).data)  # the input before any perturbation
         if kind in VARIANTS:  # another data set: its own table and its own pixel peer
             dataset = f"{dataset}-{kind}"
         peer_file = runs_root / f"kmeans_pixels-{dataset}-{seed}.json"

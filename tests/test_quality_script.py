@@ -82,3 +82,11 @@ def test_generalisation_table_puts_each_recipe_on_every_input_beside_its_own():
                      ["`digits`", "0.910 ± 0.010 (2)", "0.930 (1)", "0.810 ± 0.010 (2)", "+10.0"]]
     # Only the inputs as they are: no generalisation to show.
     assert quality.generalisation_table({"digits": rows["digits"][:3]}) is None
+
+
+def test_a_recipe_on_another_data_set_is_named_by_that_data_set():
+    assert quality.dataset_name(load_config("mnist_n2d").data) == "mnist"
+    assert quality.dataset_name(load_config("digits").data) == "digits"
+    # `--set data=...`: the MNIST recipe, unchanged but for its input, on the digits (a table of the digits).
+    other = load_config("mnist_n2d", ["data={source: digits, normalize: center}"])
+    assert other.train.steps == 11000 and quality.dataset_name(other.data) == "digits"
