@@ -38,6 +38,7 @@ times, the run it was pretrained by) instead of running it again, so a long tabl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -138,6 +139,15 @@ def perturbed_input(cfg, kind: str, folder: Path, seed: int = 0) -> list[str]:
             f"normalize: {cfg.data.normalize}}}", *extra]
 
 
+def input_folder(root: Path, cfg, kind: str) -> Path:
+    """Where `perturbed_input` writes `kind` of `cfg`'s input: one folder per raw input (the data section less its
+    normalisation, which the configs apply themselves) and kind, so that configs reading the same data, mnist_ae and
+    mnist_n2d say, read the same perturbed file and can share a train stage."""
+    raw = cfg.data.model_dump(mode="json", exclude={"normalize"})
+    digest = hashlib.blake2b(json.dumps(raw, sort_keys=True).encode(), digest_size=4).hexdigest()
+    return root / f"input-{dataset_name(cfg.data)}-{kind}-{digest}"
+
+
 def dataset_name(data) -> str:
     """A data section's name in the tables: its source, or for idx files the folder they are in (`mnist`); with a
     `--set data...` override, the data set it reads then (a recipe run on another data set)."""
@@ -204,7 +214,7 @@ def main() -> None:
         cfg = load_config(name, [*args.overrides, f"seed={seed}"])
         label = name if kind is None else f"{name} [{kind}]"
         if kind is not None:
-            folder = runs_root / f"input-{Path(name).stem}-{kind}"
+            folder = input_folder(runs_root, cfg, kind)
             try:
                 cfg = load_config(name, [*args.overrides, f"seed={seed}", *perturbed_input(cfg, kind, folder)])
             except SameInput as e:

@@ -90,3 +90,16 @@ def test_a_recipe_on_another_data_set_is_named_by_that_data_set():
     # `--set data=...`: the MNIST recipe, unchanged but for its input, on the digits (a table of the digits).
     other = load_config("mnist_n2d", ["data={source: digits, normalize: center}"])
     assert other.train.steps == 11000 and quality.dataset_name(other.data) == "digits"
+
+
+def test_configs_reading_one_input_read_one_perturbed_copy(tmp_path):
+    """mnist_ae (normalize max) and mnist_n2d (center) read the same files: one perturbed copy for both, so that with
+    the same normalisation (--set data.normalize=...) they share a train stage; another input gets its own."""
+    ae, n2d = load_config("mnist_ae"), load_config("mnist_n2d")
+    assert ae.data.normalize != n2d.data.normalize
+    folder = quality.input_folder(tmp_path, ae, "drop1")
+    assert folder == quality.input_folder(tmp_path, n2d, "drop1")
+    assert folder != quality.input_folder(tmp_path, ae, "invert")
+    other = load_config("mnist_ae", ["data.images=[../shared/data/mnist/t10k-images-idx3-ubyte.gz]"])
+    assert quality.input_folder(tmp_path, other, "drop1") != folder
+    assert folder.parent == tmp_path and folder.name.startswith("input-mnist-drop1-")
