@@ -32,6 +32,7 @@ from selflabel_probe import MNIST, read_idx  # noqa: E402
 
 from engine.cluster._in_memory import fit_labels  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from engine.data.describe import normalisation  # noqa: E402
 from engine.metrics import clustering_accuracy  # noqa: E402
 from engine.models import build_model  # noqa: E402
 from engine.train.augment import random_affine  # noqa: E402
@@ -60,9 +61,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     raw, y = load(a.data)
-    mean = raw.mean(0)
-    scale = 1.0 / float(np.max(np.maximum(raw.max(0) - mean, mean - raw.min(0))))  # normalize: center
-    flat, shift = torch.from_numpy(raw), torch.from_numpy(mean)
+    wide = raw.astype(np.float64)
+    mean, scale = normalisation("center", n=len(raw), s=wide.sum(0), sq=(wide * wide).sum(0), lo=raw.min(0),
+                                hi=raw.max(0))  # the engine's `normalize: center`
+    flat, shift, scale = torch.from_numpy(raw), torch.from_numpy(mean), torch.from_numpy(scale)
     model = build_model("mlp_ae", in_dim=784, latent_dim=10, hidden=[500, 500, 2000])
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     generator, rng = torch.Generator().manual_seed(a.seed), np.random.default_rng(a.seed)
