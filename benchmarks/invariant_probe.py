@@ -10,6 +10,10 @@ pose and more of the digit. The same network, optimizer, steps, batch, bf16 and 
     python benchmarks/invariant_probe.py --data mnist-test --target clean
     python benchmarks/invariant_probe.py --data mnist-test --target augmented
 
+Two more ways to codes that hold less of the pose, beside the reconstruction of the augmented input: SimCLR's NT-Xent
+between the codes of two augmented views of each image, through a projection head (`--contrast W --head 64`), or
+the squared distance between those two codes over their variance in the batch (`--consistency W`).
+
 A line every 1,000 steps, then one JSON line: ACC, NMI, kNN-5 leave-one-out accuracy on the codes, seconds.
 """
 
@@ -46,6 +50,16 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64)
 
 
+def nt_xent(pair: torch.Tensor, tau: float) -> torch.Tensor:
+    """SimCLR's loss on 2B unit rows, row i and row i + B two views of one image: each row's partner against the
+    2B - 2 other rows."""
+    n = len(pair) // 2
+    sim = pair @ pair.T / tau
+    sim.fill_diagonal_(float("-inf"))
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    return F.cross_entropy(sim, partner)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", choices=["mnist-test", "mnist"], default="mnist-test")
@@ -57,6 +71,13 @@ def main() -> None:
     p.add_argument("--shift", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--contrast", type=float, default=0.0,
+                   help="weight of a SimCLR (NT-Xent) term between the codes of two augmented views of each image")
+    p.add_argument("--tau", type=float, default=0.5, help="the NT-Xent temperature")
+    p.add_argument("--consistency", type=float, default=0.0,
+                   help="weight of the squared distance between the codes of two views of an image, over the codes' "
+                        "variance in the batch (no negatives: the reconstruction keeps the codes from collapsing)")
+    p.add_argument("--head", type=int, default=0, help="width of a projection head before NT-Xent (0: the codes)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -66,7 +87,9 @@ def main() -> None:
                                 hi=raw.max(0))  # the engine's `normalize: center`
     flat, shift, scale = torch.from_numpy(raw), torch.from_numpy(mean), torch.from_numpy(scale)
     model = build_model("mlp_ae", in_dim=784, latent_dim=10, hidden=[500, 500, 2000])
-    opt = torch.optim.Adam(model.parameters(), lr=a.lr)
+    head = (torch.nn.Sequential(torch.nn.Linear(10, a.head), torch.nn.ReLU(), torch.nn.Linear(a.head, a.head))
+            if a.head else torch.nn.Identity())
+    opt = torch.optim.Adam([*model.parameters(), *head.parameters()], lr=a.lr)
     generator, rng = torch.Generator().manual_seed(a.seed), np.random.default_rng(a.seed)
     started, order, at = time.perf_counter(), rng.permutation(len(raw)), 0
     model.train()
@@ -79,8 +102,17 @@ def main() -> None:
         x = (moved - shift) * scale
         target = x if a.target == "augmented" else (batch - shift) * scale
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            recon, _ = model(x)
+            recon, z1 = model(x)
+            if a.contrast or a.consistency:
+                other = random_affine(batch, (28, 28), rotation=a.rotation, shift=a.shift, generator=generator)
+                z2 = model.encode((other - shift) * scale)
+                pair = torch.cat([z1, z2]).float()
         loss = F.mse_loss(recon.float(), target)
+        if a.contrast:
+            loss = loss + a.contrast * nt_xent(F.normalize(head(pair), dim=1), a.tau)
+        if a.consistency:
+            half = len(pair) // 2
+            loss = loss + a.consistency * F.mse_loss(pair[:half], pair[half:]) / pair.var(0).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
