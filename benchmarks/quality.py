@@ -56,7 +56,8 @@ from record import append_section  # noqa: E402
 PUBLISHED_ACC = {
     "mnist": {"kmeans_pixels": "0.53", "mlp_ae + kmeans": "0.82-0.88 (AE + k-means)", "dec": "0.84-0.87 (DEC)",
               "idec": "0.88 (IDEC)", "conv_ae + kmeans": "0.85 (DCEC's CAE + k-means)",
-              "vae + kmeans": "0.94 (VaDE, a VAE with a GMM prior)", "gan + kmeans": "0.91-0.95 (ClusterGAN)",
+              "vae + kmeans": "0.94 (VaDE, a VAE with a GMM prior)",
+              "vae + umap + gmm": "0.945 (VaDE, a VAE with a GMM prior)", "gan + kmeans": "0.91-0.95 (ClusterGAN)",
               "gan + umap + gmm": "0.91-0.95 (ClusterGAN)", "conv_ae + umap + gmm": "0.85 (DCEC's CAE + k-means)",
               "mlp_ae + umap + gmm": "0.979 (N2D)", "vade + gmm": "0.945 (VaDE)",
               "vade + posterior": "0.945 (VaDE)"},

@@ -241,6 +241,14 @@ def test_node_removed_while_training_the_workers_restart_on_the_node_left(two_tr
     # The driver saw the restarted workers' epochs too: the progress queue outlived the node.
     assert seen[-(epochs - starts[1]):] == list(range(starts[1] + 1, epochs + 1)), seen
 
+    # A resume (`--resume` after the driver died) of these checkpoints with another model is refused before any
+    # worker starts, naming what differs (from an object store: the s3 test below).
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt: a checkpoint of another model \(latent_dim=3 there, "
+                                              r"4 now\); set them back, or start a fresh run instead of resuming"):
+        train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale, train=cfg.train,
+                      seed=cfg.seed, run_dir=tmp_path, config_hash=cfg.hash(), resume=True,
+                      model={**cfg.model.pretrain_options(), "latent_dim": 4})
+
 
 ROWS = 600
 TINY = [

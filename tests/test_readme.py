@@ -24,8 +24,8 @@ def _blocks(lang: str, page: Path = README) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", page.read_text(), flags=re.S)
 
 
-def test_python_examples_run(ray_local):
-    """The README's examples; ShardedKMeans's starts Ray (the shared local one)."""
+def test_python_examples_run():
+    """The README's examples (in memory, without Ray)."""
     blocks = _blocks("python")
     assert blocks, "the README has Python examples"
     for code in blocks:
@@ -34,7 +34,7 @@ def test_python_examples_run(ray_local):
 
 # The examples moved out of the README into docs/ run the same way, so none loses its test.
 @pytest.mark.parametrize("page", [p for p in EXAMPLE_PAGES[1:] if _blocks("python", p)], ids=_name)
-def test_docs_python_examples_run(page, ray_local):
+def test_docs_python_examples_run(page, ray_local):  # configuration.md's ShardedKMeans starts Ray
     for code in _blocks("python", page):
         exec(compile(code, _name(page), "exec"), {})  # noqa: S102 - our own docs
 
