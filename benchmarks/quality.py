@@ -13,13 +13,14 @@ mnist_n2d and mnist_idec) train once per seed: the later ones start from the fir
 what the method costs alone. --no-share trains each config anew.
 
 --perturb float16 and/or --perturb drop1 run every config and seed again on a perturbed copy of its input (the
-raw rows rounded to float16 and back; 1% of the rows, a seeded draw, left out) written as .npy beside the runs, so
-that a recipe's accuracy on slightly different input can be compared with its own:
+rows as the model sees them, after the config's normalisation, rounded to float16 and back; 1% of the rows, a
+seeded draw, left out) written as .npy beside the runs, so that a recipe's accuracy on slightly different input can
+be compared with its own:
 
     python benchmarks/quality.py --configs digits --seeds 3 --perturb drop1 --record
 
-float16 is skipped, with a line on stderr, for an input whose every raw value float16 holds exactly (integer pixels:
-the digits, MNIST): the perturbed input would be the input itself.
+float16 is skipped, with a line on stderr, where float16 holds every normalised value exactly (the digits' 0..16
+divided by 16 under `normalize: max`): the perturbed input would be the input itself.
 
 --variant invert|rescale16|rotate90|heldout (repeatable) runs every config and seed, unchanged but for its data
 source, on a data set made from its input (see VARIANTS), with its own table and its own k-means on the pixels:
@@ -94,20 +95,29 @@ class SameInput(ValueError):
 
 def perturbed_input(cfg, kind: str, folder: Path, seed: int = 0) -> list[str]:
     """`--set` overrides that make `cfg` read a perturbed copy (PERTURBATIONS) or a variant (VARIANTS) of its input,
-    written to `folder` as .npy: `float16` rounds the raw rows to float16 and back, `drop1` leaves out 1% of the rows
-    (a draw seeded by `seed`); the variants are described at VARIANTS. Images keep their shape (but `rescale16`'s),
-    and the input normalisation is the config's."""
+    written to `folder` as .npy: `float16` rounds the rows as the model sees them (normalised) to float16 and back,
+    `drop1` leaves out 1% of the rows (a draw seeded by `seed`); the variants are described at VARIANTS. Images keep
+    their shape (but `rescale16`'s), and the input normalisation is the config's."""
+    from engine.data.describe import normalisation
     from engine.data.sources import open_source
 
     x, y = _pixels(cfg)
     shape = open_source(cfg.data).image_shape
     extra: list[str] = []
     if kind == "float16":
-        rounded = x.astype(np.float16).astype(np.float32)
-        if np.array_equal(rounded, x):
-            raise SameInput(f"--perturb float16 on {cfg.name}: float16 holds every raw value of its input exactly "
-                            "(integer pixels, say); the perturbed input would be the input itself")
-        x = rounded
+        # The rows as the model sees them (the config's normalisation applied) rounded to half precision, as in a
+        # user's file of scaled images in float16 (rounding the raw rows changes nothing on 8-bit images), then
+        # scaled back: the config's own normalisation makes of them the rounded rows, and the settings that
+        # depend on the raw scale stay as they are (augmentation fills with 0, the background; sigmoid outputs).
+        shift, scale = normalisation(cfg.data.normalize, n=len(x), s=x.sum(0, dtype=np.float64),
+                                     sq=np.square(x, dtype=np.float64).sum(0), lo=x.min(0), hi=x.max(0))
+        seen = ((x - shift) * scale).astype(np.float32)
+        rounded = seen.astype(np.float16).astype(np.float32)
+        if np.array_equal(rounded, seen):
+            raise SameInput(f"--perturb float16 on {cfg.name}: float16 holds every value of its input exactly as "
+                            f"the model sees it (normalize: {cfg.data.normalize}); the perturbed input would be the "
+                            "input itself")
+        x = (rounded / scale + shift).astype(np.float32)
     elif kind == "drop1":
         keep = np.sort(np.random.default_rng(seed).permutation(len(x))[: len(x) - len(x) // 100])
         x, y = x[keep], y[keep]

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402
 
 from engine.config import load_config  # noqa: E402
+from engine.data.describe import normalisation  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,26 +22,38 @@ def digits():
     return cfg, *quality._pixels(cfg)
 
 
-@pytest.fixture(scope="module")
-def thirds(tmp_path_factory):
-    """The digits' pixels divided by 3, as an npy source: values that float16 rounds."""
-    cfg, x, y = load_config("digits"), *quality._pixels(load_config("digits"))
-    folder = tmp_path_factory.mktemp("thirds")
-    np.save(folder / "x.npy", (x / 3).reshape(len(x), 8, 8))
-    np.save(folder / "y.npy", y)
-    cfg = load_config("digits", [f"data={{source: npy, path: {folder / 'x.npy'}, labels_path: {folder / 'y.npy'}}}"])
-    return cfg, *quality._pixels(cfg)
+def test_float16_rounds_the_rows_as_the_model_sees_them(digits, tmp_path):
+    """The default recipe centres the digits (`normalize: center`): what that normalisation makes of the perturbed
+    rows is the centred rows rounded to float16; the raw scale is kept (blank pixels stay about 0)."""
+    cfg, x, _ = digits
+    assert cfg.data.normalize == "center"
+    new = load_config("digits", quality.perturbed_input(cfg, "float16", tmp_path / "f16"))
+    assert new.data.normalize == "center"
+
+    def seen(rows):
+        shift, scale = normalisation("center", n=len(rows), s=rows.sum(0, dtype=np.float64),
+                                     sq=np.square(rows, dtype=np.float64).sum(0), lo=rows.min(0), hi=rows.max(0))
+        return (rows - shift) * scale
+
+    before, after = seen(x), seen(np.load(tmp_path / "f16" / "x.npy").reshape(len(x), -1))
+    rounded = before.astype(np.float16).astype(np.float32)
+    assert not np.array_equal(rounded, before) and 0 < np.abs(after - before).max() < 2e-3
+    np.testing.assert_allclose(after, rounded, atol=2e-4)
+    raw = np.load(tmp_path / "f16" / "x.npy").reshape(len(x), -1)
+    np.testing.assert_allclose(raw, x, atol=16 * 2e-3)
 
 
-def test_float16_of_integer_pixels_is_the_input_itself_and_refused(digits, tmp_path):
-    with pytest.raises(quality.SameInput, match="float16 holds every raw value"):
-        quality.perturbed_input(digits[0], "float16", tmp_path / "f16")
+def test_float16_that_changes_nothing_the_model_sees_is_refused(tmp_path):
+    """`digits_vae` divides the digits' 0..16 by 16: float16 holds every such value, so there is nothing to run."""
+    cfg = load_config("digits_vae")
+    with pytest.raises(quality.SameInput, match="float16 holds every value of its input exactly"):
+        quality.perturbed_input(cfg, "float16", tmp_path / "f16")
     assert not (tmp_path / "f16").exists()
 
 
 @pytest.mark.parametrize("kind", quality.PERTURBATIONS + quality.VARIANTS)
-def test_every_variant_writes_a_data_set_the_config_reads(kind, digits, thirds, tmp_path):
-    cfg, x, y = thirds if kind == "float16" else digits
+def test_every_variant_writes_a_data_set_the_config_reads(kind, digits, tmp_path):
+    cfg, x, y = digits
     overrides = quality.perturbed_input(cfg, kind, tmp_path / kind, seed=3)
     new = load_config("digits", overrides)
     assert new.data.source == "npy"
@@ -59,8 +72,7 @@ def test_every_variant_writes_a_data_set_the_config_reads(kind, digits, thirds, 
     elif kind == "drop1":
         assert len(x2) == len(x) - len(x) // 100
     elif kind == "float16":
-        np.testing.assert_array_equal(flat, x.astype(np.float16).astype(np.float32))
-        assert not np.array_equal(flat, x)
+        assert flat.shape == x.shape and not np.array_equal(flat, x)
     if kind not in ("drop1", "heldout"):
         np.testing.assert_array_equal(y2, y)
 
