@@ -3,8 +3,9 @@
     python benchmarks/quality.py --configs digits digits_conv digits_vae digits_vade digits_idec digits_gan --record
     python benchmarks/quality.py --configs mnist_ae mnist_n2d mnist_idec mnist_vae mnist_vade mnist_gan --record
 
-One JSON line per (config, seed), and one for the peer (scikit-learn KMeans on the pixels, same k and
-restarts) per data set and seed. With --record, one table per data set is appended to RESULTS.md, with
+One JSON line per (config, seed), and one for the peer (scikit-learn KMeans on the pixels, same k; as many
+restarts as the most any config uses, and at least 10, so that the peer does not depend on the configs' order)
+per data set and seed. With --record, one table per data set is appended to RESULTS.md, with
 the published accuracy of each method where the literature has one for that data set.
 
 Configs whose train stage is the same (data, train section, seed and the model it pretrains: mnist_ae,
@@ -161,6 +162,17 @@ def input_folder(root: Path, cfg, kind: str) -> Path:
     return root / f"input-{dataset_name(cfg.data)}-{kind}-{digest}"
 
 
+PEER_MIN_RESTARTS = 10  # scikit-learn's n_init before 1.4, the usual k-means baseline in the literature
+
+
+def peer_restarts(configs) -> int:
+    """Restarts of the pixel peer: the most any of `configs` uses for its own clustering, at least 10.
+
+    The same whatever the order of the configs (it was the first config's `cluster.n_init`, so listing a
+    recipe with one restart first gave the peer one restart too)."""
+    return max(PEER_MIN_RESTARTS, *(cfg.cluster.n_init for cfg in configs))
+
+
 def dataset_name(data) -> str:
     """A data section's name in the tables: its source, or for idx files the folder they are in (`mnist`); with a
     `--set data...` override, the data set it reads then (a recipe run on another data set)."""
@@ -222,6 +234,7 @@ def main() -> None:
     runs_root.mkdir(parents=True, exist_ok=True)
     trained: dict[str, tuple[Path, str, float]] = {}  # train-stage key -> (run dir, config, train seconds)
     kinds = [*([] if args.no_own else [None]), *args.perturb, *args.variant]
+    restarts = peer_restarts([load_config(name, args.overrides) for name in args.configs])
     jobs = [(name, seed, kind) for name in args.configs for kind in kinds for seed in range(args.seeds)]
     for name, seed, kind in jobs:
         cfg = load_config(name, [*args.overrides, f"seed={seed}"])
@@ -237,16 +250,16 @@ def main() -> None:
         dataset = dataset_name(load_config(name, args.overrides).data)  # the input before any perturbation
         if kind in VARIANTS:  # another data set: its own table and its own pixel peer
             dataset = f"{dataset}-{kind}"
-        peer_file = runs_root / f"kmeans_pixels-{dataset}-{seed}.json"
+        peer_file = runs_root / f"kmeans_pixels-{dataset}-{seed}-r{restarts}.json"
         if (dataset, seed) not in peers_done:
             if peer_file.is_file():  # measured by an earlier invocation with the same --runs
                 peer = json.loads(peer_file.read_text())
             else:
                 x, y = _pixels(cfg)
                 t0 = time.perf_counter()
-                pred = SKKMeans(cfg.cluster.k, n_init=cfg.cluster.n_init, random_state=seed).fit_predict(x)
+                pred = SKKMeans(cfg.cluster.k, n_init=restarts, random_state=seed).fit_predict(x)
                 peer = {"bench": "quality", "data": dataset, "impl": "kmeans_pixels", "config": "scikit-learn",
-                        "seed": seed, "acc": clustering_accuracy(y, pred),
+                        "seed": seed, "restarts": restarts, "acc": clustering_accuracy(y, pred),
                         "nmi": normalized_mutual_info_score(y, pred), "ari": adjusted_rand_score(y, pred),
                         "seconds": time.perf_counter() - t0}
                 peer_file.write_text(json.dumps(peer))
@@ -377,7 +390,8 @@ def _record(dataset: str, lines: list[dict], args) -> None:
     for config in dict.fromkeys(r["config"] for r in lines):
         group = [r for r in lines if r["config"] == config]
         impl = group[0]["impl"].removesuffix(" (augmented)")
-        label = ("k-means on the pixels (scikit-learn)" if impl == "kmeans_pixels"
+        restarts = f", {group[0]['restarts']} restarts" if "restarts" in group[0] else ""
+        label = (f"k-means on the pixels (scikit-learn{restarts})" if impl == "kmeans_pixels"
                  else f"`{config}`: {group[0]['impl']}")
         seconds = [r["seconds"] for r in group]
         table.append([label, stat(group, "acc"), " / ".join(f"{r['acc']:.3f}" for r in group), stat(group, "nmi"),
