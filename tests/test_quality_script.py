@@ -117,7 +117,7 @@ def test_configs_reading_one_input_read_one_perturbed_copy(tmp_path):
     assert folder.parent == tmp_path and folder.name.startswith("input-mnist-drop1-")
 
 
-def test_the_pixel_peer_restarts_as_often_whatever_the_order_of_the_configs(tmp_path, monkeypatch):
+def test_the_pixel_peer_restarts_as_often_whatever_the_order_of_the_configs(monkeypatch):
     """The peer took the first config's `cluster.n_init`: `digits_conv` (one GMM start) listed first gave k-means on
     the pixels one restart (digits seed 0: ACC 0.706 against 0.792 with 10). Now the most any config uses, at
     least 10, and the table says how many."""
