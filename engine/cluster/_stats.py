@@ -5,13 +5,15 @@ from __future__ import annotations
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import numpy as np
 import scipy.sparse
-import torch
 
 from engine.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # torch is imported where it is used: a federated client that only answers a query, or runs
+    import torch  # with the faiss backend, starts without it (~1.5 s a process; a Flower ClientApp is one a message)
 
 Backend = Literal["auto", "faiss", "torch"]
 BACKENDS = ("auto", "faiss", "torch")
@@ -322,7 +324,7 @@ def _assign_and_stats(
     With torch on CPU each thread reduces the rows it has just assigned, while they are still in cache,
     and the threads' stats are added; elsewhere the whole assignment is reduced at once.
     """
-    if backend == "torch" and not torch.cuda.is_available():
+    if _torch_on_cpu(backend):
         labels, sq_distances, stats = _assign_torch(X, centroids, x_sq, w)
         return labels, sq_distances, cast(PartialStats, stats)  # given w, the CPU path always reduces
     labels, sq_distances = nearest_on_host(X, centroids, backend, x_sq)
@@ -347,7 +349,7 @@ class HostRows:
         self.X, self.w, self.backend = X, w, backend
         self.x_sq = row_sq_norms(X) if x_sq is None else x_sq
         self.holds = f"{X.shape[0]} rows x {X.shape[1]} in host memory ({backend})"
-        self.prune = backend == "torch" and not torch.cuda.is_available()
+        self.prune = _torch_on_cpu(backend)
         # The last assignment's centroids, labels, and lower bounds on each row's distance to any other centroid.
         self._bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.pruned_ = 0  # rows the last assignment did not compare with every centroid
@@ -421,12 +423,23 @@ def row_sq_norms(X: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", X, X)
 
 
+def _torch_on_cpu(backend: str) -> bool:
+    """The torch backend, on a machine without CUDA."""
+    if backend != "torch":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def _assign_torch(
     X: np.ndarray, centroids: np.ndarray, x_sq: np.ndarray | None = None, w: np.ndarray | None = None,
     second: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, PartialStats | np.ndarray | None]:
     """Labels and squared distances; the third value is the stats of the rows given `w` (CPU only), or with
     `second` (CPU only) the runner-up's squared distances by the same expansion."""
+    import torch
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not X.flags.writeable:
         X = X.copy()  # torch.from_numpy warns on read-only arrays
@@ -474,6 +487,8 @@ def _assign_torch_cpu(
     block. With torch's own 2-thread GEMM on small blocks a shared 2-core machine spent most of its time
     in OpenMP barriers (6 GFLOP/s vs 25 here, faiss.knn 16, measured in one run at n=100k, d=64, k=1024).
     """
+    import torch
+
     n, k = X.shape[0], C.shape[0]
     workers = max(1, min(torch.get_num_threads(), -(-n // block)))
     X_t = torch.from_numpy(X)

@@ -291,8 +291,12 @@ def _run_groups(groups: list[list[int]], ranges: list[list[tuple[str, int, int]]
                 seconds[step] = seconds.get(step, 0.0) + t
             notify("similarity", {"groups_done": done, "groups": len(groups), **info})
     finally:
-        for ref in pending:  # an interrupted driver stops its tasks; their finished clusters stay recorded
-            ray.cancel(ref, force=True)
+        # An interrupted driver stops its tasks; their finished clusters stay recorded. Only the running ones:
+        # cancelling a finished task can kill the worker Ray has since given another task (seen in a test).
+        if pending:
+            running = ray.wait(pending, num_returns=len(pending), timeout=0)[1]
+            for ref in running:
+                ray.cancel(ref, force=True)
     # pairs: compared by this run's walks (guests included); member_pairs: those of one exact within-cluster pass
     return {"tasks": len(groups), "clusters_done": clusters, "clusters_skipped": skipped, "pairs": pairs,
             "member_pairs": member_pairs,
