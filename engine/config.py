@@ -315,7 +315,8 @@ class UmapConfig(_Section):
     n_init: int = Field(default=1, ge=1)
     """Layouts to try: UMAP's optimisation from seeds seed, seed+1, ... over one k-nearest-neighbour graph, each
     clustered by cluster.method; one partition is kept, by `select`. kmeans, gmm and agglomerative only (the
-    density-based methods choose their own number of clusters). 1 runs one layout."""
+    density-based methods choose their own number of clusters). 1 runs one layout. Each layout is single-threaded
+    (seeded); in a Ray job the layouts after the first run as Ray tasks meanwhile, on the cluster's free CPUs."""
     select: Literal["even", "consensus"] = "even"
     """Which of the n_init partitions is kept. even: the one with the most even cluster sizes (the highest entropy
     of its size distribution), a prior that the clusters are not far from equal in size; UMAP + a mixture

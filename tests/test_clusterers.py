@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -238,6 +239,29 @@ def test_umap_layouts_keep_the_partition_the_others_agree_with():
     even, info = fit_labels(x, cfg.model_copy(update={"umap": cfg.umap.model_copy(update={"select": "even"})}), seed=5)
     # The size prior keeps the wrong partition here: the reason consensus exists.
     assert info["umap"]["kept"] == 0 and adjusted_rand_score(y, even) < 0.95
+
+
+@pytest.mark.skipif(not HAS_UMAP, reason="umap-learn is not installed (pip install -e '.[umap]')")
+def test_umap_layouts_run_as_ray_tasks_and_equal_the_layouts_of_this_process(ray_local):
+    """With Ray up, the layouts after the first run as Ray tasks in other processes (single-threaded each, so they
+    spread over the cluster's CPUs); each is the layout this process makes from the same graph and seed."""
+    from engine.cluster._in_memory import _compact, _kmeans, _layout
+    from engine.cluster._manifold import umap_knn
+
+    x, _ = make_blobs(n_samples=[240, 120, 40, 40, 40, 40, 40, 40], n_features=5, cluster_std=1.0,
+                      center_box=(-10, 10), random_state=5)
+    x = x.astype(np.float32)
+    cfg = ClusterConfig(k=8, method="kmeans", n_init=1, manifold="umap",
+                        umap={"n_components": 2, "n_neighbors": 15, "n_init": 4, "select": "consensus"})
+    labels, info = fit_labels(x, cfg, seed=5)
+    pids = [layout["pid"] for layout in info["umap"]["layouts"]]
+    assert info["umap"]["layouts_ran_in"] == "ray tasks" and pids[0] == os.getpid() and os.getpid() not in pids[1:]
+    knn = umap_knn(x, cfg.umap, 2, seed=5)
+    here = [_layout(x, knn, cfg.umap, 2, 5 + i, _kmeans, cfg, 5)[0] for i in range(4)]
+    assert [layout["size_entropy"] for layout in info["umap"]["layouts"]] == [size_entropy(h) for h in here]
+    # Layouts that differ (the first splits a blob, see above): equal entropies are not one layout repeated.
+    assert adjusted_rand_score(here[0], here[1]) < 0.95
+    np.testing.assert_array_equal(labels, _compact(here[info["umap"]["kept"]]))
 
 
 UMAP_IN_A_FRESH_PROCESS = """

@@ -105,31 +105,75 @@ def _umap_then_fit(z: np.ndarray, cfg: ClusterConfig, fit, seed: int):
     of which one partition is kept by cluster.umap.select (ties: the earliest): the one agreeing best with the
     others (consensus) or the most even in cluster sizes (even). Returns its labels and method facts, the UMAP
     facts (with every layout's scores when there are several) and the seconds spent in `fit`."""
-    from engine.cluster._manifold import umap_knn, umap_reduce
+    from engine.cluster._manifold import umap_knn
 
     u = cfg.umap
     n_components = u.n_components or cfg.k
     started = time.perf_counter()
     knn = umap_knn(z, u, n_components, seed=seed) if u.n_init > 1 else None
-    fits: list[tuple[np.ndarray, dict[str, Any]]] = []
-    fit_seconds = 0.0
-    for i in range(u.n_init):
-        x = umap_reduce(z, u, n_components, seed=seed + i, knn=knn)
-        fit_started = time.perf_counter()
-        raw, method_info = fit(x, cfg, seed)
-        fit_seconds += time.perf_counter() - fit_started
-        fits.append((_compact(raw), method_info))
+    knn_seconds = time.perf_counter() - started
+    args = [(u, n_components, seed + i, fit, cfg, seed) for i in range(u.n_init)]
+    on_ray = u.n_init > 1 and _ray_is_up()
+    if on_ray:
+        # Each layout is single-threaded (seeded): the first here, each other one in a Ray task meanwhile, on
+        # whatever CPUs the cluster has; each is the computation this process would make (the same rows, graph and
+        # seeds, so the same partitions).
+        import ray
+
+        task = ray.remote(num_cpus=1)(_layout)
+        z_ref, knn_ref = ray.put(z), ray.put(knn)
+        refs = [task.remote(z_ref, knn_ref, *a) for a in args[1:]]
+        try:
+            results = [_layout(z, knn, *args[0]), *ray.get(refs)]
+        finally:
+            for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[1]:  # interrupted: only the running ones
+                ray.cancel(ref, force=True)
+    else:
+        results = [_layout(z, knn, *a) for a in args]
+    fits = [(labels, method_info) for labels, method_info, _, _, _ in results]
+    fit_seconds = sum(r[3] for r in results)
     info = {**u.model_dump(), "n_components": n_components}
+    if u.n_init > 1:
+        info["layouts_ran_in"] = "ray tasks" if on_ray else "this process"
     kept = 0
     if u.n_init > 1:
         entropies = [size_entropy(labels) for labels, _ in fits]
         agreement = consensus_scores([labels for labels, _ in fits])
         scores = agreement if u.select == "consensus" else entropies
         kept = int(np.argmax(scores))  # the first of equal scores
-        info.update(layouts=[{"seed": seed + i, "size_entropy": e, "agreement": a}
-                             for i, (e, a) in enumerate(zip(entropies, agreement, strict=True))], kept=kept)
-    info["seconds"] = round(time.perf_counter() - started - fit_seconds, 3)
+        info.update(layouts=[{"seed": seed + i, "size_entropy": e, "agreement": a, "pid": r[4]}
+                             for i, (e, a, r) in enumerate(zip(entropies, agreement, results, strict=True))],
+                    kept=kept)
+    # UMAP's own time: the graph, and each layout's (added up, wherever the layouts ran), without the fits'.
+    info["seconds"] = round(knn_seconds + sum(r[2] for r in results), 3)
+    info["wall_seconds"] = round(time.perf_counter() - started, 3)
     return fits[kept][0], fits[kept][1], info, fit_seconds
+
+
+def _layout(z: np.ndarray, knn: tuple | None, u, n_components: int, layout_seed: int, fit, cfg: ClusterConfig,
+            seed: int) -> tuple[np.ndarray, dict[str, Any], float, float, int]:
+    """One UMAP layout of z (seed `layout_seed`, over the graph `knn`) and `fit` on it: (labels 0..n-1 and -1,
+    the method's facts, UMAP's seconds, the fit's seconds, the id of the process it ran in)."""
+    import os
+
+    from engine.cluster._manifold import umap_reduce
+
+    started = time.perf_counter()
+    # From Ray's object store the arrays are read-only views, and umap-learn writes into its inputs.
+    z = z if z.flags.writeable else z.copy()
+    knn = None if knn is None else tuple(a if a.flags.writeable else a.copy() for a in knn)
+    x = umap_reduce(z, u, n_components, seed=layout_seed, knn=knn)
+    fit_started = time.perf_counter()
+    raw, method_info = fit(x, cfg, seed)
+    return _compact(raw), method_info, fit_started - started, time.perf_counter() - fit_started, os.getpid()
+
+
+def _ray_is_up() -> bool:
+    """Ray is initialised in this process (the pipeline's driver, or a Ray worker): never started here for this."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def cluster_means(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
