@@ -219,16 +219,21 @@ def test_consensus_scores_by_hand():
     assert consensus_scores([c]) == [1.0]
 
 
+def _uneven_blobs() -> tuple[np.ndarray, np.ndarray, ClusterConfig]:
+    """Eight blobs of uneven size (240, 120 and six of 40 rows), and k-means (one start) on 4 UMAP layouts of them."""
+    x, y = make_blobs(n_samples=[240, 120, 40, 40, 40, 40, 40, 40], n_features=5, cluster_std=1.0,
+                      center_box=(-10, 10), random_state=5)
+    cfg = ClusterConfig(k=8, method="kmeans", n_init=1, manifold="umap",
+                        umap={"n_components": 2, "n_neighbors": 15, "n_init": 4, "select": "consensus"})
+    return x.astype(np.float32), y, cfg
+
+
 @pytest.mark.skipif(not HAS_UMAP, reason="umap-learn is not installed (pip install -e '.[umap]')")
 def test_umap_layouts_keep_the_partition_the_others_agree_with():
     """Eight blobs of uneven size (240, 120 and six of 40 rows) into k=8, k-means with one start on each layout: the
     first layout's k-means splits the large blob and merges two small ones, which makes its sizes more even than
     the truth's; the other three find the blobs. The consensus keeps one of those, the size prior the wrong one."""
-    x, y = make_blobs(n_samples=[240, 120, 40, 40, 40, 40, 40, 40], n_features=5, cluster_std=1.0,
-                      center_box=(-10, 10), random_state=5)
-    x = x.astype(np.float32)
-    cfg = ClusterConfig(k=8, method="kmeans", n_init=1, manifold="umap",
-                        umap={"n_components": 2, "n_neighbors": 15, "n_init": 4, "select": "consensus"})
+    x, y, cfg = _uneven_blobs()
     labels, info = fit_labels(x, cfg, seed=5)
     layouts = info["umap"]["layouts"]
     agreement = [layout["agreement"] for layout in layouts]
@@ -248,11 +253,7 @@ def test_umap_layouts_run_as_ray_tasks_and_equal_the_layouts_of_this_process(ray
     from engine.cluster._in_memory import _compact, _kmeans, _layout
     from engine.cluster._manifold import umap_knn
 
-    x, _ = make_blobs(n_samples=[240, 120, 40, 40, 40, 40, 40, 40], n_features=5, cluster_std=1.0,
-                      center_box=(-10, 10), random_state=5)
-    x = x.astype(np.float32)
-    cfg = ClusterConfig(k=8, method="kmeans", n_init=1, manifold="umap",
-                        umap={"n_components": 2, "n_neighbors": 15, "n_init": 4, "select": "consensus"})
+    x, _, cfg = _uneven_blobs()
     labels, info = fit_labels(x, cfg, seed=5)
     pids = [layout["pid"] for layout in info["umap"]["layouts"]]
     assert info["umap"]["layouts_ran_in"] == "ray tasks" and pids[0] == os.getpid() and os.getpid() not in pids[1:]
