@@ -131,6 +131,16 @@ def gpus_possible() -> float:
     return max(now, float(autoscaler_max_resources().get("GPU", 0)))
 
 
+def cancel_running(refs: list[Any]) -> None:
+    """Force-cancel those of `refs` (task results) not finished yet, as a stopped driver leaves its tasks. Never a
+    finished one: cancelling it can kill the worker Ray has since given another task."""
+    import ray
+
+    if refs:
+        for ref in ray.wait(list(refs), num_returns=len(refs), timeout=0)[1]:
+            ray.cancel(ref, force=True)
+
+
 def autoscaler_max_resources() -> dict[str, float]:
     """The most of each resource the autoscaler's node types may bring ({} when no autoscaler has reported its
     config: a local Ray, a cluster started by hand, and Ray 2.60's own autoscalers, which do not report it yet;

@@ -120,23 +120,23 @@ def _umap_then_fit(z: np.ndarray, cfg: ClusterConfig, fit, seed: int):
         # seeds, so the same partitions).
         import ray
 
+        from engine.runtime import cancel_running
+
         task = ray.remote(num_cpus=1)(_layout)
         z_ref, knn_ref = ray.put(z), ray.put(knn)
         refs = [task.remote(z_ref, knn_ref, *a) for a in args[1:]]
         try:
             results = [_layout(z, knn, *args[0]), *ray.get(refs)]
         finally:
-            for ref in ray.wait(refs, num_returns=len(refs), timeout=0)[1]:  # interrupted: only the running ones
-                ray.cancel(ref, force=True)
+            cancel_running(refs)  # interrupted, or a layout failed
     else:
         results = [_layout(z, knn, *a) for a in args]
     fits = [(labels, method_info) for labels, method_info, _, _, _ in results]
     fit_seconds = sum(r[3] for r in results)
     info = {**u.model_dump(), "n_components": n_components}
-    if u.n_init > 1:
-        info["layouts_ran_in"] = "ray tasks" if on_ray else "this process"
     kept = 0
     if u.n_init > 1:
+        info["layouts_ran_in"] = "ray tasks" if on_ray else "this process"
         entropies = [size_entropy(labels) for labels, _ in fits]
         agreement = consensus_scores([labels for labels, _ in fits])
         scores = agreement if u.select == "consensus" else entropies

@@ -41,6 +41,7 @@ from engine.curate.resolve import resolve_pending
 from engine.curate.similarity import BLOCK, KEEP_MODES
 from engine.curate.source import open_embeddings, validate
 from engine.errors import ConfigError, DataError
+from engine.runtime import cancel_running
 
 STAGE = "dedup"
 # Set in the task a run moved into (`_relocated`): it stays there.
@@ -252,8 +253,7 @@ def _relocated(node: str, settings: dict[str, Any],
         try:
             return ray.get(ref)
         finally:
-            if not ray.wait([ref], timeout=0)[0]:  # only a running task: cancelling a finished one can crash Ray
-                ray.cancel(ref, force=True)
+            cancel_running([ref])
 
 
 def _dedup_task(settings: dict[str, Any], queue: Any) -> dict[str, Any]:
@@ -291,12 +291,7 @@ def _run_groups(groups: list[list[int]], ranges: list[list[tuple[str, int, int]]
                 seconds[step] = seconds.get(step, 0.0) + t
             notify("similarity", {"groups_done": done, "groups": len(groups), **info})
     finally:
-        # An interrupted driver stops its tasks; their finished clusters stay recorded. Only the running ones:
-        # cancelling a finished task can kill the worker Ray has since given another task (seen in a test).
-        if pending:
-            running = ray.wait(pending, num_returns=len(pending), timeout=0)[1]
-            for ref in running:
-                ray.cancel(ref, force=True)
+        cancel_running(pending)  # an interrupted driver stops its tasks; their finished clusters stay recorded
     # pairs: compared by this run's walks (guests included); member_pairs: those of one exact within-cluster pass
     return {"tasks": len(groups), "clusters_done": clusters, "clusters_skipped": skipped, "pairs": pairs,
             "member_pairs": member_pairs,

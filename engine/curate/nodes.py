@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
+from engine.runtime import cancel_running
 
 # Seconds to wait for one zero-CPU task on every node (a worker process to start); a node that does not answer in
 # time counts as one that cannot see the folder.
@@ -104,8 +105,7 @@ def _answers(folder: Path | None, inputs: Sequence[str], nodes: dict[str, Any]) 
             .remote(None if probe is None else str(probe), token, node, list(inputs)) for node in nodes}
     try:
         ready, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=PROBE_TIMEOUT)
-        for ref in late:  # only these: cancelling a finished task can crash this Ray's driver (seen in a test)
-            ray.cancel(ref, force=True)
+        cancel_running(late)
         answers = {node: ray.get(ref) if ref in ready else "input" for node, ref in refs.items()}
         if probe is not None:  # the driver reads each reply: the node's writes reach the driver too
             answers = {node: "folder" if answer == "ok" and _read(probe.with_name(f"{probe.name}.{node}")) != token
