@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.errors import ConfigError
-from engine.methods import CLUSTER_METHODS, NO_MANIFOLD_METHODS, POSTERIOR_MODELS
+from engine.methods import CLUSTER_METHODS, NO_MANIFOLD_METHODS, POSTERIOR_MODELS, REFINE_INIT_METHODS
 from engine.widths import MLP_HIDDEN
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -256,9 +256,11 @@ class TrainConfig(_Section):
 
 
 class RefineConfig(_Section):
-    """DEC / IDEC refinement (model.name dec or idec), on train.num_workers workers. The centres start from
-    k-means (the `cluster` settings) on the pretrained embeddings; the cluster stage then assigns every row to
-    its nearest refined centre (argmax of the soft assignment) instead of running k-means again."""
+    """DEC / IDEC refinement (model.name dec or idec), on train.num_workers workers. The centres start from the
+    partition that the `cluster` settings make of the pretrained embeddings, each centre its cluster's mean code:
+    k-means' centroids as in the papers, or N2D's partition (cluster.manifold umap, method gmm); the cluster stage
+    then assigns every row to its nearest refined centre (argmax of the soft assignment) instead of clustering
+    again."""
 
     gamma: float = Field(default=0.1, gt=0)
     """idec: weight of the clustering loss, L = reconstruction MSE + gamma * KL(P || Q) (the IDEC paper's
@@ -609,15 +611,16 @@ class PipelineConfig(_Section):
             raise ValueError(f"model.base={self.model.base!r} should be an autoencoder to pretrain, "
                              f"not a clustering model")
         # DEC's labels are the nearest refined centre in Euclidean distance; the cluster section only sets up
-        # the k-means that initialises the centres.
+        # the partition whose mean codes are the initial centres (k-means: its centroids): a method with k clusters,
+        # after a manifold step or not.
         c, name = self.cluster, self.model.name
-        if c.method != "kmeans":
+        if c.method not in REFINE_INIT_METHODS:
             raise ValueError(f"cluster.method={c.method} does not apply to model.name={name}: its centres start "
-                             f"from k-means (cluster.method: kmeans) and the refined centres label the rows")
-        if c.spherical or c.manifold != "none":
-            key = "cluster.spherical" if c.spherical else "cluster.manifold"
-            raise ValueError(f"{key} does not apply to model.name={name}: its soft assignment uses Euclidean "
-                             f"distances in the latent space")
+                             f"from a partition into cluster.k clusters ({', '.join(REFINE_INIT_METHODS)}) and "
+                             f"the refined centres label the rows")
+        if c.spherical:
+            raise ValueError(f"cluster.spherical does not apply to model.name={name}: its soft assignment uses "
+                             f"Euclidean distances in the latent space")
         return self
 
     @model_validator(mode="after")

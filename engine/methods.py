@@ -7,6 +7,9 @@ assignment read (no imports, so any module can)."""
 CENTROID_METHODS = ("kmeans", "sharded", "sample_assign", "two_level")
 IN_MEMORY_METHODS = ("kmeans", "gmm", "agglomerative", "hdbscan", "dbscan")
 NO_MANIFOLD_METHODS = ("sharded", "sample_assign", "two_level")
+# DEC / IDEC: the partition whose mean codes are the initial centres, fitted in one process (after the manifold step,
+# if any); a method with k clusters, not a density-based one.
+REFINE_INIT_METHODS = ("kmeans", "gmm", "agglomerative")
 # posterior: each row takes the most probable cluster under the trained model's own q(c|x), for the models that
 # have one (a mixture prior); the cluster stage fits nothing.
 POSTERIOR_MODELS = ("vade",)

@@ -218,7 +218,8 @@ def model_args(cfg: PipelineConfig) -> dict[str, Any]:
 
 def refine_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress, validated=None,
                  on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """dec / idec: k-means on the pretrained model's embeddings, then DEC / IDEC refinement into refined/;
+    """dec / idec: the initial centres from the `cluster` partition of the pretrained model's embeddings (k-means, or
+    e.g. N2D's UMAP + GMM), then DEC / IDEC refinement into refined/;
     `on_update` gets every target update's record too (after the progress display)."""
     from engine.runtime import offload, use_gpu
     from engine.train.refine import initial_centers, refine_model
@@ -232,7 +233,10 @@ def refine_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress
     ds, dim, n_rows = _input(cfg, validated)
     embed_gpu = use_gpu(cfg.embed.use_gpu)
     batch, actors = cfg.embed.plan(gpus_possible() if embed_gpu else 0)
-    with progress.stage("refine init", f"k-means k={cfg.cluster.k} on the pretrained embeddings"):
+    c = cfg.cluster
+    what = "k-means" if c.method == "kmeans" and c.manifold == "none" else (
+        c.method if c.manifold == "none" else f"{c.manifold} + {c.method}")
+    with progress.stage("refine init", f"{what} k={c.k} on the pretrained embeddings"):
         centers, initial = initial_centers(ds, model_dir, dim=dim, n_rows=n_rows, cluster=cfg.cluster,
                                            seed=cfg.seed, batch_size=batch, concurrency=actors, use_gpu=embed_gpu,
                                            remote=offload(gpu=embed_gpu), callback=progress.iteration)

@@ -199,9 +199,14 @@ def test_bad_settings_name_the_key():
         _idec_cfg(model={"base": "dec"})
     with pytest.raises(ConfigError, match=r"cluster.k=200 should be <= data.n_samples=100"):
         _idec_cfg(cluster={"k": 200})
-    # The cluster section only sets up the k-means that initialises the centres.
-    with pytest.raises(ConfigError, match=r"cluster.method=gmm does not apply to model.name=idec"):
-        _idec_cfg(cluster={"method": "gmm"})
+    # The cluster section only sets up the partition the centres start from: one of k clusters (a density-based
+    # method finds its own number), after UMAP or not.
+    for method in ("hdbscan", "dbscan", "sharded", "posterior"):
+        with pytest.raises(ConfigError, match=rf"cluster.method={method} does not apply to model.name=idec: its "
+                                              r"centres start from a partition into cluster.k clusters \(kmeans, "
+                                              r"gmm, agglomerative\)"):
+            _idec_cfg(cluster={"method": method})
+    assert _idec_cfg(cluster={"method": "gmm", "manifold": "umap", "umap": {"n_init": 2}}).cluster.method == "gmm"
     with pytest.raises(ConfigError, match=r"cluster.spherical does not apply to model.name=idec"):
         _idec_cfg(cluster={"spherical": True})
     with pytest.raises(ConfigError, match=r"model.base='vae' has no decode\(z\)"):
@@ -325,6 +330,65 @@ def test_embed_and_cluster_use_the_refined_model(idec_run):
     table = read_table(idec_run / "assignments", stage="assign")
     order = np.argsort(table.column("id").to_numpy())
     np.testing.assert_array_equal(table.column("cluster").to_numpy()[order][ids], dec_labels)
+
+
+def test_new_rows_are_assigned_by_the_refined_model(idec_run, tmp_path):
+    """`dce assign` of an IDEC run: each new row through the refined encoder to its nearest refined centre, so the
+    run's own rows, given as new ones, get the run's labels."""
+    from engine.data import open_source, read_dataset
+    from engine.rundir import load_run_config
+
+    table = read_dataset(open_source(load_run_config(idec_run).data)).to_pandas().sort_values("id")
+    np.save(tmp_path / "new.npy", np.stack(table["x"].to_numpy()).astype(np.float32))  # ids 0..399
+    result = CliRunner().invoke(app, ["assign", str(idec_run), "--input", str(tmp_path / "new.npy"),
+                                      "--out", str(tmp_path / "assigned"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    new = read_table(tmp_path / "assigned", stage="assign").sort_by("id")
+    run = read_table(idec_run / "assignments", stage="assign").sort_by("id")
+    assert new.column("id").equals(run.column("id")) and new.column("cluster").equals(run.column("cluster"))
+
+
+def test_centres_can_start_from_another_partition_than_kmeans(idec_run):
+    """`cluster.method` gmm after UMAP (N2D's partition, as configs/digits_idec.yaml): the initial centres are the mean
+    codes of that partition of the pretrained embeddings (Ray Data actors encode them), and its ACC is the baseline."""
+    from engine.cluster._in_memory import fit_labels
+    from engine.config import ClusterConfig
+    from engine.data import open_source, read_dataset
+    from engine.metrics import clustering_accuracy
+    from engine.rundir import load_run_config
+    from engine.train.refine import initial_centers
+
+    cfg = load_run_config(idec_run)
+    ds = read_dataset(open_source(cfg.data))
+    cluster = ClusterConfig(k=4, method="gmm", covariance_type="diag", n_init=2, manifold="umap",
+                            umap={"n_neighbors": 15})
+    centers, summary = initial_centers(ds, idec_run / "model", dim=6, n_rows=400, cluster=cluster, seed=3)
+
+    table = ds.to_pandas().sort_values("id")
+    state = load_checkpoint(idec_run / "model")
+    x = (torch.tensor(np.stack(table["x"].to_numpy()), dtype=torch.float32) - state["input"]["shift"])
+    with torch.no_grad():
+        z = model_from_checkpoint(state).eval().encode(x * state["input"]["scale"]).numpy()
+    labels, _ = fit_labels(z, cluster, seed=3)
+    means = np.stack([z[labels == j].mean(0) for j in range(4)])
+    np.testing.assert_allclose(centers, means, rtol=1e-4, atol=1e-5)
+    assert summary["acc"] == pytest.approx(clustering_accuracy(table["label"].to_numpy(), labels))
+    assert summary["inertia"] == pytest.approx(float(((z - means[labels]) ** 2).sum()), rel=1e-4)
+    assert summary["in_driver"] and summary["acc"] > 0.5  # four blobs, a partition not a random one
+
+
+def test_a_partition_without_k_clusters_is_refused():
+    from engine.config import ClusterConfig
+    from engine.errors import DataError
+    from engine.train.refine import _partition_means
+
+    z = np.concatenate([np.zeros((20, 2)), np.full((20, 2), 10.0)]).astype(np.float32)
+    z += np.random.default_rng(0).normal(scale=0.1, size=z.shape).astype(np.float32)
+    with pytest.raises(DataError, match=r"the codes: dbscan found 2 clusters, not cluster.k=4; the refinement needs "
+                                        r"k initial centres"):
+        _partition_means(z, ClusterConfig(k=4, method="dbscan", eps=1.0), seed=0, where="the codes")
+    centers, labels, _ = _partition_means(z, ClusterConfig(k=2, method="agglomerative"), seed=0, where="the codes")
+    np.testing.assert_allclose(np.sort(centers[:, 0]), [0.0, 10.0], atol=0.1)
 
 
 def test_one_worker_agrees_with_two(idec_run, tmp_path):

@@ -1,5 +1,6 @@
-"""DEC / IDEC refinement of a pretrained autoencoder: k-means initial centres, then Ray Train DDP steps against a
-target distribution that is recomputed from every row every `update_interval` steps."""
+"""DEC / IDEC refinement of a pretrained autoencoder: initial centres from a partition of its codes (k-means, or N2D's
+UMAP + GMM), then Ray Train DDP steps against a target distribution that is recomputed from every row every
+`update_interval` steps."""
 
 from __future__ import annotations
 
@@ -285,13 +286,19 @@ def refine_model(ds, *, pretrained: str | Path, centers: np.ndarray, name: str, 
 def initial_centers(ds, pretrained: str | Path, *, dim: int, n_rows: int, cluster: Any, seed: int,
                     batch_size: int = 4096, concurrency: int = 2, use_gpu: bool = False, remote: bool = False,
                     callback: Callable[[dict[str, Any]], None] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """K-means (`cluster`, a ClusterConfig) on the pretrained encoder's embeddings of every row of `ds`.
+    """The initial centres: the partition `cluster` (a ClusterConfig) makes of the pretrained encoder's embeddings
+    of every row of `ds`, each centre its cluster's mean code.
 
-    The embeddings come back to this process, nothing is written: the k-means needs them all here anyway.
-    Returns the centres and a summary (inertia, iterations; ACC and NMI of the k-means labels when the
-    input has labels: the autoencoder + k-means baseline the refinement starts from). With `remote` (a cluster that
-    has or may launch GPUs, see `engine.runtime.offload`) the k-means runs in a Ray task with a GPU, not here, and
-    `callback` gets no iterations.
+    k-means without a manifold step, as DEC and IDEC do, gives its centroids. Any other method with k clusters
+    (gmm, agglomerative), after a manifold step or not, is fitted in this process by `fit_labels` as the cluster
+    stage fits it (N2D: UMAP, then a Gaussian mixture), and its clusters' mean codes are the centres: the
+    refinement then starts from that partition (its Student-t assignment to the means, not the partition itself).
+
+    The embeddings come back to this process, nothing is written: the clustering needs them all here anyway.
+    Returns the centres and a summary of numbers (inertia: squared distances to the centres; iterations; ACC and NMI
+    of the partition when the input has labels: the baseline the refinement starts from). With `remote` (a cluster
+    that has or may launch GPUs, see `engine.runtime.offload`) the k-means runs in a Ray task with a GPU, not here,
+    and `callback` gets no iterations.
     """
     from sklearn.metrics import normalized_mutual_info_score
 
@@ -305,19 +312,41 @@ def initial_centers(ds, pretrained: str | Path, *, dim: int, n_rows: int, cluste
     if table is None or table.num_rows != n_rows:
         raise DataError(f"{where}: {0 if table is None else table.num_rows} rows but the input has {n_rows}")
     _, z, labels = table_vectors(table, where=where)
-    params = dict(n_clusters=cluster.k, init=cluster.init, n_init=cluster.n_init, max_iter=cluster.max_iter,
-                  tol=cluster.tol, seed=seed, backend=cluster.backend)
-    if remote:
-        import ray
+    if cluster.method == "kmeans" and cluster.manifold == "none":
+        params = dict(n_clusters=cluster.k, init=cluster.init, n_init=cluster.n_init, max_iter=cluster.max_iter,
+                      tol=cluster.tol, seed=seed, backend=cluster.backend)
+        if remote:
+            import ray
 
-        fit = ray.remote(num_cpus=1, num_gpus=1, max_retries=0)(_fit_kmeans)
-        centers, inertia, n_iter, found = ray.get(fit.remote(ray.put(z), params))
+            fit = ray.remote(num_cpus=1, num_gpus=1, max_retries=0)(_fit_kmeans)
+            centers, inertia, n_iter, found = ray.get(fit.remote(ray.put(z), params))
+        else:
+            centers, inertia, n_iter, found = _fit_kmeans(z, params, callback)
+        summary: dict[str, Any] = {"inertia": inertia, "n_iter": n_iter, "in_driver": not remote}
     else:
-        centers, inertia, n_iter, found = _fit_kmeans(z, params, callback)
-    summary: dict[str, Any] = {"inertia": inertia, "n_iter": n_iter, "in_driver": not remote}
+        centers, found, summary = _partition_means(z, cluster, seed, where)
     if labels is not None:
         summary.update(acc=clustering_accuracy(labels, found), nmi=float(normalized_mutual_info_score(labels, found)))
     return centers, summary
+
+
+def _partition_means(z: np.ndarray, cluster: Any, seed: int, where: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(centres, labels, summary) of `cluster`'s partition of z fitted here by `fit_labels`: each centre its
+    cluster's mean row."""
+    from engine.cluster._in_memory import cluster_means, fit_labels
+    from engine.errors import DataError
+
+    found, facts = fit_labels(z, cluster, seed)
+    if facts["n_clusters"] != cluster.k:
+        # A Gaussian component that wins no row is dropped: the refinement needs k centres.
+        what = cluster.method if cluster.manifold == "none" else f"{cluster.manifold} + {cluster.method}"
+        raise DataError(f"{where}: {what} found {facts['n_clusters']} clusters, not cluster.k={cluster.k}; the "
+                        f"refinement needs k initial centres: try another seed or cluster.n_init, or cluster.method "
+                        f"kmeans")
+    centers, distance = cluster_means(z, found)
+    summary = {"inertia": float(np.square(distance, dtype=np.float64).sum()), "n_iter": int(facts.get("n_iter", 0)),
+               "in_driver": True, "fit_seconds": facts["fit_seconds"]}
+    return centers, found, summary
 
 
 def _fit_kmeans(z: np.ndarray, params: dict[str, Any],
