@@ -385,6 +385,11 @@ class ClusterConfig(_Section):
     the in-memory methods (kmeans, gmm, agglomerative, hdbscan, dbscan)."""
     umap: UmapConfig = Field(default_factory=UmapConfig)
 
+    @property
+    def described(self) -> str:
+        """The method as progress lines and errors name it: `gmm`, or `umap + gmm` after a manifold step."""
+        return self.method if self.manifold == "none" else f"{self.manifold} + {self.method}"
+
     @model_validator(mode="after")
     def _check_layouts(self) -> ClusterConfig:
         if self.manifold == "umap" and self.umap.n_init > 1 and self.method in ("hdbscan", "dbscan"):

@@ -234,8 +234,7 @@ def refine_stage(cfg: PipelineConfig, run_dir: RunDir | Path, progress: Progress
     embed_gpu = use_gpu(cfg.embed.use_gpu)
     batch, actors = cfg.embed.plan(gpus_possible() if embed_gpu else 0)
     c = cfg.cluster
-    what = "k-means" if c.method == "kmeans" and c.manifold == "none" else (
-        c.method if c.manifold == "none" else f"{c.manifold} + {c.method}")
+    what = "k-means" if c.described == "kmeans" else c.described
     with progress.stage("refine init", f"{what} k={c.k} on the pretrained embeddings"):
         centers, initial = initial_centers(ds, model_dir, dim=dim, n_rows=n_rows, cluster=cfg.cluster,
                                            seed=cfg.seed, batch_size=batch, concurrency=actors, use_gpu=embed_gpu,
@@ -458,7 +457,7 @@ def _cluster_in_memory(cfg: PipelineConfig, run: RunDir, progress: Progress, row
     from engine.runtime import offload
 
     c, run_dir = cfg.cluster, run.local
-    what = c.method if c.manifold == "none" else f"{c.manifold} + {c.method}"
+    what = c.described
     gpu = _cluster_gpu(cfg)
     with progress.stage("cluster", f"{what} on {rows} rows" + (" in a GPU task" if offload(gpu=gpu) else "")):
         args = (cfg, run.folder("embeddings"), run.folder("assignments"))

@@ -339,10 +339,9 @@ def _partition_means(z: np.ndarray, cluster: Any, seed: int, where: str) -> tupl
     found, facts = fit_labels(z, cluster, seed)
     if facts["n_clusters"] != cluster.k:
         # A Gaussian component that wins no row is dropped: the refinement needs k centres.
-        what = cluster.method if cluster.manifold == "none" else f"{cluster.manifold} + {cluster.method}"
-        raise DataError(f"{where}: {what} found {facts['n_clusters']} clusters, not cluster.k={cluster.k}; the "
-                        f"refinement needs k initial centres: try another seed or cluster.n_init, or cluster.method "
-                        f"kmeans")
+        raise DataError(f"{where}: {cluster.described} found {facts['n_clusters']} clusters, not "
+                        f"cluster.k={cluster.k}; the refinement needs k initial centres: try another seed or "
+                        f"cluster.n_init, or cluster.method kmeans")
     centers, distance = cluster_means(z, found)
     summary = {"inertia": float(np.square(distance, dtype=np.float64).sum()), "n_iter": int(facts.get("n_iter", 0)),
                "in_driver": True, "fit_seconds": facts["fit_seconds"]}
