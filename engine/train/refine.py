@@ -18,7 +18,7 @@ import torch
 
 from engine.config import REFINED_MODELS
 from engine.data.folders import staged_folder, write_manifest
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DataError
 from engine.models.dec import cluster_frequencies, kl_divergence, target_distribution
 from engine.train.checkpoint import FILENAME, load_checkpoint
 
@@ -304,7 +304,6 @@ def initial_centers(ds, pretrained: str | Path, *, dim: int, n_rows: int, cluste
 
     from engine.cluster.assignments import table_vectors
     from engine.embed import embed_rows
-    from engine.errors import DataError
     from engine.metrics import clustering_accuracy
 
     table = embed_rows(ds, pretrained, dim=dim, batch_size=batch_size, concurrency=concurrency, use_gpu=use_gpu)
@@ -334,7 +333,6 @@ def _partition_means(z: np.ndarray, cluster: Any, seed: int, where: str) -> tupl
     """(centres, labels, summary) of `cluster`'s partition of z fitted here by `fit_labels`: each centre its
     cluster's mean row."""
     from engine.cluster._in_memory import cluster_means, fit_labels
-    from engine.errors import DataError
 
     found, facts = fit_labels(z, cluster, seed)
     if facts["n_clusters"] != cluster.k:
