@@ -128,6 +128,10 @@ class ModelConfig(_Section):
     codes around its component before the mixture's own posterior takes over."""
     anchor_epochs: int = Field(default=10, ge=0)
     """vade with prior_init n2d: the epochs after pretraining in which q(c|x) is held at N2D's partition."""
+    prior_layouts: int = Field(default=1, ge=1)
+    """vade with prior_init n2d: UMAP layouts of the codes over one neighbour graph, each partitioned by the
+    mixture; the most even partition starts the prior (as cluster.umap.n_init with select: even, which the image
+    recipes' clustering uses). Run one after the other in the training worker, which holds the CPUs."""
     base: str = "mlp_ae"
     """dec / idec: the registered autoencoder the train stage pretrains before the refine stage."""
     n_clusters: int | None = Field(default=None, ge=1)

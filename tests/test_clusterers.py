@@ -263,6 +263,11 @@ def test_umap_layouts_run_as_ray_tasks_and_equal_the_layouts_of_this_process(ray
     # Layouts that differ (the first splits a blob, see above): equal entropies are not one layout repeated.
     assert adjusted_rand_score(here[0], here[1]) < 0.95
     np.testing.assert_array_equal(labels, _compact(here[info["umap"]["kept"]]))
+    # A caller that holds the CPUs (a training worker: VaDE's N2D start) runs them all here: the same partition.
+    alone, info = fit_labels(x, cfg, seed=5, ray_tasks=False)
+    assert info["umap"]["layouts_ran_in"] == "this process"
+    assert {layout["pid"] for layout in info["umap"]["layouts"]} == {os.getpid()}
+    np.testing.assert_array_equal(alone, labels)
 
 
 UMAP_IN_A_FRESH_PROCESS = """

@@ -512,6 +512,10 @@ def test_n2d_prior_start_then_anchored_posterior_then_the_mixtures_own():
         build_model("vade", in_dim=4, prior_init="umap")
     with pytest.raises(ConfigError, match=r"model.anchor_epochs=-1 should be >= 0"):
         build_model("vade", in_dim=4, anchor_epochs=-1)
+    with pytest.raises(ConfigError, match=r"model.prior_layouts=0 should be >= 1"):
+        build_model("vade", in_dim=4, prior_layouts=0)
+    with pytest.raises(ConfigError, match=r"'model.prior_layouts': Input should be greater than or equal to 1"):
+        config_from_dict({"model": {"name": "vade", "prior_init": "n2d", "prior_layouts": 0}})
     with pytest.raises(ConfigError, match=r"'model.prior_init': Input should be 'gmm' or 'n2d'"):
         config_from_dict({"model": {"name": "vade", "prior_init": "kmeans"}})
 
@@ -525,7 +529,9 @@ def n2d_run(ray_local, digits_npy, tmp_path_factory):
     source = open_source(cfg.data)
     ds = read_dataset(source).materialize()
     info = describe(ds, normalize=cfg.data.normalize, image_shape=source.image_shape)
-    model = {**cfg.model.pretrain_options(), "n_clusters": 10, "prior_init": "n2d", "anchor_epochs": 2}
+    # 2 layouts: they run one after the other in the worker, which holds its CPUs (Ray tasks would wait for them).
+    model = {**cfg.model.pretrain_options(), "n_clusters": 10, "prior_init": "n2d", "anchor_epochs": 2,
+             "prior_layouts": 2}
     train = cfg.train.model_copy(update={"epochs": 8, "batch_size": 64})
     return train_encoder(ds.select_columns(["x"]), in_dim=info.dim, shift=info.shift, scale=info.scale, model=model,
                          train=train, seed=cfg.seed, run_dir=tmp_path_factory.mktemp("vade-n2d"),
@@ -534,7 +540,8 @@ def n2d_run(ray_local, digits_npy, tmp_path_factory):
 
 def test_n2d_start_trains_on_two_workers(n2d_run):
     state = load_checkpoint(n2d_run)
-    assert state["model"]["prior_init"] == "n2d" and int(state["state_dict"]["prior_ready"]) == 1
+    assert state["model"]["prior_init"] == "n2d" and state["model"]["prior_layouts"] == 2
+    assert int(state["state_dict"]["prior_ready"]) == 1
     kl, losses = _history(n2d_run, "kl"), _history(n2d_run)
     assert np.isnan(kl[:3]).all() and (kl[3:] > 0).all() and np.isfinite(losses).all(), losses
     model = model_from_checkpoint(state).eval()

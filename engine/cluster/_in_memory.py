@@ -25,12 +25,14 @@ WARD_MAX_ROWS = 20_000
 DBSCAN_MIN_SAMPLES = 5  # scikit-learn's default
 
 
-def fit_labels(z: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+def fit_labels(z: np.ndarray, cfg: ClusterConfig, seed: int = 0, *,
+               ray_tasks: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """Labels (n,) int32 of every row of z for `cfg.method` after `cfg.manifold`, and facts about the fit.
 
     Cluster labels are 0..n_clusters-1 with no gaps (a Gaussian component that wins no row is dropped);
     noise is -1. The facts (a JSON-able dict) hold n_clusters, n_noise, noise_fraction, seconds, and the
     method's own figures (gmm: converged, n_iter, lower_bound, bic; agglomerative: micro_clusters).
+    `ray_tasks` False runs every UMAP layout in this process even where Ray is up (a caller holding the CPUs).
     """
     if cfg.method not in IN_MEMORY_METHODS:
         raise ConfigError(f"cluster.method={cfg.method} is not an in-memory method ({', '.join(IN_MEMORY_METHODS)})")
@@ -43,7 +45,7 @@ def fit_labels(z: np.ndarray, cfg: ClusterConfig, seed: int = 0) -> tuple[np.nda
     fit = {"kmeans": _kmeans, "gmm": _gmm, "agglomerative": _agglomerative, "hdbscan": _hdbscan,
            "dbscan": _dbscan}[cfg.method]
     if cfg.manifold == "umap":
-        labels, method_info, info["umap"], fit_seconds = _umap_then_fit(z, cfg, fit, seed)
+        labels, method_info, info["umap"], fit_seconds = _umap_then_fit(z, cfg, fit, seed, ray_tasks)
     else:
         fit_started = time.perf_counter()
         raw, method_info = fit(z, cfg, seed)
@@ -100,7 +102,7 @@ def consensus_scores(partitions: list[np.ndarray]) -> list[float]:
     return (pair.sum(axis=1) / (m - 1)).tolist()
 
 
-def _umap_then_fit(z: np.ndarray, cfg: ClusterConfig, fit, seed: int):
+def _umap_then_fit(z: np.ndarray, cfg: ClusterConfig, fit, seed: int, ray_tasks: bool = True):
     """`fit` on UMAP layouts of z: one (seed), or cluster.umap.n_init (seeds seed, seed+1, ...) over one k-NN graph,
     of which one partition is kept by cluster.umap.select (ties: the earliest): the one agreeing best with the
     others (consensus) or the most even in cluster sizes (even). Returns its labels and method facts, the UMAP
@@ -113,7 +115,7 @@ def _umap_then_fit(z: np.ndarray, cfg: ClusterConfig, fit, seed: int):
     knn = umap_knn(z, u, n_components, seed=seed) if u.n_init > 1 else None
     knn_seconds = time.perf_counter() - started
     args = [(u, n_components, seed + i, fit, cfg, seed) for i in range(u.n_init)]
-    on_ray = u.n_init > 1 and _ray_is_up()
+    on_ray = ray_tasks and u.n_init > 1 and _ray_is_up()
     if on_ray:
         # Each layout is single-threaded (seeded): the first here, each other one in a Ray task meanwhile, on
         # whatever CPUs the cluster has; each is the computation this process would make (the same rows, graph and

@@ -46,6 +46,7 @@ class VaDEConfig:
     prior_variance: float = 1.0  # every component's variance until the GMM sets them (for good with 0 above)
     prior_init: str = "gmm"  # gmm: the paper's mixture of the codes; n2d: N2D's partition of them (see init_prior)
     anchor_epochs: int = 10  # n2d: epochs after pretraining in which q(c|x) is held at that partition
+    prior_layouts: int = 1  # n2d: UMAP layouts of the codes, the most even partition kept
 
 
 # ---- the maths -------------------------------------------------------------------------------------
@@ -89,6 +90,8 @@ class VaDE(VAE):
             raise ConfigError(f"model.prior_init={cfg.prior_init!r} should be 'gmm' or 'n2d'")
         if cfg.anchor_epochs < 0:
             raise ConfigError(f"model.anchor_epochs={cfg.anchor_epochs} should be >= 0")
+        if cfg.prior_layouts < 1:
+            raise ConfigError(f"model.prior_layouts={cfg.prior_layouts} should be >= 1")
         if not cfg.prior_variance > 0:  # also refuses NaN
             raise ConfigError(f"model.prior_variance={cfg.prior_variance} should be > 0 (the variance of each "
                               f"component of vade's mixture prior)")
@@ -201,7 +204,7 @@ class VaDE(VAE):
             raise ConfigError(f"cluster.k={k} should be <= the number of rows ({len(codes)}): vade fits one "
                               f"mixture component per cluster to the rows' codes")
         facts: dict = {}
-        labels = _n2d_partition(codes, k, seed) if self.cfg.prior_init == "n2d" else None
+        labels = _n2d_partition(codes, k, seed, self.cfg.prior_layouts) if self.cfg.prior_init == "n2d" else None
         if labels is not None and len(np.unique(labels)) == k:
             weights = np.bincount(labels, minlength=k) / len(labels)
             means = np.stack([codes[labels == c].mean(0) for c in range(k)])
@@ -230,14 +233,17 @@ class VaDE(VAE):
         return facts
 
 
-def _n2d_partition(codes: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """N2D's clusters of the codes (the engine's `cluster.manifold: umap` + `method: gmm` at N2D's settings)."""
+def _n2d_partition(codes: np.ndarray, k: int, seed: int, layouts: int = 1) -> np.ndarray:
+    """N2D's clusters of the codes (the engine's `cluster.manifold: umap` + `method: gmm` at N2D's settings), the
+    most even of `layouts` partitions. The layouts run here, one after the other: a training worker holds its CPUs,
+    so Ray tasks for them would wait for CPUs that do not come free."""
     from engine.cluster import fit_labels
     from engine.config import ClusterConfig, UmapConfig
 
     cfg = ClusterConfig(method="gmm", covariance_type="full", k=k, n_init=1, manifold="umap",
-                        umap=UmapConfig(n_neighbors=min(20, len(codes) - 1), min_dist=0.0))
-    return fit_labels(codes, cfg, seed)[0]
+                        umap=UmapConfig(n_neighbors=min(20, len(codes) - 1), min_dist=0.0, n_init=layouts,
+                                        select="even"))
+    return fit_labels(codes, cfg, seed, ray_tasks=False)[0]
 
 
 class Anchor:
@@ -260,9 +266,10 @@ class Anchor:
 @register_model("vade")
 def build_vade(*, in_dim: int, n_clusters: int = 10, latent_dim: int = 10, hidden: list[int] | None = None,
                recon_loss: str = "mse", dropout: float = 0.0, pretrain_epochs: int = 10,
-               prior_variance: float = 1.0, prior_init: str = "gmm", anchor_epochs: int = 10) -> VaDE:
+               prior_variance: float = 1.0, prior_init: str = "gmm", anchor_epochs: int = 10,
+               prior_layouts: int = 1) -> VaDE:
     # An MLP VaDE, as the paper's: images reach it as flat rows.
     return VaDE(VaDEConfig(in_dim=in_dim, n_clusters=n_clusters, latent_dim=latent_dim,
                            hidden=list(MLP_HIDDEN if hidden is None else hidden), recon_loss=recon_loss,
                            dropout=dropout, pretrain_epochs=pretrain_epochs, prior_variance=prior_variance,
-                           prior_init=prior_init, anchor_epochs=anchor_epochs))
+                           prior_init=prior_init, anchor_epochs=anchor_epochs, prior_layouts=prior_layouts))
