@@ -113,6 +113,10 @@ class ModelConfig(_Section):
     recon_loss: Literal["mse", "bce"] = "mse"
     """vae: reconstruction term, summed over features and averaged over the batch. bce needs inputs in
     [0, 1] (data.normalize: max or minmax on non-negative data)."""
+    center_input: bool = False
+    """vae, vade: the encoder reads 2x - 1 instead of x, inputs in [0, 1] centred on 0, while the decoder still
+    models x (Bernoulli pixels need x in [0, 1], so `data.normalize: center` cannot do it). An image set and its
+    inverse (dark on light) then train alike: read this way an inverted image is the negative of its original."""
     pretrain_epochs: int = Field(default=10, ge=0)
     """vade: the first epochs of train.epochs train a plain autoencoder (the VaDE paper's pretraining); then a
     diagonal Gaussian mixture on every row's code initialises the prior, and the rest train VaDE itself. 0: no
@@ -692,6 +696,14 @@ class PipelineConfig(_Section):
                              f"'{self.data.normalize}' centres "
                              "them on 0; use data.normalize=minmax (or max on non-negative data), or "
                              "model.recon_loss=mse")
+        trained = self.model.base if self.model.refines else self.model.name
+        if self.model.center_input and trained not in ("vae", "vade"):
+            raise ValueError(f"model.center_input is a setting of vae and vade, not of {trained} (centre its input "
+                             f"with data.normalize=center)")
+        if self.model.center_input and self.data.normalize in ("standard", "center"):
+            raise ValueError(f"model.center_input maps inputs in [0, 1] to [-1, 1], but data.normalize="
+                             f"'{self.data.normalize}' already centres them on 0; use data.normalize=max or minmax, "
+                             "or leave model.center_input false")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -204,6 +204,15 @@ def test_vae_bad_input():
                                           r"data.normalize='center' centres them on 0"):
         config_from_dict({"data": {"source": "digits", "normalize": "center"},
                           "model": {"name": "vae", "recon_loss": "bce"}})
+    with pytest.raises(ConfigError, match=r"model.center_input maps inputs in \[0, 1\] to \[-1, 1\], but "
+                                          r"data.normalize='standard' already centres them on 0"):
+        config_from_dict({"data": {"source": "digits", "normalize": "standard"},
+                          "model": {"name": "vade", "center_input": True}})
+    with pytest.raises(ConfigError, match=r"model.center_input is a setting of vae and vade, not of mlp_ae"):
+        config_from_dict({"model": {"name": "idec", "center_input": True}})
+    with pytest.raises(ConfigError, match=r"model.center_input is a setting of vae and vade, not of conv_ae"):
+        config_from_dict({"model": {"name": "conv_ae", "center_input": True}})
+    assert config_from_dict({"model": {"name": "dec", "base": "vae", "center_input": True}}).model.center_input
     m = build_model("vae", in_dim=4, latent_dim=2, hidden=[4], recon_loss="bce")
     with pytest.raises(DataError, match=r"model.recon_loss='bce' needs inputs in \[0, 1\], but a batch spans "
                                         r"\[-1, 2\]; use data.normalize=minmax") as excinfo:

@@ -520,6 +520,75 @@ def test_n2d_prior_start_then_anchored_posterior_then_the_mixtures_own():
         config_from_dict({"model": {"name": "vade", "prior_init": "kmeans"}})
 
 
+def _mirror(model):
+    """A copy of `model` whose first encoder layer and last decoder layer are negated (the decoder's bias too):
+    with center_input, the twin that reads each image inverted (1 - x) as `model` reads x."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.encoder[0].weight.neg_()
+        twin.decoder[-1].weight.neg_()
+        twin.decoder[-1].bias.neg_()
+    return twin
+
+
+@pytest.mark.parametrize("name", ["vae", "vade"])
+@pytest.mark.parametrize("center", [True, False])
+def test_center_input_trains_an_inverted_image_set_as_its_original(name, center):
+    # Read as 2x - 1, an inverted image is its original negated: a model and its mirrored twin (first and last
+    # layers negated, which the symmetric initialisation draws as likely) give the same codes and losses on x and
+    # on 1 - x, and Adam's steps keep them mirrored. Raw [0, 1] input (center_input false) has no such twin.
+    x = torch.rand(32, 12)
+    torch.manual_seed(0)
+    extra = {"n_clusters": 3, "pretrain_epochs": 1, "recon_loss": "bce"} if name == "vade" else {"recon_loss": "bce"}
+    model = build_model(name, in_dim=12, latent_dim=3, hidden=[16, 8], center_input=center, **extra)
+    twin = _mirror(model)
+    steps = []
+    for m, data in ((model, x), (twin, 1 - x)):
+        torch.manual_seed(1)  # the same samples of z
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        losses = []
+        for epoch in range(4):
+            if name == "vade":  # one pretraining epoch, then the mixture prior on the codes
+                m.begin_epoch(epoch, rows=lambda data=data: [data], gather=lambda a: a)
+            opt.zero_grad()
+            loss = m.loss(data)[0]
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        steps.append((losses, m.eval().encode(data).detach()))
+    (losses, codes), (twin_losses, twin_codes) = steps
+    same = np.allclose(losses, twin_losses, rtol=1e-4) and torch.allclose(codes, twin_codes, atol=1e-4)
+    assert same == center, (losses, twin_losses)
+    if name == "vade" and center:
+        np.testing.assert_allclose(model.mu_c.detach(), twin.mu_c.detach(), atol=1e-4)  # the same prior fitted
+
+
+def test_center_input_reaches_the_anchor_and_the_checkpoint(tmp_path):
+    # The anchor's frozen encoder reads the input as the model does; the checkpoint rebuilds the centring.
+    pytest.importorskip("umap")
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.random((90, 6)) * np.repeat(np.eye(3), 30, axis=0).repeat(2, axis=1), dtype=torch.float32)
+    torch.manual_seed(0)
+    m = build_model("vade", in_dim=6, n_clusters=3, latent_dim=2, hidden=[8], pretrain_epochs=1, prior_init="n2d",
+                    anchor_epochs=1, center_input=True, recon_loss="bce")
+    assert m.begin_epoch(1, rows=lambda: [x], gather=lambda a: a) and m.anchor is not None
+    # The frozen encoder gives each training row its own code (the codes are kept sorted, not in row order).
+    with torch.no_grad():
+        gaps = (m.anchor.encoder(x)[:, None, :] - m.anchor.codes[None]).norm(dim=-1)  # exact, unlike cdist's
+        assert float(gaps.min(1).values.max()) < 1e-5
+    save_checkpoint(tmp_path / "m.pt", model=m, shift=np.zeros(6, np.float32), scale=np.ones(6, np.float32), epoch=1,
+                    history=[])
+    again = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt")).eval()
+    assert again.cfg.center_input and torch.equal(again.encode(x), m.eval().encode(x))
+    cfg = config_from_dict({"model": {"name": "vade", "recon_loss": "bce", "center_input": True},
+                            "data": {"source": "digits", "normalize": "max"}})
+    assert cfg.model.pretrain_options()["center_input"] is True
+    with pytest.raises(ConfigError, match=r"'model.center_input': Input should be a valid boolean"):
+        config_from_dict({"model": {"name": "vae", "center_input": "sometimes"}})
+
+
 @pytest.fixture(scope="module")
 @needs("ray", "train")
 def n2d_run(ray_local, digits_npy, tmp_path_factory):

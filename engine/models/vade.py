@@ -47,6 +47,7 @@ class VaDEConfig:
     prior_init: str = "gmm"  # gmm: the paper's mixture of the codes; n2d: N2D's partition of them (see init_prior)
     anchor_epochs: int = 10  # n2d: epochs after pretraining in which q(c|x) is held at that partition
     prior_layouts: int = 1  # n2d: UMAP layouts of the codes, the most even partition kept
+    center_input: bool = False  # the encoder reads 2x - 1 (vae.py's CenterUnit)
 
 
 # ---- the maths -------------------------------------------------------------------------------------
@@ -96,7 +97,8 @@ class VaDE(VAE):
             raise ConfigError(f"model.prior_variance={cfg.prior_variance} should be > 0 (the variance of each "
                               f"component of vade's mixture prior)")
         super().__init__(VAEConfig(in_dim=cfg.in_dim, latent_dim=cfg.latent_dim, hidden=list(cfg.hidden),
-                                   recon_loss=cfg.recon_loss, dropout=cfg.dropout))
+                                   recon_loss=cfg.recon_loss, dropout=cfg.dropout,
+                                   center_input=cfg.center_input))
         self.cfg = cfg  # type: ignore[assignment]  # the VAE reads dropout and recon_loss, which VaDEConfig has
         k, d = cfg.n_clusters, cfg.latent_dim
         # pi as logits: any value is a distribution, so Adam's steps never leave the simplex.
@@ -129,8 +131,7 @@ class VaDE(VAE):
         The prior's terms are computed here, in the forward: under DDP only what the wrapper's forward
         reaches has its gradients all-reduced.
         """
-        noisy = F.dropout(x, self.cfg.dropout, self.training) if self.cfg.dropout else x
-        mu, logvar = self.posterior(noisy)
+        mu, logvar = self.posterior(x, noisy=True)
         if not bool(self.prior_ready):  # pretraining: an autoencoder on the means
             return self.decoder(mu), mu, None
         z = reparameterize(mu, logvar)
@@ -183,7 +184,7 @@ class VaDE(VAE):
         facts = self.init_prior(codes, seed=torch.initial_seed() % 2**32)
         if "labels" in facts and self.cfg.anchor_epochs > 0:
             device = self.mu_c.device
-            frozen = copy.deepcopy(nn.Sequential(self.encoder, self.mu)).eval().requires_grad_(False)
+            frozen = copy.deepcopy(nn.Sequential(self.input_map, self.encoder, self.mu)).eval().requires_grad_(False)
             self.anchor = Anchor(frozen, torch.as_tensor(codes, device=device),
                                  torch.as_tensor(facts["labels"], device=device), self.cfg.n_clusters)
         return True
@@ -267,9 +268,10 @@ class Anchor:
 def build_vade(*, in_dim: int, n_clusters: int = 10, latent_dim: int = 10, hidden: list[int] | None = None,
                recon_loss: str = "mse", dropout: float = 0.0, pretrain_epochs: int = 10,
                prior_variance: float = 1.0, prior_init: str = "gmm", anchor_epochs: int = 10,
-               prior_layouts: int = 1) -> VaDE:
+               prior_layouts: int = 1, center_input: bool = False) -> VaDE:
     # An MLP VaDE, as the paper's: images reach it as flat rows.
     return VaDE(VaDEConfig(in_dim=in_dim, n_clusters=n_clusters, latent_dim=latent_dim,
                            hidden=list(MLP_HIDDEN if hidden is None else hidden), recon_loss=recon_loss,
                            dropout=dropout, pretrain_epochs=pretrain_epochs, prior_variance=prior_variance,
-                           prior_init=prior_init, anchor_epochs=anchor_epochs, prior_layouts=prior_layouts))
+                           prior_init=prior_init, anchor_epochs=anchor_epochs, prior_layouts=prior_layouts,
+                           center_input=center_input))

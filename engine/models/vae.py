@@ -31,6 +31,21 @@ class VAEConfig:
     beta: float = 1.0  # weight of the KL term; 1 is the plain VAE
     recon_loss: str = "mse"  # mse: squared error; bce: Bernoulli pixels, inputs in [0, 1]
     dropout: float = 0.0  # on the input only
+    center_input: bool = False  # the encoder reads 2x - 1: inputs in [0, 1] centred on 0 (see CenterUnit)
+
+
+class CenterUnit(nn.Module):
+    """x -> 2x - 1: inputs in [0, 1] centred on 0 before the encoder reads them; the decoder still models x.
+
+    Bernoulli pixels (recon_loss bce) need inputs in [0, 1], so the data cannot be centred before the model as
+    `data.normalize: center` does for squared error. An encoder that reads raw [0, 1] pixels trains differently on
+    an image set and on its inverse (dark on light): the inverse's background feeds every first-layer unit a large
+    constant. Read as 2x - 1, an inverted image is the negative of its original, and the encoder's and decoder's
+    initial weights are symmetric about 0, so both train alike (in distribution; the logits' sign flips with the
+    targets)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * x - 1.0
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -67,6 +82,8 @@ class VAE(nn.Module):
         if cfg.beta < 0:
             raise ConfigError(f"model.beta={cfg.beta} should be >= 0")
         self.cfg = cfg
+        # No parameters: the checkpoint's keys do not depend on it.
+        self.input_map: nn.Module = CenterUnit() if cfg.center_input else nn.Identity()
         widths = [cfg.in_dim, *cfg.hidden]
         body: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:], strict=True):
@@ -80,9 +97,13 @@ class VAE(nn.Module):
             decoder += [nn.Linear(a, b), nn.ReLU()]
         self.decoder = nn.Sequential(*decoder[:-1])  # no activation on the output (values or logits)
 
-    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and log-variance of q(z|x)."""
-        h = self.encoder(x)
+    def posterior(self, x: torch.Tensor, noisy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of q(z|x); `noisy`: with the input dropout of training (after the centring, so
+        a dropped pixel reads as 0 whichever way the image is lit)."""
+        h = self.input_map(x)
+        if noisy and self.cfg.dropout and self.training:
+            h = F.dropout(h, self.cfg.dropout, True)
+        h = self.encoder(h)
         return self.mu(h), self.logvar(h)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,8 +111,7 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(decoder output for a sampled z: values for mse, logits for bce; mu; logvar)."""
-        noisy = F.dropout(x, self.cfg.dropout, self.training) if self.cfg.dropout else x
-        mu, logvar = self.posterior(noisy)
+        mu, logvar = self.posterior(x, noisy=True)
         return self.decoder(reparameterize(mu, logvar)), mu, logvar
 
     def loss(self, x: torch.Tensor, forward=None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -104,8 +124,8 @@ class VAE(nn.Module):
 
 @register_model("vae")
 def build_vae(*, in_dim: int, latent_dim: int = 10, hidden: list[int] | None = None, dropout: float = 0.0,
-              beta: float = 1.0, recon_loss: str = "mse") -> VAE:
+              beta: float = 1.0, recon_loss: str = "mse", center_input: bool = False) -> VAE:
     # An MLP VAE: images reach it as flat rows.
     return VAE(VAEConfig(in_dim=in_dim, latent_dim=latent_dim,
                          hidden=list(MLP_HIDDEN if hidden is None else hidden),
-                         beta=beta, recon_loss=recon_loss, dropout=dropout))
+                         beta=beta, recon_loss=recon_loss, dropout=dropout, center_input=center_input))
