@@ -4,11 +4,18 @@
 The entry points (`dce`, the jobs) install the handlers; a signal raises `Interrupted` in the main thread wherever it
 waits (a Ray get, a Ray Data iteration, Ray Train's fit). Ray Train would put its own SIGINT handler in place during
 `fit` (one that aborts the run and then fails it), so the trainers leave the signal to ours (`keep_sigint`).
+
+A handler runs wherever the main thread is, a weakref callback or a `__del__` included (the garbage collector runs
+them at any allocation), and Python swallows what those raise ("Exception ignored in ..."): a SIGTERM taken inside
+one, during `import ray.train`, was lost and the run trained on to its end. Such a swallowed interruption comes back
+through `sys.unraisablehook`, which delivers the signal again, to be raised where the main thread goes on.
 """
 
 from __future__ import annotations
 
+import _thread
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -16,6 +23,7 @@ from engine.errors import Interrupted, find_engine_error, user_message
 
 _received: int | None = None
 _installed = False
+_unraisable_before: Any = None
 
 
 def _handler(signum: int, frame: Any) -> None:
@@ -26,11 +34,26 @@ def _handler(signum: int, frame: Any) -> None:
 
 def install() -> None:
     """SIGINT and SIGTERM raise Interrupted (exit code 128 + the signal) in the main thread."""
-    global _installed
+    global _installed, _unraisable_before
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
         signal.signal(signal.SIGTERM, _handler)
         _installed = True
+        if sys.unraisablehook is not _unraisable:
+            _unraisable_before = sys.unraisablehook
+            sys.unraisablehook = _unraisable
+
+
+def _unraisable(unraisable: Any) -> None:
+    """An Interrupted that Python could not raise (a handler that ran in a finalizer): the same signal again, for
+    the main thread to raise once the finalizer and this hook have returned (from another thread, a moment later:
+    delivered from here, the handler would raise inside this hook, where it is lost too); anything else to the hook
+    that was there before."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        signum = unraisable.exc_value.exit_code - 128
+        threading.Timer(0.05, _thread.interrupt_main, args=(signum,)).start()
+    else:
+        (_unraisable_before or sys.__unraisablehook__)(unraisable)
 
 
 def reinstall() -> None:

@@ -411,6 +411,42 @@ def test_a_ray_task_error_is_one_line_in_a_real_process(ray_local, tmp_path):
 
 
 # The named points: training has finished its second epoch (a checkpoint is written every epoch); training starts.
+FINALIZER_SIGNAL = """
+import gc, signal, sys, time, weakref
+from engine import interrupt
+from engine.errors import Interrupted
+
+interrupt.install()
+
+class Thing:
+    pass
+
+def finalizer(_):  # the handler runs in here, where Python swallows what it raises
+    signal.raise_signal(signal.SIGTERM)
+    sum(range(1000))
+
+thing = Thing()
+ref = weakref.ref(thing, finalizer)
+try:
+    del thing
+    gc.collect()
+    for _ in range(500):  # the command goes on (5 s)
+        time.sleep(0.01)
+except Interrupted as e:
+    print("interrupted", e.exit_code)
+else:
+    print("not interrupted")
+"""
+
+
+def test_a_signal_taken_inside_a_finalizer_still_interrupts():
+    """A SIGTERM whose handler ran inside a weakref callback (as one did during `import ray.train`) was swallowed by
+    Python and the run went on to its end: the command is interrupted all the same, without a traceback."""
+    proc = subprocess.run([sys.executable, "-c", FINALIZER_SIGNAL], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "interrupted 143", proc.stdout + proc.stderr
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 EPOCH_2 = r'"event": "epoch".*"epoch": 2\b'
 TRAIN_STARTS = r'"event": "stage_start", "stage": "train"'
 
