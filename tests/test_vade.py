@@ -535,11 +535,13 @@ def _mirror(model):
 
 @pytest.mark.parametrize("name", ["vae", "vade"])
 @pytest.mark.parametrize("center", [True, False])
-def test_center_input_trains_an_inverted_image_set_as_its_original(name, center):
+@pytest.mark.parametrize("draw", [0, 1, 2])
+def test_center_input_trains_an_inverted_image_set_as_its_original(name, center, draw):
     # Read as 2x - 1, an inverted image is its original negated: a model and its mirrored twin (first and last
     # layers negated, which the symmetric initialisation draws as likely) give the same codes and losses on x and
     # on 1 - x, and Adam's steps keep them mirrored. Raw [0, 1] input (center_input false) has no such twin.
-    x = torch.rand(32, 12)
+    # Three inputs, each drawn from its own seed (drawn from the global one, it changed with the tests run before).
+    x = torch.rand(32, 12, generator=torch.Generator().manual_seed(draw))
     torch.manual_seed(0)
     extra = {"n_clusters": 3, "pretrain_epochs": 1, "recon_loss": "bce"} if name == "vade" else {"recon_loss": "bce"}
     model = build_model(name, in_dim=12, latent_dim=3, hidden=[16, 8], center_input=center, **extra)
@@ -559,10 +561,12 @@ def test_center_input_trains_an_inverted_image_set_as_its_original(name, center)
             losses.append(float(loss))
         steps.append((losses, m.eval().encode(data).detach()))
     (losses, codes), (twin_losses, twin_codes) = steps
-    same = np.allclose(losses, twin_losses, rtol=1e-4) and torch.allclose(codes, twin_codes, atol=1e-4)
+    # Over 40 inputs the twins differed by at most 1.1e-4 of a loss and 2.4e-4 in a code (float32 through the
+    # prior's fit), and without the centring by at least 4e-3 and 0.086.
+    same = np.allclose(losses, twin_losses, rtol=1e-3) and torch.allclose(codes, twin_codes, atol=1e-3)
     assert same == center, (losses, twin_losses)
     if name == "vade" and center:
-        np.testing.assert_allclose(model.mu_c.detach(), twin.mu_c.detach(), atol=1e-4)  # the same prior fitted
+        np.testing.assert_allclose(model.mu_c.detach(), twin.mu_c.detach(), atol=1e-3)  # the same prior fitted
 
 
 def test_center_input_reaches_the_anchor_and_the_checkpoint(tmp_path):
