@@ -410,7 +410,6 @@ def test_a_ray_task_error_is_one_line_in_a_real_process(ray_local, tmp_path):
 # ---- interruption ----------------------------------------------------------------------------------
 
 
-# The named points: training has finished its second epoch (a checkpoint is written every epoch); training starts.
 FINALIZER_SIGNAL = """
 import gc, signal, sys, time, weakref
 from engine import interrupt
@@ -447,6 +446,7 @@ def test_a_signal_taken_inside_a_finalizer_still_interrupts():
     assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+# The named points: training has finished its second epoch (a checkpoint is written every epoch); training starts.
 EPOCH_2 = r'"event": "epoch".*"epoch": 2\b'
 TRAIN_STARTS = r'"event": "stage_start", "stage": "train"'
 

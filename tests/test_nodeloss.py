@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -77,7 +79,7 @@ def _two_workers(cluster, node_args: dict):
     cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
     for node in list(cluster.worker_nodes):
         if cpus.get(node.node_id, 0) < node_args["num_cpus"]:
-            _lose(cluster, node)
+            _remove_node(cluster, node)
     while len(cluster.worker_nodes) < 2:
         cluster.add_node(**node_args)
     cluster.wait_for_nodes()
@@ -102,14 +104,11 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _lose(cluster, node) -> None:
+def _remove_node(cluster, node) -> None:
     """`Cluster.remove_node`, and then whatever the node's raylet had started and is still there killed: each worker
     is left to notice on its own that its raylet is gone, and one under load did not for minutes (a Ray worker
     outlived a CI run). Ray learns of the loss from the raylet as before (a graceful stop): an abrupt one, which
     the GCS notices only later, is not what these tests are about."""
-    import os
-    import signal
-
     from ray._private import ray_constants
 
     raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
@@ -166,7 +165,7 @@ def test_node_removed_while_embedding_every_id_written_once(two_workers, tmp_pat
         wait_for(lambda: done.is_dir() and len(list(done.glob("*.json"))) >= 5, 120, "the first shards")
         node = wait_for(lambda: _node_of_an_actor(cluster, "Embedder"), 30, "an embedding actor on a worker")
         removed.append(len(list(done.glob("*.json"))))
-        _lose(cluster, node)
+        _remove_node(cluster, node)
         marker.touch()
 
     remover = threading.Thread(target=remove_a_node, daemon=True)
@@ -206,7 +205,7 @@ def test_node_removed_during_sharded_kmeans_its_shards_are_reloaded(two_workers,
         if record["iter"] == 3:
             node = _node_of_an_actor(cluster, "ShardActor")
             assert node is not None, "no shard actor on a worker node"
-            _lose(cluster, node)
+            _remove_node(cluster, node)
             removed_after.append(record["iter"])
 
     seen = []
@@ -258,7 +257,7 @@ def test_node_removed_while_training_the_workers_restart_on_the_node_left(two_tr
                  "the first checkpoint")
         nodes = wait_for(lambda: _nodes_of_actors(cluster, "RayTrainWorker"), 30, "the training workers")
         removed.update(after_epoch=max(seen), nodes=len(nodes))
-        _lose(cluster, nodes[0])
+        _remove_node(cluster, nodes[0])
         released.touch()
 
     remover = threading.Thread(target=remove_a_node, daemon=True)
