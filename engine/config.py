@@ -296,7 +296,7 @@ class EmbedConfig(_Section):
     one per GPU the cluster has or its autoscaler may launch on GPUs."""
     max_restarts: int = Field(default=3, ge=0)
     """Times a dead embedding actor is replaced (and an assignment task retried); its blocks are redone and
-    their shards overwritten, so no id is written twice."""
+    their shards overwritten, so no id is written twice. A node lost with its actors counts once per actor."""
     use_gpu: bool | Literal["auto"] = "auto"
 
     def plan(self, gpus: float) -> tuple[int, int]:

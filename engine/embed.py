@@ -150,8 +150,7 @@ def _embedded(ds, *, state: dict[str, Any], batch_size: int, concurrency: int, u
     from engine.cluster.assignments import RAY_REMOTE_ARGS_DEPRECATED
 
     with warnings.catch_warnings():
-        # Bounded restarts have no named parameter in Ray 2.60 (see RAY_REMOTE_ARGS_DEPRECATED); Ray Data's default,
-        # unbounded, would retry a model that kills every actor forever.
+        # Retries have no named parameter in Ray 2.60 (see RAY_REMOTE_ARGS_DEPRECATED).
         warnings.filterwarnings("ignore", message=RAY_REMOTE_ARGS_DEPRECATED, category=RayDeprecationWarning)
         return ds.map_batches(
             Embedder,
@@ -163,6 +162,14 @@ def _embedded(ds, *, state: dict[str, Any], batch_size: int, concurrency: int, u
             compute=ActorPoolStrategy(min_size=1, max_size=concurrency, initial_size=concurrency),
             num_cpus=1,
             num_gpus=1 if use_gpu else 0,
-            max_restarts=max_restarts,
-            max_task_retries=max_restarts,
+            **actor_retries(max_restarts),
         )
+
+
+def actor_retries(max_restarts: int) -> dict[str, int]:
+    """The fault tolerance of a Ray Data actor pool whose actors hold a model: each actor is replaced at most
+    `max_restarts` times (Ray Data's default, unbounded, would retry a model that kills every actor forever), and a
+    task waits for its actor's replacement however long that takes. A bounded task retry is not enough: when a node
+    drops off abruptly, every call to its actors fails as "unavailable" within milliseconds, until the GCS declares
+    the node dead seconds later, and a handful of retries is spent before the actor can move to a live node."""
+    return {"max_restarts": max_restarts, "max_task_retries": -1}

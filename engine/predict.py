@@ -220,26 +220,35 @@ def assign_source(run: Run, source: Any, out_dir: str | Path, *, batch_size: int
     """Embed and assign every row of an opened source (`open_new_rows`) into `out_dir` (`id`, `cluster`,
     `distance`; a local path or an object-store URI), streaming through a Ray Data actor pool, atomically with a
     manifest; returns the manifest. `out_dir` is checked first (`check_assign_output`)."""
+    import warnings
+
     import ray
     from ray.data import ActorPoolStrategy
+    from ray.util.annotations import RayDeprecationWarning
 
+    from engine.cluster.assignments import RAY_REMOTE_ARGS_DEPRECATED
     from engine.data import read_dataset, write_dataset
+    from engine.embed import actor_retries
 
     check_assign_output(run.run_dir, source.config, out_dir, overwrite=overwrite)
     c, where = run.config.cluster, str(source.config.path)
     from engine.runtime import gpus_possible
 
     plan = run.config.embed.plan(gpus_possible() if use_gpu else 0)
-    out = read_dataset(source).map_batches(
-        Assigner,
-        fn_constructor_kwargs={"state": ray.put(run.state), "centroids": run.centroids, "checkpoint": run.checkpoint,
-                               "backend": c.backend, "spherical": c.spherical, "use_gpu": use_gpu, "where": where,
-                               "posterior": run.posterior},
-        batch_size=batch_size or plan[0],
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=concurrency or plan[1]),
-        num_cpus=1,
-        num_gpus=1 if use_gpu else 0,
-    )
+    with warnings.catch_warnings():
+        # Retries have no named parameter in Ray 2.60 (see RAY_REMOTE_ARGS_DEPRECATED).
+        warnings.filterwarnings("ignore", message=RAY_REMOTE_ARGS_DEPRECATED, category=RayDeprecationWarning)
+        out = read_dataset(source).map_batches(
+            Assigner,
+            fn_constructor_kwargs={"state": ray.put(run.state), "centroids": run.centroids,
+                                   "checkpoint": run.checkpoint, "backend": c.backend, "spherical": c.spherical,
+                                   "use_gpu": use_gpu, "where": where, "posterior": run.posterior},
+            batch_size=batch_size or plan[0],
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=1, max_size=concurrency or plan[1]),
+            num_cpus=1,
+            num_gpus=1 if use_gpu else 0,
+            **actor_retries(run.config.embed.max_restarts),
+        )
     return write_dataset(out, out_dir, stage="assign", config_hash=run.config.hash(), expected_rows=source.n_rows,
                          k=int(len(run.centroids)), run_dir=str(run.run_dir), input=where)

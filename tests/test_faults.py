@@ -163,6 +163,36 @@ def test_embedding_actor_killed_every_id_written_once(ray_local, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_model_that_kills_every_actor_fails_after_max_restarts(ray_local):
+    """The embedding and assignment pools' retries (`actor_retries`): unbounded task retries (a node lost abruptly,
+    test_nodeloss.py) must not retry a model that kills every actor forever: each actor is replaced max_restarts
+    times, then the stage fails."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from engine.embed import actor_retries
+
+    class KillsItsActor:  # nested: Ray pickles it by value, as the workers cannot import this module
+        def __call__(self, batch):
+            os._exit(1)
+
+    failed: list[BaseException] = []
+
+    def run():
+        try:
+            ray.data.range(8, override_num_blocks=2).map_batches(
+                KillsItsActor, compute=ActorPoolStrategy(size=1), **actor_retries(1)).materialize()
+        except BaseException as e:  # noqa: BLE001 (what the stage raised is the result)
+            failed.append(e)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "a model that kills every actor was retried for 120 s"
+    assert failed and isinstance(failed[0], ray.exceptions.ActorDiedError), failed
+
+
+@pytest.mark.slow
 def test_sharded_kmeans_continues_from_its_checkpoint(ray_local, tmp_path):
     rng = np.random.default_rng(0)
     shards = [rng.normal(size=(400, 4)).astype(np.float32) + 4 * i for i in range(3)]

@@ -53,7 +53,11 @@ def cluster():
 
     if ray.is_initialized():
         ray.shutdown()  # conftest's `ray_local` starts the shared local Ray again for later modules
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # The GCS declares a node that stopped answering dead after 8 missed health checks 1 s apart (Ray's default: 5,
+    # 3 s apart): an abruptly lost node (`_remove_node(..., abrupt=True)`) costs its test ~8 s of waiting, not 15,
+    # still long enough for a few bounded retries of a call to its actors to be spent (with 3 s, not always).
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": {
+        "health_check_period_ms": 1000, "health_check_failure_threshold": 8}})
     ray.init(address=c.address)
     yield c
     ray.shutdown()
@@ -104,21 +108,33 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _remove_node(cluster, node) -> None:
+def _remove_node(cluster, node, *, abrupt: bool = False) -> None:
     """`Cluster.remove_node`, and then whatever the node's raylet had started and is still there killed: each worker
     is left to notice on its own that its raylet is gone, and one under load did not for minutes (a Ray worker
-    outlived a CI run). Ray learns of the loss from the raylet as before (a graceful stop): an abrupt one, which
-    the GCS notices only later, is not what these tests are about."""
+    outlived a CI run). Ray learns of the loss from the raylet (a graceful stop, as a drained node goes).
+
+    abrupt: the raylet and every process it started SIGKILLed at once, as a machine that crashes or drops off the
+    network goes: nothing tells the GCS, which learns of the loss only from its failed health checks, and meanwhile
+    calls to the node's actors fail as unavailable."""
     from ray._private import ray_constants
 
     raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
     workers = _children(raylet)
+    if abrupt:
+        for pid in [raylet, *workers]:
+            _kill(pid)
+        cluster.remove_node(node, allow_graceful=False)  # the node's other processes, and the cluster's bookkeeping
+        return
     cluster.remove_node(node)
     for pid in workers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass  # ended with its raylet
+        _kill(pid)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass  # ended already
 
 
 def _nodes_of_actors(cluster, class_part: str) -> list:
@@ -165,7 +181,7 @@ def test_node_removed_while_embedding_every_id_written_once(two_workers, tmp_pat
         wait_for(lambda: done.is_dir() and len(list(done.glob("*.json"))) >= 5, 120, "the first shards")
         node = wait_for(lambda: _node_of_an_actor(cluster, "Embedder"), 30, "an embedding actor on a worker")
         removed.append(len(list(done.glob("*.json"))))
-        _remove_node(cluster, node)
+        _remove_node(cluster, node, abrupt=True)
         marker.touch()
 
     remover = threading.Thread(target=remove_a_node, daemon=True)
