@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 # Redos of one step after shard actors died: a node lost now and then is survived, an actor that dies
 # every time (out of memory on any node) is not retried forever.
 MAX_REDOS = 3
+# Seconds to wait for the GCS's verdict on an actor that does not answer (Ray declares a silent node dead after
+# 5 missed health checks 3 s apart by default).
+VERDICT_WAIT = 60.0
 
 # Bytes of rows per request when gathering rows into the driver (a sample, seeds). Each answer passes through
 # Ray's object store, whose pages stay mapped in the resident memory of the actor and of the driver after the
@@ -299,9 +302,12 @@ class ShardActorPool:
         """`step()`, run again (up to MAX_REDOS times) after replacing the actors that died during it."""
         import ray
 
-        redos = 0
+        redos, fresh = 0, []
         while True:
             try:
+                if fresh:  # replacements load inside the attempt: one that dies while loading is replaced too
+                    ray_get([self.actors[i].load.remote() for i in fresh])
+                    fresh = []
                 return step()
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
                 dead = self._dead()
@@ -312,17 +318,31 @@ class ShardActorPool:
                                "the step", what, len(dead), type(e).__name__)
                 for i in dead:
                     self.actors[i] = self._remote.remote(*self._args[i])
-                ray_get([self.actors[i].load.remote() for i in dead])
+                fresh = sorted({*fresh, *dead})
 
     def _dead(self) -> list[int]:
+        """The actors that are dead. One that is unavailable (its node stopped answering, as a crashed machine does)
+        is asked again until the GCS gives its verdict (at most VERDICT_WAIT seconds; then it counts as dead): a
+        replacement started before the verdict could be placed on that same node, and die with it."""
+        import time
+
         import ray
 
         dead = []
+        deadline = time.monotonic() + VERDICT_WAIT
         for i, actor in enumerate(self.actors):
-            try:
-                ray.get(actor.count.remote())
-            except ray.exceptions.RayActorError:
-                dead.append(i)
+            while True:
+                try:
+                    ray.get(actor.count.remote())
+                    break
+                except ray.exceptions.ActorUnavailableError:
+                    if time.monotonic() >= deadline:
+                        dead.append(i)
+                        break
+                    time.sleep(0.5)
+                except ray.exceptions.RayActorError:
+                    dead.append(i)
+                    break
         return dead
 
     def kill(self) -> None:
