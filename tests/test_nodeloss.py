@@ -1,7 +1,8 @@
 """A ray.cluster_utils.Cluster (a head without CPUs + 2 workers): a worker node lost mid-stage (its raylet and
-workers SIGKILLed, as a crashed machine goes: nothing tells the GCS), and the stage finishes on the nodes left with nothing lost (every id embedded exactly once, the sharded k-means ends where a fit
-without the failure ends, training restarts from its last checkpoint and runs every epoch); and a run into an s3://
-run directory on nodes that share no file system with the driver."""
+workers SIGKILLed, as a crashed machine goes: nothing tells the GCS), and the stage finishes on the nodes left with
+nothing lost (every id embedded exactly once, the sharded k-means ends where a fit without the failure ends,
+training restarts from its last checkpoint and runs every epoch); and a run into an s3:// run directory on nodes
+that share no file system with the driver."""
 
 from __future__ import annotations
 
