@@ -1,8 +1,8 @@
-"""A ray.cluster_utils.Cluster (a head without CPUs + 2 workers): a worker node lost mid-stage (its raylet and
-workers SIGKILLed, as a crashed machine goes: nothing tells the GCS), and the stage finishes on the nodes left with
-nothing lost (every id embedded exactly once, the sharded k-means ends where a fit without the failure ends,
-training restarts from its last checkpoint and runs every epoch); and a run into an s3:// run directory on nodes
-that share no file system with the driver."""
+"""A ray.cluster_utils.Cluster (a head without CPUs + 2 workers): a worker node lost mid-stage (while embedding and
+clustering, its raylet and workers SIGKILLed, as a crashed machine goes: nothing tells the GCS; while training,
+drained), and the stage finishes on the nodes left with nothing lost (every id embedded exactly once, the sharded
+k-means ends where a fit without the failure ends, training restarts from its last checkpoint and runs every epoch);
+and a run into an s3:// run directory on nodes that share no file system with the driver."""
 
 from __future__ import annotations
 
@@ -276,7 +276,7 @@ def test_node_removed_while_training_the_workers_restart_on_the_node_left(two_tr
                  "the first checkpoint")
         nodes = wait_for(lambda: _nodes_of_actors(cluster, "RayTrainWorker"), 30, "the training workers")
         removed.update(after_epoch=max(seen), nodes=len(nodes))
-        _remove_node(cluster, nodes[0], abrupt=True)
+        _remove_node(cluster, nodes[0])  # drained: Ray Train restarts as well after a crash (tried), 10 s later
         released.touch()
 
     remover = threading.Thread(target=remove_a_node, daemon=True)
