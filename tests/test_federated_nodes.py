@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from cluster_nodes import shutdown_cluster
 from markers import needs
 from sklearn.datasets import make_blobs
 
@@ -33,7 +34,7 @@ def cluster():
     ray.init(address=c.address)
     yield c
     ray.shutdown()
-    c.shutdown()
+    shutdown_cluster(c)
 
 
 def test_each_client_runs_on_its_partitions_node_and_only_aggregates_reach_the_server(cluster, tmp_path):

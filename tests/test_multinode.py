@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from cluster_nodes import shutdown_cluster
 from markers import needs
 from waiting import wait_for
 
@@ -54,7 +55,7 @@ def cluster():
     ray.init(address=c.address)
     yield c
     ray.shutdown()
-    c.shutdown()
+    shutdown_cluster(c)
 
 
 def node_names() -> dict[str, str]:

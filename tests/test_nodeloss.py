@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from cluster_nodes import remove_node, shutdown_cluster
 from markers import needs
 from namespaces import driver_alone
 from s3_server import s3_server
@@ -55,14 +54,14 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()  # conftest's `ray_local` starts the shared local Ray again for later modules
     # The GCS declares a node that stopped answering dead after 8 missed health checks 1 s apart (Ray's default: 5,
-    # 3 s apart): an abruptly lost node (`_remove_node(..., abrupt=True)`) costs its test ~8 s of waiting, not 15,
+    # 3 s apart): an abruptly lost node (`remove_node(..., abrupt=True)`) costs its test ~8 s of waiting, not 15,
     # still long enough for a few bounded retries of a call to its actors to be spent (with 3 s, not always).
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": {
         "health_check_period_ms": 1000, "health_check_failure_threshold": 8}})
     ray.init(address=c.address)
     yield c
     ray.shutdown()
-    c.shutdown()
+    shutdown_cluster(c)
 
 
 @pytest.fixture
@@ -84,58 +83,11 @@ def _two_workers(cluster, node_args: dict):
     cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
     for node in list(cluster.worker_nodes):
         if cpus.get(node.node_id, 0) < node_args["num_cpus"]:
-            _remove_node(cluster, node)
+            remove_node(cluster, node)
     while len(cluster.worker_nodes) < 2:
         cluster.add_node(**node_args)
     cluster.wait_for_nodes()
     return cluster
-
-
-def _children(pid: int) -> list[int]:
-    """Every live descendant of `pid`, from /proc."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue  # ended meanwhile
-    found, todo = [], [pid]
-    while todo:
-        kids = [p for p, parent in parents.items() if parent == todo[-1]]
-        todo.pop()
-        found += kids
-        todo += kids
-    return found
-
-
-def _remove_node(cluster, node, *, abrupt: bool = False) -> None:
-    """`Cluster.remove_node`, and then whatever the node's raylet had started and is still there killed: each worker
-    is left to notice on its own that its raylet is gone, and one under load did not for minutes (a Ray worker
-    outlived a CI run). Ray learns of the loss from the raylet (a graceful stop, as a drained node goes).
-
-    abrupt: the raylet and every process it started SIGKILLed at once, as a machine that crashes or drops off the
-    network goes: nothing tells the GCS, which learns of the loss only from its failed health checks, and meanwhile
-    calls to the node's actors fail as unavailable."""
-    from ray._private import ray_constants
-
-    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
-    workers = _children(raylet)
-    if abrupt:
-        for pid in [raylet, *workers]:
-            _kill(pid)
-        cluster.remove_node(node, allow_graceful=False)  # the node's other processes, and the cluster's bookkeeping
-        return
-    cluster.remove_node(node)
-    for pid in workers:
-        _kill(pid)
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        pass  # ended already
 
 
 def _nodes_of_actors(cluster, class_part: str) -> list:
@@ -182,7 +134,7 @@ def test_node_removed_while_embedding_every_id_written_once(two_workers, tmp_pat
         wait_for(lambda: done.is_dir() and len(list(done.glob("*.json"))) >= 5, 120, "the first shards")
         node = wait_for(lambda: _node_of_an_actor(cluster, "Embedder"), 30, "an embedding actor on a worker")
         removed.append(len(list(done.glob("*.json"))))
-        _remove_node(cluster, node, abrupt=True)
+        remove_node(cluster, node, abrupt=True)
         marker.touch()
 
     remover = threading.Thread(target=remove_a_node, daemon=True)
@@ -222,7 +174,7 @@ def test_node_removed_during_sharded_kmeans_its_shards_are_reloaded(two_workers,
         if record["iter"] == 3:
             node = _node_of_an_actor(cluster, "ShardActor")
             assert node is not None, "no shard actor on a worker node"
-            _remove_node(cluster, node, abrupt=True)
+            remove_node(cluster, node, abrupt=True)
             removed_after.append(record["iter"])
 
     seen = []
@@ -276,7 +228,7 @@ def test_node_removed_while_training_the_workers_restart_on_the_node_left(two_tr
                  "the first checkpoint")
         nodes = wait_for(lambda: _nodes_of_actors(cluster, "RayTrainWorker"), 30, "the training workers")
         removed.update(after_epoch=max(seen), nodes=len(nodes))
-        _remove_node(cluster, nodes[0])  # drained: Ray Train restarts as well after a crash (tried), 10 s later
+        remove_node(cluster, nodes[0])  # drained: Ray Train restarts as well after a crash (tried), 10 s later
         released.touch()
 
     remover = threading.Thread(target=remove_a_node, daemon=True)
