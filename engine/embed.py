@@ -141,17 +141,12 @@ def _embedded(ds, *, state: dict[str, Any], batch_size: int, concurrency: int, u
               max_restarts: int = 3, out_dir: str | None = None):
     """`ds` through a pool of Embedder actors (shard records instead of rows with `out_dir`); the checkpoint goes
     to them through Ray's object store."""
-    import warnings
-
     import ray
     from ray.data import ActorPoolStrategy
-    from ray.util.annotations import RayDeprecationWarning
 
-    from engine.cluster.assignments import RAY_REMOTE_ARGS_DEPRECATED
+    from engine.cluster.assignments import retries_as_remote_args
 
-    with warnings.catch_warnings():
-        # Retries have no named parameter in Ray 2.60 (see RAY_REMOTE_ARGS_DEPRECATED).
-        warnings.filterwarnings("ignore", message=RAY_REMOTE_ARGS_DEPRECATED, category=RayDeprecationWarning)
+    with retries_as_remote_args():
         return ds.map_batches(
             Embedder,
             fn_constructor_kwargs={"state": ray.put(state), "use_gpu": use_gpu, "out_dir": out_dir},

@@ -220,13 +220,10 @@ def assign_source(run: Run, source: Any, out_dir: str | Path, *, batch_size: int
     """Embed and assign every row of an opened source (`open_new_rows`) into `out_dir` (`id`, `cluster`,
     `distance`; a local path or an object-store URI), streaming through a Ray Data actor pool, atomically with a
     manifest; returns the manifest. `out_dir` is checked first (`check_assign_output`)."""
-    import warnings
-
     import ray
     from ray.data import ActorPoolStrategy
-    from ray.util.annotations import RayDeprecationWarning
 
-    from engine.cluster.assignments import RAY_REMOTE_ARGS_DEPRECATED
+    from engine.cluster.assignments import retries_as_remote_args
     from engine.data import read_dataset, write_dataset
     from engine.embed import actor_retries
 
@@ -235,9 +232,7 @@ def assign_source(run: Run, source: Any, out_dir: str | Path, *, batch_size: int
     from engine.runtime import gpus_possible
 
     plan = run.config.embed.plan(gpus_possible() if use_gpu else 0)
-    with warnings.catch_warnings():
-        # Retries have no named parameter in Ray 2.60 (see RAY_REMOTE_ARGS_DEPRECATED).
-        warnings.filterwarnings("ignore", message=RAY_REMOTE_ARGS_DEPRECATED, category=RayDeprecationWarning)
+    with retries_as_remote_args():
         out = read_dataset(source).map_batches(
             Assigner,
             fn_constructor_kwargs={"state": ray.put(run.state), "centroids": run.centroids,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,19 @@ STAGE = "assign"
 # Ray 2.60's warning for any remote argument without a named parameter of map_batches; retries (max_retries,
 # max_restarts, max_task_retries) have none yet, and bounded retries are what a faulty node needs.
 RAY_REMOTE_ARGS_DEPRECATED = "`ray_remote_args` is deprecated"
+
+
+@contextlib.contextmanager
+def retries_as_remote_args() -> Iterator[None]:
+    """Ray 2.60's deprecation warning silenced for the retries (max_retries, max_restarts, max_task_retries) that
+    go to map_batches as plain remote arguments (see RAY_REMOTE_ARGS_DEPRECATED)."""
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=RAY_REMOTE_ARGS_DEPRECATED, category=RayDeprecationWarning)
+        yield
 
 
 def actor_gpus(num_actors: int) -> float:
@@ -77,10 +92,7 @@ def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | 
     retried up to `max_retries` times and rewrites its own file (Ray Data names it by write and task), so
     no id is written twice. `use_gpu`: each task takes a GPU (the nearest-centroid search runs on it).
     """
-    import warnings
-
     from ray.data import TaskPoolStrategy
-    from ray.util.annotations import RayDeprecationWarning
 
     from engine.data.folders import read_manifest
 
@@ -90,10 +102,7 @@ def assign_shards(embeddings: str | Path, centroids: np.ndarray, out_dir: str | 
     # Stateless tasks, not an actor pool: the centroids are small enough to travel with each task, and
     # tasks reuse warm worker processes instead of starting actors.
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for a task's retries yet: max_retries goes as a plain remote argument,
-        # which it calls deprecated (see RAY_REMOTE_ARGS_DEPRECATED).
-        warnings.filterwarnings("ignore", message=RAY_REMOTE_ARGS_DEPRECATED, category=RayDeprecationWarning)
+    with retries_as_remote_args():
         out = ds.map_batches(assign_batch, fn_kwargs={"centroids": centroids, "backend": backend, "column": column,
                                                           "spherical": spherical},
                              batch_size=batch_size, batch_format="pyarrow",
