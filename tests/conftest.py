@@ -19,6 +19,9 @@ import pytest
 from markers import needs
 
 _BEFORE = pytest.StashKey[tuple]()
+# (wall-clock time, node id) of each test as it starts: a process that outlives the suite is reported with the test
+# that was running when it started.
+_STARTS: list[tuple[float, str]] = []
 # Every process the suite starts inherits this: the session-end check finds the survivors by it, wherever
 # they were re-parented to.
 SESSION_MARK = "DCE_TEST_SESSION"
@@ -184,6 +187,7 @@ def _ray_up() -> bool:
 def pytest_runtest_setup(item):
     # Counted before any fixture of the test is set up, module- and session-scoped ones included.
     item.stash[_BEFORE] = (_ray_up(), _train_runs())
+    _STARTS.append((time.time(), item.nodeid))
     yield
 
 
@@ -205,6 +209,19 @@ def pytest_runtest_teardown(item, nextitem):
     if problem:
         pytest.fail(problem, pytrace=False)
     return result
+
+
+def _started_during(pid: int) -> str:
+    """The test that was running (its setup included) when process `pid` started, from /proc's start time."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, StopIteration):
+        return "?"
+    started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    before = [nodeid for t, nodeid in _STARTS if t <= started]
+    return before[-1] if before else "before the first test"
 
 
 def _our_processes() -> list[tuple[int, str]]:
@@ -247,7 +264,7 @@ def pytest_sessionfinish(session, exitstatus):
     if left:
         import signal
 
-        lines = "\n".join(f"  {pid}: {cmd}" for pid, cmd in left)
+        lines = "\n".join(f"  {pid}: {cmd} (started during {_started_during(pid)})" for pid, cmd in left)
         session.config.get_terminal_writer().line(
             f"\nFAILED: {len(left)} process(es) started by the suite outlived it (now killed):\n{lines}", red=True)
         for pid, _ in left:

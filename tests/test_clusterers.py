@@ -197,9 +197,10 @@ def test_umap_layouts_keep_the_most_even_partition():
     assert [layout["seed"] for layout in layouts] == [7, 8, 9, 10]
     entropies = [layout["size_entropy"] for layout in layouts]
     kept = info["umap"]["kept"]
-    # The first layout merges the blobs unevenly (a 3-1 split: entropy < log 3); a later one is 2+2+2.
-    assert entropies[0] < np.log(3) - 0.01 and max(entropies) == pytest.approx(np.log(3))
-    assert kept == int(np.argmax(entropies)) > 0 and size_entropy(labels) == pytest.approx(max(entropies))
+    # A layout merges the blobs unevenly (a 3-1 split: entropy < log 3; the first one here, on either CPU), another
+    # one 2+2+2.
+    assert min(entropies) < np.log(3) - 0.01 and max(entropies) == pytest.approx(np.log(3))
+    assert kept == int(np.argmax(entropies)) and size_entropy(labels) == pytest.approx(max(entropies))
     assert np.bincount(labels).tolist() == [120, 120, 120]
     knn = umap_knn(x, cfg.umap, 2, seed=7)
     alone, _ = fit_labels(umap_reduce(x, cfg.umap, 2, seed=7 + kept, knn=knn),
@@ -230,20 +231,24 @@ def _uneven_blobs() -> tuple[np.ndarray, np.ndarray, ClusterConfig]:
 
 @pytest.mark.skipif(not HAS_UMAP, reason="umap-learn is not installed (pip install -e '.[umap]')")
 def test_umap_layouts_keep_the_partition_the_others_agree_with():
-    """Eight blobs of uneven size (240, 120 and six of 40 rows) into k=8, k-means with one start on each layout: the
-    first layout's k-means splits the large blob and merges two small ones, which makes its sizes more even than
-    the truth's; the other three find the blobs. The consensus keeps one of those, the size prior the wrong one."""
+    """Eight blobs of uneven size (240, 120 and six of 40 rows) into k=8, k-means with one start on each layout: one
+    layout's k-means splits the large blob and merges two small ones, which makes its sizes more even than the
+    truth's; the other three find the blobs. The consensus keeps one of those, the size prior the wrong one.
+
+    Which layout goes wrong depends on the CPU (umap-learn's compiled code differs with AVX-512: the first layout on
+    one machine here, the last on another), so the test names it by its scores, not by its index."""
     x, y, cfg = _uneven_blobs()
     labels, info = fit_labels(x, cfg, seed=5)
     layouts = info["umap"]["layouts"]
     agreement = [layout["agreement"] for layout in layouts]
     entropies = [layout["size_entropy"] for layout in layouts]
-    assert info["umap"]["kept"] == int(np.argmax(agreement)) == 1
-    assert int(np.argmax(entropies)) == 0 and agreement[0] < min(agreement[1:])
+    odd = int(np.argmax(entropies))  # the most even partition is the one the other three disagree with
+    assert agreement[odd] < min(a for i, a in enumerate(agreement) if i != odd)
+    assert info["umap"]["kept"] == int(np.argmax(agreement)) != odd
     assert adjusted_rand_score(y, labels) == pytest.approx(1.0)
     even, info = fit_labels(x, cfg.model_copy(update={"umap": cfg.umap.model_copy(update={"select": "even"})}), seed=5)
     # The size prior keeps the wrong partition here: the reason consensus exists.
-    assert info["umap"]["kept"] == 0 and adjusted_rand_score(y, even) < 0.95
+    assert info["umap"]["kept"] == odd and adjusted_rand_score(y, even) < 0.95
 
 
 @pytest.mark.skipif(not HAS_UMAP, reason="umap-learn is not installed (pip install -e '.[umap]')")
@@ -260,8 +265,8 @@ def test_umap_layouts_run_as_ray_tasks_and_equal_the_layouts_of_this_process(ray
     knn = umap_knn(x, cfg.umap, 2, seed=5)
     here = [_layout(x, knn, cfg.umap, 2, 5 + i, _kmeans, cfg, 5)[0] for i in range(4)]
     assert [layout["size_entropy"] for layout in info["umap"]["layouts"]] == [size_entropy(h) for h in here]
-    # Layouts that differ (the first splits a blob, see above): equal entropies are not one layout repeated.
-    assert adjusted_rand_score(here[0], here[1]) < 0.95
+    # Layouts that differ (one splits a blob, see above): equal entropies are not one layout repeated.
+    assert min(adjusted_rand_score(here[0], h) for h in here[1:]) < 0.95
     np.testing.assert_array_equal(labels, _compact(here[info["umap"]["kept"]]))
     # A caller that holds the CPUs (a training worker: VaDE's N2D start) runs them all here: the same partition.
     alone, info = fit_labels(x, cfg, seed=5, ray_tasks=False)
