@@ -27,11 +27,13 @@ def driver_alone(address: str, staging: Path, *commands: list[str], env: dict[st
     namespace of its own, where `staging` is a fresh tmpfs: the driver writes and reads its files there, while
     every Ray worker (started by the raylets, outside the namespace) sees only the empty folder below it, as a node
     without the driver's disk would. A worker that wrote to such a path would leave its file in that folder, which
-    is checked to be empty after. `env`: more environment for the commands.
+    is checked to be empty after. A command is a module and its arguments, or ["-c", code, arguments...]. `env`: more
+    environment for the commands.
 
     Without mount namespaces (unshare -Urm refused, as in some containers) the commands run as a plain driver
     (`unshare_works()` tells the caller), so nothing then keeps a worker from reading the staging folder."""
-    jobs = "".join(" && " + shlex.join([sys.executable, "-m", *cmd]) for cmd in commands)
+    jobs = "".join(" && " + shlex.join([sys.executable, *(cmd if cmd[0] == "-c" else ["-m", *cmd])])
+                   for cmd in commands)
     if unshare_works():
         mount = 'mount -t tmpfs tmpfs "$0" && touch "$0/driver-only"'
         argv = ["unshare", "-Urm", "sh", "-c", mount + jobs, str(staging)]
