@@ -136,6 +136,10 @@ class ModelConfig(_Section):
     """vade with prior_init n2d: UMAP layouts of the codes over one neighbour graph, each partitioned by the
     mixture; the most even partition starts the prior (as cluster.umap.n_init with select: even, which the image
     recipes' clustering uses). Run one after the other in the training worker, which holds the CPUs."""
+    vade_lr: float | None = Field(default=None, gt=0)
+    """vade: the learning rate of the epochs after pretraining (and, with prior_init n2d, after the anchor epochs),
+    where the mixture's own posterior trains the model; unset: train.lr throughout. The paper decays its rate over
+    300 epochs; a run of tens of epochs at the pretraining's rate moves rows off the partition it started from."""
     base: str = "mlp_ae"
     """dec / idec: the registered autoencoder the train stage pretrains before the refine stage."""
     n_clusters: int | None = Field(default=None, ge=1)
@@ -686,6 +690,8 @@ class PipelineConfig(_Section):
         if m.name == "vade" and m.pretrain_epochs >= self.train.epochs:
             raise ValueError(f"model.pretrain_epochs={m.pretrain_epochs} should be < train.epochs={self.train.epochs}: "
                              f"vade trains its mixture prior in the epochs after the autoencoder's pretraining")
+        if m.vade_lr is not None and m.name != "vade":
+            raise ValueError(f"model.vade_lr is a setting of vade, not of {m.name} (its learning rate is train.lr)")
         return self
 
     @model_validator(mode="after")

@@ -156,6 +156,33 @@ def test_no_pretraining_starts_from_the_configured_prior():
     assert set(m.loss(torch.rand(5, 8))[1]) == {"reconstruction", "kl"}
 
 
+def test_vade_lr_is_the_rate_of_the_epochs_after_pretraining_and_anchoring():
+    """model.vade_lr: the loop sets every optimizer to it from the first epoch VaDE trains on its own posterior (after
+    pretraining, and after the anchor epochs with prior_init n2d); before, train.lr as built. A run resumed in the
+    VaDE epochs, whose optimizer comes back at whatever rate it was saved with, trains at vade_lr too."""
+    from engine.train.loop import train
+
+    gmm = build_model("vade", in_dim=6, n_clusters=2, latent_dim=2, hidden=[4], pretrain_epochs=2, vade_lr=1e-4)
+    assert [gmm.learning_rate(e) for e in range(4)] == [None, None, 1e-4, 1e-4]
+    n2d = build_model("vade", in_dim=6, n_clusters=2, latent_dim=2, hidden=[4], pretrain_epochs=2, vade_lr=1e-4,
+                      prior_init="n2d", anchor_epochs=3)
+    assert [n2d.learning_rate(e) for e in range(6)] == [None] * 5 + [1e-4]
+    assert build_model("vade", in_dim=6, pretrain_epochs=2).learning_rate(9) is None  # unset: train.lr throughout
+
+    torch.manual_seed(0)
+    x = torch.rand(32, 6)
+    rates = []
+    optimizer = torch.optim.Adam(gmm.parameters(), lr=0.01)  # as VaDE's configure_optimizers builds it
+    record = lambda epoch, metrics: rates.append(optimizer.param_groups[0]["lr"])  # noqa: E731
+    epoch_batches = lambda epoch: (gmm.begin_epoch(epoch, rows=lambda: [x], gather=lambda a: a), [x])[1]  # noqa: E731
+    history = train(gmm, {"model": optimizer}, epoch_batches, epochs=4, on_epoch_end=record)
+    assert rates == [0.01, 0.01, 1e-4, 1e-4] and np.isfinite([h["loss"] for h in history]).all()
+    optimizer.param_groups[0]["lr"] = 0.01  # as a checkpoint of the pretraining's rate would restore it
+    rates.clear()
+    train(gmm, {"model": optimizer}, epoch_batches, epochs=5, start_epoch=3, on_epoch_end=record)
+    assert rates == [1e-4, 1e-4]
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 
 
@@ -177,6 +204,13 @@ def test_bad_settings():
         config_from_dict({"model": {"name": "vade", "prior_variance": 0}})
     with pytest.raises(ConfigError, match=r"'model.latent_dim': Input should be greater than or equal to 1"):
         config_from_dict({"model": {"name": "vade", "latent_dim": 0}})
+    with pytest.raises(ConfigError, match=r"model.vade_lr=0.0 should be > 0 \(or unset: train.lr\)"):
+        build_model("vade", in_dim=10, vade_lr=0.0)
+    with pytest.raises(ConfigError, match=r"'model.vade_lr': Input should be greater than 0"):
+        config_from_dict({"model": {"name": "vade", "vade_lr": 0}})
+    with pytest.raises(ConfigError, match=r"model.vade_lr is a setting of vade, not of vae \(its learning rate is "
+                                          r"train.lr\)"):
+        config_from_dict({"model": {"name": "vae", "vade_lr": 0.001}})
     with pytest.raises(ConfigError, match=r"model.pretrain_epochs=50 should be < train.epochs=50"):
         config_from_dict({"model": {"name": "vade", "pretrain_epochs": 50}, "train": {"epochs": 50}})
     with pytest.raises(ConfigError, match=r"model.recon_loss='bce' needs inputs in \[0, 1\]"):
@@ -235,7 +269,7 @@ def _cfg(folder, workers: int):
         "name": "digits-vade",
         "data": {"source": "npy", "path": str(folder / "x.npy"), "labels_path": str(folder / "y.npy"),
                  "normalize": "max", "rows_per_shard": 64},
-        "model": SMALL,
+        "model": {**SMALL, "vade_lr": 5e-3},  # the VaDE epochs at half the pretraining's rate
         "train": {"epochs": 10, "batch_size": ROWS, "lr": 1e-2, "num_workers": workers, "checkpoint_every": 10},
         "embed": {"concurrency": 1},
         "cluster": {"k": 10, "method": "gmm", "covariance_type": "diag", "n_init": 2, "manifold": "none"},
@@ -288,6 +322,8 @@ def test_pretraining_then_the_loss_decreases_on_two_workers(runs):
     assert (np.diff(losses[:3]) < 0).all(), losses  # the autoencoder learns
     assert losses[-1] < losses[3], losses  # and so does VaDE from its start
     np.testing.assert_allclose(_history(model_dir, "reconstruction")[3:] + kl[3:], losses[3:], rtol=1e-4)
+    # The Ray Train workers trained the VaDE epochs at model.vade_lr (train.lr is 1e-2).
+    assert [g["lr"] for g in state["optimizers"]["model"]["param_groups"]] == [cfg.model.vade_lr] == [5e-3]
 
 
 def test_two_workers_follow_the_one_worker_run(runs):

@@ -48,6 +48,7 @@ class VaDEConfig:
     anchor_epochs: int = 10  # n2d: epochs after pretraining in which q(c|x) is held at that partition
     prior_layouts: int = 1  # n2d: UMAP layouts of the codes, the most even partition kept
     center_input: bool = False  # the encoder reads 2x - 1 (vae.py's CenterUnit)
+    vade_lr: float | None = None  # the learning rate of the epochs after pretraining and anchoring; None: train.lr
 
 
 # ---- the maths -------------------------------------------------------------------------------------
@@ -93,6 +94,8 @@ class VaDE(VAE):
             raise ConfigError(f"model.anchor_epochs={cfg.anchor_epochs} should be >= 0")
         if cfg.prior_layouts < 1:
             raise ConfigError(f"model.prior_layouts={cfg.prior_layouts} should be >= 1")
+        if cfg.vade_lr is not None and not cfg.vade_lr > 0:
+            raise ConfigError(f"model.vade_lr={cfg.vade_lr} should be > 0 (or unset: train.lr)")
         if not cfg.prior_variance > 0:  # also refuses NaN
             raise ConfigError(f"model.prior_variance={cfg.prior_variance} should be > 0 (the variance of each "
                               f"component of vade's mixture prior)")
@@ -160,6 +163,13 @@ class VaDE(VAE):
         loss.backward()
         optimizer.step()
         return {"loss": float(loss.detach()), **terms}
+
+    def learning_rate(self, epoch: int) -> float | None:
+        """The learning rate of `epoch` (0-based) for the training loop: `vade_lr` from the first epoch after
+        pretraining and the anchor epochs (those VaDE trains with the mixture's own posterior), else None (train.lr,
+        as the optimizers were built). The paper decays its rate over 300 epochs; a shorter run holds a lower one."""
+        first = self.cfg.pretrain_epochs + (self.cfg.anchor_epochs if self.cfg.prior_init == "n2d" else 0)
+        return self.cfg.vade_lr if self.cfg.vade_lr is not None and epoch >= first else None
 
     @torch.no_grad()
     def begin_epoch(self, epoch: int, rows: Callable[[], Iterable[torch.Tensor]],
@@ -268,10 +278,10 @@ class Anchor:
 def build_vade(*, in_dim: int, n_clusters: int = 10, latent_dim: int = 10, hidden: list[int] | None = None,
                recon_loss: str = "mse", dropout: float = 0.0, pretrain_epochs: int = 10,
                prior_variance: float = 1.0, prior_init: str = "gmm", anchor_epochs: int = 10,
-               prior_layouts: int = 1, center_input: bool = False) -> VaDE:
+               prior_layouts: int = 1, center_input: bool = False, vade_lr: float | None = None) -> VaDE:
     # An MLP VaDE, as the paper's: images reach it as flat rows.
     return VaDE(VaDEConfig(in_dim=in_dim, n_clusters=n_clusters, latent_dim=latent_dim,
                            hidden=list(MLP_HIDDEN if hidden is None else hidden), recon_loss=recon_loss,
                            dropout=dropout, pretrain_epochs=pretrain_epochs, prior_variance=prior_variance,
                            prior_init=prior_init, anchor_epochs=anchor_epochs, prior_layouts=prior_layouts,
-                           center_input=center_input))
+                           center_input=center_input, vade_lr=vade_lr))

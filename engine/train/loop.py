@@ -157,9 +157,19 @@ def train(model: torch.nn.Module, optimizer: Optimizers, epoch_batches: EpochBat
           epochs: int, start_epoch: int = 0, precision: str = "fp32",
           reduce: Callable[[dict[str, float]], dict[str, float]] = lambda s: s,
           on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, float]]:
-    """Train from `start_epoch` to `epochs`; `reduce` sums the epoch's stats over workers (identity alone)."""
+    """Train from `start_epoch` to `epochs`; `reduce` sums the epoch's stats over workers (identity alone).
+
+    A model with `learning_rate(epoch) -> float | None` sets every optimizer's learning rate for that epoch (VaDE's
+    epochs after pretraining, `model.vade_lr`); None keeps the optimizers' own. Asked every epoch, so a resumed run
+    trains each epoch at the rate an uninterrupted one would."""
     history = []
+    rate = getattr(unwrap(model), "learning_rate", None)
     for epoch in range(start_epoch, epochs):
+        lr = rate(epoch) if rate is not None else None
+        if lr is not None:
+            for opt in [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else optimizer.values():
+                for group in opt.param_groups:
+                    group["lr"] = lr
         t0 = time.perf_counter()
         sums = reduce(run_epoch(model, optimizer, epoch_batches(epoch), precision))
         rows = max(sums.pop("rows"), 1.0)
