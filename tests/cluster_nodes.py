@@ -11,13 +11,19 @@ import signal
 from pathlib import Path
 
 
+def stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces and parentheses): the state first,
+    then the parent's pid, ... (proc(5)'s fields 3 on). OSError when the process has ended."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def children(pid: int) -> list[int]:
     """Every live descendant of `pid`, from /proc."""
     parents = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents[int(entry.name)] = int(stat_fields(entry.name)[1])
             except (OSError, ValueError):
                 continue  # ended meanwhile
     found, todo = [], [pid]

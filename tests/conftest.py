@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cluster_nodes import stat_fields
 from markers import needs
 
 _BEFORE = pytest.StashKey[tuple]()
@@ -214,7 +215,7 @@ def pytest_runtest_teardown(item, nextitem):
 def _started_during(pid: int) -> str:
     """The test that was running (its setup included) when process `pid` started, from /proc's start time."""
     try:
-        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        ticks = int(stat_fields(pid)[19])
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
     except (OSError, ValueError, StopIteration):
@@ -235,7 +236,7 @@ def _our_processes() -> list[tuple[int, str]]:
         try:
             if mark not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            if stat_fields(entry.name)[0] == "Z":
                 continue  # a zombie has ended; its parent has not reaped it yet
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:  # ended meanwhile, or not ours to read
