@@ -121,6 +121,12 @@ def _wait_for_nodes(log: Path, count: int, timeout: float) -> None:
     raise AssertionError(f"{count} SuperNodes did not connect within {timeout:g} s:\n{log.read_text()[-3000:]}")
 
 
+def _replies(folder: Path) -> dict[str, int]:
+    """How many messages each SuperNode has answered (one ClientApp process each), from its log."""
+    return {name: (folder / f"supernode-{name}.log").read_text(errors="replace").count("Start `flwr-clientapp` process")
+            for name in ("a", "b")}
+
+
 @pytest.fixture
 def superlink(tmp_path):
     """A SuperLink (insecure, loopback) and two SuperNodes holding partitions a and b as Parquet files; yields the
@@ -163,6 +169,8 @@ def test_superlink_and_two_supernodes_equal_the_ray_run(ray_run, parts, init, su
     assert len(lines) == 1 and lines[0] == f"error: {tmp_path / 'b.parquet'}: Parquet file or folder not found", \
         result.output
     assert not out.exists()
+    # One message per SuperNode: its partition's load answer (here b's error) came back with its start reply.
+    assert _replies(tmp_path) == {"a": 1, "b": 1}
 
     pq.write_table(pa.table({"x": vector_array(parts["b"])}), tmp_path / "b.parquet")
     np.save(tmp_path / "init.npy", init)
@@ -180,6 +188,8 @@ def test_superlink_and_two_supernodes_equal_the_ray_run(ray_run, parts, init, su
     summary = yaml.safe_load((out / "federated" / "summary.json").read_text())
     assert set(summary["partitions"]) == {"a", "b"} and summary["rounds"] == DEPLOYED_ROUNDS
     assert summary["secure_aggregation"] and summary["partitions_from"] == {"by": "nodes", "superlink": superlink}
+    # Five more each: start (with load), the two of key agreement, the Lloyd round and the closing evaluation.
+    assert _replies(tmp_path) == {"a": 6, "b": 6}
     print(f"SuperLink run: {time.perf_counter() - started:.1f} s")
 
 

@@ -44,6 +44,10 @@ from engine.federated.transport import Transport, unpack
 logger = logging.getLogger(__name__)
 
 RECORD = "dce"  # the ConfigRecord of every message and reply
+# The server's first exchange of every run (FederatedKMeans._fit): each client loads its rows and says how many. A
+# SuperNode answers it with its start reply, which saves one message round: in a deployment each costs a
+# SuperNode's poll of the SuperLink (every 3 s when idle) and a fresh ClientApp process, ~6 s in all here.
+FIRST_CALL = "load"
 STATE = "dce-host"  # the ConfigRecord of a SuperNode's context state that keeps its ClientHost between messages
 # Node config keys of a SuperNode in a deployment: its partition's name and the Parquet file or folder of its rows.
 NODE_PARTITION, NODE_DATA, NODE_COLUMN, NODE_LABEL = "partition", "data", "column", "label-column"
@@ -152,7 +156,8 @@ def client_app(sources: list[dict[str, Any]] | None = None) -> ClientApp:
         if request[0] == "start":  # the run's first message: build the host from this node's partitions
             parts, read = _node_sources(context, sources)
             host = ClientHost(parts, **{**request[1], **{k: v for k, v in read.items() if v}})
-            reply: Any = list(host.clients)
+            # Its clients' answers to the run's first call (FIRST_CALL) travel back with the start reply.
+            reply: Any = (list(host.clients), host.call([(name, FIRST_CALL, ()) for name in host.clients]))
         else:
             if STATE not in context.state:
                 raise RuntimeError("this SuperNode's client was not started in this run")
@@ -175,20 +180,21 @@ class FlowerNode:
 
 class FlowerTransport(Transport):
     """The clients' hosts are Flower SuperNodes reached through a ServerApp's Grid: one `query` message per node
-    and exchange. A node that does not answer within round_timeout, or answers with an error, is dropped for the
-    exchange."""
+    and exchange, but for the first exchange (FIRST_CALL), answered with the start replies. A node that does not
+    answer within round_timeout, or answers with an error, is dropped for the exchange."""
 
     def __init__(self, grid: Grid, hosts: dict[str, FlowerNode], quorum: float, *,
-                 round_timeout: float | None = None, **kwargs: Any):
+                 round_timeout: float | None = None, first: dict[str, tuple[str, Any]] | None = None, **kwargs: Any):
         super().__init__(hosts, quorum, **kwargs)
         self.grid = grid
         self.round_timeout = round_timeout
+        self.first = first or {}  # the clients' answers to FIRST_CALL, sent with their start replies
 
     @classmethod
     def start(cls, grid: Grid, client_args: dict[str, Any], quorum: float, *, nodes: int | None = None,
               wait: float = 60.0, round_timeout: float | None = None, **kwargs: Any) -> FlowerTransport:
         """Wait for `nodes` SuperNodes (at most `wait` seconds; None: those connected now), start a ClientHost on
-        each, and learn which partitions each one hosts."""
+        each, and learn which partitions each one hosts and their answers to FIRST_CALL."""
         deadline = time.monotonic() + wait
         node_ids = list(grid.get_node_ids())
         while nodes is not None and len(node_ids) < nodes:
@@ -203,12 +209,15 @@ class FlowerTransport(Transport):
                     for n in sorted(node_ids)]
         replies = exchange(grid, messages, timeout=wait)
         hosts: dict[str, FlowerNode] = {}
+        first: dict[str, tuple[str, Any]] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 raise ConfigError(f"SuperNode {node} could not start its client: {_last_line(reply.error.reason)}")
             host = FlowerNode(node)
-            for name in _payload(reply):
+            names, answers = _payload(reply)
+            first.update(answers)
+            for name in names:
                 if name in hosts:
                     raise ConfigError(f"partition '{name}' is hosted by two SuperNodes ({hosts[name].node_id} "
                                       f"and {node}): give each SuperNode its own node config `partition`")
@@ -217,9 +226,12 @@ class FlowerTransport(Transport):
             logger.warning("%d SuperNode(s) did not start within %g s", len(messages) - len(replies), wait)
         if not hosts:
             raise ConfigError("no SuperNode started its client")
-        return cls(grid, dict(sorted(hosts.items())), quorum, round_timeout=round_timeout, **kwargs)
+        return cls(grid, dict(sorted(hosts.items())), quorum, round_timeout=round_timeout, first=first, **kwargs)
 
     def _send(self, requests):
+        first, self.first = self.first, {}  # good for the run's first exchange only
+        if requests and all(call == (FIRST_CALL, ()) and name in first for name, call in requests.items()):
+            return unpack({name: first[name] for name in requests})
         batches = self._by_host(requests)
         by_node = {host.node_id: (host, batch) for host, batch in batches.values()}
         messages = [Message(_content(("call", batch)), dst_node_id=node, message_type=MessageType.QUERY)
